@@ -1,0 +1,42 @@
+"""Where things live at run time: local home, data root, MLflow tracking URI.
+
+Embedded defaults need nothing: everything goes under ``$CLOSEDLOOP_HOME`` (default
+``./.closedloop``). Production sets ``CLOSEDLOOP_DATA_ROOT`` to an object-storage URI and the
+``mlflow_default`` Airflow connection (or ``MLFLOW_TRACKING_URI``) to a tracking server.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    return Path(os.environ.get("CLOSEDLOOP_HOME", ".closedloop")).resolve()
+
+
+def data_root() -> str:
+    """Root URI of dataset snapshots: a local folder or any fsspec URI (``s3://…``, ``memory://…``)."""
+    root = os.environ.get("CLOSEDLOOP_DATA_ROOT") or str(home() / "data")
+    return root.rstrip("/")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow' / 'mlflow.db'}"
+
+
+def artifact_root() -> str | None:
+    """Artifact location for new experiments when tracking into a local store (None: server decides)."""
+    if os.environ.get("CLOSEDLOOP_ARTIFACT_ROOT"):
+        return os.environ["CLOSEDLOOP_ARTIFACT_ROOT"]
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return None
+
+
+def include_dir() -> Path:
+    """The project's include/ folder (templates, expectation suites, scenario catalogs)."""
+    if os.environ.get("CLOSEDLOOP_INCLUDE_DIR"):
+        return Path(os.environ["CLOSEDLOOP_INCLUDE_DIR"]).resolve()
+    return Path(__file__).resolve().parents[2] / "include"

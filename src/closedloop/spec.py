@@ -1,0 +1,350 @@
+"""Pipeline templates: the typed, validated schema and the loader.
+
+A template is one YAML file in ``include/pipelines/``; it becomes one :class:`PipelineSpec`.
+Every error names the file and the field path, says what was expected and what was found,
+and, where it can, how to fix it. The schema here is the single source of truth: validation,
+``closedloop pipelines describe`` and each DAG's ``doc_md`` all derive from it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from closedloop.errors import SpecError
+
+NAME_RE = r"^[a-z][a-z0-9_]{1,62}$"
+ENTRY_POINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+Scalar = str | int | float | bool
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_entry_point(value: str) -> str:
+    if not ENTRY_POINT_RE.match(value):
+        raise ValueError(f"expected an entry point 'package.module:function', e.g. "
+                         f"'closedloop.driving.policy:train_policy', got {value!r}")
+    module = value.split(":")[0]
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise ValueError(f"module {module!r} of entry point {value!r} cannot be found; "
+                         "is the package that provides it installed?")
+    return value
+
+
+EntryPoint = Annotated[str, Field(description="an importable 'package.module:function'")]
+
+
+class ModelSpec(_Part):
+    """The registered model this pipeline produces."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{1,99}$",
+                      description="MLflow registered model name")
+    description: str = ""
+
+
+class DatasetSpec(_Part):
+    """Which fleet logs make the training snapshot."""
+
+    generator: EntryPoint = "closedloop.driving.logs:synthesize_drive_logs"
+    sources: list[str] = Field(min_length=1, description="fleet log sources, e.g. regions")
+    window_days: int = Field(ge=1, le=366, description="days of logs up to the run's data interval end")
+    scenarios: list[str] = Field(min_length=1, description="scenario-type filter")
+    params: dict[str, Scalar] = Field(default_factory=dict, description="extra generator arguments")
+    seed: int = 0
+
+    _ep = field_validator("generator")(lambda cls, v: _check_entry_point(v))
+
+    @field_validator("sources", "scenarios")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dupes = sorted({x for x in v if v.count(x) > 1})
+        if dupes:
+            raise ValueError(f"expected unique values, got duplicates {dupes}")
+        return v
+
+
+class LabelPolicySpec(_Part):
+    """How labels are made; name and version are recorded on every run and model."""
+
+    name: str = Field(pattern=NAME_RE)
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    entry_point: EntryPoint = "closedloop.driving.labels:expert_acceleration"
+    params: dict[str, Scalar] = Field(default_factory=dict)
+
+    _ep = field_validator("entry_point")(lambda cls, v: _check_entry_point(v))
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_to_str(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class ValidationSpec(_Part):
+    """The Great Expectations suite a labelled snapshot must pass."""
+
+    suite: str = Field(pattern=r"^[A-Za-z0-9_.-]+$",
+                       description="file name (without .json) under include/expectations/")
+
+
+class TrainingSpec(_Part):
+    entry_point: EntryPoint = "closedloop.driving.policy:train_policy"
+    hyperparameters: dict[str, Scalar] = Field(default_factory=dict)
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=0.9)
+    target: str = "target_accel"
+
+    _ep = field_validator("entry_point")(lambda cls, v: _check_entry_point(v))
+
+
+OfflineMetric = Literal["mae", "rmse", "max_abs_error", "bias"]
+
+
+class EvaluationSpec(_Part):
+    metrics: list[OfflineMetric] = Field(default_factory=lambda: ["mae", "rmse"], min_length=1)
+    group_by: str = Field(default="scenario", description="column whose values get per-group metrics")
+
+
+class SimulationSpec(_Part):
+    entry_point: EntryPoint = "closedloop.driving.simulator:run_catalog"
+    scenario_set: str = Field(pattern=r"^[A-Za-z0-9_.-]+$",
+                              description="file name (without .yaml) under include/scenarios/")
+    timeout_minutes: int = Field(default=60, ge=1, le=24 * 60)
+
+    _ep = field_validator("entry_point")(lambda cls, v: _check_entry_point(v))
+
+
+class GateSpec(_Part):
+    """One automatic release gate: a metric and a bound (``min`` and/or ``max``)."""
+
+    metric: str = Field(pattern=r"^(offline|sim)\.[a-z0-9_.]+$",
+                        description="'offline.<metric>' or 'sim.<metric>', e.g. sim.hard_braking.collision_rate")
+    min: float | None = None
+    max: float | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> GateSpec:
+        if self.min is None and self.max is None:
+            raise ValueError(f"gate on {self.metric!r} needs a bound: expected 'min:' and/or 'max:', got neither")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"gate on {self.metric!r} can never pass: min {self.min} > max {self.max}")
+        return self
+
+    def describe(self) -> str:
+        parts = [f">= {self.min:g}" if self.min is not None else "", f"<= {self.max:g}" if self.max is not None else ""]
+        return f"{self.metric} " + " and ".join(p for p in parts if p)
+
+
+class ApprovalSpec(_Part):
+    approvers: list[str] = Field(min_length=1, description="Airflow user names allowed to approve")
+    timeout_hours: float = Field(default=72, gt=0)
+
+
+class PipelineSpec(_Part):
+    """One pipeline template, validated."""
+
+    name: str = Field(pattern=NAME_RE, description="pipeline name; also the DAG id")
+    description: str = Field(min_length=10, description="purpose: why this pipeline exists")
+    owner: str = Field(min_length=1)
+    schedule: str | None = Field(default=None, description="cron expression, or null for no schedule")
+    catchup: bool = False
+    tags: list[str] = Field(default_factory=list)
+    model: ModelSpec
+    dataset: DatasetSpec
+    label_policy: LabelPolicySpec
+    validation: ValidationSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    simulation: SimulationSpec
+    gates: list[GateSpec] = Field(min_length=1)
+    approval: ApprovalSpec
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is None or v.startswith("@"):
+            if v not in (None, "@hourly", "@daily", "@weekly", "@monthly", "@yearly"):
+                raise ValueError(f"expected a cron expression or one of @hourly/@daily/@weekly/@monthly/@yearly, got {v!r}")
+            return v
+        from croniter import croniter  # light, pure Python; Airflow depends on it
+
+        if not croniter.is_valid(v):
+            raise ValueError(f"expected a cron expression like '0 3 * * 1' (minute hour day month weekday), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _gate_metrics(self) -> PipelineSpec:
+        for i, gate in enumerate(self.gates):
+            if gate.metric.startswith("offline."):
+                leaf = gate.metric.rsplit(".", 1)[-1]
+                if leaf not in self.evaluation.metrics:
+                    raise ValueError(f"gates[{i}].metric {gate.metric!r} uses offline metric {leaf!r}, "
+                                     f"which evaluation.metrics does not compute ({self.evaluation.metrics})")
+        return self
+
+    def digest(self) -> str:
+        """The template hash: sha256 of the validated content (comments and key order don't count)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated spec plus where it came from."""
+
+    spec: PipelineSpec
+    path: Path
+    include_dir: Path
+    digest: str = field(default="")
+
+    @property
+    def suite_path(self) -> Path:
+        return self.include_dir / "expectations" / f"{self.spec.validation.suite}.json"
+
+    @property
+    def scenario_path(self) -> Path:
+        return self.include_dir / "scenarios" / f"{self.spec.simulation.scenario_set}.yaml"
+
+
+def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The allowed field names at ``loc`` (for 'did you mean' hints)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(str(part))
+        if info is None:
+            return []
+        ann = info.annotation
+        inner = getattr(ann, "__args__", (ann,))
+        nxt = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            return []
+        model = nxt
+    return list(model.model_fields)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _describe_error(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+    where = _loc(loc)
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        allowed = _fields_of(PipelineSpec, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        return f"{where}: unknown field{hint}"
+    if kind == "missing":
+        return f"{where}: required field is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return f"{where}: {msg}"
+    shown = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
+    return f"{where}: {msg[0].lower() + msg[1:]}; got {shown}"
+
+
+def parse_spec(data: Any, *, source: str) -> PipelineSpec:
+    """Validate already-parsed YAML; raise :class:`SpecError` naming ``source`` and each field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping of template fields at the top level, "
+                        f"got {type(data).__name__}", path=source)
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe_error(e) for e in exc.errors()]
+        text = f"{source}: invalid pipeline template ({len(problems)} problem{'s' * (len(problems) > 1)}):\n" + \
+            "\n".join(f"  - {p}" for p in problems)
+        raise SpecError(text, path=source, problems=problems) from None
+
+
+def load_spec(path: str | Path, include_dir: str | Path | None = None) -> LoadedSpec:
+    """Read, validate and cross-check one template file."""
+    path = Path(path)
+    include_dir = Path(include_dir) if include_dir else path.resolve().parent.parent
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"{source}: cannot read template: {exc.strerror}", path=source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{source}: not valid YAML{at}: {getattr(exc, 'problem', exc)}", path=source) from None
+    spec = parse_spec(data, source=source)
+    loaded = LoadedSpec(spec=spec, path=path, include_dir=include_dir, digest=spec.digest())
+    problems = []
+    if not loaded.suite_path.is_file():
+        problems.append(f"validation.suite: expectation suite {spec.validation.suite!r} not found; "
+                        f"expected a file {loaded.suite_path} ({_available(loaded.suite_path)})")
+    if not loaded.scenario_path.is_file():
+        problems.append(f"simulation.scenario_set: scenario set {spec.simulation.scenario_set!r} not found; "
+                        f"expected a file {loaded.scenario_path} ({_available(loaded.scenario_path)})")
+    if problems:
+        raise SpecError(f"{source}: invalid pipeline template:\n" + "\n".join(f"  - {p}" for p in problems),
+                        path=source, problems=problems)
+    return loaded
+
+
+def _available(expected: Path) -> str:
+    names = sorted(p.stem for p in expected.parent.glob(f"*{expected.suffix}"))
+    return "available: " + ", ".join(names) if names else f"no {expected.suffix} files there"
+
+
+def template_files(pipelines_dir: str | Path) -> list[Path]:
+    """Template files in a folder, sorted; files starting with '_' or '.' are ignored."""
+    folder = Path(pipelines_dir)
+    return sorted(p for p in folder.glob("*.y*ml")
+                  if p.suffix in (".yaml", ".yml") and not p.name.startswith(("_", ".")))
+
+
+def load_all(pipelines_dir: str | Path) -> tuple[list[LoadedSpec], list[SpecError]]:
+    """Load every template; one bad file never hides the others. Duplicate names are errors."""
+    specs: list[LoadedSpec] = []
+    errors: list[SpecError] = []
+    seen: dict[str, Path] = {}
+    models: dict[str, Path] = {}
+    for path in template_files(pipelines_dir):
+        try:
+            loaded = load_spec(path)
+        except SpecError as exc:
+            errors.append(exc)
+            continue
+        name, model = loaded.spec.name, loaded.spec.model.name
+        if name in seen:
+            errors.append(SpecError(f"{path}: name: pipeline name {name!r} is already used by {seen[name]}; "
+                                    "each template needs its own name", path=str(path)))
+            continue
+        if model in models:
+            errors.append(SpecError(f"{path}: model.name: registered model {model!r} is already produced by "
+                                    f"{models[model]}; two pipelines writing one model would overwrite each "
+                                    "other's candidate", path=str(path)))
+            continue
+        seen[name], models[model] = path, path
+        specs.append(loaded)
+    return specs, errors

@@ -1,0 +1,178 @@
+"""Step ``simulate``: a closed-loop simulation as a separate job, awaited without a worker slot.
+
+``launch`` starts the job (a detached local process by default) and returns at once;
+the Airflow layer then defers to a trigger that calls ``poll`` until the job is done;
+``collect`` logs the results into the pipeline run's MLflow run tree. The job itself is
+``python -m closedloop.steps.simulation JOB_DIR``: it needs only the job folder.
+Everything is keyed by the pipeline run, so a retry re-attaches to a running or finished job
+instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from closedloop import settings
+from closedloop.spec import LoadedSpec
+from closedloop.steps import tracking
+from closedloop.steps.context import RunContext
+
+log = logging.getLogger(__name__)
+
+
+def _fs(uri: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri)
+
+
+def job_dir(ctx: RunContext) -> str:
+    key = hashlib.sha256(ctx.run_key.encode()).hexdigest()[:16]
+    return f"{ctx.data_root}/{ctx.pipeline}/jobs/{key}/simulate"
+
+
+def local_log_path(job: str) -> Path:
+    return settings.home() / "jobs" / hashlib.sha256(job.encode()).hexdigest()[:16] / "simulate.log"
+
+
+def _read_json(fs, path: str) -> dict | None:
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as fh:
+        return json.load(fh)
+
+
+def _write_json(fs, path: str, data: dict) -> None:
+    tmp = f"{path}.tmp"
+    with fs.open(tmp, "w") as fh:
+        json.dump(data, fh, sort_keys=True)
+    fs.mv(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:  # a finished child of a still-running parent is a zombie: dead for us
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def launch(loaded: LoadedSpec, ctx: RunContext, *, trained: dict) -> dict:
+    """Start the simulation job for this pipeline run unless it is already running or done."""
+    job = job_dir(ctx)
+    fs, path = _fs(job)
+    spec = {"model_uri": trained["model_uri"], "entry_point": loaded.spec.simulation.entry_point,
+            "catalog": yaml.safe_load(loaded.scenario_path.read_text()), "tracking_uri": ctx.tracking_uri,
+            "scenario_set": loaded.spec.simulation.scenario_set}
+    existing = _read_json(fs, f"{path}/job.json")
+    if existing and existing.get("spec") == spec:
+        state, _ = poll(job, existing.get("pid"), existing.get("host"))
+        if state in ("running", "success"):
+            log.info("simulation job %s is already %s: attaching to it", job, state)
+            return {"job_dir": job, "pid": existing["pid"], "host": existing["host"], "attached": True}
+    fs.makedirs(path, exist_ok=True)
+    for stale in ("result.json", "error.json"):
+        if fs.exists(f"{path}/{stale}"):
+            fs.rm(f"{path}/{stale}")
+    logfile = local_log_path(job)
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(fs, f"{path}/job.json", {"spec": spec})
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "closedloop.steps.simulation", job],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env={**os.environ, "MLFLOW_TRACKING_URI": ctx.tracking_uri})
+    record = {"spec": spec, "pid": proc.pid, "host": socket.gethostname(), "log": str(logfile)}
+    _write_json(fs, f"{path}/job.json", record)
+    log.info("started simulation job pid %s in %s (log: %s)", proc.pid, job, logfile)
+    return {"job_dir": job, "pid": proc.pid, "host": record["host"], "attached": False}
+
+
+def poll(job: str, pid: int | None, host: str | None) -> tuple[str, dict]:
+    """One look at a job: ``("running"|"success"|"failed", details)``. Cheap; safe to call often."""
+    fs, path = _fs(job)
+    result = _read_json(fs, f"{path}/result.json")
+    if result is not None:
+        return "success", {"result_path": f"{job}/result.json"}
+    error = _read_json(fs, f"{path}/error.json")
+    if error is not None:
+        return "failed", error
+    if pid and host == socket.gethostname() and not _pid_alive(int(pid)):
+        tail = ""
+        logfile = local_log_path(job)
+        if logfile.exists():
+            tail = logfile.read_text(errors="replace")[-2000:]
+        return "failed", {"error": f"simulation process {pid} exited without a result", "log_tail": tail}
+    return "running", {}
+
+
+def collect(loaded: LoadedSpec, ctx: RunContext, *, job: str, trained: dict) -> dict:
+    """Log the finished job's metrics and per-episode results into the ``simulate`` MLflow run."""
+    run = tracking.step_run(loaded, ctx, "simulate")
+    done = tracking.finished_result(run)
+    if done:
+        return done
+    fs, path = _fs(job)
+    result = _read_json(fs, f"{path}/result.json")
+    if result is None:
+        from closedloop.errors import TransientError
+
+        raise TransientError(f"simulation job {job} reported success but has no result.json yet")
+    metrics = {f"sim.{k}": v for k, v in result["metrics"].items()}
+    c = tracking.client(ctx)
+    from closedloop.steps.evaluation import _metric_entities
+
+    c.log_batch(run.info.run_id, metrics=_metric_entities(metrics),
+                params=[_param("scenario_set", loaded.spec.simulation.scenario_set),
+                        _param("model_uri", trained["model_uri"])])
+    c.log_dict(run.info.run_id, result["episodes"], "simulation/episodes.json")
+    return tracking.finish(ctx, run.info.run_id, {"run_id": run.info.run_id, "metrics": metrics,
+                                                   "episodes": len(result["episodes"])})
+
+
+def _param(key: str, value: str):
+    from mlflow.entities import Param
+
+    return Param(key, str(value))
+
+
+def main(job: str) -> int:
+    """Entry point of the job process."""
+    import traceback
+
+    from closedloop.steps.context import resolve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    fs, path = _fs(job)
+    spec = _read_json(fs, f"{path}/job.json")["spec"]
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(spec["tracking_uri"])
+        from closedloop.steps.models import load_model
+
+        model = load_model(spec["model_uri"])
+        log.info("simulating %s on scenario set %s", spec["model_uri"], spec["scenario_set"])
+        result = resolve(spec["entry_point"])(model, spec["catalog"])
+        _write_json(fs, f"{path}/result.json", result)
+        log.info("done: %s", json.dumps(result["metrics"], sort_keys=True))
+        return 0
+    except Exception as exc:
+        _write_json(fs, f"{path}/error.json", {"error": f"{type(exc).__name__}: {exc}",
+                                               "log_tail": traceback.format_exc()[-2000:]})
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

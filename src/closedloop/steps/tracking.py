@@ -1,0 +1,127 @@
+"""MLflow bookkeeping shared by the steps: one experiment per pipeline, one parent run per
+pipeline run, one child run per step — each found again (never duplicated) on a retry."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from closedloop import settings
+from closedloop.spec import LoadedSpec
+from closedloop.steps.context import RunContext, code_version
+
+log = logging.getLogger(__name__)
+
+TAG = "closedloop."
+RESULT_TAG = "closedloop.result"
+
+
+def client(ctx: RunContext):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(ctx.tracking_uri)
+    return MlflowClient(tracking_uri=ctx.tracking_uri)
+
+
+def experiment_id(ctx: RunContext) -> str:
+    c = client(ctx)
+    name = f"closedloop/{ctx.pipeline}"
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=settings.artifact_root(),
+                                   tags={"closedloop.pipeline": ctx.pipeline})
+    except Exception:  # created concurrently by another task
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def lineage_tags(loaded: LoadedSpec, ctx: RunContext, **extra: str | None) -> dict[str, str]:
+    """The tags every run and model version carries."""
+    tags = {
+        "closedloop.pipeline": loaded.spec.name,
+        "closedloop.template": str(loaded.path.name),
+        "closedloop.template_hash": loaded.digest,
+        "closedloop.label_policy": loaded.spec.label_policy.ref,
+        "closedloop.code_version": code_version(),
+        "closedloop.run_key": ctx.run_key,
+        "airflow.dag_id": ctx.dag_id,
+        "airflow.run_id": ctx.run_id,
+        "airflow.task_id": ctx.task_id,
+        "airflow.try_number": str(ctx.try_number),
+    }
+    tags.update({k: str(v) for k, v in extra.items() if v is not None})
+    return tags
+
+
+def _find(ctx: RunContext, exp_id: str, step: str):
+    runs = client(ctx).search_runs(
+        [exp_id],
+        filter_string=f"tags.`closedloop.run_key` = '{ctx.run_key}' and tags.`closedloop.step` = '{step}'",
+        max_results=5, order_by=["attributes.start_time ASC"],
+    )
+    return runs[0] if runs else None
+
+
+def step_run(loaded: LoadedSpec, ctx: RunContext, step: str, **extra: str | None):
+    """Get or create the MLflow run of ``step`` in this pipeline run (child of the pipeline run).
+
+    :return: the ``mlflow.entities.Run``. If it finished earlier (a retry or a cleared task),
+        its recorded result is available through :func:`finished_result`.
+    """
+    c = client(ctx)
+    exp_id = experiment_id(ctx)
+    parent = _find(ctx, exp_id, "pipeline")
+    if parent is None:
+        parent = c.create_run(exp_id, run_name=f"{ctx.pipeline} {ctx.run_id}",
+                              tags={**lineage_tags(loaded, ctx, **extra), "closedloop.step": "pipeline"})
+    else:
+        for k, v in extra.items():
+            if v is not None and parent.data.tags.get(k) != str(v):
+                c.set_tag(parent.info.run_id, k, str(v))
+    run = _find(ctx, exp_id, step)
+    tags = {**lineage_tags(loaded, ctx, **extra), "closedloop.step": step,
+            "mlflow.parentRunId": parent.info.run_id}
+    if run is None:
+        run = c.create_run(exp_id, run_name=step, tags=tags)
+    else:
+        for k in ("airflow.task_id", "airflow.try_number"):
+            c.set_tag(run.info.run_id, k, tags[k])
+    return run
+
+
+def finished_result(run) -> dict | None:
+    """The result a FINISHED step run recorded, or None if the step has to (re)do its work."""
+    if run.info.status == "FINISHED" and RESULT_TAG in run.data.tags:
+        return json.loads(run.data.tags[RESULT_TAG])
+    return None
+
+
+def finish(ctx: RunContext, run_id: str, result: dict) -> dict:
+    """Record the step's result on its run and mark it FINISHED (the idempotency marker)."""
+    c = client(ctx)
+    c.set_tag(run_id, RESULT_TAG, json.dumps(result, sort_keys=True, default=str))
+    c.set_terminated(run_id, "FINISHED")
+    return result
+
+
+def fail(ctx: RunContext, run_id: str) -> None:
+    try:
+        client(ctx).set_terminated(run_id, "FAILED")
+    except Exception:  # best effort: the original error matters more
+        log.warning("could not mark MLflow run %s as failed", run_id, exc_info=True)
+
+
+def log_dataset_input(ctx: RunContext, run_id: str, frame, ref: dict, *, context: str, name: str,
+                      targets: str | None = None) -> None:
+    """Log a snapshot as an MLflow dataset input, keyed by our content digest."""
+    import mlflow
+    from mlflow.entities import InputTag
+
+    dataset = mlflow.data.from_pandas(frame, source=ref["uri"], name=name, digest=ref["digest"], targets=targets)
+    client(ctx).log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(
+        dataset._to_mlflow_entity(), tags=[InputTag(key="mlflow.data.context", value=context)])])

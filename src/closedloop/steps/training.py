@@ -1,0 +1,66 @@
+"""Step ``train``: fit the template's trainer on the labelled snapshot and log the model."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from closedloop.spec import LoadedSpec
+from closedloop.steps import models, tracking
+from closedloop.steps.context import RunContext, resolve
+from closedloop.steps.storage import read_snapshot
+
+log = logging.getLogger(__name__)
+
+#: Explicit requirements: MLflow's pip-requirement inference costs seconds per model and
+#: guesses; the environment that trains is the environment that serves, so say it directly.
+def pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"scikit-learn=={version('scikit-learn')}", f"pandas=={version('pandas')}",
+            f"numpy=={version('numpy')}"]
+
+
+def split(frame, test_fraction: float, group: str = "episode_id"):
+    """Deterministic train/test split by whole episodes (no leakage between time steps)."""
+    if group not in frame:
+        group = frame.columns[0]
+    keys = frame[group].astype(str)
+    buckets = {k: int(hashlib.sha256(k.encode()).hexdigest()[:8], 16) % 1000 for k in keys.unique()}
+    is_test = keys.map(buckets) < int(test_fraction * 1000)
+    return frame[~is_test], frame[is_test]
+
+
+def train(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, validation: dict | None = None) -> dict:
+    """Train once per pipeline run; a retry after success returns the recorded result.
+
+    :return: ``{run_id, model_uri, train_rows, test_rows, dataset_digest}``.
+    """
+    import mlflow
+
+    spec = loaded.spec
+    run = tracking.step_run(loaded, ctx, "train", **{"closedloop.dataset_version": labelled["digest"]})
+    done = tracking.finished_result(run)
+    if done:
+        log.info("train already finished for %s in MLflow run %s: reusing its model", ctx.run_key, run.info.run_id)
+        return done
+    run_id = run.info.run_id
+    try:
+        frame = read_snapshot(labelled["uri"], labelled["digest"])
+        train_df, test_df = split(frame, spec.training.test_fraction)
+        trainer = resolve(spec.training.entry_point)
+        model = trainer(train_df, target=spec.training.target, **spec.training.hyperparameters)
+        client = tracking.client(ctx)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_params({**spec.training.hyperparameters, "test_fraction": spec.training.test_fraction,
+                               "trainer": spec.training.entry_point, "train_rows": len(train_df)})
+            tracking.log_dataset_input(ctx, run_id, train_df, labelled, context="training",
+                                       name=f"{spec.name}-labelled", targets=spec.training.target)
+            info = models.log_model(model, trainer=trainer, pip_requirements=pip_requirements())
+        client.set_tag(run_id, "closedloop.model_uri", info.model_uri)
+        result = {"run_id": run_id, "model_uri": info.model_uri, "train_rows": int(len(train_df)),
+                  "test_rows": int(len(test_df)), "dataset_digest": labelled["digest"]}
+        return tracking.finish(ctx, run_id, result)
+    except BaseException:
+        tracking.fail(ctx, run_id)
+        raise

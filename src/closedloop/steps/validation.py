@@ -1,0 +1,68 @@
+"""Step ``validate_data``: run the template's Great Expectations suite on the labelled snapshot."""
+
+from __future__ import annotations
+
+import json
+
+from closedloop.errors import DataValidationError
+from closedloop.spec import LoadedSpec
+from closedloop.steps.storage import read_snapshot
+
+
+def load_suite(path) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def validate_frame(frame, suite: dict) -> dict:
+    """Validate a DataFrame against a suite given as GX JSON; return a compact report."""
+    import great_expectations as gx
+
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    source = context.data_sources.add_pandas("closedloop")
+    asset = source.add_dataframe_asset(name="snapshot")
+    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame})
+    result = batch.validate(gx.ExpectationSuite(name=suite["name"], expectations=suite["expectations"]))
+    checks = []
+    for r in result.results:
+        cfg = r.expectation_config
+        res = r.result or {}
+        checks.append({
+            "expectation": cfg.type,
+            "column": cfg.kwargs.get("column"),
+            "success": bool(r.success),
+            "unexpected_count": res.get("unexpected_count"),
+            "unexpected_percent": round(res["unexpected_percent"], 3) if res.get("unexpected_percent") is not None else None,
+            "observed_value": res.get("observed_value"),
+            "partial_unexpected": [str(v) for v in (res.get("partial_unexpected_list") or [])[:5]],
+        })
+    failed = [c for c in checks if not c["success"]]
+    return {"suite": suite["name"], "success": not failed, "evaluated": len(checks),
+            "failed": len(failed), "checks": checks}
+
+
+def format_failures(report: dict) -> str:
+    lines = []
+    for c in report["checks"]:
+        if c["success"]:
+            continue
+        detail = (f"{c['unexpected_count']} unexpected ({c['unexpected_percent']}%), e.g. {c['partial_unexpected']}"
+                  if c["unexpected_count"] is not None else f"observed {c['observed_value']}")
+        lines.append(f"  - {c['expectation']}({c['column'] or ''}): {detail}")
+    return "\n".join(lines)
+
+
+def validate_data(loaded: LoadedSpec, *, labelled: dict) -> dict:
+    """Raise :class:`DataValidationError` (permanent) with the failing expectations, or return the report."""
+    frame = read_snapshot(labelled["uri"], labelled["digest"])
+    report = validate_frame(frame, load_suite(loaded.suite_path))
+    report["digest"] = labelled["digest"]
+    if not report["success"]:
+        raise DataValidationError(
+            f"snapshot {labelled['digest']} failed {report['failed']} of {report['evaluated']} expectations "
+            f"of suite {report['suite']!r}:\n{format_failures(report)}", report=report)
+    report["checks"] = [c for c in report["checks"] if not c["success"]]  # keep XCom small
+    return report
