@@ -14,6 +14,7 @@ import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -165,6 +166,7 @@ class PipelineSpec(_Part):
     description: str = Field(min_length=10, description="purpose: why this pipeline exists")
     owner: str = Field(min_length=1)
     schedule: str | None = Field(default=None, description="cron expression, or null for no schedule")
+    start_date: date = Field(default=date(2026, 1, 1), description="first data interval the schedule knows")
     catchup: bool = False
     tags: list[str] = Field(default_factory=list)
     model: ModelSpec

@@ -1,0 +1,182 @@
+"""The ``closedloop`` command.
+
+``closedloop pipelines list|validate|describe``  work on templates (no Airflow start-up needed)
+``closedloop run PIPELINE``                       run one pipeline end to end through Airflow
+                                                  (``dag.test``: real DAG run, real task runner)
+``closedloop demo``                               the periodic pipeline on embedded defaults
+``closedloop summary PIPELINE RUN_ID``            the readable summary of any earlier run
+
+Exit codes: 0 success, 1 the pipeline run failed, 2 bad input (unknown pipeline, invalid template).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from closedloop import settings
+
+PROJECT = Path(__file__).resolve().parents[2]
+DEMO_PIPELINE = "acc_periodic"
+
+
+def local_defaults() -> None:
+    """Embedded defaults for a laptop: everything under $CLOSEDLOOP_HOME, nothing to configure.
+
+    Must run before Airflow is imported (Airflow reads its configuration at import time).
+    """
+    home = settings.home()
+    os.environ.setdefault("CLOSEDLOOP_HOME", str(home))
+    os.environ.setdefault("AIRFLOW_HOME", str(home / "airflow"))
+    os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(PROJECT / "dags"))
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri())
+    Path(os.environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    (home / "mlflow").mkdir(parents=True, exist_ok=True)
+
+
+def pipelines_dir(args) -> Path:
+    return Path(args.dir) if getattr(args, "dir", None) else settings.include_dir() / "pipelines"
+
+
+def cmd_list(args) -> int:
+    from closedloop.spec import load_all
+
+    specs, errors = load_all(pipelines_dir(args))
+    for s in specs:
+        print(f"{s.spec.name:<28} {s.spec.schedule or '-':<14} model {s.spec.model.name:<30} {s.path.name}")
+    for e in errors:
+        print(f"INVALID {e.path}", file=sys.stderr)
+    return 2 if errors else 0
+
+
+def cmd_validate(args) -> int:
+    from closedloop.spec import load_all, load_spec
+
+    if args.files:
+        from closedloop.errors import SpecError
+
+        specs, errors = [], []
+        for f in args.files:
+            try:
+                specs.append(load_spec(f))
+            except SpecError as exc:
+                errors.append(exc)
+    else:
+        specs, errors = load_all(pipelines_dir(args))
+    for s in specs:
+        print(f"ok       {s.path}  ({s.spec.name}, hash {s.digest})")
+    for e in errors:
+        print(f"INVALID  {e}", file=sys.stderr)
+    print(f"{len(specs)} valid, {len(errors)} invalid")
+    return 2 if errors else 0
+
+
+def _find(args, name: str):
+    from closedloop.spec import load_all
+
+    specs, _ = load_all(pipelines_dir(args))
+    for s in specs:
+        if s.spec.name == name:
+            return s
+    known = ", ".join(s.spec.name for s in specs) or "none"
+    print(f"error: no valid pipeline named {name!r} in {pipelines_dir(args)} (known: {known}); "
+          "`closedloop pipelines validate` shows invalid templates", file=sys.stderr)
+    return None
+
+
+def cmd_describe(args) -> int:
+    from closedloop.describe import describe
+
+    loaded = _find(args, args.name)
+    if loaded is None:
+        return 2
+    print(describe(loaded))
+    return 0
+
+
+def cmd_run(args) -> int:
+    local_defaults()
+    if _find(args, args.pipeline) is None:
+        return 2
+    from closedloop.localrun import run_pipeline
+
+    summary = run_pipeline(args.pipeline, logical_date=args.date, quiet=not args.verbose)
+    return _print_summary(summary, args)
+
+
+def cmd_summary(args) -> int:
+    local_defaults()
+    from closedloop.localrun import collect_summary
+
+    summary = collect_summary(args.pipeline, args.run_id)
+    if summary is None:
+        print(f"error: no run {args.run_id!r} of pipeline {args.pipeline!r} in {os.environ['AIRFLOW_HOME']}",
+              file=sys.stderr)
+        return 2
+    return _print_summary(summary, args)
+
+
+def _print_summary(summary: dict, args) -> int:
+    from closedloop.report import format_summary
+
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+    return 0 if summary["state"] == "success" else 1
+
+
+def cmd_demo(args) -> int:
+    args.pipeline = DEMO_PIPELINE
+    code = cmd_run(args)
+    if code == 0:
+        print("\nNext: `make airflow` opens the Airflow UI (and the MLflow UI) on these DAGs and this store.")
+    return code
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="closedloop", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pl = sub.add_parser("pipelines", help="list, validate and describe pipeline templates")
+    pls = pl.add_subparsers(dest="action", required=True)
+    for name, fn, helptext in (("list", cmd_list, "list valid pipelines"),
+                               ("validate", cmd_validate, "validate templates (all, or the files given)"),
+                               ("describe", cmd_describe, "purpose, inputs, outputs, dependencies, schedule")):
+        sp = pls.add_parser(name, help=helptext)
+        sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
+        sp.set_defaults(func=fn)
+        if name == "validate":
+            sp.add_argument("files", nargs="*", help="template files (default: every file in --dir)")
+        if name == "describe":
+            sp.add_argument("name")
+
+    for name, fn, helptext in (("run", cmd_run, "run one pipeline end to end through Airflow (dag.test)"),
+                               ("demo", cmd_demo, f"run {DEMO_PIPELINE} on embedded defaults")):
+        sp = sub.add_parser(name, help=helptext)
+        if name == "run":
+            sp.add_argument("pipeline")
+        sp.add_argument("--date", help="logical date YYYY-MM-DD (default: now); the data window ends there")
+        sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
+        sp.add_argument("--json", action="store_true", help="print the summary as JSON")
+        sp.add_argument("-v", "--verbose", action="store_true", help="show Airflow's task logs")
+        sp.set_defaults(func=fn)
+
+    sp = sub.add_parser("summary", help="summary of an earlier run")
+    sp.add_argument("pipeline")
+    sp.add_argument("run_id")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_summary)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Human documentation of a pipeline, derived from its template: CLI ``describe`` and DAG ``doc_md``."""
+
+from __future__ import annotations
+
+from closedloop.spec import LoadedSpec
+
+TASKS = (
+    ("generate_dataset", "build the raw fleet-log snapshot for the run's data window (Parquet, content-addressed)"),
+    ("label", "apply the label policy; write the labelled snapshot"),
+    ("validate_data", "check the labelled snapshot with the Great Expectations suite; stop on failure"),
+    ("train", "fit the trainer; log params, dataset input and model to MLflow"),
+    ("offline_eval", "metrics on held-out episodes of the same snapshot, overall and per group"),
+    ("simulate", "closed-loop simulation as a separate job, awaited in the triggerer (no worker slot)"),
+    ("release_gate", "compare metrics with the gate thresholds; stop (no retry) if any fails"),
+    ("register_candidate", "register one model version per run and set alias 'candidate'"),
+)
+
+
+def _schedule(expr: str | None) -> str:
+    if expr is None:
+        return "none (runs start by trigger only)"
+    try:
+        from cron_descriptor import get_description
+
+        return f"`{expr}` ({get_description(expr)}, UTC)"
+    except Exception:  # cron_descriptor cannot word every expression
+        return f"`{expr}` (UTC)"
+
+
+def describe(loaded: LoadedSpec) -> str:
+    """Markdown: purpose, schedule, inputs, outputs, dependencies, gates, tasks."""
+    s = loaded.spec
+    ds, lp = s.dataset, s.label_policy
+    gates = "\n".join(f"- `{g.describe()}`" + (f": {g.description}" if g.description else "") for g in s.gates)
+    tasks = "\n".join(f"{i}. `{t}`: {d}" for i, (t, d) in enumerate(TASKS, 1))
+    params = ", ".join(f"{k}={v}" for k, v in ds.params.items())
+    return f"""# Pipeline `{s.name}`
+
+{s.description.strip()}
+
+| | |
+|---|---|
+| owner | {s.owner} |
+| schedule | {_schedule(s.schedule)}; catchup {'on' if s.catchup else 'off'} |
+| template | `{loaded.path.name}` (hash `{loaded.digest}`) |
+| tags | {', '.join(s.tags) or '-'} |
+
+## Inputs
+- **Fleet logs** from {', '.join(f'`{x}`' for x in ds.sources)}: the {ds.window_days} days before the run's data
+  interval end; scenario types {', '.join(f'`{x}`' for x in ds.scenarios)}{f'; {params}' if params else ''}.
+- **Label policy** `{lp.ref}` (`{lp.entry_point}`).
+- **Expectation suite** `{s.validation.suite}` and **scenario set** `{s.simulation.scenario_set}`.
+
+## Outputs
+- Raw and labelled **dataset snapshots** (Parquet, named by content digest) under the data root.
+- MLflow experiment `closedloop/{s.name}`: one parent run per pipeline run, child runs `train`,
+  `offline_eval`, `simulate`, `release_gate`, all tagged with the lineage.
+- Registered model **`{s.model.name}`**: one version per successful run, alias `candidate`.
+
+## Dependencies
+- Code: dataset `{ds.generator}`, trainer `{s.training.entry_point}`, simulator `{s.simulation.entry_point}`.
+- Files: `include/expectations/{s.validation.suite}.json`, `include/scenarios/{s.simulation.scenario_set}.yaml`.
+- Services: MLflow (connection `mlflow_default` or `MLFLOW_TRACKING_URI`), the data root
+  (`CLOSEDLOOP_DATA_ROOT`), a triggerer for `simulate`.
+
+## Release gates
+{gates}
+
+Approvers (human review): {', '.join(s.approval.approvers)}.
+
+## Tasks
+{tasks}
+"""

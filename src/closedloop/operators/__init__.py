@@ -1,0 +1,1 @@
+"""Thin Airflow operators; each calls one step function from :mod:`closedloop.steps`."""

@@ -1,0 +1,84 @@
+"""The base of every closedloop operator: build the run context, call a step, map its errors."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from closedloop.errors import PermanentError, TransientError
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from closedloop.spec import LoadedSpec
+    from closedloop.steps.context import RunContext
+
+log = logging.getLogger(__name__)
+
+
+class ClosedLoopStepOperator(BaseOperator):
+    """Run one pipeline step of a template for the current DAG run.
+
+    Subclasses implement :meth:`run_step`; inputs from upstream steps come from XCom (small
+    JSON only). A :class:`~closedloop.errors.PermanentError` fails the task at once, with no
+    retry; a :class:`~closedloop.errors.TransientError` is retried with the task's backoff.
+
+    :param loaded: the validated pipeline template this task belongs to.
+    """
+
+    ui_color = "#e8f1fb"
+
+    def __init__(self, *, loaded: LoadedSpec, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.loaded = loaded
+
+    def run_context(self, context: Context) -> RunContext:
+        from closedloop.steps.context import RunContext
+
+        ti = context["ti"]
+        return RunContext(pipeline=self.loaded.spec.name, template_digest=self.loaded.digest,
+                          dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
+                          try_number=int(ti.try_number or 1))
+
+    @staticmethod
+    def upstream(context: Context, task_id: str) -> dict:
+        value = context["ti"].xcom_pull(task_ids=task_id)
+        if not isinstance(value, dict):
+            raise AirflowFailException(f"expected the result of upstream task {task_id!r} in XCom, got {value!r}")
+        return value
+
+    def execute(self, context: Context) -> Any:
+        return self.guarded(context, lambda: self.run_step(self.run_context(context), context))
+
+    @staticmethod
+    def guarded(context: Context, fn) -> Any:
+        """Call ``fn``, mapping permanent errors to fail-now and transient ones to retry.
+
+        The error is also pushed to XCom (key ``error``) so summaries and the UI can show the
+        reason without digging in logs; gate and validation reports travel with it.
+        """
+        try:
+            return fn()
+        except PermanentError as exc:
+            _push_error(context, exc, permanent=True)
+            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        except TransientError as exc:
+            _push_error(context, exc, permanent=False)
+            raise AirflowException(f"{type(exc).__name__} (will retry): {exc}") from exc
+
+    def run_step(self, ctx: RunContext, context: Context) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _push_error(context: Context, exc: Exception, *, permanent: bool) -> None:
+    error = {"error_class": type(exc).__name__, "message": str(exc), "permanent": permanent}
+    for attr in ("report",):
+        if getattr(exc, attr, None) is not None:
+            error[attr] = getattr(exc, attr)
+    try:
+        context["ti"].xcom_push(key="error", value=error)
+    except Exception:  # never hide the real error behind a bookkeeping one
+        log.warning("could not record the error in XCom", exc_info=True)

@@ -1,0 +1,61 @@
+"""Operators for the data half of the loop: snapshot, labels, validation."""
+
+from __future__ import annotations
+
+import logging
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+from closedloop.operators.base import ClosedLoopStepOperator
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from closedloop.steps.context import RunContext
+
+log = logging.getLogger(__name__)
+
+
+class GenerateDatasetOperator(ClosedLoopStepOperator):
+    """Build the raw snapshot for the run's data window (``generate_dataset``).
+
+    :param interval_end: last day (exclusive) of the data window, ``YYYY-MM-DD`` (templated);
+        by default the run's data interval end, or the run's start for runs without one.
+    """
+
+    template_fields = ("interval_end",)
+
+    def __init__(self, *, interval_end: str = "{{ (data_interval_end or dag_run.run_after) | ds }}",
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.interval_end = interval_end
+
+    def run_step(self, ctx: RunContext, context: Context) -> dict:
+        from closedloop.steps.dataset import generate_dataset
+
+        out = generate_dataset(self.loaded, ctx, interval_end=date.fromisoformat(str(self.interval_end)[:10]))
+        log.info("dataset snapshot %s: %d rows, window %s..%s, %s", out["digest"], out["rows"],
+                 out["window_start"], out["window_end"], "written" if out["created"] else "already present")
+        return out
+
+
+class LabelOperator(ClosedLoopStepOperator):
+    """Apply the template's label policy (``label``)."""
+
+    def run_step(self, ctx: RunContext, context: Context) -> dict:
+        from closedloop.steps.labeling import label
+
+        out = label(self.loaded, ctx, raw=self.upstream(context, "generate_dataset"))
+        log.info("labelled snapshot %s with %s", out["digest"], out["label_policy"])
+        return out
+
+
+class ValidateDataOperator(ClosedLoopStepOperator):
+    """Run the template's Great Expectations suite on the labelled snapshot (``validate_data``)."""
+
+    def run_step(self, ctx: RunContext, context: Context) -> dict:
+        from closedloop.steps.validation import validate_data
+
+        out = validate_data(self.loaded, labelled=self.upstream(context, "label"))
+        log.info("suite %s: %d expectations passed on snapshot %s", out["suite"], out["evaluated"], out["digest"])
+        return out

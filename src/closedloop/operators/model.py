@@ -1,0 +1,64 @@
+"""Operators that make and judge a model: training, offline evaluation, release gate, registration."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from closedloop.operators.base import ClosedLoopStepOperator
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from closedloop.steps.context import RunContext
+
+log = logging.getLogger(__name__)
+
+
+class TrainOperator(ClosedLoopStepOperator):
+    """Train on the validated snapshot and log the model to MLflow (``train``)."""
+
+    def run_step(self, ctx: RunContext, context: Context) -> dict:
+        from closedloop.steps.training import train
+
+        out = train(self.loaded, ctx, labelled=self.upstream(context, "label"),
+                    validation=self.upstream(context, "validate_data"))
+        log.info("model %s from MLflow run %s (%d training rows)", out["model_uri"], out["run_id"], out["train_rows"])
+        return out
+
+
+class OfflineEvalOperator(ClosedLoopStepOperator):
+    """Evaluate the model on held-out episodes of the same snapshot (``offline_eval``)."""
+
+    def run_step(self, ctx: RunContext, context: Context) -> dict:
+        from closedloop.steps.evaluation import offline_eval
+
+        out = offline_eval(self.loaded, ctx, labelled=self.upstream(context, "label"),
+                           trained=self.upstream(context, "train"))
+        log.info("offline metrics: %s", {k: v for k, v in out["metrics"].items() if k.count(".") == 1})
+        return out
+
+
+class ReleaseGateOperator(ClosedLoopStepOperator):
+    """Apply the template's gates; a failure stops the run and is never retried (``release_gate``)."""
+
+    def run_step(self, ctx: RunContext, context: Context) -> dict:
+        from closedloop.steps.gates import format_report, release_gate
+
+        out = release_gate(self.loaded, ctx, offline=self.upstream(context, "offline_eval"),
+                           simulation=self.upstream(context, "simulate"))
+        log.info("all release gates passed:\n%s", format_report(out["report"]))
+        return out
+
+
+class RegisterCandidateOperator(ClosedLoopStepOperator):
+    """Register the model version once and point the ``candidate`` alias at it (``register_candidate``)."""
+
+    def run_step(self, ctx: RunContext, context: Context) -> dict:
+        from closedloop.steps.registry import register_candidate
+
+        out = register_candidate(self.loaded, ctx, trained=self.upstream(context, "train"),
+                                 labelled=self.upstream(context, "label"),
+                                 gate=self.upstream(context, "release_gate"))
+        log.info("registered %s version %s as @%s", out["model"], out["version"], out["alias"])
+        return out

@@ -1,0 +1,1 @@
+"""Triggers: wait for external jobs in the triggerer, holding no worker slot."""
