@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -38,6 +39,10 @@ def local_defaults() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri())
     Path(os.environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     (home / "mlflow").mkdir(parents=True, exist_ok=True)
+
+
+ENV_KEYS = ("CLOSEDLOOP_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__LOAD_EXAMPLES",
+            "AIRFLOW__CORE__UNIT_TEST_MODE", "GX_ANALYTICS_ENABLED", "MLFLOW_TRACKING_URI")
 
 
 def pipelines_dir(args) -> Path:
@@ -73,6 +78,7 @@ def cmd_validate(args) -> int:
         print(f"ok       {s.path}  ({s.spec.name}, hash {s.digest})")
     for e in errors:
         print(f"INVALID  {e}", file=sys.stderr)
+    sys.stderr.flush()
     print(f"{len(specs)} valid, {len(errors)} invalid")
     return 2 if errors else 0
 
@@ -106,8 +112,20 @@ def cmd_run(args) -> int:
         return 2
     from closedloop.localrun import run_pipeline
 
-    summary = run_pipeline(args.pipeline, logical_date=args.date, quiet=not args.verbose)
+    try:
+        summary = run_pipeline(args.pipeline, logical_date=args.date, quiet=not args.verbose)
+    except LookupError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     return _print_summary(summary, args)
+
+
+def cmd_env(args) -> int:
+    """Print the embedded defaults as shell exports (``eval "$(closedloop env)"``)."""
+    local_defaults()
+    for key in ENV_KEYS:
+        print(f"export {key}={shlex.quote(os.environ[key])}")
+    return 0
 
 
 def cmd_summary(args) -> int:
@@ -164,6 +182,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print the summary as JSON")
         sp.add_argument("-v", "--verbose", action="store_true", help="show Airflow's task logs")
         sp.set_defaults(func=fn)
+
+    sp = sub.add_parser("env", help="print the embedded defaults as shell exports")
+    sp.set_defaults(func=cmd_env)
 
     sp = sub.add_parser("summary", help="summary of an earlier run")
     sp.add_argument("pipeline")

@@ -70,6 +70,12 @@ def run_pipeline(dag_id: str, *, logical_date: str | None = None, quiet: bool = 
         dag = load_dag(dag_id)
     when = (datetime.fromisoformat(logical_date).replace(tzinfo=timezone.utc) if logical_date
             else datetime.now(timezone.utc).replace(microsecond=0))
+    return run_dag(dag, when, quiet=quiet)
+
+
+def run_dag(dag, when: datetime, *, quiet: bool = True) -> dict:
+    """``dag.test()`` at logical date ``when``; return the run's summary."""
+    dag_id = dag.dag_id
     logfile = settings.home() / "logs" / f"{dag_id}-{when:%Y%m%dT%H%M%S}.log"
     print(f"running pipeline {dag_id} through Airflow (logical date {when.isoformat()})"
           + (f"; task logs: {logfile}" if quiet else ""), flush=True)
@@ -119,6 +125,6 @@ def _registry_state(registered: dict | None) -> dict | None:
 
     c = MlflowClient(tracking_uri=settings.tracking_uri())
     mv = c.get_model_version(registered["model"], registered["version"])
-    return {"model": mv.name, "version": mv.version, "aliases": list(mv.aliases), "status": mv.status,
+    return {"model": mv.name, "version": str(mv.version), "aliases": list(mv.aliases), "status": mv.status,
             "source": mv.source, "run_id": mv.run_id,
             "tracking_uri": settings.tracking_uri()}

@@ -1,0 +1,45 @@
+# airflow-closedloop: the README's commands.
+#   make demo     set up (locked deps, local Airflow + MLflow under .closedloop/) and run the periodic pipeline
+#   make test     the whole test suite (what CI runs); make test-fast skips the real-scheduler tests
+#   make airflow  Airflow UI (standalone, 127.0.0.1:8080) + MLflow UI (127.0.0.1:5000) on these DAGs
+#   make bench    benchmarks/ (prints figures)
+SHELL := /bin/bash
+PYTHON ?= python3
+UV := $(shell command -v uv 2>/dev/null || echo .closedloop/tools/bin/uv)
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-fast airflow bench lint validate clean
+
+$(UV):
+	@echo "uv not found: installing it into .closedloop/tools with pip"
+	$(PYTHON) -m venv .closedloop/tools
+	.closedloop/tools/bin/pip install --quiet "uv>=0.5,<1"
+
+$(BIN)/closedloop: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --python $(PYTHON)
+	@touch $@
+
+demo: $(BIN)/closedloop
+	$(BIN)/closedloop demo
+
+test: $(BIN)/closedloop
+	$(BIN)/pytest
+
+test-fast: $(BIN)/closedloop
+	$(BIN)/pytest -m "not slow"
+
+validate: $(BIN)/closedloop
+	$(BIN)/closedloop pipelines validate
+
+airflow: $(BIN)/closedloop
+	@scripts/local-airflow.sh
+
+bench: $(BIN)/closedloop
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+lint: $(BIN)/closedloop
+	$(BIN)/ruff check src tests dags plugins benchmarks
+
+clean:
+	rm -rf .closedloop

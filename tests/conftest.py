@@ -1,0 +1,94 @@
+"""Test session set-up: a private Airflow home, MLflow store and data root in a temp folder.
+
+Airflow reads its configuration when first imported, so the environment is set here, at
+conftest import, before any test module imports Airflow.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+_TMP = Path(tempfile.mkdtemp(prefix="closedloop-tests-"))
+os.environ.update({
+    "CLOSEDLOOP_HOME": str(_TMP / "home"),
+    "AIRFLOW_HOME": str(_TMP / "airflow"),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "dags"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+    "GX_ANALYTICS_ENABLED": "False",
+    "MLFLOW_TRACKING_URI": f"sqlite:///{_TMP / 'home' / 'mlflow' / 'mlflow.db'}",
+})
+os.environ.pop("CLOSEDLOOP_DATA_ROOT", None)
+(_TMP / "home" / "mlflow").mkdir(parents=True)
+(_TMP / "airflow").mkdir()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def project() -> Path:
+    return PROJECT
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Airflow's metadata database, migrated once per session (real SQLite, real migrations)."""
+    from closedloop.localrun import ensure_db
+
+    ensure_db()
+    return os.environ["AIRFLOW_HOME"]
+
+
+@pytest.fixture
+def make_project(tmp_path, project):
+    """A scratch project (dags/ + include/) whose templates a test writes; returns a helper."""
+    shutil.copytree(project / "dags", tmp_path / "dags")
+    for sub in ("expectations", "scenarios"):
+        shutil.copytree(project / "include" / sub, tmp_path / "include" / sub)
+    (tmp_path / "include" / "pipelines").mkdir()
+
+    def write(name: str, text: str) -> Path:
+        path = tmp_path / "include" / "pipelines" / name
+        path.write_text(text)
+        return path
+
+    write.root = tmp_path
+    return write
+
+
+def template_text(project: Path, **replacements: str) -> str:
+    """The shipped periodic template with some lines replaced (old → new)."""
+    text = (project / "include" / "pipelines" / "acc_periodic.yaml").read_text()
+    for old, new in replacements.items():
+        assert old in text, f"fixture bug: {old!r} is not in the shipped template"
+        text = text.replace(old, new)
+    return text
+
+
+@pytest.fixture
+def dags_folder(monkeypatch):
+    """Point Airflow's DAG folder (config and the dags-folder bundle) at another folder for one test.
+
+    ``dag.test()`` serializes the DAG through the bundle that holds it, so a DAG built from a
+    scratch project must live in the configured DAG folder.
+    """
+    import airflow.settings
+    from airflow.configuration import conf
+
+    old = airflow.settings.DAGS_FOLDER
+
+    def use(folder) -> None:
+        monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(folder))  # the environment wins over conf.set
+        airflow.settings.DAGS_FOLDER = str(folder)
+        assert conf.get("core", "dags_folder") == str(folder)
+
+    yield use
+    airflow.settings.DAGS_FOLDER = old

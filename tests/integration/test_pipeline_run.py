@@ -1,0 +1,156 @@
+"""Whole pipelines through real Airflow (dag.test), real MLflow (SQLite in a temp dir) and real
+Great Expectations: the registry state after a good run, and runs that must stop early."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+from mlflow import MlflowClient
+
+from closedloop import settings
+from closedloop.localrun import load_dag, run_dag
+from closedloop.spec import load_spec
+from tests.conftest import template_text
+
+pytestmark = pytest.mark.integration
+
+WHEN = datetime(2026, 11, 23, 3, 0, tzinfo=timezone.utc)
+
+
+def states(summary: dict) -> dict[str, str]:
+    return {t["task_id"]: t["state"] for t in summary["tasks"]}
+
+
+@pytest.fixture(scope="module")
+def periodic_run(airflow_db):
+    """The shipped periodic pipeline, from the real dags/ folder, run once for this module."""
+    return run_dag(load_dag("acc_periodic"), WHEN)
+
+
+def test_periodic_pipeline_registers_one_candidate_with_lineage(periodic_run):
+    s = periodic_run
+    assert s["state"] == "success", s
+    assert set(states(s).values()) == {"success"}
+    client = MlflowClient(settings.tracking_uri())
+    versions = client.search_model_versions("name = 'acc_longitudinal_policy'")
+    assert len(versions) == 1
+    mv = client.get_model_version_by_alias("acc_longitudinal_policy", "candidate")
+    assert str(mv.version) == str(versions[0].version) == s["registry"]["version"]
+    labelled = s["results"]["label"]
+    loaded = load_spec(settings.include_dir() / "pipelines" / "acc_periodic.yaml")
+    assert mv.tags["closedloop.pipeline"] == "acc_periodic"
+    assert mv.tags["closedloop.template_hash"] == loaded.digest
+    assert mv.tags["closedloop.dataset_version"] == labelled["digest"]
+    assert mv.tags["closedloop.label_policy"] == "expert_idm_smoothed@2"
+    assert mv.tags["airflow.dag_id"] == "acc_periodic" and mv.tags["airflow.run_id"] == s["run_id"]
+    assert mv.tags["closedloop.code_version"].startswith("0.1.0")
+
+    train_run = client.get_run(s["results"]["train"]["run_id"])
+    assert mv.run_id == train_run.info.run_id
+    for key in ("closedloop.pipeline", "closedloop.template_hash", "closedloop.dataset_version",
+                "closedloop.label_policy", "airflow.dag_id", "airflow.run_id", "airflow.task_id",
+                "airflow.try_number", "closedloop.code_version"):
+        assert train_run.data.tags.get(key), key
+    assert train_run.data.tags["airflow.task_id"] == "train"
+    inputs = train_run.inputs.dataset_inputs
+    assert [(i.dataset.digest, i.tags[0].value) for i in inputs] == [(labelled["digest"], "training")]
+    assert inputs[0].dataset.source and labelled["uri"] in inputs[0].dataset.source
+
+    # the step runs hang under one parent run for this pipeline run
+    parents = {client.get_run(s["results"][t]["run_id"]).data.tags["mlflow.parentRunId"]
+               for t in ("train", "offline_eval", "simulate", "release_gate")}
+    assert len(parents) == 1
+    assert client.get_run(s["results"]["simulate"]["run_id"]).data.metrics["sim.hard_braking.collision_rate"] == 0
+
+
+def test_xcom_carries_only_small_json(periodic_run):
+    import json
+
+    for task, value in periodic_run["results"].items():
+        assert len(json.dumps(value)) < 20_000, task
+    assert periodic_run["results"]["generate_dataset"]["window_end"] == "2026-11-23"
+    assert periodic_run["results"]["generate_dataset"]["window_start"] == "2026-11-09"
+
+
+def test_running_the_steps_again_creates_nothing_new(periodic_run):
+    """Retrying train/register for the same pipeline run reuses what exists (no second version)."""
+    from closedloop.steps.context import RunContext
+    from closedloop.steps.registry import register_candidate
+    from closedloop.steps.training import train
+
+    s = periodic_run
+    loaded = load_spec(settings.include_dir() / "pipelines" / "acc_periodic.yaml")
+    ctx = RunContext(pipeline="acc_periodic", template_digest=loaded.digest, dag_id="acc_periodic",
+                     run_id=s["run_id"], task_id="train", try_number=2)
+    again = train(loaded, ctx, labelled=s["results"]["label"])
+    assert again["run_id"] == s["results"]["train"]["run_id"]
+    assert again["model_uri"] == s["results"]["train"]["model_uri"]
+    reg = register_candidate(loaded, ctx.for_task("register_candidate", 2), trained=again,
+                             labelled=s["results"]["label"], gate=s["results"]["release_gate"])
+    assert reg["version"] == s["registry"]["version"]
+    client = MlflowClient(settings.tracking_uri())
+    assert len(client.search_model_versions("name = 'acc_longitudinal_policy'")) == 1
+    runs = client.search_runs([client.get_experiment_by_name("closedloop/acc_periodic").experiment_id],
+                              filter_string="tags.`closedloop.step` = 'train'")
+    assert len(runs) == 1
+
+
+@pytest.fixture
+def scratch_dag(make_project, project, dags_folder):
+    """A DAG from a copy of the shipped template with a new name and some lines changed."""
+
+    def build(name: str, **replacements):
+        make_project(f"{name}.yaml", template_text(project, **{
+            "name: acc_periodic": f"name: {name}", "name: acc_longitudinal_policy": f"name: {name}_model",
+            "window_days: 14": "window_days: 7", **replacements}))
+        dags_folder(make_project.root / "dags")
+        return load_dag(name)
+
+    return build
+
+
+def test_broken_dataset_stops_at_validate_data(airflow_db, scratch_dag):
+    dag = scratch_dag("acc_corrupt", **{
+        "generator: closedloop.driving.logs:synthesize_drive_logs": "generator: tests.fixtures.domain:corrupted_drive_logs"})
+    s = run_dag(dag, WHEN)
+    st = states(s)
+    assert s["state"] == "failed"
+    assert st["generate_dataset"] == st["label"] == "success"
+    assert st["validate_data"] == "failed"
+    assert {st[t] for t in ("train", "offline_eval", "simulate", "release_gate", "register_candidate")} == {"upstream_failed"}
+    assert next(t for t in s["tasks"] if t["task_id"] == "validate_data")["try_number"] == 1  # not retried
+    error = next(t for t in s["tasks"] if t["task_id"] == "validate_data")["error"]
+    failing = {(c["expectation"], c["column"]) for c in error["report"]["checks"] if not c["success"]}
+    assert failing == {("expect_column_values_to_not_be_null", "ego_speed"),
+                       ("expect_column_values_to_be_between", "lead_speed")}
+    assert "expect_column_values_to_be_between(lead_speed)" in error["message"]
+    client = MlflowClient(settings.tracking_uri())
+    assert client.search_registered_models("name = 'acc_corrupt_model'") == []
+    exp = client.get_experiment_by_name("closedloop/acc_corrupt")
+    assert exp is None or client.search_runs([exp.experiment_id]) == []  # nothing trained
+
+
+def test_policy_without_hard_braking_data_fails_the_simulation_gate(airflow_db, scratch_dag):
+    """A policy that never saw emergency braking crashes into braking leads in simulation;
+    the gate stops the run before registration."""
+    dag = scratch_dag("acc_no_hard_braking", **{
+        "scenarios: [cruise, cut_in, hard_braking, stop_and_go]": "scenarios: [cruise, cut_in, stop_and_go]"})
+    s = run_dag(dag, WHEN)
+    st = states(s)
+    assert s["state"] == "failed"
+    assert st["simulate"] == "success" and st["release_gate"] == "failed"
+    assert st["register_candidate"] == "upstream_failed"
+    sim = s["results"]["simulate"]["metrics"]
+    assert sim["sim.hard_braking.collision_rate"] > 0.5
+    assert sim["sim.cruise.collision_rate"] == 0
+    report = {r["metric"]: r for r in next(t for t in s["tasks"] if t["task_id"] == "release_gate")["error"]["report"]}
+    assert report["sim.hard_braking.collision_rate"]["passed"] is False
+    assert report["offline.rmse"]["passed"] is True
+    client = MlflowClient(settings.tracking_uri())
+    assert client.search_registered_models("name = 'acc_no_hard_braking_model'") == []
+    gate_runs = client.search_runs([client.get_experiment_by_name("closedloop/acc_no_hard_braking").experiment_id],
+                                   filter_string="tags.`closedloop.step` = 'release_gate'")
+    assert gate_runs[0].data.tags["closedloop.gates"] == "failed"
+    artifacts = [a.path for a in client.list_artifacts(gate_runs[0].info.run_id, "gates")]
+    assert artifacts == ["gates/report.json"]

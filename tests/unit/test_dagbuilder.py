@@ -1,0 +1,97 @@
+"""DAG files: one DAG per template, the task graph, import errors, parse-time budget (imports)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from closedloop.spec import template_files
+from tests.conftest import template_text
+
+EXPECTED_EDGES = {
+    "generate_dataset": set(),
+    "label": {"generate_dataset"},
+    "validate_data": {"label"},
+    "train": {"validate_data"},
+    "offline_eval": {"train", "label"},
+    "simulate": {"offline_eval"},
+    "release_gate": {"simulate"},
+    "register_candidate": {"release_gate"},
+}
+
+
+def dagbag(folder):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(folder))
+
+
+def test_dags_folder_has_one_dag_per_template_and_no_import_errors(project):
+    bag = dagbag(project / "dags")
+    assert bag.import_errors == {}
+    names = {p.stem for p in template_files(project / "include" / "pipelines")}
+    assert set(bag.dag_ids) == names  # template file names equal pipeline names in this repo
+    for dag_id in bag.dag_ids:
+        dag = bag.dags[dag_id]
+        assert {t.task_id: set(t.upstream_task_ids) for t in dag.tasks} == EXPECTED_EDGES
+        assert dag.doc_md and f"# Pipeline `{dag_id}`" in dag.doc_md
+        assert "closedloop" in dag.tags
+
+
+def test_dag_settings_come_from_the_template(project):
+    dag = dagbag(project / "dags").dags["acc_periodic"]
+    assert dag.timetable.expression == "0 3 * * 1"
+    assert dag.catchup is False
+    assert dag.default_args["owner"] == "acc-ml-team"
+    assert dag.get_task("release_gate").retries == 0  # a gate failure is never retried
+    assert dag.get_task("train").retries == 2
+    assert "sim.hard_braking.collision_rate <= 0" in dag.doc_md
+
+
+def test_copied_template_is_a_second_pipeline(make_project, project):
+    make_project("acc_periodic.yaml", template_text(project))
+    make_project("acc_eu_only.yaml", template_text(project, **{
+        "name: acc_periodic": "name: acc_eu_only",
+        "name: acc_longitudinal_policy": "name: acc_policy_eu",
+        "max: 0.35": "max: 0.30",
+    }))
+    bag = dagbag(make_project.root / "dags")
+    assert bag.import_errors == {}
+    assert set(bag.dag_ids) == {"acc_periodic", "acc_eu_only"}
+    eu = bag.dags["acc_eu_only"].get_task("register_candidate").loaded.spec
+    assert eu.model.name == "acc_policy_eu" and eu.gates[0].max == 0.30
+
+
+def test_broken_template_is_an_import_error_and_others_still_load(make_project, project):
+    make_project("acc_periodic.yaml", template_text(project))
+    bad = make_project("acc_typo.yaml", template_text(project, **{
+        "name: acc_periodic": "name: acc_typo", "name: acc_longitudinal_policy": "name: acc_typo_model",
+        "window_days: 14": "window_days: fourteen"}))
+    bag = dagbag(make_project.root / "dags")
+    assert set(bag.dag_ids) == {"acc_periodic"}
+    assert len(bag.import_errors) == 1
+    (dag_file, message), = bag.import_errors.items()
+    assert dag_file.endswith("closedloop_pipelines.py")
+    assert f"{bad}: invalid pipeline template" in message
+    assert "dataset.window_days: input should be a valid integer" in message
+
+
+@pytest.mark.parametrize("templates", [1, 100])
+def test_parse_imports_nothing_heavy(make_project, project, templates):
+    """Loading dags/ must not import mlflow, great_expectations, sklearn, pandas or numpy."""
+    for i in range(templates):
+        make_project(f"p{i:03d}.yaml", template_text(project, **{
+            "name: acc_periodic": f"name: acc_p{i:03d}", "name: acc_longitudinal_policy": f"name: model_{i:03d}"}))
+    code = (
+        "import sys, json\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(make_project.root / 'dags')!r})\n"
+        "heavy = [m for m in ('mlflow', 'great_expectations', 'sklearn', 'pandas', 'numpy', 'pyarrow') if m in sys.modules]\n"
+        "print(json.dumps({'dags': len(bag.dags), 'errors': len(bag.import_errors), 'heavy': heavy}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"dags": templates, "errors": 0, "heavy": []}
