@@ -47,13 +47,19 @@ def airflow_db():
     return os.environ["AIRFLOW_HOME"]
 
 
+def scratch_project(root: Path) -> Path:
+    """A copy of the project's dags/ and include/ (without templates) under ``root``."""
+    shutil.copytree(PROJECT / "dags", root / "dags")
+    for sub in ("expectations", "scenarios"):
+        shutil.copytree(PROJECT / "include" / sub, root / "include" / sub)
+    (root / "include" / "pipelines").mkdir()
+    return root
+
+
 @pytest.fixture
 def make_project(tmp_path, project):
     """A scratch project (dags/ + include/) whose templates a test writes; returns a helper."""
-    shutil.copytree(project / "dags", tmp_path / "dags")
-    for sub in ("expectations", "scenarios"):
-        shutil.copytree(project / "include" / sub, tmp_path / "include" / sub)
-    (tmp_path / "include" / "pipelines").mkdir()
+    scratch_project(tmp_path)
 
     def write(name: str, text: str) -> Path:
         path = tmp_path / "include" / "pipelines" / name

@@ -1,0 +1,59 @@
+"""The shipped pipeline under a real scheduler, triggerer and API server (airflow standalone):
+triggered through the REST API, ``simulate`` waits in the triggerer, a candidate is registered."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import scratch_project, template_text
+from tests.integration.airflow_server import AirflowServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory, project):
+    # the shipped template without its cron schedule, so the scheduler starts no run of its own
+    root = scratch_project(tmp_path_factory.mktemp("project"))
+    (root / "include" / "pipelines" / "acc_periodic.yaml").write_text(
+        template_text(project, **{'schedule: "0 3 * * 1"': "schedule: null"}))
+    server = AirflowServer(tmp_path_factory.mktemp("standalone"), root / "dags",
+                           users={"admin": ("admin", "admin-pw"), "viewer1": ("viewer", "viewer-pw")})
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_trigger_from_rest_api_runs_to_candidate(airflow):
+    airflow.wait_for(lambda: airflow.api("GET", "/api/v2/dags/acc_periodic")[0] == 200, 120, "DAG parsed")
+    status, dag = airflow.api("GET", "/api/v2/dags/acc_periodic")
+    assert "Pipeline `acc_periodic`" in (airflow.api("GET", "/api/v2/dags/acc_periodic/details")[1]["doc_md"])
+    assert dag["is_paused"] is False
+
+    # a viewer may not start runs: Airflow's own authorization
+    status, _ = airflow.api("POST", "/api/v2/dags/acc_periodic/dagRuns", {"logical_date": None}, user="viewer1")
+    assert status == 403
+
+    status, run = airflow.api("POST", "/api/v2/dags/acc_periodic/dagRuns",
+                              {"logical_date": "2026-11-23T03:00:00Z", "note": "scheduler test"})
+    assert status == 200, run
+    run_id = run["dag_run_id"]
+    seen_deferred = set()
+
+    def finished():
+        _, r = airflow.api("GET", f"/api/v2/dags/acc_periodic/dagRuns/{run_id}")
+        _, tis = airflow.api("GET", f"/api/v2/dags/acc_periodic/dagRuns/{run_id}/taskInstances")
+        seen_deferred.update(t["task_id"] for t in tis["task_instances"] if t["state"] == "deferred")
+        return r if r["state"] in ("success", "failed") else None
+
+    result = airflow.wait_for(finished, 600, "the run to finish", interval=1.0)
+    _, tis = airflow.api("GET", f"/api/v2/dags/acc_periodic/dagRuns/{run_id}/taskInstances")
+    states = {t["task_id"]: t["state"] for t in tis["task_instances"]}
+    assert result["state"] == "success", (states, airflow.tail())
+    assert "simulate" in seen_deferred  # waited in the triggerer, not in a worker slot
+
+    client = MlflowClient(airflow.env["MLFLOW_TRACKING_URI"])
+    mv = client.get_model_version_by_alias("acc_longitudinal_policy", "candidate")
+    assert mv.tags["airflow.run_id"] == run_id
+    assert len(client.search_model_versions("name = 'acc_longitudinal_policy'")) == 1
