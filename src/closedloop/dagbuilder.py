@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ def build_dag(loaded: LoadedSpec) -> DAG:
         description=spec.description.strip().split("\n")[0][:200],
         doc_md=describe(loaded),
         schedule=spec.schedule,
-        start_date=datetime.combine(spec.start_date, datetime.min.time(), tzinfo=timezone.utc),
+        start_date=datetime.combine(spec.start_date, datetime.min.time(), tzinfo=UTC),
         catchup=spec.catchup,
         max_active_runs=4,
         default_args=default_args,

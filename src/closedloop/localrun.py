@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from closedloop import settings
@@ -68,8 +68,8 @@ def run_pipeline(dag_id: str, *, logical_date: str | None = None, quiet: bool = 
     ensure_db()
     with _quiet(settings.home() / "logs" / "dagbag.log", enabled=quiet):
         dag = load_dag(dag_id)
-    when = (datetime.fromisoformat(logical_date).replace(tzinfo=timezone.utc) if logical_date
-            else datetime.now(timezone.utc).replace(microsecond=0))
+    when = (datetime.fromisoformat(logical_date).replace(tzinfo=UTC) if logical_date
+            else datetime.now(UTC).replace(microsecond=0))
     return run_dag(dag, when, quiet=quiet)
 
 

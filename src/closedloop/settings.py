@@ -25,11 +25,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow' / 'mlflow.db'}"
 
 
-def artifact_root() -> str | None:
+def artifact_root(uri: str | None = None) -> str | None:
     """Artifact location for new experiments when tracking into a local store (None: server decides)."""
     if os.environ.get("CLOSEDLOOP_ARTIFACT_ROOT"):
         return os.environ["CLOSEDLOOP_ARTIFACT_ROOT"]
-    uri = tracking_uri()
+    uri = uri or tracking_uri()
     if uri.startswith("sqlite:///"):
         return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
     return None

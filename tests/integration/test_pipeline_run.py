@@ -3,7 +3,7 @@ Great Expectations: the registry state after a good run, and runs that must stop
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from mlflow import MlflowClient
@@ -15,7 +15,7 @@ from tests.conftest import template_text
 
 pytestmark = pytest.mark.integration
 
-WHEN = datetime(2026, 11, 23, 3, 0, tzinfo=timezone.utc)
+WHEN = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)
 
 
 def states(summary: dict) -> dict[str, str]:

@@ -32,7 +32,7 @@ class Expert:
     feature_names_in_ = np.array(FEATURES)
 
     def predict(self, frame):
-        return np.array([idm_accel(v, vl, g) for v, vl, g in zip(frame.ego_speed, frame.lead_speed, frame.gap)])
+        return np.array([idm_accel(v, vl, g) for v, vl, g in zip(frame.ego_speed, frame.lead_speed, frame.gap, strict=True)])
 
 
 def test_logs_are_deterministic_and_cover_the_filter():

@@ -27,21 +27,29 @@ class ClosedLoopStepOperator(BaseOperator):
     retry; a :class:`~closedloop.errors.TransientError` is retried with the task's backoff.
 
     :param loaded: the validated pipeline template this task belongs to.
+    :param mlflow_conn_id: Airflow connection naming the MLflow tracking server (optional:
+        without it, ``MLFLOW_TRACKING_URI`` or the local store).
     """
 
     ui_color = "#e8f1fb"
 
-    def __init__(self, *, loaded: LoadedSpec, **kwargs: Any) -> None:
+    def __init__(self, *, loaded: LoadedSpec, mlflow_conn_id: str = "mlflow_default", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.loaded = loaded
+        self.mlflow_conn_id = mlflow_conn_id
 
     def run_context(self, context: Context) -> RunContext:
+        import os
+
+        from closedloop.hooks.mlflow import MLflowHook
         from closedloop.steps.context import RunContext
 
+        hook = MLflowHook(self.mlflow_conn_id)
+        os.environ.update(hook.credentials_env())  # MLflow's client reads credentials from the environment
         ti = context["ti"]
         return RunContext(pipeline=self.loaded.spec.name, template_digest=self.loaded.digest,
                           dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
-                          try_number=int(ti.try_number or 1))
+                          try_number=int(ti.try_number or 1), tracking_uri=hook.tracking_uri())
 
     @staticmethod
     def upstream(context: Context, task_id: str) -> dict:

@@ -29,7 +29,6 @@ def offline_eval(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, trained
 
     :return: ``{run_id, metrics: {"offline.rmse": …, "offline.cut_in.rmse": …}}``.
     """
-    import mlflow
 
     spec = loaded.spec
     run = tracking.step_run(loaded, ctx, "offline_eval", **{"closedloop.dataset_version": labelled["digest"]})

@@ -31,7 +31,7 @@ def experiment_id(ctx: RunContext) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return c.create_experiment(name, artifact_location=settings.artifact_root(),
+        return c.create_experiment(name, artifact_location=settings.artifact_root(ctx.tracking_uri),
                                    tags={"closedloop.pipeline": ctx.pipeline})
     except Exception:  # created concurrently by another task
         exp = c.get_experiment_by_name(name)

@@ -17,7 +17,6 @@ def load_suite(path) -> dict:
 def validate_frame(frame, suite: dict) -> dict:
     """Validate a DataFrame against a suite given as GX JSON; return a compact report."""
     import great_expectations as gx
-
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")

@@ -1,0 +1,2 @@
+-- MLflow's backend store lives beside Airflow's metadata in the same Postgres server.
+CREATE DATABASE mlflow OWNER airflow;
