@@ -20,20 +20,27 @@ class GenerateDatasetOperator(ClosedLoopStepOperator):
     """Build the raw snapshot for the run's data window (``generate_dataset``).
 
     :param interval_end: last day (exclusive) of the data window, ``YYYY-MM-DD`` (templated);
-        by default the run's data interval end, or the run's start for runs without one.
+        by default the run's data interval end or, for a run without a logical date (allowed in
+        Airflow 3: such runs have no data interval), the time the run was due (``run_after``).
     """
 
     template_fields = ("interval_end",)
 
-    def __init__(self, *, interval_end: str = "{{ (data_interval_end or dag_run.run_after) | ds }}",
-                 **kwargs: Any) -> None:
+    def __init__(self, *, interval_end: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.interval_end = interval_end
+
+    @staticmethod
+    def default_interval_end(context: Context) -> date:
+        end = context.get("data_interval_end") or context["dag_run"].run_after
+        return end.date()
 
     def run_step(self, ctx: RunContext, context: Context) -> dict:
         from closedloop.steps.dataset import generate_dataset
 
-        out = generate_dataset(self.loaded, ctx, interval_end=date.fromisoformat(str(self.interval_end)[:10]))
+        end = (date.fromisoformat(str(self.interval_end)[:10]) if self.interval_end
+               else self.default_interval_end(context))
+        out = generate_dataset(self.loaded, ctx, interval_end=end)
         log.info("dataset snapshot %s: %d rows, window %s..%s, %s", out["digest"], out["rows"],
                  out["window_start"], out["window_end"], "written" if out["created"] else "already present")
         return out
