@@ -36,13 +36,15 @@ def local_defaults() -> None:
     os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri())
     Path(os.environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     (home / "mlflow").mkdir(parents=True, exist_ok=True)
 
 
 ENV_KEYS = ("CLOSEDLOOP_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__LOAD_EXAMPLES",
-            "AIRFLOW__CORE__UNIT_TEST_MODE", "GX_ANALYTICS_ENABLED", "MLFLOW_TRACKING_URI")
+            "AIRFLOW__CORE__UNIT_TEST_MODE", "GX_ANALYTICS_ENABLED", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+            "MLFLOW_TRACKING_URI")
 
 
 def pipelines_dir(args) -> Path:
@@ -148,11 +150,21 @@ def _print_summary(summary: dict, args) -> int:
 
 
 def cmd_demo(args) -> int:
-    args.pipeline = DEMO_PIPELINE
-    code = cmd_run(args)
-    if code == 0:
-        print("\nNext: `make airflow` opens the Airflow UI (and the MLflow UI) on these DAGs and this store.")
-    return code
+    local_defaults()
+    from closedloop.demo import run
+    from closedloop.localrun import ensure_db
+
+    ensure_db()
+    return run()
+
+
+def cmd_serve(args) -> int:
+    local_defaults()
+    from closedloop.localrun import ensure_db
+    from closedloop.localserver import serve
+
+    ensure_db()
+    return serve(args.port, args.mlflow_port)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -172,16 +184,25 @@ def parser() -> argparse.ArgumentParser:
         if name == "describe":
             sp.add_argument("name")
 
-    for name, fn, helptext in (("run", cmd_run, "run one pipeline end to end through Airflow (dag.test)"),
-                               ("demo", cmd_demo, f"run {DEMO_PIPELINE} on embedded defaults")):
-        sp = sub.add_parser(name, help=helptext)
-        if name == "run":
-            sp.add_argument("pipeline")
-        sp.add_argument("--date", help="logical date YYYY-MM-DD (default: now); the data window ends there")
-        sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
-        sp.add_argument("--json", action="store_true", help="print the summary as JSON")
-        sp.add_argument("-v", "--verbose", action="store_true", help="show Airflow's task logs")
-        sp.set_defaults(func=fn)
+    sp = sub.add_parser("run", help="run one pipeline end to end through Airflow (dag.test); a review step "
+                        "waits for a decision from the UI (`make airflow`) or `closedloop approve`")
+    sp.add_argument("pipeline")
+    sp.add_argument("--date", help="logical date YYYY-MM-DD (default: now); the data window ends there")
+    sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
+    sp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sp.add_argument("-v", "--verbose", action="store_true", help="show Airflow's task logs")
+    sp.set_defaults(func=cmd_run)
+    sp = sub.add_parser("demo", help=f"the governed path of {DEMO_PIPELINE} through a local Airflow: request, "
+                        "gates, candidate, approval by a reviewer, production, audit")
+    sp.set_defaults(func=cmd_demo)
+    sp = sub.add_parser("serve", help="local Airflow UI + MLflow UI on 127.0.0.1 (make airflow)")
+    sp.add_argument("--port", type=int, default=8080)
+    sp.add_argument("--mlflow-port", type=int, default=5000)
+    sp.set_defaults(func=cmd_serve)
+
+    from closedloop.governance_cli import add_parsers
+
+    add_parsers(sub, _find)
 
     sp = sub.add_parser("env", help="print the embedded defaults as shell exports")
     sp.set_defaults(func=cmd_env)
@@ -196,6 +217,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("promote", "rollback", "audit"):
+        local_defaults()
     return args.func(args)
 
 

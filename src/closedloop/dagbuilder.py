@@ -26,6 +26,7 @@ from closedloop.operators.model import (
     TrainOperator,
 )
 from closedloop.operators.simulation import SimulateOperator
+from closedloop.request import dag_params
 from closedloop.spec import LoadedSpec, load_all
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,12 @@ def build_dag(loaded: LoadedSpec) -> DAG:
         description=spec.description.strip().split("\n")[0][:200],
         doc_md=describe(loaded),
         schedule=spec.schedule,
-        start_date=datetime.combine(spec.start_date, datetime.min.time(), tzinfo=UTC),
+        start_date=datetime.combine(spec.start_date, datetime.min.time(), tzinfo=UTC) if spec.start_date else None,
         catchup=spec.catchup,
         max_active_runs=4,
         default_args=default_args,
         tags=sorted({"closedloop", *spec.tags}),
+        params=dag_params(spec),
     ) as dag:
         common: dict[str, Any] = {"loaded": loaded}
         generate = GenerateDatasetOperator(task_id="generate_dataset", **common)
@@ -65,6 +67,12 @@ def build_dag(loaded: LoadedSpec) -> DAG:
         register = RegisterCandidateOperator(task_id="register_candidate", **common)
         generate >> label >> validate >> train >> offline >> simulate >> gate >> register
         label >> offline  # evaluation reads the dataset as well as the model
+        if spec.approval is not None:
+            from closedloop.operators.governance import PromoteOperator, ReviewOperator
+
+            review = ReviewOperator(task_id="approval", retries=0, **common)
+            promote = PromoteOperator(task_id="promote", **common)
+            register >> review >> promote
     return dag
 
 

@@ -14,6 +14,10 @@ TASKS = (
     ("release_gate", "compare metrics with the gate thresholds; stop (no retry) if any fails"),
     ("register_candidate", "register one model version per run and set alias 'candidate'"),
 )
+GOVERNANCE_TASKS = (
+    ("approval", "wait (no worker slot) for an approver's decision in Airflow; timeout = rejection"),
+    ("promote", "verify gates + Airflow's approval for this exact version; move alias 'production'"),
+)
 
 
 def _schedule(expr: str | None) -> str:
@@ -32,7 +36,11 @@ def describe(loaded: LoadedSpec) -> str:
     s = loaded.spec
     ds, lp = s.dataset, s.label_policy
     gates = "\n".join(f"- `{g.describe()}`" + (f": {g.description}" if g.description else "") for g in s.gates)
-    tasks = "\n".join(f"{i}. `{t}`: {d}" for i, (t, d) in enumerate(TASKS, 1))
+    all_tasks = TASKS + (GOVERNANCE_TASKS if s.approval else ())
+    tasks = "\n".join(f"{i}. `{t}`: {d}" for i, (t, d) in enumerate(all_tasks, 1))
+    review = (f"Approvers: {', '.join(s.approval.approvers)} (never the requester); no decision within "
+              f"{s.approval.timeout_hours:g} h counts as a rejection." if s.approval
+              else "No human review: this pipeline produces candidates only and never promotes.")
     params = ", ".join(f"{k}={v}" for k, v in ds.params.items())
     return f"""# Pipeline `{s.name}`
 
@@ -55,7 +63,8 @@ def describe(loaded: LoadedSpec) -> str:
 - Raw and labelled **dataset snapshots** (Parquet, named by content digest) under the data root.
 - MLflow experiment `closedloop/{s.name}`: one parent run per pipeline run, child runs `train`,
   `offline_eval`, `simulate`, `release_gate`, all tagged with the lineage.
-- Registered model **`{s.model.name}`**: one version per successful run, alias `candidate`.
+- Registered model **`{s.model.name}`**: one version per successful run, alias `candidate`;
+  after approval, alias `production` (the version it replaces keeps `previous-production`).
 
 ## Dependencies
 - Code: dataset `{ds.generator}`, trainer `{s.training.entry_point}`, simulator `{s.simulation.entry_point}`.
@@ -66,7 +75,8 @@ def describe(loaded: LoadedSpec) -> str:
 ## Release gates
 {gates}
 
-Approvers (human review): {', '.join(s.approval.approvers)}.
+## Review
+{review}
 
 ## Tasks
 {tasks}

@@ -17,7 +17,7 @@ from pathlib import Path
 from closedloop import settings
 
 TASK_ORDER = ("generate_dataset", "label", "validate_data", "train", "offline_eval", "simulate",
-              "release_gate", "register_candidate")
+              "release_gate", "register_candidate", "approval", "promote")
 
 
 def ensure_db() -> None:

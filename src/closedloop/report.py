@@ -40,6 +40,14 @@ def format_summary(s: dict) -> str:
             gate_report = err["report"]
     if gate_report:
         out += ["", "release gates:", format_report(gate_report)]
+    review = r.get("approval")
+    if review:
+        who = (review.get("responded_by_user") or {}).get("name") or "nobody (timeout)"
+        out += ["", f"review: {', '.join(review.get('chosen_options') or [])} by {who}"]
+    if r.get("promote"):
+        p = r["promote"]
+        out.append(f"promotion: {p['model']} version {p['version']} -> @production"
+                   + (f" (previous-production: {p['previous']})" if p.get("previous") else ""))
     if s.get("registry"):
         g = s["registry"]
         out += ["", f"registered model: {g['model']} version {g['version']} "

@@ -133,30 +133,41 @@ class SimulationSpec(_Part):
 
 
 class GateSpec(_Part):
-    """One automatic release gate: a metric and a bound (``min`` and/or ``max``)."""
+    """One automatic release gate: a metric and a bound (``min``, ``max``) and/or no regression
+    against the current ``production`` version beyond ``max_regression``."""
 
     metric: str = Field(pattern=r"^(offline|sim)\.[a-z0-9_.]+$",
                         description="'offline.<metric>' or 'sim.<metric>', e.g. sim.hard_braking.collision_rate")
     min: float | None = None
     max: float | None = None
+    max_regression: float | None = Field(default=None, ge=0,
+                                         description="allowed worsening vs production (absolute)")
+    higher_is_better: bool = Field(default=False, description="direction, for max_regression")
     description: str = ""
 
     @model_validator(mode="after")
     def _bounds(self) -> GateSpec:
-        if self.min is None and self.max is None:
-            raise ValueError(f"gate on {self.metric!r} needs a bound: expected 'min:' and/or 'max:', got neither")
+        if self.min is None and self.max is None and self.max_regression is None:
+            raise ValueError(f"gate on {self.metric!r} needs a bound: expected 'min:', 'max:' and/or "
+                             "'max_regression:', got none")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"gate on {self.metric!r} can never pass: min {self.min} > max {self.max}")
         return self
 
     def describe(self) -> str:
-        parts = [f">= {self.min:g}" if self.min is not None else "", f"<= {self.max:g}" if self.max is not None else ""]
+        parts = [f">= {self.min:g}" if self.min is not None else "", f"<= {self.max:g}" if self.max is not None else "",
+                 (f"no worse than production by > {self.max_regression:g} "
+                  f"({'higher' if self.higher_is_better else 'lower'} is better)")
+                 if self.max_regression is not None else ""]
         return f"{self.metric} " + " and ".join(p for p in parts if p)
 
 
 class ApprovalSpec(_Part):
+    """Human review between ``register_candidate`` and ``promote``; without it a pipeline only
+    produces candidates and never touches ``production``."""
+
     approvers: list[str] = Field(min_length=1, description="Airflow user names allowed to approve")
-    timeout_hours: float = Field(default=72, gt=0)
+    timeout_hours: float = Field(default=72, gt=0, description="no decision by then counts as a rejection")
 
 
 class PipelineSpec(_Part):
@@ -166,7 +177,8 @@ class PipelineSpec(_Part):
     description: str = Field(min_length=10, description="purpose: why this pipeline exists")
     owner: str = Field(min_length=1)
     schedule: str | None = Field(default=None, description="cron expression, or null for no schedule")
-    start_date: date = Field(default=date(2026, 1, 1), description="first data interval the schedule knows")
+    start_date: date | None = Field(default=None, description="first interval the schedule knows; needed "
+                                    "for catchup. Without it, unpausing waits for the next cron tick")
     catchup: bool = False
     tags: list[str] = Field(default_factory=list)
     model: ModelSpec
@@ -177,7 +189,7 @@ class PipelineSpec(_Part):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     simulation: SimulationSpec
     gates: list[GateSpec] = Field(min_length=1)
-    approval: ApprovalSpec
+    approval: ApprovalSpec | None = None
 
     @field_validator("schedule")
     @classmethod
@@ -191,6 +203,13 @@ class PipelineSpec(_Part):
         if not croniter.is_valid(v):
             raise ValueError(f"expected a cron expression like '0 3 * * 1' (minute hour day month weekday), got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _catchup_needs_start(self) -> PipelineSpec:
+        if self.catchup and self.start_date is None:
+            raise ValueError("catchup: true needs start_date (the first interval to catch up from), e.g. "
+                             "start_date: 2026-01-01")
+        return self
 
     @model_validator(mode="after")
     def _gate_metrics(self) -> PipelineSpec:

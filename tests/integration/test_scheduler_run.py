@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
+from closedloop.localserver import AirflowServer
 from tests.conftest import scratch_project, template_text
-from tests.integration.airflow_server import AirflowServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -28,7 +28,7 @@ def find_version(ctx: RunContext, model_name: str):
 
 
 def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, labelled: dict,
-                       gate: dict) -> dict:
+                       gate: dict, request: dict | None = None, requester: str | None = None) -> dict:
     """Register the trained model (once) with its lineage and point the ``candidate`` alias at it.
 
     Refuses a model whose gates did not pass: the check lives here, not only in the DAG wiring.
@@ -47,6 +47,9 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
             "closedloop.training_run_id": trained["run_id"],
             "closedloop.gate_run_id": gate["run_id"],
             "closedloop.gates": "passed",
+            "closedloop.request.requester": requester or "scheduler",
+            **{f"closedloop.request.{k}": (", ".join(v) if isinstance(v, list) else str(v))
+               for k, v in (request or {}).items()},
         })
         if not c.search_registered_models(f"name = '{spec.model.name}'"):
             try:
@@ -56,8 +59,10 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
                 if "RESOURCE_ALREADY_EXISTS" not in str(exc):
                     raise
         version = mlflow.register_model(trained["model_uri"], spec.model.name, tags=tags)
+        purpose = (request or {}).get("purpose")
         c.update_model_version(spec.model.name, version.version, description=(
-            f"Release candidate from pipeline {spec.name} run {ctx.run_id}; dataset {labelled['digest']}, "
+            (f"Request by {requester or 'scheduler'}: {purpose}\n\n" if purpose else "")
+            + f"Release candidate from pipeline {spec.name} run {ctx.run_id}; dataset {labelled['digest']}, "
             f"label policy {spec.label_policy.ref}, template {loaded.path.name}@{loaded.digest}."))
         log.info("registered %s version %s", spec.model.name, version.version)
     else:

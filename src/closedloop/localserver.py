@@ -1,0 +1,199 @@
+"""A local Airflow (``airflow standalone``: api-server, scheduler, dag-processor, triggerer,
+LocalExecutor on SQLite), bound to 127.0.0.1, for the demo and for tests that need a real one.
+
+Local users and their passwords are written to a file under the Airflow home before start
+(``[core] simple_auth_manager_passwords_file``); nothing is hard-coded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_users(path: Path, names_roles: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Users for the simple auth manager: name -> (role, password), passwords kept in ``path``."""
+    import secrets
+
+    known = json.loads(path.read_text()) if path.exists() else {}
+    users = {u: (role, known.get(u) or secrets.token_urlsafe(12)) for u, role in names_roles.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({u: pw for u, (_, pw) in users.items()}, indent=1))
+    path.chmod(0o600)
+    return users
+
+
+class AirflowServer:
+    """``airflow standalone`` on 127.0.0.1 with the given users.
+
+    :param root: scratch folder (Airflow home under ``root/airflow`` unless ``home`` is given).
+    :param env: extra environment (e.g. ``CLOSEDLOOP_HOME``, ``MLFLOW_TRACKING_URI``).
+    """
+
+    def __init__(self, root: Path, dags_folder: Path, users: dict[str, tuple[str, str]], *,
+                 home: Path | None = None, port: int | None = None, env: dict[str, str] | None = None):
+        self.root = root
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.users = users  # name -> (role, password)
+        self.home = home or root / "airflow"
+        self.home.mkdir(parents=True, exist_ok=True)
+        pwfile = self.home / "simple_auth_manager_passwords.json.generated"
+        pwfile.write_text(json.dumps({u: pw for u, (_, pw) in users.items()}))
+        venv_bin = str(Path(sys.executable).parent)
+        env = env or {}
+        self.env = {
+            **os.environ,
+            "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+            "AIRFLOW_HOME": str(self.home),
+            "CLOSEDLOOP_HOME": env.get("CLOSEDLOOP_HOME", str(root / "closedloop")),
+            "MLFLOW_TRACKING_URI": env.get("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, (r, _) in users.items()),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(pwfile),
+            "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "GX_ANALYTICS_ENABLED": "False",
+            **{k: v for k, v in env.items() if k not in ("CLOSEDLOOP_HOME", "MLFLOW_TRACKING_URI")},
+        }
+        self.log = root / "standalone.log"
+        self.proc: subprocess.Popen | None = None
+        self._tokens: dict = {}
+
+    def start(self, timeout: float = 180) -> AirflowServer:
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=self.env,
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"airflow standalone exited ({self.proc.returncode}); log:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=5) as r:
+                    health = json.load(r)
+                if health.get("scheduler", {}).get("status") == "healthy" and \
+                        health.get("triggerer", {}).get("status") == "healthy":
+                    return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                pass
+            time.sleep(2)
+        self.stop()
+        raise RuntimeError(f"airflow standalone not healthy within {timeout} s; log:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def client(self, user: str):
+        """An :class:`~closedloop.airflow_api.AirflowAPI` logged in as ``user``."""
+        from closedloop.airflow_api import AirflowAPI
+
+        if user not in self._tokens:
+            self._tokens[user] = AirflowAPI(self.url, user, self.users[user][1])
+        return self._tokens[user]
+
+    def api(self, method: str, path: str, body: dict | None = None, *, user: str = "admin") -> tuple[int, dict]:
+        """``path`` as in the REST docs, e.g. ``/api/v2/dags``."""
+        return self.client(user).call(method, path.removeprefix("/api/v2"), body)
+
+    def wait_for(self, predicate, timeout: float, what: str, interval: float = 2.0):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; airflow log:\n{self.tail()}")
+
+
+def default_users(approvers: list[str]) -> dict[str, str]:
+    """Local users: an admin, a requester and every approver named in the templates."""
+    roles = {"admin": "admin", "ml-engineer": "user"}
+    roles.update({a: "user" for a in approvers})
+    return roles
+
+
+def template_approvers() -> list[str]:
+    from closedloop import settings
+    from closedloop.spec import load_all
+
+    specs, _ = load_all(settings.include_dir() / "pipelines")
+    return sorted({a for s in specs if s.spec.approval for a in s.spec.approval.approvers})
+
+
+def start_mlflow_ui(port: int, log: Path) -> subprocess.Popen:
+    from closedloop import settings
+
+    uri = settings.tracking_uri()
+    artifacts = settings.artifact_root(uri)
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", uri]
+    if artifacts:
+        cmd += ["--default-artifact-root", artifacts]
+    return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def local_server(port: int | None = None) -> AirflowServer:
+    """The embedded-default Airflow: this checkout's DAGs, the ``.closedloop`` stores, local users."""
+    from closedloop import settings
+
+    home = settings.home()
+    users = local_users(home / "airflow" / "simple_auth_manager_passwords.json.generated",
+                        default_users(template_approvers()))
+    return AirflowServer(home, Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"]), users, home=home / "airflow",
+                         port=port, env={"CLOSEDLOOP_HOME": str(home), "MLFLOW_TRACKING_URI": settings.tracking_uri()})
+
+
+def serve(airflow_port: int = 8080, mlflow_port: int = 5000) -> int:
+    """``make airflow``: Airflow UI and MLflow UI in the foreground until Ctrl-C."""
+    server = local_server(airflow_port)
+    mlflow_proc = start_mlflow_ui(mlflow_port, server.root / "logs-mlflow-ui.log")
+    try:
+        print(f"starting Airflow on {server.url} and MLflow on http://127.0.0.1:{mlflow_port} ...", flush=True)
+        server.start()
+        width = max(len(u) for u in server.users)
+        print("\n" + "=" * 66)
+        print(f" Airflow UI : {server.url}")
+        print(f" MLflow UI  : http://127.0.0.1:{mlflow_port}")
+        print(f" DAGs from  : {server.env['AIRFLOW__CORE__DAGS_FOLDER']}")
+        print(" logins     :")
+        for user, (role, pw) in server.users.items():
+            print(f"   {user:<{width}}  {pw}  ({role})")
+        print(f" Airflow log: {server.log}      Ctrl-C stops both")
+        print("=" * 66, flush=True)
+        while server.proc.poll() is None:
+            time.sleep(1)
+        print(f"airflow standalone exited ({server.proc.returncode}); see {server.log}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+        if mlflow_proc.poll() is None:
+            os.killpg(mlflow_proc.pid, signal.SIGTERM)
