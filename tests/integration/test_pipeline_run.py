@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from closedloop import settings
 from closedloop.localrun import load_dag, run_dag
 from closedloop.spec import load_spec
-from tests.conftest import template_text
+from tests.conftest import scratch_project, template_text
 
 pytestmark = pytest.mark.integration
 
@@ -22,13 +22,34 @@ def states(summary: dict) -> dict[str, str]:
     return {t["task_id"]: t["state"] for t in summary["tasks"]}
 
 
+NO_REVIEW = {"approval:\n  approvers: [safety-lead, safety-deputy]\n  timeout_hours: 72\n": ""}
+
+
 @pytest.fixture(scope="module")
-def periodic_run(airflow_db):
-    """The shipped periodic pipeline, from the real dags/ folder, run once for this module."""
-    return run_dag(load_dag("acc_periodic"), WHEN)
+def periodic(airflow_db, tmp_path_factory, project):
+    """The shipped periodic template without its review step (dag.test would wait for a reviewer;
+    review is tested against a real API server in test_governance_scheduler), run once."""
+    import airflow.settings
+
+    root = scratch_project(tmp_path_factory.mktemp("periodic"))
+    path = root / "include" / "pipelines" / "acc_periodic.yaml"
+    path.write_text(template_text(project, **NO_REVIEW))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(root / "dags"))
+        old, airflow.settings.DAGS_FOLDER = airflow.settings.DAGS_FOLDER, str(root / "dags")
+        try:
+            summary = run_dag(load_dag("acc_periodic"), WHEN)
+        finally:
+            airflow.settings.DAGS_FOLDER = old
+    return summary, load_spec(path)
 
 
-def test_periodic_pipeline_registers_one_candidate_with_lineage(periodic_run):
+@pytest.fixture(scope="module")
+def periodic_run(periodic):
+    return periodic[0]
+
+
+def test_periodic_pipeline_registers_one_candidate_with_lineage(periodic, periodic_run):
     s = periodic_run
     assert s["state"] == "success", s
     assert set(states(s).values()) == {"success"}
@@ -38,7 +59,7 @@ def test_periodic_pipeline_registers_one_candidate_with_lineage(periodic_run):
     mv = client.get_model_version_by_alias("acc_longitudinal_policy", "candidate")
     assert str(mv.version) == str(versions[0].version) == s["registry"]["version"]
     labelled = s["results"]["label"]
-    loaded = load_spec(settings.include_dir() / "pipelines" / "acc_periodic.yaml")
+    loaded = periodic[1]
     assert mv.tags["closedloop.pipeline"] == "acc_periodic"
     assert mv.tags["closedloop.template_hash"] == loaded.digest
     assert mv.tags["closedloop.dataset_version"] == labelled["digest"]
@@ -73,14 +94,14 @@ def test_xcom_carries_only_small_json(periodic_run):
     assert periodic_run["results"]["generate_dataset"]["window_start"] == "2026-11-09"
 
 
-def test_running_the_steps_again_creates_nothing_new(periodic_run):
+def test_running_the_steps_again_creates_nothing_new(periodic, periodic_run):
     """Retrying train/register for the same pipeline run reuses what exists (no second version)."""
     from closedloop.steps.context import RunContext
     from closedloop.steps.registry import register_candidate
     from closedloop.steps.training import train
 
     s = periodic_run
-    loaded = load_spec(settings.include_dir() / "pipelines" / "acc_periodic.yaml")
+    loaded = periodic[1]
     ctx = RunContext(pipeline="acc_periodic", template_digest=loaded.digest, dag_id="acc_periodic",
                      run_id=s["run_id"], task_id="train", try_number=2)
     again = train(loaded, ctx, labelled=s["results"]["label"])

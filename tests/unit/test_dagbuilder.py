@@ -21,6 +21,7 @@ EXPECTED_EDGES = {
     "release_gate": {"simulate"},
     "register_candidate": {"release_gate"},
 }
+GOVERNED_EDGES = {**EXPECTED_EDGES, "approval": {"register_candidate"}, "promote": {"approval"}}
 
 
 def dagbag(folder):
@@ -36,7 +37,7 @@ def test_dags_folder_has_one_dag_per_template_and_no_import_errors(project):
     assert set(bag.dag_ids) == names  # template file names equal pipeline names in this repo
     for dag_id in bag.dag_ids:
         dag = bag.dags[dag_id]
-        assert {t.task_id: set(t.upstream_task_ids) for t in dag.tasks} == EXPECTED_EDGES
+        assert {t.task_id: set(t.upstream_task_ids) for t in dag.tasks} == GOVERNED_EDGES
         assert dag.doc_md and f"# Pipeline `{dag_id}`" in dag.doc_md
         assert "closedloop" in dag.tags
 
@@ -49,6 +50,20 @@ def test_dag_settings_come_from_the_template(project):
     assert dag.get_task("release_gate").retries == 0  # a gate failure is never retried
     assert dag.get_task("train").retries == 2
     assert "sim.hard_braking.collision_rate <= 0" in dag.doc_md
+    assert dag.start_date is None  # no start date + catchup off: unpausing waits for the next tick
+    review = dag.get_task("approval")
+    assert [u["id"] for u in review.assigned_users] == ["safety-lead", "safety-deputy"]
+    assert review.defaults == ["Reject"] and review.response_timeout.total_seconds() == 72 * 3600
+    assert set(dag.params.keys()) == {"purpose", "change", "expected_impact", "scope", "ticket"}
+    assert dag.params.validate()["change"] == ["data"]  # the scheduled run's standing request
+
+
+def test_template_without_review_ends_at_register_candidate(make_project, project):
+    make_project("acc_periodic.yaml", template_text(project, **{
+        "approval:\n  approvers: [safety-lead, safety-deputy]\n  timeout_hours: 72\n": ""}))
+    dag = dagbag(make_project.root / "dags").dags["acc_periodic"]
+    assert {t.task_id: set(t.upstream_task_ids) for t in dag.tasks} == EXPECTED_EDGES
+    assert "never promotes" in dag.doc_md
 
 
 def test_copied_template_is_a_second_pipeline(make_project, project):
