@@ -79,6 +79,9 @@ def run_dag(dag, when: datetime, *, quiet: bool = True) -> dict:
     logfile = settings.home() / "logs" / f"{dag_id}-{when:%Y%m%dT%H%M%S}.log"
     print(f"running pipeline {dag_id} through Airflow (logical date {when.isoformat()})"
           + (f"; task logs: {logfile}" if quiet else ""), flush=True)
+    if "approval" in dag.task_ids:
+        print("  its `approval` step will wait for a reviewer: decide in the UI of `make airflow` (same stores) "
+              "or with `closedloop approve|reject`", flush=True)
     started = time.perf_counter()
     with _quiet(logfile, enabled=quiet):
         dag_run = dag.test(logical_date=when)
