@@ -1,7 +1,7 @@
 # airflow-closedloop: the README's commands.
 #   make demo     set up (locked deps, local Airflow + MLflow under .closedloop/) and run the periodic pipeline
 #   make test     the whole test suite (what CI runs); make test-fast skips the real-scheduler tests
-#   make airflow  Airflow UI (standalone, 127.0.0.1:8080) + MLflow UI (127.0.0.1:5000) on these DAGs
+#   make airflow  Airflow UI (127.0.0.1:8080) + MLflow UI (127.0.0.1:5000) on these DAGs
 #   make bench    benchmarks/ (prints figures)
 SHELL := /bin/bash
 PYTHON ?= python3

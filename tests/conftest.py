@@ -70,6 +70,9 @@ def make_project(tmp_path, project):
     return write
 
 
+NO_REVIEW = {"approval:\n  approvers: [safety-lead, safety-deputy]\n  timeout_hours: 72\n": ""}
+
+
 def template_text(project: Path, **replacements: str) -> str:
     """The shipped periodic template with some lines replaced (old → new)."""
     text = (project / "include" / "pipelines" / "acc_periodic.yaml").read_text()

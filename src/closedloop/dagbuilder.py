@@ -67,6 +67,10 @@ def build_dag(loaded: LoadedSpec) -> DAG:
         register = RegisterCandidateOperator(task_id="register_candidate", **common)
         generate >> label >> validate >> train >> offline >> simulate >> gate >> register
         label >> offline  # evaluation reads the dataset as well as the model
+        if spec.hil is not None:
+            from closedloop.operators.governance import HilResultsOperator
+
+            simulate >> HilResultsOperator(task_id="await_hil", retries=0, **common) >> gate
         if spec.approval is not None:
             from closedloop.operators.governance import PromoteOperator, ReviewOperator
 

@@ -57,6 +57,32 @@ def cmd_decide(args, decision: str) -> int:
     return 2 if status in (404, 409, 422) else 1
 
 
+def cmd_hil_report(args) -> int:
+    results = {}
+    try:
+        if args.results:
+            with open(args.results, encoding="utf-8") as fh:
+                results.update(json.load(fh))
+        for item in args.metric or []:
+            key, _, value = item.partition("=")
+            results[key.strip()] = float(value)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read the results: {exc}; expected --results FILE.json with an object of numbers "
+              "and/or --metric name=number", file=sys.stderr)
+        return 2
+    if not results:
+        print("error: no results given (--results FILE.json or --metric name=number)", file=sys.stderr)
+        return 2
+    api = _api(args)
+    path = f"{api.run_path(args.pipeline, args.run_id)}/taskInstances/await_hil/-1/hitlDetails"
+    status, data = api.call("PATCH", path, {"chosen_options": ["Report"], "params_input": {"results": results}})
+    if status != 200:
+        print(f"error: Airflow refused the report (HTTP {status}): {data.get('detail')}", file=sys.stderr)
+        return 2 if status in (404, 409, 422) else 1
+    print(f"reported {len(results)} hardware-in-the-loop metric(s) for {args.pipeline} run {args.run_id}")
+    return 0
+
+
 def evidence_from_airflow(api: AirflowAPI, model: str, version: str, tags: dict, approvers: list[str]):
     """Read what Airflow recorded about the run that registered ``model``/``version``."""
     from closedloop.steps.governance import PromotionEvidence
@@ -209,6 +235,15 @@ def add_parsers(sub, find) -> None:
         sp.add_argument("--comment", default="")
         creds(sp)
         sp.set_defaults(func=lambda a, d=decision: cmd_decide(a, d))
+    sp = sub.add_parser("hil", help="hardware-in-the-loop rig: report results for a waiting run")
+    hs = sp.add_subparsers(dest="hil_action", required=True)
+    sp = hs.add_parser("report", help="report results (as the rig's Airflow user)")
+    sp.add_argument("pipeline")
+    sp.add_argument("run_id")
+    sp.add_argument("--results", help="JSON file: an object of metric name -> number")
+    sp.add_argument("--metric", action="append", help="name=number (repeatable)")
+    creds(sp)
+    sp.set_defaults(func=cmd_hil_report)
     sp = sub.add_parser("promote", help="move alias production to an approved version (checked against Airflow)")
     sp.add_argument("model")
     sp.add_argument("version")

@@ -1,5 +1,5 @@
-"""A local Airflow (``airflow standalone``: api-server, scheduler, dag-processor, triggerer,
-LocalExecutor on SQLite), bound to 127.0.0.1, for the demo and for tests that need a real one.
+"""A local Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor on SQLite),
+bound to 127.0.0.1, for ``make airflow``, the demo and the tests that need a real one.
 
 Local users and their passwords are written to a file under the Airflow home before start
 (``[core] simple_auth_manager_passwords_file``); nothing is hard-coded."""
@@ -16,6 +16,16 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_system_exit(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def free_port() -> int:
@@ -37,7 +47,7 @@ def local_users(path: Path, names_roles: dict[str, str]) -> dict[str, tuple[str,
 
 
 class AirflowServer:
-    """``airflow standalone`` on 127.0.0.1 with the given users.
+    """Airflow's components on 127.0.0.1 with the given users.
 
     :param root: scratch folder (Airflow home under ``root/airflow`` unless ``home`` is given).
     :param env: extra environment (e.g. ``CLOSEDLOOP_HOME``, ``MLFLOW_TRACKING_URI``).
@@ -71,43 +81,78 @@ class AirflowServer:
             "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__PARALLELISM": "8",  # 2-core machines: fewer idle worker processes
             "GX_ANALYTICS_ENABLED": "False",
             **{k: v for k, v in env.items() if k not in ("CLOSEDLOOP_HOME", "MLFLOW_TRACKING_URI")},
         }
-        self.log = root / "standalone.log"
+        self.log = root / "airflow.log"
+        self.procs: dict[str, subprocess.Popen] = {}
         self.proc: subprocess.Popen | None = None
         self._tokens: dict = {}
 
+    COMPONENTS = (
+        ("api-server", ["api-server", "--host", "127.0.0.1", "--port", "{port}", "--workers", "1"]),
+        ("scheduler", ["scheduler", "--skip-serve-logs"]),
+        ("dag-processor", ["dag-processor"]),
+        ("triggerer", ["triggerer", "--skip-serve-logs"]),
+    )
+
     def start(self, timeout: float = 180) -> AirflowServer:
-        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=self.env,
-                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        """Migrate the metadata DB, then start the four Airflow 3 components, all local-only.
+
+        Rather than ``airflow standalone``, whose scheduler and triggerer also start log servers
+        bound to every interface (ports 8793/8794): with a local executor the API server reads
+        task logs from disk, so those servers are skipped and nothing listens beyond 127.0.0.1.
+        """
+        # a plain SIGTERM would end Python without running ``finally`` blocks that stop us
+        if threading_main() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _raise_system_exit)
+        airflow = str(Path(sys.executable).parent / "airflow")
+        logfile = open(self.log, "ab")
+        subprocess.run([airflow, "db", "migrate"], env=self.env, stdout=logfile, stderr=subprocess.STDOUT,
+                       check=True, timeout=600)
+        from closedloop.steps.tracking import ensure_store
+
+        ensure_store(self.env["MLFLOW_TRACKING_URI"])  # create MLflow's tables once, before tasks race to
+        for name, args in self.COMPONENTS:
+            cmd = [airflow, *[a.format(port=self.port) for a in args]]
+            self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=logfile, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+        self.proc = self.procs["scheduler"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"airflow standalone exited ({self.proc.returncode}); log:\n{self.tail()}")
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                self.stop()
+                raise RuntimeError(f"airflow {', '.join(dead)} exited; log:\n{self.tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=5) as r:
                     health = json.load(r)
-                if health.get("scheduler", {}).get("status") == "healthy" and \
-                        health.get("triggerer", {}).get("status") == "healthy":
+                if all(health.get(c, {}).get("status") == "healthy"
+                       for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")):
                     return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
                 pass
             time.sleep(2)
         self.stop()
-        raise RuntimeError(f"airflow standalone not healthy within {timeout} s; log:\n{self.tail()}")
+        raise RuntimeError(f"Airflow not healthy within {timeout} s; log:\n{self.tail()}")
+
+    def alive(self) -> bool:
+        return bool(self.procs) and all(p.poll() is None for p in self.procs.values())
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
             try:
-                self.proc.wait(30)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
 
     def client(self, user: str):
         """An :class:`~closedloop.airflow_api.AirflowAPI` logged in as ``user``."""
@@ -187,9 +232,9 @@ def serve(airflow_port: int = 8080, mlflow_port: int = 5000) -> int:
             print(f"   {user:<{width}}  {pw}  ({role})")
         print(f" Airflow log: {server.log}      Ctrl-C stops both")
         print("=" * 66, flush=True)
-        while server.proc.poll() is None:
+        while server.alive():
             time.sleep(1)
-        print(f"airflow standalone exited ({server.proc.returncode}); see {server.log}", file=sys.stderr)
+        print(f"an Airflow component exited; see {server.log}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

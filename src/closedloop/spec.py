@@ -136,8 +136,9 @@ class GateSpec(_Part):
     """One automatic release gate: a metric and a bound (``min``, ``max``) and/or no regression
     against the current ``production`` version beyond ``max_regression``."""
 
-    metric: str = Field(pattern=r"^(offline|sim)\.[a-z0-9_.]+$",
-                        description="'offline.<metric>' or 'sim.<metric>', e.g. sim.hard_braking.collision_rate")
+    metric: str = Field(pattern=r"^(offline|sim|hil)\.[a-z0-9_.]+$",
+                        description="'offline.<metric>', 'sim.<metric>' or 'hil.<metric>', "
+                                    "e.g. sim.hard_braking.collision_rate")
     min: float | None = None
     max: float | None = None
     max_regression: float | None = Field(default=None, ge=0,
@@ -160,6 +161,13 @@ class GateSpec(_Part):
                   f"({'higher' if self.higher_is_better else 'lower'} is better)")
                  if self.max_regression is not None else ""]
         return f"{self.metric} " + " and ".join(p for p in parts if p)
+
+
+class HilSpec(_Part):
+    """Hardware-in-the-loop results an external rig reports through Airflow's REST API."""
+
+    reporter: str = Field(min_length=1, description="Airflow user the rig authenticates as")
+    timeout_minutes: float = Field(default=240, gt=0, description="no report by then fails the run")
 
 
 class ApprovalSpec(_Part):
@@ -189,6 +197,7 @@ class PipelineSpec(_Part):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     simulation: SimulationSpec
     gates: list[GateSpec] = Field(min_length=1)
+    hil: HilSpec | None = None
     approval: ApprovalSpec | None = None
 
     @field_validator("schedule")
@@ -214,6 +223,9 @@ class PipelineSpec(_Part):
     @model_validator(mode="after")
     def _gate_metrics(self) -> PipelineSpec:
         for i, gate in enumerate(self.gates):
+            if gate.metric.startswith("hil.") and self.hil is None:
+                raise ValueError(f"gates[{i}].metric {gate.metric!r} needs hardware-in-the-loop results: add a "
+                                 "'hil:' section (reporter, timeout_minutes)")
             if gate.metric.startswith("offline."):
                 leaf = gate.metric.rsplit(".", 1)[-1]
                 if leaf not in self.evaluation.metrics:

@@ -21,7 +21,11 @@ GOV = {'schedule: "0 3 * * 1"': "schedule: null", "window_days: 14": "window_day
        "name: acc_periodic": "name: acc_gov", "name: acc_longitudinal_policy": "name: acc_gov_model"}
 TIMEOUT = {**GOV, "name: acc_periodic": "name: acc_gov_timeout", "name: acc_longitudinal_policy": "name: acc_timeout_model",
            "timeout_hours: 72": "timeout_hours: 0.01"}  # 36 s
-USERS = {"admin": "admin", "ml-engineer": "user", "safety-lead": "user", "safety-deputy": "user", "intruder": "user"}
+HIL = {**GOV, "name: acc_periodic": "name: acc_gov_hil", "name: acc_longitudinal_policy": "name: acc_hil_model",
+       "approval:\n": "hil:\n  reporter: hil-rig\n  timeout_minutes: 1\napproval:\n",
+       "gates:\n": "gates:\n  - metric: hil.brake_distance_m\n    max: 40\n"}
+USERS = {"admin": "admin", "ml-engineer": "user", "safety-lead": "user", "safety-deputy": "user", "intruder": "user",
+         "hil-rig": "user"}
 REQUEST = {"purpose": "Retrain on the latest fleet logs for the test.", "change": ["data"],
            "expected_impact": "No regression in any gate.", "scope": "test fleet", "ticket": "T-1"}
 
@@ -31,6 +35,7 @@ def env(tmp_path_factory, project):
     root = scratch_project(tmp_path_factory.mktemp("gov-project"))
     (root / "include" / "pipelines" / "acc_gov.yaml").write_text(template_text(project, **GOV))
     (root / "include" / "pipelines" / "acc_gov_timeout.yaml").write_text(template_text(project, **TIMEOUT))
+    (root / "include" / "pipelines" / "acc_gov_hil.yaml").write_text(template_text(project, **HIL))
     server = AirflowServer(tmp_path_factory.mktemp("gov-airflow"), root / "dags",
                            {u: (r, f"{u}-pw-{i}") for i, (u, r) in enumerate(USERS.items())})
     server.start()
@@ -62,7 +67,7 @@ def xcom(server, dag_id, run_id, task) -> dict:
 
 def test_governed_path(env):
     server, root = env
-    for dag_id in ("acc_gov", "acc_gov_timeout"):
+    for dag_id in ("acc_gov", "acc_gov_timeout", "acc_gov_hil"):
         server.wait_for(lambda d=dag_id: server.api("GET", f"/api/v2/dags/{d}")[0] == 200, 120, f"{dag_id} parsed")
 
     # -- malformed requests are refused before any run exists ------------------------------------
@@ -88,9 +93,24 @@ def test_governed_path(env):
                        user="ml-engineer")[1]["dag_run_id"]
     run_c = server.api("POST", "/api/v2/dags/acc_gov_timeout/dagRuns", {"logical_date": None, "conf": REQUEST},
                        user="ml-engineer")[1]["dag_run_id"]
+    # D and E wait for hardware-in-the-loop results: the rig reports for D, never for E
+    run_d, run_e = (server.api("POST", "/api/v2/dags/acc_gov_hil/dagRuns", {"logical_date": None, "conf": REQUEST},
+                               user="ml-engineer")[1]["dag_run_id"] for _ in range(2))
 
     def parked(dag_id, run_id):
         return lambda: states(server, dag_id, run_id).get("approval") == "awaiting_input"
+
+    def waiting_for_rig():
+        return states(server, "acc_gov_hil", run_d).get("await_hil") == "awaiting_input"
+
+    server.wait_for(waiting_for_rig, 900, "run D to wait for the HIL rig")
+    time.sleep(5)
+    assert server.api("PATCH", f"/api/v2/dags/acc_gov_hil/dagRuns/{run_d}/taskInstances/await_hil/-1/hitlDetails",
+                      {"chosen_options": ["Report"], "params_input": {"results": {"brake_distance_m": 1}}},
+                      user="ml-engineer")[0] == 403  # only the rig's account may report
+    out = cli(server, root, "hil-rig", "hil", "report", "acc_gov_hil", run_d, "--metric", "brake_distance_m=31.5")
+    assert out.returncode == 0, out.stderr
+    server.wait_for(parked("acc_gov_hil", run_d), 600, "run D to reach review after the HIL report")
 
     server.wait_for(parked("acc_gov", run_a), 900, "run A to wait for review")
     server.wait_for(parked("acc_gov", run_b), 900, "run B to wait for review")
@@ -111,8 +131,19 @@ def test_governed_path(env):
     def done(dag_id, run_id):
         return lambda: server.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")[1]["state"] in ("success", "failed")
 
-    for dag_id, run_id in (("acc_gov", run_a), ("acc_gov", run_b), ("acc_gov_timeout", run_c)):
+    time.sleep(5)
+    assert cli(server, root, "safety-lead", "reject", "acc_gov_hil", run_d).returncode == 0
+    for dag_id, run_id in (("acc_gov", run_a), ("acc_gov", run_b), ("acc_gov_timeout", run_c),
+                           ("acc_gov_hil", run_d), ("acc_gov_hil", run_e)):
         server.wait_for(done(dag_id, run_id), 900, f"{run_id} to finish")
+
+    # -- HIL: D's report went through the gates; E got no report and stopped before the gates ----
+    gate_d = xcom(server, "acc_gov_hil", run_d, "release_gate")
+    hil_row = next(r for r in gate_d["report"] if r["metric"] == "hil.brake_distance_m")
+    assert hil_row["value"] == 31.5 and hil_row["passed"] is True
+    se = states(server, "acc_gov_hil", run_e)
+    assert se["await_hil"] == "failed" and se["release_gate"] == "upstream_failed"
+    assert se["register_candidate"] == "upstream_failed"
 
     # -- approve → promoted; reject → not promoted, clean end; timeout → not promoted, alerted ----
     sa, sb, sc = (states(server, "acc_gov", run_a), states(server, "acc_gov", run_b),

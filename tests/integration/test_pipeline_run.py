@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from closedloop import settings
 from closedloop.localrun import load_dag, run_dag
 from closedloop.spec import load_spec
-from tests.conftest import scratch_project, template_text
+from tests.conftest import NO_REVIEW, scratch_project, template_text
 
 pytestmark = pytest.mark.integration
 
@@ -20,9 +20,6 @@ WHEN = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)
 
 def states(summary: dict) -> dict[str, str]:
     return {t["task_id"]: t["state"] for t in summary["tasks"]}
-
-
-NO_REVIEW = {"approval:\n  approvers: [safety-lead, safety-deputy]\n  timeout_hours: 72\n": ""}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The shipped pipeline under a real scheduler, triggerer and API server (airflow standalone):
+"""The shipped pipeline under a real scheduler, triggerer and API server (api-server, scheduler, dag-processor, triggerer on 127.0.0.1):
 triggered through the REST API, ``simulate`` waits in the triggerer, a candidate is registered."""
 
 from __future__ import annotations
@@ -7,17 +7,18 @@ import pytest
 from mlflow import MlflowClient
 
 from closedloop.localserver import AirflowServer
-from tests.conftest import scratch_project, template_text
+from tests.conftest import NO_REVIEW, scratch_project, template_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory, project):
-    # the shipped template without its cron schedule, so the scheduler starts no run of its own
+    # the shipped template without its cron schedule (the scheduler starts no run of its own) and
+    # without review (test_governance_scheduler covers it)
     root = scratch_project(tmp_path_factory.mktemp("project"))
     (root / "include" / "pipelines" / "acc_periodic.yaml").write_text(
-        template_text(project, **{'schedule: "0 3 * * 1"': "schedule: null"}))
+        template_text(project, **{'schedule: "0 3 * * 1"': "schedule: null", **NO_REVIEW}))
     server = AirflowServer(tmp_path_factory.mktemp("standalone"), root / "dags",
                            users={"admin": ("admin", "admin-pw"), "viewer1": ("viewer", "viewer-pw")})
     server.start()

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from closedloop.spec import template_files
-from tests.conftest import template_text
+from tests.conftest import NO_REVIEW, template_text
 
 EXPECTED_EDGES = {
     "generate_dataset": set(),
@@ -59,8 +59,7 @@ def test_dag_settings_come_from_the_template(project):
 
 
 def test_template_without_review_ends_at_register_candidate(make_project, project):
-    make_project("acc_periodic.yaml", template_text(project, **{
-        "approval:\n  approvers: [safety-lead, safety-deputy]\n  timeout_hours: 72\n": ""}))
+    make_project("acc_periodic.yaml", template_text(project, **NO_REVIEW))
     dag = dagbag(make_project.root / "dags").dags["acc_periodic"]
     assert {t.task_id: set(t.upstream_task_ids) for t in dag.tasks} == EXPECTED_EDGES
     assert "never promotes" in dag.doc_md

@@ -62,6 +62,8 @@ BROKEN = [
     ("catchup-without-start", {"catchup: false": "catchup: true"}, ["catchup: true needs start_date"]),
     ("gate-regression-negative", {"    max: 0.35\n": "    max_regression: -0.1\n"},
      ["gates[0].max_regression", "greater than or equal to 0"]),
+    ("hil-gate-without-hil", {"metric: offline.rmse": "metric: hil.brake_distance_m"},
+     ["gates[0].metric 'hil.brake_distance_m' needs hardware-in-the-loop results", "add a 'hil:' section"]),
     ("nested-hyperparameter", {"max_leaf_nodes: 31}": "max_leaf_nodes: {a: 1}}"},
      ["training.hyperparameters.max_leaf_nodes"]),
 ]

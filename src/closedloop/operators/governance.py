@@ -6,7 +6,7 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.standard.operators.hitl import ApprovalOperator
+from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOperator
 from airflow.sdk import Param
 from airflow.sdk.exceptions import AirflowFailException
 
@@ -145,3 +145,44 @@ class PromoteOperator(ClosedLoopStepOperator):
         log.info("%s version %s is production%s", out["model"], out["version"],
                  "" if out["changed"] else " already (nothing changed)")
         return out
+
+
+class HilResultsOperator(HITLOperator):
+    """Wait (no worker slot) for a hardware-in-the-loop rig to report its results (``await_hil``).
+
+    The rig is an Airflow user (the template's ``hil.reporter``) and reports through Airflow's
+    REST API (``closedloop hil report`` does it): option ``Report`` with ``params_input``
+    ``{"results": {"metric": value, ...}}``. No report within ``hil.timeout_minutes`` fails the
+    run before the gates, without retry. The results become ``hil.<metric>`` for the gates.
+    """
+
+    REPORT = "Report"
+
+    def __init__(self, *, loaded: LoadedSpec, **kwargs: Any) -> None:
+        hil = loaded.spec.hil
+        assert hil is not None
+        kwargs.pop("params", None)  # the DAG's request params do not belong in the rig's form
+        self.loaded = loaded
+        super().__init__(
+            subject=f"Hardware-in-the-loop results for {loaded.spec.model.name} ({loaded.spec.name})",
+            body="Report the rig's metrics as params_input.results (a JSON object of numbers).",
+            options=[self.REPORT],
+            params={"results": Param({}, type="object", title="Results")},
+            assigned_users=[{"id": hil.reporter, "name": hil.reporter}],
+            response_timeout=timedelta(minutes=hil.timeout_minutes),
+            **kwargs,
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict:
+        if "error" in event:
+            raise AirflowFailException(f"no hardware-in-the-loop results from {self.loaded.spec.hil.reporter!r} "
+                                       f"within {self.response_timeout}: the release cannot be judged")
+        super().execute_complete(context, event)
+        results = (event.get("params_input") or {}).get("results") or {}
+        bad = {k: v for k, v in results.items() if not isinstance(v, int | float) or isinstance(v, bool)}
+        if not isinstance(results, dict) or not results or bad:
+            raise AirflowFailException(f"hardware-in-the-loop report must be a non-empty object of numbers, "
+                                       f"got {results!r}")
+        user = event.get("responded_by_user") or {}
+        return {"metrics": {f"hil.{k}": float(v) for k, v in results.items()},
+                "reported_by": user.get("id") if isinstance(user, dict) else None}

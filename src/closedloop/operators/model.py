@@ -45,8 +45,9 @@ class ReleaseGateOperator(ClosedLoopStepOperator):
     def run_step(self, ctx: RunContext, context: Context) -> dict:
         from closedloop.steps.gates import format_report, release_gate
 
+        hil = self.upstream(context, "await_hil") if self.loaded.spec.hil else None
         out = release_gate(self.loaded, ctx, offline=self.upstream(context, "offline_eval"),
-                           simulation=self.upstream(context, "simulate"))
+                           simulation=self.upstream(context, "simulate"), hil=hil)
         log.info("all release gates passed:\n%s", format_report(out["report"]))
         return out
 

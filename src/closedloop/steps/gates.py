@@ -21,7 +21,7 @@ def evaluate(gates: list[GateSpec], metrics: dict[str, float],
         baseline = (production or {}).get(gate.metric)
         reasons = []
         if value is None:
-            reasons.append("metric was not produced by evaluation or simulation")
+            reasons.append("metric was not produced by evaluation, simulation or the HIL rig")
         else:
             if gate.min is not None and value < gate.min:
                 reasons.append(f"{value:g} < min {gate.min:g}")
@@ -50,9 +50,10 @@ def format_report(report: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def release_gate(loaded: LoadedSpec, ctx: RunContext, *, offline: dict, simulation: dict) -> dict:
+def release_gate(loaded: LoadedSpec, ctx: RunContext, *, offline: dict, simulation: dict,
+                 hil: dict | None = None) -> dict:
     """Decide; record the report on the pipeline's MLflow run tree; raise :class:`GateFailed` on any FAIL."""
-    metrics = {**offline["metrics"], **simulation["metrics"]}
+    metrics = {**offline["metrics"], **simulation["metrics"], **((hil or {}).get("metrics") or {})}
     production, production_version = production_metrics(ctx, loaded.spec.model.name)
     report = evaluate(list(loaded.spec.gates), metrics, production)
     passed = all(r["passed"] for r in report)

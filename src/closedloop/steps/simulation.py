@@ -52,7 +52,9 @@ def _read_json(fs, path: str) -> dict | None:
 
 
 def _write_json(fs, path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
+    import uuid
+
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     with fs.open(tmp, "w") as fh:
         json.dump(data, fh, sort_keys=True)
     fs.mv(tmp, path)

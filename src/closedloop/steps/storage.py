@@ -23,7 +23,7 @@ def write_snapshot(frame, *, root: str, pipeline: str, kind: str) -> dict:
     """Write ``frame`` once under its digest; writing the same content again is a no-op.
 
     The file is written to a temporary name and renamed, so a killed writer never leaves a
-    half snapshot under the final name.
+    half snapshot under the final name, and concurrent writers of one snapshot do not collide.
     """
     import fsspec
 
@@ -32,11 +32,13 @@ def write_snapshot(frame, *, root: str, pipeline: str, kind: str) -> dict:
     fs, path = fsspec.core.url_to_fs(uri)
     created = False
     if not fs.exists(path):
+        import uuid
+
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.tmp"
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # one per writer: concurrent runs may write the same snapshot
         with fs.open(tmp, "wb") as fh:
             frame.to_parquet(fh, index=False)
-        fs.mv(tmp, path)
+        fs.mv(tmp, path)  # same content under the same name: the last rename wins, harmlessly
         created = True
     return {"uri": uri, "digest": digest, "rows": int(len(frame)), "created": created}
 

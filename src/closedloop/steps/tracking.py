@@ -16,10 +16,37 @@ TAG = "closedloop."
 RESULT_TAG = "closedloop.result"
 
 
+_READY: set[str] = set()
+
+
+def ensure_store(uri: str) -> None:
+    """Create a local SQLite store's tables once, under a file lock.
+
+    MLflow creates and migrates a SQLite store on first use; several task processes doing that
+    at once corrupt it ("duplicate column", "table _alembic_tmp_… already exists"). The lock
+    makes the first use sequential; afterwards it costs nothing.
+    """
+    if uri in _READY:
+        return
+    if uri.startswith("sqlite:///"):
+        import fcntl
+        from pathlib import Path
+
+        from mlflow import MlflowClient
+
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{db}.init.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    _READY.add(uri)
+
+
 def client(ctx: RunContext):
     import mlflow
     from mlflow import MlflowClient
 
+    ensure_store(ctx.tracking_uri)
     mlflow.set_tracking_uri(ctx.tracking_uri)
     return MlflowClient(tracking_uri=ctx.tracking_uri)
 
