@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from closedloop.errors import SpecError
 
 NAME_RE = r"^[a-z][a-z0-9_]{1,62}$"
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster; parse time is sacred
 ENTRY_POINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 Scalar = str | int | float | bool
 
@@ -324,7 +325,7 @@ def load_spec(path: str | Path, include_dir: str | Path | None = None) -> Loaded
     except OSError as exc:
         raise SpecError(f"{source}: cannot read template: {exc.strerror}", path=source) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
