@@ -1,12 +1,16 @@
 """The ``closedloop`` command.
 
 ``closedloop pipelines list|validate|describe``  work on templates (no Airflow start-up needed)
-``closedloop run PIPELINE``                       run one pipeline end to end through Airflow
-                                                  (``dag.test``: real DAG run, real task runner)
-``closedloop demo``                               the periodic pipeline on embedded defaults
+``closedloop demo``                               the governed path through a local Airflow
+``closedloop serve``                              local Airflow UI + MLflow UI (``make airflow``)
+``closedloop run PIPELINE``                       one run in-process through Airflow (``dag.test``)
+``closedloop request|approve|reject``             model update requests and reviews, via Airflow's REST API
+``closedloop hil report``                         a hardware-in-the-loop rig reports results
+``closedloop promote|rollback|audit``             production alias, checked against Airflow's records
 ``closedloop summary PIPELINE RUN_ID``            the readable summary of any earlier run
 
-Exit codes: 0 success, 1 the pipeline run failed, 2 bad input (unknown pipeline, invalid template).
+Exit codes: 0 success, 1 the operation was refused or the run failed, 2 bad input (unknown
+pipeline, model or version, invalid template or request).
 """
 
 from __future__ import annotations

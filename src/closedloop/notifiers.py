@@ -32,13 +32,6 @@ def record_alert(kind: str, message: str, **details) -> dict:
     return alert
 
 
-def read_alerts() -> list[dict]:
-    path = alerts_path()
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 class LocalAlertNotifier(BaseNotifier):
     """Write an alert naming pipeline, run and task to the local record.
 
