@@ -51,17 +51,8 @@ def offline_eval(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, trained
                 metrics.update({f"offline.{value}.{k}": v for k, v in part.items()})
         tracking.log_dataset_input(ctx, run_id, test_df, labelled, context="evaluation",
                                    name=f"{spec.name}-labelled", targets=target)
-        tracking.client(ctx).log_batch(run_id, metrics=_metric_entities(metrics))
+        tracking.client(ctx).log_batch(run_id, metrics=tracking.metric_entities(metrics))
         return tracking.finish(ctx, run_id, {"run_id": run_id, "metrics": metrics, "test_rows": int(len(test_df))})
     except BaseException:
         tracking.fail(ctx, run_id)
         raise
-
-
-def _metric_entities(metrics: dict[str, float]):
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(key=k, value=float(v), timestamp=now, step=0) for k, v in metrics.items()]

@@ -59,9 +59,7 @@ def release_gate(loaded: LoadedSpec, ctx: RunContext, *, offline: dict, simulati
     passed = all(r["passed"] for r in report)
     run = tracking.step_run(loaded, ctx, "release_gate")
     c = tracking.client(ctx)
-    from closedloop.steps.evaluation import _metric_entities
-
-    c.log_batch(run.info.run_id, metrics=_metric_entities(metrics))  # the baseline for later regressions
+    c.log_batch(run.info.run_id, metrics=tracking.metric_entities(metrics))  # the baseline for later regressions
     c.log_dict(run.info.run_id, report, "gates/report.json")
     if production_version:
         c.set_tag(run.info.run_id, "closedloop.compared_to_production", production_version)

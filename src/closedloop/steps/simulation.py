@@ -133,9 +133,7 @@ def collect(loaded: LoadedSpec, ctx: RunContext, *, job: str, trained: dict) -> 
         raise TransientError(f"simulation job {job} reported success but has no result.json yet")
     metrics = {f"sim.{k}": v for k, v in result["metrics"].items()}
     c = tracking.client(ctx)
-    from closedloop.steps.evaluation import _metric_entities
-
-    c.log_batch(run.info.run_id, metrics=_metric_entities(metrics),
+    c.log_batch(run.info.run_id, metrics=tracking.metric_entities(metrics),
                 params=[_param("scenario_set", loaded.spec.simulation.scenario_set),
                         _param("model_uri", trained["model_uri"])])
     c.log_dict(run.info.run_id, result["episodes"], "simulation/episodes.json")

@@ -152,3 +152,13 @@ def log_dataset_input(ctx: RunContext, run_id: str, frame, ref: dict, *, context
     dataset = mlflow.data.from_pandas(frame, source=ref["uri"], name=name, digest=ref["digest"], targets=targets)
     client(ctx).log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(
         dataset._to_mlflow_entity(), tags=[InputTag(key="mlflow.data.context", value=context)])])
+
+
+def metric_entities(metrics: dict[str, float]):
+    """MLflow ``Metric`` entities for one ``log_batch`` call (all at step 0, now)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(key=k, value=float(v), timestamp=now, step=0) for k, v in metrics.items()]
