@@ -38,8 +38,10 @@ def describe(loaded: LoadedSpec) -> str:
     gates = "\n".join(f"- `{g.describe()}`" + (f": {g.description}" if g.description else "") for g in s.gates)
     all_tasks = TASKS + (GOVERNANCE_TASKS if s.approval else ())
     if s.hil:
-        all_tasks = all_tasks[:6] + (("await_hil", f"wait for hardware-in-the-loop results reported by "
-                                      f"`{s.hil.reporter}` (timeout {s.hil.timeout_minutes:g} min)"),) + all_tasks[6:]
+        after = [t for t, _ in all_tasks].index("simulate") + 1
+        all_tasks = all_tasks[:after] + (("await_hil", f"wait for hardware-in-the-loop results reported by "
+                                          f"`{s.hil.reporter}` (timeout {s.hil.timeout_minutes:g} min)"),) \
+            + all_tasks[after:]
     tasks = "\n".join(f"{i}. `{t}`: {d}" for i, (t, d) in enumerate(all_tasks, 1))
     review = (f"Approvers: {', '.join(s.approval.approvers)} (never the requester); no decision within "
               f"{s.approval.timeout_hours:g} h counts as a rejection." if s.approval

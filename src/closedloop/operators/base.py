@@ -39,17 +39,7 @@ class ClosedLoopStepOperator(BaseOperator):
         self.mlflow_conn_id = mlflow_conn_id
 
     def run_context(self, context: Context) -> RunContext:
-        import os
-
-        from closedloop.hooks.mlflow import MLflowHook
-        from closedloop.steps.context import RunContext
-
-        hook = MLflowHook(self.mlflow_conn_id)
-        os.environ.update(hook.credentials_env())  # MLflow's client reads credentials from the environment
-        ti = context["ti"]
-        return RunContext(pipeline=self.loaded.spec.name, template_digest=self.loaded.digest,
-                          dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
-                          try_number=int(ti.try_number or 1), tracking_uri=hook.tracking_uri())
+        return run_context(self.loaded, self.mlflow_conn_id, context)
 
     @staticmethod
     def upstream(context: Context, task_id: str) -> dict:
@@ -79,6 +69,21 @@ class ClosedLoopStepOperator(BaseOperator):
 
     def run_step(self, ctx: RunContext, context: Context) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def run_context(loaded: LoadedSpec, mlflow_conn_id: str, context: Context) -> RunContext:
+    """The step context of the current task instance, with MLflow resolved through the hook."""
+    import os
+
+    from closedloop.hooks.mlflow import MLflowHook
+    from closedloop.steps.context import RunContext
+
+    hook = MLflowHook(mlflow_conn_id)
+    os.environ.update(hook.credentials_env())  # MLflow's client reads credentials from the environment
+    ti = context["ti"]
+    return RunContext(pipeline=loaded.spec.name, template_digest=loaded.digest,
+                      dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
+                      try_number=int(ti.try_number or 1), tracking_uri=hook.tracking_uri())
 
 
 def _push_error(context: Context, exc: Exception, *, permanent: bool) -> None:

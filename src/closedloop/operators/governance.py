@@ -85,7 +85,6 @@ class ReviewOperator(ApprovalOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         from closedloop.notifiers import record_alert
-        from closedloop.steps.context import RunContext
         from closedloop.steps.governance import record_decision
 
         timed_out = bool(event.get("timedout")) or "error" in event
@@ -95,11 +94,9 @@ class ReviewOperator(ApprovalOperator):
         decision = "timeout" if timed_out else ("approved" if chosen == [self.APPROVE] else "rejected")
         candidate = context["ti"].xcom_pull(task_ids="register_candidate") or {}
         if candidate.get("version"):
-            from closedloop.hooks.mlflow import MLflowHook
+            from closedloop.operators.base import run_context
 
-            ctx = RunContext(pipeline=self.loaded.spec.name, template_digest=self.loaded.digest,
-                             dag_id=context["ti"].dag_id, run_id=context["ti"].run_id, task_id=self.task_id,
-                             tracking_uri=MLflowHook(self.mlflow_conn_id).tracking_uri())
+            ctx = run_context(self.loaded, self.mlflow_conn_id, context)
             at = event.get("responded_at")
             record_decision(ctx, candidate["model"], candidate["version"], decision=decision, reviewer=reviewer,
                             at=at.isoformat() if hasattr(at, "isoformat") else str(at or ""),
