@@ -34,10 +34,10 @@ def project_with(n: int, root: Path) -> Path:
     for sub in ("expectations", "scenarios"):
         shutil.copytree(PROJECT / "include" / sub, root / "include" / sub)
     (root / "include" / "pipelines").mkdir()
-    text = (PROJECT / "include" / "pipelines" / "acc_periodic.yaml").read_text()
+    text = (PROJECT / "include" / "pipelines" / "acc_longitudinal.yaml").read_text()
     for i in range(n):
         (root / "include" / "pipelines" / f"p{i:03d}.yaml").write_text(
-            text.replace("name: acc_periodic", f"name: gen_{i:03d}")
+            text.replace("name: acc_longitudinal", f"name: gen_{i:03d}")
                 .replace("name: acc_longitudinal_policy", f"name: gen_model_{i:03d}"))
     return root / "dags"
 

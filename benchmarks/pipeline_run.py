@@ -42,7 +42,7 @@ def scratch_project() -> Path:
     if not root.exists():
         shutil.copytree(PROJECT / "dags", root / "dags")
         shutil.copytree(PROJECT / "include", root / "include")
-        path = root / "include" / "pipelines" / "acc_periodic.yaml"
+        path = root / "include" / "pipelines" / "acc_longitudinal.yaml"
         path.write_text(re.sub(r"\napproval:\n(  .*\n)+", "\n", path.read_text()))
     return root
 
@@ -58,8 +58,8 @@ def direct_steps(when: date) -> dict[str, float]:
     from closedloop.steps import dataset, evaluation, gates, labeling, registry, simulation, training, validation
     from closedloop.steps.context import RunContext
 
-    loaded = load_spec(scratch_project() / "include" / "pipelines" / "acc_periodic.yaml")
-    ctx = RunContext(pipeline="acc_periodic", template_digest=loaded.digest, dag_id="acc_periodic",
+    loaded = load_spec(scratch_project() / "include" / "pipelines" / "acc_longitudinal.yaml")
+    ctx = RunContext(pipeline="acc_longitudinal", template_digest=loaded.digest, dag_id="acc_longitudinal",
                      run_id="bench__direct")
     t: dict[str, float] = {}
     raw, t["generate_dataset"] = timed(dataset.generate_dataset, loaded, ctx, interval_end=when)
@@ -86,7 +86,7 @@ def log_model_costs() -> tuple[float, float]:
     from closedloop.steps.storage import read_snapshot
     from closedloop.steps.training import pip_requirements
 
-    labelled = next((TMP / "home" / "data" / "acc_periodic" / "labelled").glob("*.parquet"))
+    labelled = next((TMP / "home" / "data" / "acc_longitudinal" / "labelled").glob("*.parquet"))
     model = train_policy(read_snapshot(str(labelled)).head(3000), max_iter=20)
     mlflow.set_experiment("bench-log-model")
     inferred, explicit = [], []
@@ -113,9 +113,9 @@ def main() -> None:
                          env=os.environ)
     ours = json.loads(out.stdout.strip().splitlines()[-1])
     ensure_db()
-    summary, wall = timed(run_dag, load_dag("acc_periodic"), when)
+    summary, wall = timed(run_dag, load_dag("acc_longitudinal"), when)
     assert summary["state"] == "success", summary
-    print(f"\none run of acc_periodic through Airflow (dag.test): {wall:.1f} s wall, state {summary['state']}")
+    print(f"\none run of acc_longitudinal through Airflow (dag.test): {wall:.1f} s wall, state {summary['state']}")
     print(f"{'task':<20}{'Airflow task':>14}{'our step':>11}{'Airflow share':>15}")
     tot_task = tot_step = 0.0
     for t in summary["tasks"]:

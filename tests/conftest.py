@@ -71,15 +71,23 @@ def make_project(tmp_path, project):
 
 
 NO_REVIEW = {"approval:\n  approvers: [safety-lead, safety-deputy]\n  timeout_hours: 72\n": ""}
+# the shipped template samples few hard-braking logs, so its weekly model fails the hard-braking
+# gate (the demo's story); tests of the passing path sample every scenario type fully
+SAFE_DATA = {"sampling: {hard_braking: 0.1}": "sampling: {}"}
 
 
-def template_text(project: Path, **replacements: str) -> str:
-    """The shipped periodic template with some lines replaced (old → new)."""
-    text = (project / "include" / "pipelines" / "acc_periodic.yaml").read_text()
+def template_text(project: Path, *, incidents: bool = True, **replacements: str) -> str:
+    """The shipped template with some lines replaced (old → new); ``incidents=False`` drops its
+    ``incidents:`` section (no incident DAG)."""
+    text = (project / "include" / "pipelines" / "acc_longitudinal.yaml").read_text()
+    import re
+
     for old, new in replacements.items():
-        assert old in text, f"fixture bug: {old!r} is not in the shipped template"
-        text = text.replace(old, new)
-    return text
+        # "name: acc_longitudinal" must not also rename "name: acc_longitudinal_policy"
+        pattern = re.escape(old) + (r"(?!\w)" if old[-1:].isalnum() or old.endswith("_") else "")
+        text, count = re.subn(pattern, lambda _, new=new: new, text)
+        assert count, f"fixture bug: {old!r} is not in the shipped template"
+    return text if incidents else text.split("\nincidents:")[0] + "\n"
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from pathlib import Path
 from closedloop import settings
 
 PROJECT = Path(__file__).resolve().parents[2]
-DEMO_PIPELINE = "acc_periodic"
+DEMO_PIPELINE = "acc_longitudinal"
 
 
 def local_defaults() -> None:

@@ -34,16 +34,48 @@ log = logging.getLogger(__name__)
 INVALID_DAG_ID = "closedloop_invalid_templates"
 
 
-def build_dag(loaded: LoadedSpec) -> DAG:
-    """One DAG for one validated template; the task graph is the same for every pipeline."""
-    spec = loaded.spec
-    default_args = {
-        "owner": spec.owner,
+def _default_args(loaded: LoadedSpec, **extra: Any) -> dict[str, Any]:
+    return {
+        "owner": loaded.spec.owner,
         "retries": 2,
         "retry_delay": timedelta(seconds=20),
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=10),
+        **extra,
     }
+
+
+def _loop(loaded: LoadedSpec):
+    """The closed loop's tasks (inside an open DAG context); returns the first task."""
+    spec = loaded.spec
+    common: dict[str, Any] = {"loaded": loaded}
+    generate = GenerateDatasetOperator(task_id="generate_dataset", **common)
+    label = LabelOperator(task_id="label", **common)
+    validate = ValidateDataOperator(task_id="validate_data", **common)
+    train = TrainOperator(task_id="train", **common)
+    offline = OfflineEvalOperator(task_id="offline_eval", **common)
+    simulate = SimulateOperator(task_id="simulate", **common)
+    gate = ReleaseGateOperator(task_id="release_gate", retries=0, **common)
+    register = RegisterCandidateOperator(task_id="register_candidate", **common)
+    generate >> label >> validate >> train >> offline >> simulate >> gate >> register
+    label >> offline  # evaluation reads the dataset as well as the model
+    if spec.hil is not None:
+        from closedloop.operators.governance import HilResultsOperator
+
+        simulate >> HilResultsOperator(task_id="await_hil", retries=0, **common) >> gate
+    if spec.approval is not None:
+        from closedloop.operators.governance import PromoteOperator, ReviewOperator
+
+        review = ReviewOperator(task_id="approval", retries=0, **common)
+        promote = PromoteOperator(task_id="promote", **common)
+        register >> review >> promote
+    return generate
+
+
+def build_dag(loaded: LoadedSpec) -> DAG:
+    """The pipeline's DAG: schedule, backfills, manual requests. The task graph is the same for
+    every pipeline."""
+    spec = loaded.spec
     with DAG(
         dag_id=spec.name,
         description=spec.description.strip().split("\n")[0][:200],
@@ -52,31 +84,73 @@ def build_dag(loaded: LoadedSpec) -> DAG:
         start_date=datetime.combine(spec.start_date, datetime.min.time(), tzinfo=UTC) if spec.start_date else None,
         catchup=spec.catchup,
         max_active_runs=4,
-        default_args=default_args,
+        default_args=_default_args(loaded),
         tags=sorted({"closedloop", *spec.tags}),
         params=dag_params(spec),
     ) as dag:
-        common: dict[str, Any] = {"loaded": loaded}
-        generate = GenerateDatasetOperator(task_id="generate_dataset", **common)
-        label = LabelOperator(task_id="label", **common)
-        validate = ValidateDataOperator(task_id="validate_data", **common)
-        train = TrainOperator(task_id="train", **common)
-        offline = OfflineEvalOperator(task_id="offline_eval", **common)
-        simulate = SimulateOperator(task_id="simulate", **common)
-        gate = ReleaseGateOperator(task_id="release_gate", retries=0, **common)
-        register = RegisterCandidateOperator(task_id="register_candidate", **common)
-        generate >> label >> validate >> train >> offline >> simulate >> gate >> register
-        label >> offline  # evaluation reads the dataset as well as the model
-        if spec.hil is not None:
-            from closedloop.operators.governance import HilResultsOperator
+        _loop(loaded)
+    return dag
 
-            simulate >> HilResultsOperator(task_id="await_hil", retries=0, **common) >> gate
-        if spec.approval is not None:
-            from closedloop.operators.governance import PromoteOperator, ReviewOperator
 
-            review = ReviewOperator(task_id="approval", retries=0, **common)
-            promote = PromoteOperator(task_id="promote", **common)
-            register >> review >> promote
+def incident_asset(loaded: LoadedSpec, routes: dict[str, list[str]] | None = None):
+    """The model's incident asset, with its watchers: the inbox folder, the production KPIs, and
+    (production) a message queue through Airflow's common messaging provider."""
+    from airflow.sdk import Asset, AssetWatcher
+
+    from closedloop import settings
+    from closedloop.incidents import asset_name, asset_uri, routes_of
+
+    spec = loaded.spec
+    inc = spec.incidents
+    assert inc is not None
+    routes = routes if routes is not None else routes_of([loaded])
+    watchers = []
+    if inc.inbox:
+        from closedloop.triggers.incidents import IncidentInboxTrigger
+
+        watchers.append(AssetWatcher(name=f"{spec.name}_inbox", trigger=IncidentInboxTrigger(
+            inbox=str(settings.incident_inbox()), model=spec.model.name, routes=routes)))
+    if inc.kpis:
+        from closedloop.triggers.incidents import KpiWatchTrigger
+
+        watchers.append(AssetWatcher(name=f"{spec.name}_kpis", trigger=KpiWatchTrigger(
+            model=spec.model.name, rules=[r.model_dump(mode="json") for r in inc.kpis],
+            poll_interval=inc.kpi_poll_seconds)))
+    if inc.queue:
+        from airflow.providers.common.messaging.triggers.msg_queue import MessageQueueTrigger
+
+        watchers.append(AssetWatcher(name=f"{spec.name}_queue", trigger=MessageQueueTrigger(**inc.queue)))
+    return Asset(name=asset_name(spec.model.name), uri=asset_uri(spec.model.name), group="incidents",
+                 watchers=watchers, extra={"pipeline": spec.name})
+
+
+def build_incident_dag(loaded: LoadedSpec, routes: dict[str, list[str]] | None = None) -> DAG:
+    """The pipeline's incident DAG (``<name>_incident``), for templates with ``incidents:``.
+
+    Scheduled on the model's incident asset; its tasks run in the template's incident pool with
+    a high absolute priority, so periodic runs never hold them up. ``admit_incident`` comes
+    first: it rejects malformed incidents, debounces repeats and tells ``generate_dataset`` which
+    scenario types to mine more of.
+    """
+    from closedloop.operators.incidents import AdmitIncidentOperator
+
+    spec = loaded.spec
+    inc = spec.incidents
+    assert inc is not None
+    asset = incident_asset(loaded, routes)
+    with DAG(
+        dag_id=spec.incident_dag_id,
+        description=f"Incident retraining of {spec.model.name} ({spec.name})"[:200],
+        doc_md=describe(loaded),
+        schedule=[asset],
+        start_date=None,
+        catchup=False,
+        max_active_runs=8,
+        default_args=_default_args(loaded, pool=inc.pool, priority_weight=inc.priority_weight,
+                                   weight_rule="absolute"),
+        tags=sorted({"closedloop", "incident", *spec.tags}),
+    ) as dag:
+        AdmitIncidentOperator(task_id="admit_incident", asset=asset, loaded=loaded) >> _loop(loaded)
     return dag
 
 
@@ -103,9 +177,16 @@ def build_dags(pipelines_dir: str | Path, namespace: dict[str, Any] | None = Non
     started = time.perf_counter()
     specs, errors = load_all(pipelines_dir)
     dags: dict[str, DAG] = {}
+    routes = None
     for loaded in specs:
         try:
             dags[loaded.spec.name] = build_dag(loaded)
+            if loaded.spec.incidents is not None:
+                if routes is None:
+                    from closedloop.incidents import routes_of
+
+                    routes = routes_of(specs)
+                dags[loaded.spec.incident_dag_id] = build_incident_dag(loaded, routes)
         except Exception as exc:  # one broken pipeline must not hide the others
             errors.append(SpecError(f"{loaded.path}: cannot build DAG: {type(exc).__name__}: {exc}",
                                     path=str(loaded.path)))

@@ -13,7 +13,7 @@ import time
 from closedloop.localrun import collect_summary
 from closedloop.report import format_summary
 
-PIPELINE = "acc_periodic"
+PIPELINE = "acc_longitudinal"
 REQUESTER, REVIEWER = "ml-engineer", "safety-lead"
 SETTLE_SECONDS = 5
 

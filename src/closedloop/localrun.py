@@ -16,8 +16,8 @@ from pathlib import Path
 
 from closedloop import settings
 
-TASK_ORDER = ("generate_dataset", "label", "validate_data", "train", "offline_eval", "simulate",
-              "release_gate", "register_candidate", "approval", "promote")
+TASK_ORDER = ("admit_incident", "generate_dataset", "label", "validate_data", "train", "offline_eval", "simulate",
+              "await_hil", "release_gate", "register_candidate", "approval", "promote")
 
 
 def ensure_db() -> None:
@@ -73,8 +73,8 @@ def run_pipeline(dag_id: str, *, logical_date: str | None = None, quiet: bool = 
     return run_dag(dag, when, quiet=quiet)
 
 
-def run_dag(dag, when: datetime, *, quiet: bool = True) -> dict:
-    """``dag.test()`` at logical date ``when``; return the run's summary."""
+def run_dag(dag, when: datetime, *, quiet: bool = True, conf: dict | None = None) -> dict:
+    """``dag.test()`` at logical date ``when`` (with run ``conf``); return the run's summary."""
     dag_id = dag.dag_id
     logfile = settings.home() / "logs" / f"{dag_id}-{when:%Y%m%dT%H%M%S}.log"
     print(f"running pipeline {dag_id} through Airflow (logical date {when.isoformat()})"
@@ -84,7 +84,7 @@ def run_dag(dag, when: datetime, *, quiet: bool = True) -> dict:
               "or with `closedloop approve|reject`", flush=True)
     started = time.perf_counter()
     with _quiet(logfile, enabled=quiet):
-        dag_run = dag.test(logical_date=when)
+        dag_run = dag.test(logical_date=when, run_conf=conf)
     summary = collect_summary(dag_id, dag_run.run_id)
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     summary["log_file"] = str(logfile) if quiet else None

@@ -40,3 +40,8 @@ def include_dir() -> Path:
     if os.environ.get("CLOSEDLOOP_INCLUDE_DIR"):
         return Path(os.environ["CLOSEDLOOP_INCLUDE_DIR"]).resolve()
     return Path(__file__).resolve().parents[2] / "include"
+
+
+def incident_inbox() -> Path:
+    """Folder the incident inbox watchers read (``CLOSEDLOOP_INCIDENT_INBOX``, default under the home)."""
+    return Path(os.environ.get("CLOSEDLOOP_INCIDENT_INBOX") or home() / "incidents" / "inbox").resolve()

@@ -67,9 +67,21 @@ class DatasetSpec(_Part):
     window_days: int = Field(ge=1, le=366, description="days of logs up to the run's data interval end")
     scenarios: list[str] = Field(min_length=1, description="scenario-type filter")
     params: dict[str, Scalar] = Field(default_factory=dict, description="extra generator arguments")
+    sampling: dict[str, float] = Field(default_factory=dict, description="share of each scenario type's logs "
+                                       "to sample (default 1.0); passed to the generator as 'focus'")
     seed: int = 0
 
     _ep = field_validator("generator")(lambda cls, v: _check_entry_point(v))
+
+    @model_validator(mode="after")
+    def _sampling_keys(self) -> DatasetSpec:
+        unknown = sorted(set(self.sampling) - set(self.scenarios))
+        if unknown:
+            raise ValueError(f"sampling names scenario types {unknown} that are not in scenarios {self.scenarios}")
+        negative = sorted(k for k, v in self.sampling.items() if v < 0)
+        if negative:
+            raise ValueError(f"sampling rates must be >= 0; got negative rates for {negative}")
+        return self
 
     @field_validator("sources", "scenarios")
     @classmethod
@@ -179,6 +191,54 @@ class ApprovalSpec(_Part):
     timeout_hours: float = Field(default=72, gt=0, description="no decision by then counts as a rejection")
 
 
+Severity = Literal["low", "medium", "high", "critical"]
+
+
+class KpiRuleSpec(_Part):
+    """A production KPI bound: crossing it raises an incident (once per degradation)."""
+
+    metric: str = Field(pattern=r"^[A-Za-z0-9_.\-/ ]{1,250}$",
+                        description="metric that online monitoring logs for the production version")
+    min: float | None = None
+    max: float | None = None
+    scenario_type: str = Field(description="scenario type the incident retrain mines more of")
+    severity: Severity = "high"
+
+    @model_validator(mode="after")
+    def _bound(self) -> KpiRuleSpec:
+        if self.min is None and self.max is None:
+            raise ValueError(f"KPI rule on {self.metric!r} needs 'min:' and/or 'max:'")
+        return self
+
+    def breached(self, value: float) -> bool:
+        return (self.min is not None and value < self.min) or (self.max is not None and value > self.max)
+
+    def describe(self) -> str:
+        bounds = [f">= {self.min:g}" if self.min is not None else "", f"<= {self.max:g}" if self.max is not None else ""]
+        return f"{self.metric} " + " and ".join(b for b in bounds if b)
+
+
+class IncidentsSpec(_Part):
+    """Event-driven retraining: incidents for this model start a high-priority run of the
+    ``<name>_incident`` DAG, which mines more logs of the incident's scenario type."""
+
+    scenario_types: list[str] = Field(default_factory=list, description="incident scenario types this model "
+                                      "answers (default: dataset.scenarios)")
+    focus: float = Field(default=10.0, gt=0, le=1000, description="sampling multiplier for the incident's "
+                         "scenario type in the incident run's dataset")
+    debounce_minutes: float = Field(default=30, ge=0, le=7 * 24 * 60, description="a second incident of the "
+                                    "same scenario type within this time joins the first run instead of starting one")
+    priority_weight: int = Field(default=100, ge=1, le=10_000)
+    pool: str = Field(default="closedloop_incident", pattern=r"^[A-Za-z0-9_.-]{1,256}$",
+                      description="Airflow pool of the incident DAG's tasks (keeps periodic runs from blocking them)")
+    inbox: bool = Field(default=True, description="watch the incident inbox folder ($CLOSEDLOOP_HOME/incidents/inbox)")
+    queue: dict[str, Any] | None = Field(default=None, description="arguments of Airflow's MessageQueueTrigger "
+                                         "(common messaging provider) for production, e.g. {scheme: kafka, "
+                                         "topics: [incidents]}; each message body is one incident (JSON)")
+    kpi_poll_seconds: float = Field(default=60, ge=1, le=86_400)
+    kpis: list[KpiRuleSpec] = Field(default_factory=list, description="production KPI bounds that raise incidents")
+
+
 class PipelineSpec(_Part):
     """One pipeline template, validated."""
 
@@ -200,6 +260,37 @@ class PipelineSpec(_Part):
     gates: list[GateSpec] = Field(min_length=1)
     hil: HilSpec | None = None
     approval: ApprovalSpec | None = None
+    incidents: IncidentsSpec | None = None
+
+    @property
+    def incident_dag_id(self) -> str:
+        return f"{self.name}_incident"
+
+    def incident_scenarios(self) -> list[str]:
+        if self.incidents is None:
+            return []
+        return list(self.incidents.scenario_types or self.dataset.scenarios)
+
+    @model_validator(mode="after")
+    def _incident_scenarios(self) -> PipelineSpec:
+        if self.incidents is None:
+            return self
+        unknown = sorted(set(self.incidents.scenario_types) - set(self.dataset.scenarios))
+        if unknown:
+            raise ValueError(f"incidents.scenario_types {unknown} are not in dataset.scenarios "
+                             f"{self.dataset.scenarios}: the retrain could not mine them")
+        allowed = self.incident_scenarios()
+        for i, rule in enumerate(self.incidents.kpis):
+            if rule.scenario_type not in allowed:
+                raise ValueError(f"incidents.kpis[{i}].scenario_type {rule.scenario_type!r} is not one of the "
+                                 f"incident scenario types {allowed}")
+        if self.incidents.queue is not None and "scheme" not in self.incidents.queue:
+            raise ValueError("incidents.queue needs 'scheme:' (e.g. kafka, sqs, redis+pubsub) and the arguments of "
+                             "that queue's trigger")
+        if self.incidents.queue is not None and importlib.util.find_spec("airflow.providers.common.messaging") is None:
+            raise ValueError("incidents.queue needs Airflow's common messaging provider: pip install "
+                             "apache-airflow-providers-common-messaging (and the provider of your queue)")
+        return self
 
     @field_validator("schedule")
     @classmethod

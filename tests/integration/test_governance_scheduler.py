@@ -13,15 +13,15 @@ import pytest
 from mlflow import MlflowClient
 
 from closedloop.localserver import AirflowServer
-from tests.conftest import scratch_project, template_text
+from tests.conftest import SAFE_DATA, scratch_project, template_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-GOV = {'schedule: "0 3 * * 1"': "schedule: null", "window_days: 14": "window_days: 5",
-       "name: acc_periodic": "name: acc_gov", "name: acc_longitudinal_policy": "name: acc_gov_model"}
-TIMEOUT = {**GOV, "name: acc_periodic": "name: acc_gov_timeout", "name: acc_longitudinal_policy": "name: acc_timeout_model",
+GOV = {'schedule: "0 3 * * 1"': "schedule: null", "window_days: 14": "window_days: 5", **SAFE_DATA,
+       "name: acc_longitudinal": "name: acc_gov", "name: acc_longitudinal_policy": "name: acc_gov_model"}
+TIMEOUT = {**GOV, "name: acc_longitudinal": "name: acc_gov_timeout", "name: acc_longitudinal_policy": "name: acc_timeout_model",
            "timeout_hours: 72": "timeout_hours: 0.01"}  # 36 s
-HIL = {**GOV, "name: acc_periodic": "name: acc_gov_hil", "name: acc_longitudinal_policy": "name: acc_hil_model",
+HIL = {**GOV, "name: acc_longitudinal": "name: acc_gov_hil", "name: acc_longitudinal_policy": "name: acc_hil_model",
        "approval:\n": "hil:\n  reporter: hil-rig\n  timeout_minutes: 1\napproval:\n",
        "gates:\n": "gates:\n  - metric: hil.brake_distance_m\n    max: 40\n"}
 USERS = {"admin": "admin", "ml-engineer": "user", "safety-lead": "user", "safety-deputy": "user", "intruder": "user",
@@ -33,9 +33,9 @@ REQUEST = {"purpose": "Retrain on the latest fleet logs for the test.", "change"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, project):
     root = scratch_project(tmp_path_factory.mktemp("gov-project"))
-    (root / "include" / "pipelines" / "acc_gov.yaml").write_text(template_text(project, **GOV))
-    (root / "include" / "pipelines" / "acc_gov_timeout.yaml").write_text(template_text(project, **TIMEOUT))
-    (root / "include" / "pipelines" / "acc_gov_hil.yaml").write_text(template_text(project, **HIL))
+    (root / "include" / "pipelines" / "acc_gov.yaml").write_text(template_text(project, incidents=False, **GOV))
+    (root / "include" / "pipelines" / "acc_gov_timeout.yaml").write_text(template_text(project, incidents=False, **TIMEOUT))
+    (root / "include" / "pipelines" / "acc_gov_hil.yaml").write_text(template_text(project, incidents=False, **HIL))
     server = AirflowServer(tmp_path_factory.mktemp("gov-airflow"), root / "dags",
                            {u: (r, f"{u}-pw-{i}") for i, (u, r) in enumerate(USERS.items())})
     server.start()

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from closedloop import settings
 from closedloop.localrun import load_dag, run_dag
 from closedloop.spec import load_spec
-from tests.conftest import NO_REVIEW, scratch_project, template_text
+from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
 
 pytestmark = pytest.mark.integration
 
@@ -29,13 +29,13 @@ def periodic(airflow_db, tmp_path_factory, project):
     import airflow.settings
 
     root = scratch_project(tmp_path_factory.mktemp("periodic"))
-    path = root / "include" / "pipelines" / "acc_periodic.yaml"
-    path.write_text(template_text(project, **NO_REVIEW))
+    path = root / "include" / "pipelines" / "acc_longitudinal.yaml"
+    path.write_text(template_text(project, **NO_REVIEW, **SAFE_DATA))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(root / "dags"))
         old, airflow.settings.DAGS_FOLDER = airflow.settings.DAGS_FOLDER, str(root / "dags")
         try:
-            summary = run_dag(load_dag("acc_periodic"), WHEN)
+            summary = run_dag(load_dag("acc_longitudinal"), WHEN)
         finally:
             airflow.settings.DAGS_FOLDER = old
     return summary, load_spec(path)
@@ -57,11 +57,11 @@ def test_periodic_pipeline_registers_one_candidate_with_lineage(periodic, period
     assert str(mv.version) == str(versions[0].version) == s["registry"]["version"]
     labelled = s["results"]["label"]
     loaded = periodic[1]
-    assert mv.tags["closedloop.pipeline"] == "acc_periodic"
+    assert mv.tags["closedloop.pipeline"] == "acc_longitudinal"
     assert mv.tags["closedloop.template_hash"] == loaded.digest
     assert mv.tags["closedloop.dataset_version"] == labelled["digest"]
     assert mv.tags["closedloop.label_policy"] == "expert_idm_smoothed@2"
-    assert mv.tags["airflow.dag_id"] == "acc_periodic" and mv.tags["airflow.run_id"] == s["run_id"]
+    assert mv.tags["airflow.dag_id"] == "acc_longitudinal" and mv.tags["airflow.run_id"] == s["run_id"]
     assert mv.tags["closedloop.code_version"].startswith("0.1.0")
 
     train_run = client.get_run(s["results"]["train"]["run_id"])
@@ -99,7 +99,7 @@ def test_running_the_steps_again_creates_nothing_new(periodic, periodic_run):
 
     s = periodic_run
     loaded = periodic[1]
-    ctx = RunContext(pipeline="acc_periodic", template_digest=loaded.digest, dag_id="acc_periodic",
+    ctx = RunContext(pipeline="acc_longitudinal", template_digest=loaded.digest, dag_id="acc_longitudinal",
                      run_id=s["run_id"], task_id="train", try_number=2)
     again = train(loaded, ctx, labelled=s["results"]["label"])
     assert again["run_id"] == s["results"]["train"]["run_id"]
@@ -109,7 +109,7 @@ def test_running_the_steps_again_creates_nothing_new(periodic, periodic_run):
     assert reg["version"] == s["registry"]["version"]
     client = MlflowClient(settings.tracking_uri())
     assert len(client.search_model_versions("name = 'acc_longitudinal_policy'")) == 1
-    runs = client.search_runs([client.get_experiment_by_name("closedloop/acc_periodic").experiment_id],
+    runs = client.search_runs([client.get_experiment_by_name("closedloop/acc_longitudinal").experiment_id],
                               filter_string="tags.`closedloop.step` = 'train'")
     assert len(runs) == 1
 
@@ -119,9 +119,9 @@ def scratch_dag(make_project, project, dags_folder):
     """A DAG from a copy of the shipped template with a new name and some lines changed."""
 
     def build(name: str, **replacements):
-        make_project(f"{name}.yaml", template_text(project, **{
-            "name: acc_periodic": f"name: {name}", "name: acc_longitudinal_policy": f"name: {name}_model",
-            "window_days: 14": "window_days: 7", **replacements}))
+        make_project(f"{name}.yaml", template_text(project, incidents=False, **{
+            "name: acc_longitudinal": f"name: {name}", "name: acc_longitudinal_policy": f"name: {name}_model",
+            "window_days: 14": "window_days: 7", **SAFE_DATA, **replacements}))
         dags_folder(make_project.root / "dags")
         return load_dag(name)
 

@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from closedloop.localserver import AirflowServer
-from tests.conftest import NO_REVIEW, scratch_project, template_text
+from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -17,11 +17,11 @@ def airflow(tmp_path_factory, project):
     # the shipped template without its cron schedule (the scheduler starts no run of its own) and
     # without review (test_governance_scheduler covers it)
     root = scratch_project(tmp_path_factory.mktemp("project"))
-    (root / "include" / "pipelines" / "acc_periodic.yaml").write_text(
-        template_text(project, **{'schedule: "0 3 * * 1"': "schedule: null", **NO_REVIEW}))
+    (root / "include" / "pipelines" / "acc_longitudinal.yaml").write_text(
+        template_text(project, incidents=False, **{'schedule: "0 3 * * 1"': "schedule: null", **NO_REVIEW, **SAFE_DATA}))
     # a daily pipeline for backfills: each interval must train on its own window's data
-    (root / "include" / "pipelines" / "acc_daily.yaml").write_text(template_text(project, **{
-        'schedule: "0 3 * * 1"': 'schedule: "0 3 * * *"', "name: acc_periodic": "name: acc_daily",
+    (root / "include" / "pipelines" / "acc_daily.yaml").write_text(template_text(project, incidents=False, **SAFE_DATA, **{
+        'schedule: "0 3 * * 1"': 'schedule: "0 3 * * *"', "name: acc_longitudinal": "name: acc_daily",
         "name: acc_longitudinal_policy": "name: acc_daily_model", "window_days: 14": "window_days: 3", **NO_REVIEW}))
     server = AirflowServer(tmp_path_factory.mktemp("standalone"), root / "dags",
                            users={"admin": ("admin", "admin-pw"), "viewer1": ("viewer", "viewer-pw")})
@@ -31,18 +31,18 @@ def airflow(tmp_path_factory, project):
 
 
 def test_trigger_from_rest_api_runs_to_candidate(airflow):
-    airflow.wait_for(lambda: airflow.api("GET", "/api/v2/dags/acc_periodic")[0] == 200, 120, "DAG parsed")
-    status, dag = airflow.api("GET", "/api/v2/dags/acc_periodic")
-    assert "Pipeline `acc_periodic`" in (airflow.api("GET", "/api/v2/dags/acc_periodic/details")[1]["doc_md"])
+    airflow.wait_for(lambda: airflow.api("GET", "/api/v2/dags/acc_longitudinal")[0] == 200, 120, "DAG parsed")
+    status, dag = airflow.api("GET", "/api/v2/dags/acc_longitudinal")
+    assert "Pipeline `acc_longitudinal`" in (airflow.api("GET", "/api/v2/dags/acc_longitudinal/details")[1]["doc_md"])
     assert dag["is_paused"] is False
 
     # a viewer may not start runs: Airflow's own authorization
-    status, _ = airflow.api("POST", "/api/v2/dags/acc_periodic/dagRuns", {"logical_date": None}, user="viewer1")
+    status, _ = airflow.api("POST", "/api/v2/dags/acc_longitudinal/dagRuns", {"logical_date": None}, user="viewer1")
     assert status == 403
 
     # no logical date (Airflow 3 allows it; such a run has no data interval): the data window
     # then ends on the day the run was due
-    status, run = airflow.api("POST", "/api/v2/dags/acc_periodic/dagRuns",
+    status, run = airflow.api("POST", "/api/v2/dags/acc_longitudinal/dagRuns",
                               {"logical_date": None, "note": "scheduler test"})
     assert status == 200, run
     assert run["logical_date"] is None
@@ -50,18 +50,18 @@ def test_trigger_from_rest_api_runs_to_candidate(airflow):
     seen_deferred = set()
 
     def finished():
-        _, r = airflow.api("GET", f"/api/v2/dags/acc_periodic/dagRuns/{run_id}")
-        _, tis = airflow.api("GET", f"/api/v2/dags/acc_periodic/dagRuns/{run_id}/taskInstances")
+        _, r = airflow.api("GET", f"/api/v2/dags/acc_longitudinal/dagRuns/{run_id}")
+        _, tis = airflow.api("GET", f"/api/v2/dags/acc_longitudinal/dagRuns/{run_id}/taskInstances")
         seen_deferred.update(t["task_id"] for t in tis["task_instances"] if t["state"] == "deferred")
         return r if r["state"] in ("success", "failed") else None
 
     result = airflow.wait_for(finished, 600, "the run to finish", interval=1.0)
-    _, tis = airflow.api("GET", f"/api/v2/dags/acc_periodic/dagRuns/{run_id}/taskInstances")
+    _, tis = airflow.api("GET", f"/api/v2/dags/acc_longitudinal/dagRuns/{run_id}/taskInstances")
     states = {t["task_id"]: t["state"] for t in tis["task_instances"]}
     assert result["state"] == "success", (states, airflow.tail())
     assert "simulate" in seen_deferred  # waited in the triggerer, not in a worker slot
 
-    _, xcom = airflow.api("GET", f"/api/v2/dags/acc_periodic/dagRuns/{run_id}/taskInstances/generate_dataset/xcomEntries/return_value")
+    _, xcom = airflow.api("GET", f"/api/v2/dags/acc_longitudinal/dagRuns/{run_id}/taskInstances/generate_dataset/xcomEntries/return_value")
     assert f"'window_end': '{run['run_after'][:10]}'" in str(xcom["value"])
 
     client = MlflowClient(airflow.env["MLFLOW_TRACKING_URI"])

@@ -15,7 +15,7 @@ def closedloop(*args: str) -> subprocess.CompletedProcess:
 def test_validate_ok_and_invalid(make_project, project):
     out = closedloop("pipelines", "validate")
     assert out.returncode == 0, out.stderr
-    assert "ok       " in out.stdout and "acc_periodic.yaml" in out.stdout
+    assert "ok       " in out.stdout and "acc_longitudinal.yaml" in out.stdout
     bad = make_project("bad.yaml", template_text(project, **{"sources: [fleet-eu, fleet-us]": "sources: fleet-eu"}))
     out = closedloop("pipelines", "validate", str(bad))
     assert out.returncode == 2
@@ -24,9 +24,9 @@ def test_validate_ok_and_invalid(make_project, project):
 
 
 def test_describe_gives_purpose_inputs_outputs_dependencies_schedule():
-    out = closedloop("pipelines", "describe", "acc_periodic")
+    out = closedloop("pipelines", "describe", "acc_longitudinal")
     assert out.returncode == 0, out.stderr
-    for heading in ("# Pipeline `acc_periodic`", "## Inputs", "## Outputs", "## Dependencies", "## Release gates"):
+    for heading in ("# Pipeline `acc_longitudinal`", "## Inputs", "## Outputs", "## Dependencies", "## Release gates"):
         assert heading in out.stdout
     assert "`0 3 * * 1` (At 03:00 AM, only on Monday, UTC)" in out.stdout
     assert "Registered model **`acc_longitudinal_policy`**" in out.stdout
@@ -36,7 +36,7 @@ def test_describe_gives_purpose_inputs_outputs_dependencies_schedule():
 def test_unknown_pipeline_is_exit_code_2_without_traceback():
     out = closedloop("pipelines", "describe", "nope")
     assert out.returncode == 2
-    assert "no valid pipeline named 'nope'" in out.stderr and "known: acc_periodic" in out.stderr
+    assert "no valid pipeline named 'nope'" in out.stderr and "known: acc_longitudinal" in out.stderr
     assert "Traceback" not in out.stderr
     out = closedloop("run", "nope")
     assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -22,6 +22,11 @@ EXPECTED_EDGES = {
     "register_candidate": {"release_gate"},
 }
 GOVERNED_EDGES = {**EXPECTED_EDGES, "approval": {"register_candidate"}, "promote": {"approval"}}
+INCIDENT_EDGES = {**GOVERNED_EDGES, "admit_incident": set(), "generate_dataset": {"admit_incident"}}
+
+
+def without_incidents(text: str) -> str:
+    return text.split("\nincidents:")[0] + "\n"
 
 
 def dagbag(folder):
@@ -34,16 +39,34 @@ def test_dags_folder_has_one_dag_per_template_and_no_import_errors(project):
     bag = dagbag(project / "dags")
     assert bag.import_errors == {}
     names = {p.stem for p in template_files(project / "include" / "pipelines")}
-    assert set(bag.dag_ids) == names  # template file names equal pipeline names in this repo
-    for dag_id in bag.dag_ids:
-        dag = bag.dags[dag_id]
+    assert set(bag.dag_ids) == names | {f"{n}_incident" for n in names}  # file names = pipeline names here
+    for name in names:
+        dag = bag.dags[name]
         assert {t.task_id: set(t.upstream_task_ids) for t in dag.tasks} == GOVERNED_EDGES
-        assert dag.doc_md and f"# Pipeline `{dag_id}`" in dag.doc_md
+        assert dag.doc_md and f"# Pipeline `{name}`" in dag.doc_md
         assert "closedloop" in dag.tags
+        incident = bag.dags[f"{name}_incident"]
+        assert {t.task_id: set(t.upstream_task_ids) for t in incident.tasks} == INCIDENT_EDGES
+
+
+def test_incident_dag_runs_on_the_incident_asset_with_its_own_pool_and_priority(project):
+    bag = dagbag(project / "dags")
+    periodic, incident = bag.dags["acc_longitudinal"], bag.dags["acc_longitudinal_incident"]
+    (asset,) = incident.timetable.asset_condition.objects
+    assert asset.uri == "closedloop://incidents/acc_longitudinal_policy"
+    watchers = {w.name: w.trigger for w in asset.watchers}
+    assert set(watchers) == {"acc_longitudinal_inbox", "acc_longitudinal_kpis"}
+    assert watchers["acc_longitudinal_kpis"].rules[0]["metric"] == "online.hard_braking.intervention_rate"
+    for task in incident.tasks:
+        assert (task.pool, task.priority_weight, task.weight_rule) == ("closedloop_incident", 100, "absolute")
+    for task in periodic.tasks:
+        assert task.pool == "default_pool" and task.priority_weight == 1
+    admit = incident.get_task("admit_incident")
+    assert admit.max_active_tis_per_dag == 1 and admit.retries == 0 and admit.inlets == [asset]
 
 
 def test_dag_settings_come_from_the_template(project):
-    dag = dagbag(project / "dags").dags["acc_periodic"]
+    dag = dagbag(project / "dags").dags["acc_longitudinal"]
     assert dag.timetable.expression == "0 3 * * 1"
     assert dag.catchup is False
     assert dag.default_args["owner"] == "acc-ml-team"
@@ -59,33 +82,33 @@ def test_dag_settings_come_from_the_template(project):
 
 
 def test_template_without_review_ends_at_register_candidate(make_project, project):
-    make_project("acc_periodic.yaml", template_text(project, **NO_REVIEW))
-    dag = dagbag(make_project.root / "dags").dags["acc_periodic"]
+    make_project("acc_longitudinal.yaml", template_text(project, **NO_REVIEW))
+    dag = dagbag(make_project.root / "dags").dags["acc_longitudinal"]
     assert {t.task_id: set(t.upstream_task_ids) for t in dag.tasks} == EXPECTED_EDGES
     assert "never promotes" in dag.doc_md
 
 
 def test_copied_template_is_a_second_pipeline(make_project, project):
-    make_project("acc_periodic.yaml", template_text(project))
+    make_project("acc_longitudinal.yaml", template_text(project))
     make_project("acc_eu_only.yaml", template_text(project, **{
-        "name: acc_periodic": "name: acc_eu_only",
+        "name: acc_longitudinal": "name: acc_eu_only",
         "name: acc_longitudinal_policy": "name: acc_policy_eu",
         "max: 0.35": "max: 0.30",
     }))
     bag = dagbag(make_project.root / "dags")
     assert bag.import_errors == {}
-    assert set(bag.dag_ids) == {"acc_periodic", "acc_eu_only"}
+    assert set(bag.dag_ids) == {"acc_longitudinal", "acc_eu_only", "acc_longitudinal_incident", "acc_eu_only_incident"}
     eu = bag.dags["acc_eu_only"].get_task("register_candidate").loaded.spec
     assert eu.model.name == "acc_policy_eu" and eu.gates[0].max == 0.30
 
 
 def test_broken_template_is_an_import_error_and_others_still_load(make_project, project):
-    make_project("acc_periodic.yaml", template_text(project))
+    make_project("acc_longitudinal.yaml", without_incidents(template_text(project)))
     bad = make_project("acc_typo.yaml", template_text(project, **{
-        "name: acc_periodic": "name: acc_typo", "name: acc_longitudinal_policy": "name: acc_typo_model",
+        "name: acc_longitudinal": "name: acc_typo", "name: acc_longitudinal_policy": "name: acc_typo_model",
         "window_days: 14": "window_days: fourteen"}))
     bag = dagbag(make_project.root / "dags")
-    assert set(bag.dag_ids) == {"acc_periodic"}
+    assert set(bag.dag_ids) == {"acc_longitudinal"}
     assert len(bag.import_errors) == 1
     (dag_file, message), = bag.import_errors.items()
     assert dag_file.endswith("closedloop_pipelines.py")
@@ -98,7 +121,7 @@ def test_parse_imports_nothing_heavy(make_project, project, templates):
     """Loading dags/ must not import mlflow, great_expectations, sklearn, pandas or numpy."""
     for i in range(templates):
         make_project(f"p{i:03d}.yaml", template_text(project, **{
-            "name: acc_periodic": f"name: acc_p{i:03d}", "name: acc_longitudinal_policy": f"name: model_{i:03d}"}))
+            "name: acc_longitudinal": f"name: acc_p{i:03d}", "name: acc_longitudinal_policy": f"name: model_{i:03d}"}))
     code = (
         "import sys, json\n"
         "from airflow.dag_processing.dagbag import DagBag\n"
@@ -108,4 +131,4 @@ def test_parse_imports_nothing_heavy(make_project, project, templates):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"dags": templates, "errors": 0, "heavy": []}
+    assert result == {"dags": 2 * templates, "errors": 0, "heavy": []}  # periodic + incident DAG each

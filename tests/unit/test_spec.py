@@ -12,8 +12,8 @@ from tests.conftest import template_text
 def test_shipped_templates_are_valid(project):
     specs, errors = load_all(project / "include" / "pipelines")
     assert errors == []
-    assert {s.spec.name for s in specs} >= {"acc_periodic"}
-    periodic = next(s for s in specs if s.spec.name == "acc_periodic")
+    assert {s.spec.name for s in specs} >= {"acc_longitudinal"}
+    periodic = next(s for s in specs if s.spec.name == "acc_longitudinal")
     assert periodic.spec.label_policy.ref == "expert_idm_smoothed@2"
     assert periodic.spec.schedule == "0 3 * * 1"
     assert len(periodic.digest) == 16
@@ -39,7 +39,7 @@ BROKEN = [
     ("out-of-range", {"window_days: 14": "window_days: 0"}, ["dataset.window_days", "greater than or equal to 1"]),
     ("bad-cron", {'schedule: "0 3 * * 1"': 'schedule: "every monday"'},
      ["schedule", "expected a cron expression", "'every monday'"]),
-    ("bad-name", {"name: acc_periodic": "name: ACC Periodic!"}, ["name:", "should match pattern"]),
+    ("bad-name", {"name: acc_longitudinal": "name: ACC Periodic!"}, ["name:", "should match pattern"]),
     ("entry-point-syntax", {"entry_point: closedloop.driving.policy:train_policy": "entry_point: train_policy"},
      ["training.entry_point", "expected an entry point 'package.module:function'"]),
     ("entry-point-missing-module",
@@ -101,19 +101,19 @@ def test_several_problems_are_reported_together(make_project, project):
 
 def test_one_bad_file_does_not_hide_the_others(make_project, project):
     make_project("good.yaml", template_text(project))
-    make_project("bad.yaml", template_text(project, **{"name: acc_periodic": "name: acc_bad",
+    make_project("bad.yaml", template_text(project, **{"name: acc_longitudinal": "name: acc_bad",
                                                       "window_days: 14": "window_days: x"}))
     specs, errors = load_all(make_project.root / "include" / "pipelines")
-    assert [s.spec.name for s in specs] == ["acc_periodic"]
+    assert [s.spec.name for s in specs] == ["acc_longitudinal"]
     assert len(errors) == 1 and "bad.yaml" in str(errors[0])
 
 
 def test_duplicate_pipeline_or_model_names_are_refused(make_project, project):
     make_project("a.yaml", template_text(project))
     make_project("b.yaml", template_text(project))
-    make_project("c.yaml", template_text(project, **{"name: acc_periodic": "name: acc_other"}))
+    make_project("c.yaml", template_text(project, **{"name: acc_longitudinal": "name: acc_other"}))
     specs, errors = load_all(make_project.root / "include" / "pipelines")
     assert [s.path.name for s in specs] == ["a.yaml"]
     text = "\n".join(map(str, errors))
-    assert "b.yaml: name: pipeline name 'acc_periodic' is already used by" in text
+    assert "b.yaml: name: pipeline name 'acc_longitudinal' is already used by" in text
     assert "c.yaml: model.name: registered model 'acc_longitudinal_policy' is already produced by" in text

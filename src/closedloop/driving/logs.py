@@ -48,7 +48,8 @@ def synthesize_drive_logs(
     :param episodes_per_day: episodes per (source, day, scenario type).
     :param seed: template-level seed mixed into every episode's seed.
     :param duration_s: length of one episode.
-    :param focus: optional multiplier of episodes per scenario type (e.g. mine more hard braking).
+    :param focus: multiplier of episodes per scenario type: below 1 samples that type more sparsely
+        (rare events on the road), above 1 mines more of it (an incident's scenario type).
     :return: a pandas DataFrame, one row per time step.
     """
     import numpy as np
@@ -65,7 +66,7 @@ def synthesize_drive_logs(
     for source in sources:
         for day in _days(window_start, window_end):
             for kind in scenarios:
-                count = max(0, round(episodes_per_day * (focus or {}).get(kind, 1.0)))
+                count = _episodes(episodes_per_day * (focus or {}).get(kind, 1.0), seed, source, day, kind)
                 for n in range(count):
                     episode = f"{source}-{day.isoformat()}-{kind}-{n}"
                     rng = np.random.default_rng(_seed(seed, episode))
@@ -73,6 +74,14 @@ def synthesize_drive_logs(
     frame = pd.DataFrame(columns)
     frame["log_date"] = pd.to_datetime(frame["log_date"])
     return frame
+
+
+def _episodes(expected: float, *parts: object) -> int:
+    """Whole episodes for an expected count: the fraction becomes one more episode on a
+    deterministic share of the days (0.25 → one episode on about every fourth day)."""
+    whole = int(max(0.0, expected))
+    fraction = max(0.0, expected) - whole
+    return whole + (1 if fraction and (_seed("fraction", *parts) % 10_000) / 10_000 < fraction else 0)
 
 
 def _drive(columns, rng, episode, source, day, kind, steps) -> None:

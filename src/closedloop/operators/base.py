@@ -83,7 +83,50 @@ def run_context(loaded: LoadedSpec, mlflow_conn_id: str, context: Context) -> Ru
     ti = context["ti"]
     return RunContext(pipeline=loaded.spec.name, template_digest=loaded.digest,
                       dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
-                      try_number=int(ti.try_number or 1), tracking_uri=hook.tracking_uri())
+                      try_number=int(ti.try_number or 1), tracking_uri=hook.tracking_uri(),
+                      origin=origin_of(loaded, context))
+
+
+RUN_TYPES = {"scheduled": "schedule", "backfill": "backfill", "manual": "request", "asset_triggered": "asset"}
+
+
+def admission(loaded: LoadedSpec, context: Context) -> dict | None:
+    """The ``admit_incident`` result of an incident run (None in other DAGs)."""
+    spec = loaded.spec
+    ti = context["ti"]
+    if spec.incidents is None or ti.dag_id != spec.incident_dag_id or ti.task_id == "admit_incident":
+        return None
+    value = ti.xcom_pull(task_ids="admit_incident")
+    return value if isinstance(value, dict) and value.get("incidents") else None
+
+
+def origin_of(loaded: LoadedSpec, context: Context) -> dict[str, str]:
+    """Lineage tags naming what started this run."""
+    admitted = admission(loaded, context)
+    if admitted is not None:
+        from closedloop.steps.incidents import origin_tags
+
+        return origin_tags(admitted["incidents"])
+    dag_run = context["dag_run"]
+    run_type = getattr(dag_run.run_type, "value", dag_run.run_type)
+    tags = {"closedloop.trigger": RUN_TYPES.get(str(run_type), str(run_type))}
+    user = getattr(dag_run, "triggering_user_name", None)
+    if user:
+        tags["closedloop.requester"] = str(user)
+    return tags
+
+
+def request_of(loaded: LoadedSpec, context: Context) -> tuple[dict, str | None]:
+    """The run's model update request and requester: an incident run's comes from its incident,
+    any other run's from its params (the trigger form, REST ``conf``, or the schedule's default)."""
+    from closedloop.request import FIELDS
+
+    admitted = admission(loaded, context)
+    if admitted is not None:
+        first = admitted["incidents"][0]
+        return admitted["request"], f"incident {first['id']} ({first.get('reported_by') or 'fleet'})"
+    user = getattr(context["dag_run"], "triggering_user_name", None) or None
+    return {k: context["params"].get(k) for k in FIELDS}, user
 
 
 def _push_error(context: Context, exc: Exception, *, permanent: bool) -> None:

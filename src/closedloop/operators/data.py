@@ -36,13 +36,18 @@ class GenerateDatasetOperator(ClosedLoopStepOperator):
         return end.date()
 
     def run_step(self, ctx: RunContext, context: Context) -> dict:
+        from closedloop.operators.base import admission
         from closedloop.steps.dataset import generate_dataset
+        from closedloop.steps.incidents import focus_of
 
         end = (date.fromisoformat(str(self.interval_end)[:10]) if self.interval_end
                else self.default_interval_end(context))
-        out = generate_dataset(self.loaded, ctx, interval_end=end)
-        log.info("dataset snapshot %s: %d rows, window %s..%s, %s", out["digest"], out["rows"],
-                 out["window_start"], out["window_end"], "written" if out["created"] else "already present")
+        admitted = admission(self.loaded, context)
+        focus = focus_of(self.loaded.spec, admitted["focus_types"]) if admitted else None
+        out = generate_dataset(self.loaded, ctx, interval_end=end, focus=focus)
+        log.info("dataset snapshot %s: %d rows, window %s..%s, sampling %s, %s", out["digest"], out["rows"],
+                 out["window_start"], out["window_end"], out["focus"] or "uniform",
+                 "written" if out["created"] else "already present")
         return out
 
 

@@ -70,12 +70,13 @@ class ReviewOperator(ApprovalOperator):
         self.assigned_users = [{"id": u, "name": u} for u in reviewers]
         candidate = context["ti"].xcom_pull(task_ids="register_candidate") or {}
         gate = context["ti"].xcom_pull(task_ids="release_gate") or {}
-        params = context["params"]
+        from closedloop.operators.base import request_of
         from closedloop.steps.gates import format_report
 
+        params, requested_by = request_of(self.loaded, context)
         self.body = (
             f"**{candidate.get('model')} version {candidate.get('version')}** from run `{context['run_id']}`\n\n"
-            f"- Requested by: {requester or 'the schedule'}\n- Purpose: {params.get('purpose')}\n"
+            f"- Requested by: {requested_by or 'the schedule'}\n- Purpose: {params.get('purpose')}\n"
             f"- Change: {', '.join(params.get('change') or [])}\n- Expected impact: {params.get('expected_impact')}\n"
             f"- Scope: {params.get('scope') or '-'}\n- Ticket: {params.get('ticket') or '-'}\n\n"
             f"Release gates:\n```\n{format_report(gate.get('report') or [])}\n```\n"

@@ -56,14 +56,13 @@ class RegisterCandidateOperator(ClosedLoopStepOperator):
     """Register the model version once and point the ``candidate`` alias at it (``register_candidate``)."""
 
     def run_step(self, ctx: RunContext, context: Context) -> dict:
-        from closedloop.operators.governance import requester_of
-        from closedloop.request import FIELDS
+        from closedloop.operators.base import request_of
         from closedloop.steps.registry import register_candidate
 
+        request, requester = request_of(self.loaded, context)
         out = register_candidate(self.loaded, ctx, trained=self.upstream(context, "train"),
                                  labelled=self.upstream(context, "label"),
                                  gate=self.upstream(context, "release_gate"),
-                                 request={k: context["params"].get(k) for k in FIELDS},
-                                 requester=requester_of(context))
+                                 request=request, requester=requester)
         log.info("registered %s version %s as @%s", out["model"], out["version"], out["alias"])
         return out

@@ -23,6 +23,9 @@ class RunContext:
     try_number: int = 1
     data_root: str = field(default_factory=settings.data_root)
     tracking_uri: str = field(default_factory=settings.tracking_uri)
+    origin: dict[str, str] = field(default_factory=dict, compare=False)
+    """What started the run (``closedloop.trigger`` = schedule, backfill, request, incident; the
+    requester; the incident): tags on every MLflow run and model version of the run."""
 
     @property
     def run_key(self) -> str:

@@ -14,20 +14,25 @@ def data_window(spec_window_days: int, interval_end: date) -> tuple[date, date]:
     return interval_end - timedelta(days=spec_window_days), interval_end
 
 
-def generate_dataset(loaded: LoadedSpec, ctx: RunContext, *, interval_end: date) -> dict:
+def generate_dataset(loaded: LoadedSpec, ctx: RunContext, *, interval_end: date,
+                     focus: dict[str, float] | None = None) -> dict:
     """Generate (or reuse) the raw snapshot of the template's sources for the run's window.
 
     :param interval_end: the run's data interval end; the window is the ``window_days``
         before it, so reruns and backfills of the same interval get the same data.
+    :param focus: sampling multiplier per scenario type (the template's ``sampling``, raised
+        for an incident's scenario type); given to the generator as ``focus``.
     :return: ``{uri, digest, rows, sources, window_start, window_end, scenarios}``.
     """
     ds = loaded.spec.dataset
     start, end = data_window(ds.window_days, interval_end)
     generator = resolve(ds.generator)
+    focus = dict(ds.sampling) if focus is None else focus
+    extra = {"focus": focus} if focus else {}
     frame = generator(sources=list(ds.sources), window_start=start, window_end=end,
-                      scenarios=list(ds.scenarios), seed=ds.seed, **ds.params)
+                      scenarios=list(ds.scenarios), seed=ds.seed, **ds.params, **extra)
     ref = write_snapshot(frame, root=ctx.data_root, pipeline=loaded.spec.name, kind="raw")
     counts = frame["scenario"].value_counts().to_dict() if "scenario" in frame else {}
     return {**ref, "sources": list(ds.sources), "scenarios": list(ds.scenarios),
-            "window_start": start.isoformat(), "window_end": end.isoformat(),
+            "window_start": start.isoformat(), "window_end": end.isoformat(), "focus": focus,
             "rows_per_scenario": {str(k): int(v) for k, v in sorted(counts.items())}}

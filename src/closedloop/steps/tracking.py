@@ -80,6 +80,7 @@ def lineage_tags(loaded: LoadedSpec, ctx: RunContext, **extra: str | None) -> di
         "airflow.run_id": ctx.run_id,
         "airflow.task_id": ctx.task_id,
         "airflow.try_number": str(ctx.try_number),
+        **ctx.origin,
     }
     tags.update({k: str(v) for k, v in extra.items() if v is not None})
     return tags

@@ -123,7 +123,7 @@ def test_request_schema_matches_what_airflow_validates(project):
     from closedloop.request import dag_params
     from closedloop.spec import load_spec
 
-    params = dag_params(load_spec(project / "include" / "pipelines" / "acc_periodic.yaml").spec)
+    params = dag_params(load_spec(project / "include" / "pipelines" / "acc_longitudinal.yaml").spec)
     with pytest.raises(ParamValidationError):
         params["purpose"].resolve("short")
     with pytest.raises(ParamValidationError):

@@ -16,7 +16,7 @@ from closedloop.steps.storage import read_snapshot, write_snapshot
 
 @pytest.fixture(scope="module")
 def loaded(project):
-    return load_spec(project / "include" / "pipelines" / "acc_periodic.yaml")
+    return load_spec(project / "include" / "pipelines" / "acc_longitudinal.yaml")
 
 
 def ctx(loaded, root: str, run_id: str = "manual__1") -> RunContext:
@@ -31,7 +31,7 @@ def test_same_window_same_digest_other_window_other_digest(loaded, tmp_path):
     assert a["digest"] == b["digest"] and a["created"] and not b["created"]
     assert c["digest"] != a["digest"]
     assert (a["window_start"], a["window_end"]) == ("2026-11-09", "2026-11-23")
-    assert sorted(p.name for p in (tmp_path / "acc_periodic" / "raw").iterdir()) == sorted(
+    assert sorted(p.name for p in (tmp_path / "acc_longitudinal" / "raw").iterdir()) == sorted(
         [f"{a['digest']}.parquet", f"{c['digest']}.parquet"])
 
 
@@ -41,7 +41,7 @@ def test_object_storage_uri_goes_through_the_same_code(loaded, tmp_path):
     remote = ctx(loaded, "memory://closedloop-test")
     raw_local = generate_dataset(loaded, local, interval_end=date(2026, 11, 23))
     raw_remote = generate_dataset(loaded, remote, interval_end=date(2026, 11, 23))
-    assert raw_remote["uri"].startswith("memory://closedloop-test/acc_periodic/raw/")
+    assert raw_remote["uri"].startswith("memory://closedloop-test/acc_longitudinal/raw/")
     assert raw_remote["digest"] == raw_local["digest"]
     lab_local, lab_remote = label(loaded, local, raw=raw_local), label(loaded, remote, raw=raw_remote)
     assert lab_remote["digest"] == lab_local["digest"]

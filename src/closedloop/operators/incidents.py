@@ -1,0 +1,75 @@
+"""The first task of an incident run: admit the incidents that started it, or stand down."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk.exceptions import AirflowSkipException
+
+from closedloop.operators.base import ClosedLoopStepOperator
+
+if TYPE_CHECKING:
+    from airflow.sdk import Asset, Context
+
+    from closedloop.steps.context import RunContext
+
+log = logging.getLogger(__name__)
+
+
+class AdmitIncidentOperator(ClosedLoopStepOperator):
+    """Validate the run's incident events and debounce repeats (``admit_incident``).
+
+    - No valid incident among the events (unknown model, missing scenario type, bad severity...):
+      the task fails at once (no retry) naming every problem; nothing downstream runs.
+    - Every incident repeats one admitted less than ``incidents.debounce_minutes`` earlier for
+      the same scenario type: the run stands down (its tasks are skipped) and the log and XCom
+      name the run it joins.
+    - Otherwise the run goes on, mining more logs of the admitted incidents' scenario types.
+
+    Admissions are kept in Airflow's asset state store of the incident asset; one admission at
+    a time (``max_active_tis_per_dag=1``), so two runs never both admit the same problem.
+
+    :param asset: the model's incident asset (also this task's inlet).
+    """
+
+    ui_color = "#fde8e8"
+
+    def __init__(self, *, asset: Asset, **kwargs: Any) -> None:
+        kwargs.setdefault("inlets", [asset])
+        kwargs.setdefault("max_active_tis_per_dag", 1)
+        kwargs.setdefault("retries", 0)
+        super().__init__(**kwargs)
+        self.asset = asset
+
+    def events(self, context: Context) -> list[dict]:
+        found = [{"extra": dict(e.extra or {}), "timestamp": e.timestamp}
+                 for e in context["triggering_asset_events"].get(self.asset, [])]
+        conf = getattr(context["dag_run"], "conf", None) or {}
+        if not found and "incident" in conf:  # a manual run: `airflow dags trigger ... --conf '{"incident": {...}}'`
+            found = [{"extra": conf["incident"], "timestamp": context["dag_run"].run_after}]
+        return found
+
+    def run_step(self, ctx: RunContext, context: Context) -> dict:
+        from closedloop.steps.incidents import STATE_PREFIX, admit, incident_request
+
+        spec = self.loaded.spec
+        state = context["asset_state_store"][self.asset]
+        last = {k: state.get(STATE_PREFIX + k) for k in spec.incident_scenarios()}
+        decision = admit(spec, self.events(context), {k: v for k, v in last.items() if v}, run_id=ctx.run_id)
+        for reason in decision["rejected"]:
+            log.warning("ignored a malformed incident event: %s", reason)
+        for kind, admission in decision.pop("state").items():
+            state.set(STATE_PREFIX + kind, admission)
+        if not decision["admitted"]:
+            joined = ", ".join(f"{i} → run {r}" for i, r in decision["merged_into"].items())
+            context["ti"].xcom_push(key="return_value", value=decision)
+            raise AirflowSkipException(f"debounced: every incident of this run repeats one admitted less than "
+                                       f"{spec.incidents.debounce_minutes:g} min earlier ({joined}); no second run")
+        decision["request"] = incident_request(spec, decision["incidents"])
+        for i in decision["incidents"]:
+            log.info("admitted incident %s: %s in %s (%s), logs %s", i["id"], i["kind"], i["scenario_type"],
+                     i["severity"], i["log_refs"] or "-")
+        for inc, run in decision["merged_into"].items():
+            log.info("incident %s joins run %s (debounced)", inc, run)
+        return decision

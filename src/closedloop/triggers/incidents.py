@@ -1,0 +1,215 @@
+"""Asset watchers that turn the outside world into incident events, in Airflow's triggerer.
+
+- :class:`IncidentInboxTrigger` watches a folder for incident JSON files (the embedded default;
+  production uses a message queue through Airflow's common messaging triggers).
+- :class:`KpiWatchTrigger` reads the production version's online KPIs from MLflow and raises an
+  incident when one crosses the template's bound — once per degradation.
+
+Each yields :class:`~airflow.triggers.base.TriggerEvent` s; Airflow records each as an asset
+event on the model's incident asset (``extra = {"from_trigger": True, "payload": incident}``),
+which starts the ``<pipeline>_incident`` DAG. Blocking I/O runs in threads, never on the
+triggerer's event loop; a bad file or an unreachable MLflow is logged and the watch goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from airflow.triggers.base import BaseEventTrigger, TriggerEvent
+
+from closedloop.incidents import IncidentError, parse_incident
+
+log = logging.getLogger(__name__)
+
+ACCEPTED, REJECTED = "accepted", "rejected"
+
+
+def scan_inbox(inbox: Path, model: str, routes: dict[str, list[str]]) -> list[tuple[Path, dict]]:
+    """One look at the inbox: this model's valid incidents (oldest first); bad files are moved to
+    ``rejected/`` with a ``.error.txt`` saying why. Files of other known models are left alone.
+
+    Writers should create ``name.json.tmp`` (or ``.name.json``) and rename it when complete.
+    """
+    inbox.mkdir(parents=True, exist_ok=True)
+    found: list[tuple[float, Path, dict]] = []
+    for path in inbox.glob("*.json"):
+        if path.name.startswith("."):
+            continue
+        try:
+            stat = path.stat()
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:  # taken by another watcher meanwhile
+            continue
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            reject(path, f"{path.name}: not a JSON incident: {exc}")
+            continue
+        if isinstance(data, dict) and data.get("model") in routes and data.get("model") != model:
+            continue  # another pipeline's watcher handles it
+        data = {"reported_by": f"inbox:{path.name}", **data} if isinstance(data, dict) else data
+        try:
+            incident = parse_incident(data, routes)
+        except IncidentError as exc:
+            reject(path, f"{path.name}: {exc}")
+            continue
+        found.append((stat.st_mtime, path, incident))
+    return [(p, i) for _, p, i in sorted(found, key=lambda f: (f[0], f[1].name))]
+
+
+def reject(path: Path, reason: str) -> None:
+    target = path.parent / REJECTED / path.name
+    target.parent.mkdir(exist_ok=True)
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:
+        return
+    target.with_name(target.name + ".error.txt").write_text(reason + "\n", encoding="utf-8")
+    log.warning("incident inbox: rejected %s", reason)
+
+
+def accept(path: Path) -> None:
+    target = path.parent / ACCEPTED / path.name
+    target.parent.mkdir(exist_ok=True)
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:
+        pass
+
+
+class IncidentInboxTrigger(BaseEventTrigger):
+    """Watch ``inbox`` for incident files about ``model``.
+
+    A valid file becomes an incident event, then moves to ``accepted/``; a malformed one, or one
+    about an unknown model, moves to ``rejected/`` next to an ``.error.txt`` and starts nothing.
+    The file moves only after the event is handed to the triggerer, so a crash in between sends
+    it again on restart (at least once) and the incident DAG's debounce absorbs the repeat.
+
+    :param inbox: the folder to watch.
+    :param model: the registered model whose incidents this watcher reports.
+    :param routes: every known model → its incident scenario types (to tell "unknown model"
+        from "another pipeline's model").
+    :param poll_interval: seconds between looks.
+    """
+
+    def __init__(self, *, inbox: str, model: str, routes: dict[str, list[str]], poll_interval: float = 2.0) -> None:
+        super().__init__()
+        self.inbox = inbox
+        self.model = model
+        self.routes = routes
+        self.poll_interval = poll_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("closedloop.triggers.incidents.IncidentInboxTrigger",
+                {"inbox": self.inbox, "model": self.model, "routes": self.routes, "poll_interval": self.poll_interval})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        folder = Path(self.inbox)
+        while True:
+            try:
+                found = await asyncio.to_thread(scan_inbox, folder, self.model, self.routes)
+            except Exception:  # the watch must survive anything one look can throw
+                log.exception("incident inbox %s: scan failed; trying again", folder)
+                found = []
+            for path, incident in found:
+                log.info("incident inbox: %s → incident %s", path.name, incident["id"])
+                yield TriggerEvent(incident)
+                await asyncio.to_thread(accept, path)
+            await asyncio.sleep(self.poll_interval)
+
+
+class KpiWatchTrigger(BaseEventTrigger):
+    """Raise an incident when a production KPI of ``model`` crosses a template bound.
+
+    Reads the newest value of each rule's metric that online monitoring logged for the version
+    the ``production`` alias points at (:func:`closedloop.steps.monitoring.latest_kpis`). A
+    breach fires once: the alarm is kept in Airflow's asset state store (it survives triggerer
+    restarts), keyed by metric and version, and re-arms when the KPI is back within bounds or a
+    new version reaches production.
+
+    :param model: registered model name.
+    :param rules: the template's ``incidents.kpis`` (as dicts).
+    :param poll_interval: seconds between reads.
+    :param mlflow_conn_id: Airflow connection naming MLflow (else the environment's default).
+    """
+
+    def __init__(self, *, model: str, rules: list[dict[str, Any]], poll_interval: float = 60.0,
+                 mlflow_conn_id: str = "mlflow_default") -> None:
+        super().__init__()
+        self.model = model
+        self.rules = rules
+        self.poll_interval = poll_interval
+        self.mlflow_conn_id = mlflow_conn_id
+        self._memory: dict[str, Any] = {}
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("closedloop.triggers.incidents.KpiWatchTrigger",
+                {"model": self.model, "rules": self.rules, "poll_interval": self.poll_interval,
+                 "mlflow_conn_id": self.mlflow_conn_id})
+
+    async def _get(self, key: str) -> Any:
+        if self.asset_state_store is None:  # run outside a triggerer (no watched asset)
+            return self._memory.get(key)
+        return await self.asset_state_store.aget(key)
+
+    async def _set(self, key: str, value: Any) -> None:
+        if self.asset_state_store is None:
+            self._memory[key] = value
+        else:
+            await self.asset_state_store.aset(key, value)
+
+    async def _delete(self, key: str) -> None:
+        if self.asset_state_store is None:
+            self._memory.pop(key, None)
+        else:
+            await self.asset_state_store.adelete(key)
+
+    def _read(self) -> dict[str, Any]:
+        from closedloop.hooks.mlflow import MLflowHook
+        from closedloop.steps.monitoring import latest_kpis
+
+        hook = MLflowHook(self.mlflow_conn_id)
+        os.environ.update(hook.credentials_env())
+        return latest_kpis(self.model, [r["metric"] for r in self.rules], tracking_uri=hook.tracking_uri())
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from closedloop.spec import KpiRuleSpec
+
+        rules = [KpiRuleSpec.model_validate(r) for r in self.rules]
+        while True:
+            try:
+                kpis = await asyncio.to_thread(self._read)
+            except Exception as exc:  # MLflow down, no model yet...: keep watching
+                log.warning("KPI watch of %s: cannot read KPIs (%s: %s); trying again in %g s",
+                            self.model, type(exc).__name__, exc, self.poll_interval)
+                kpis = {"version": None, "values": {}}
+            version = kpis["version"]
+            for rule in rules:
+                value = kpis["values"].get(rule.metric)
+                key = f"kpi_alarm.{rule.metric}"
+                alarm = await self._get(key)
+                if value is None or version is None:
+                    continue
+                if not rule.breached(value):
+                    if alarm:
+                        log.info("KPI %s of %s v%s back within bounds (%g): alarm re-armed",
+                                 rule.metric, self.model, version, value)
+                        await self._delete(key)
+                    continue
+                if alarm and alarm.get("version") == version:
+                    continue  # this degradation already raised its incident
+                incident = {
+                    "id": f"kpi-{self.model}-v{version}-{rule.metric}"[:100].replace("/", "_").replace(" ", "_"),
+                    "model": self.model, "scenario_type": rule.scenario_type, "severity": rule.severity,
+                    "kind": "kpi_degradation", "reported_by": "kpi-watcher",
+                    "description": f"{rule.metric} = {value:g} on production version {version} breaks "
+                                   f"{rule.describe()}",
+                }
+                log.warning("KPI watch: %s", incident["description"])
+                yield TriggerEvent(incident)
+                await self._set(key, {"version": version, "value": value})  # after: at least once
+            await asyncio.sleep(self.poll_interval)
