@@ -81,3 +81,21 @@ class AirflowAPI:
 
     def run_path(self, dag_id: str, run_id: str) -> str:
         return f"/dags/{self.q(dag_id)}/dagRuns/{self.q(run_id)}"
+
+
+def xcom_value(entry: dict | None):
+    """The value of a REST ``xcomEntries`` answer (Airflow returns it as JSON or Python-literal text)."""
+    if not entry:
+        return None
+    value = entry.get("value")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            import ast
+
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                return value
+    return value

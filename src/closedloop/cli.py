@@ -7,6 +7,9 @@
 ``closedloop request|approve|reject``             model update requests and reviews, via Airflow's REST API
 ``closedloop hil report``                         a hardware-in-the-loop rig reports results
 ``closedloop promote|rollback|audit``             production alias, checked against Airflow's records
+``closedloop incident report``                    a fleet incident starts a high-priority retrain (REST or inbox)
+``closedloop kpi report MODEL``                    log online KPIs of the production version (the KPI watcher reads them)
+``closedloop runs PIPELINE``                       recent periodic and incident runs, and what started each
 ``closedloop summary PIPELINE RUN_ID``            the readable summary of any earlier run
 
 Exit codes: 0 success, 1 the operation was refused or the run failed, 2 bad input (unknown
@@ -207,6 +210,9 @@ def parser() -> argparse.ArgumentParser:
     from closedloop.governance_cli import add_parsers
 
     add_parsers(sub, _find)
+    from closedloop.events_cli import add_parsers as add_event_parsers
+
+    add_event_parsers(sub, _find)
 
     sp = sub.add_parser("env", help="print the embedded defaults as shell exports")
     sp.set_defaults(func=cmd_env)
@@ -221,7 +227,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command in ("promote", "rollback", "audit"):
+    if args.command in ("promote", "rollback", "audit", "kpi"):
         local_defaults()
     return args.func(args)
 

@@ -8,6 +8,7 @@ error (see :func:`build_dags`).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -114,7 +115,7 @@ def incident_asset(loaded: LoadedSpec, routes: dict[str, list[str]] | None = Non
         from closedloop.triggers.incidents import KpiWatchTrigger
 
         watchers.append(AssetWatcher(name=f"{spec.name}_kpis", trigger=KpiWatchTrigger(
-            model=spec.model.name, rules=[r.model_dump(mode="json") for r in inc.kpis],
+            model=spec.model.name, rules=json.dumps([r.model_dump(mode="json") for r in inc.kpis]),
             poll_interval=inc.kpi_poll_seconds)))
     if inc.queue:
         from airflow.providers.common.messaging.triggers.msg_queue import MessageQueueTrigger

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from closedloop.airflow_api import AirflowAPI, AirflowAPIError
+from closedloop.airflow_api import AirflowAPI, AirflowAPIError, xcom_value
 from closedloop.errors import ApprovalError
 
 
@@ -96,8 +96,8 @@ def evidence_from_airflow(api: AirflowAPI, model: str, version: str, tags: dict,
     reg = api.get(f"{base}/taskInstances/register_candidate/xcomEntries/return_value", missing_ok=True)
     gate = api.get(f"{base}/taskInstances/release_gate/xcomEntries/return_value", missing_ok=True)
     hitl = api.get(f"{base}/taskInstances/approval/-1/hitlDetails", missing_ok=True)
-    reg_value = _xcom_value(reg)
-    gate_value = _xcom_value(gate)
+    reg_value = xcom_value(reg)
+    gate_value = xcom_value(gate)
     responded = (hitl or {}).get("responded_by_user") or {}
     return PromotionEvidence(
         model=model, version=str(version), dag_id=dag_id, run_id=run_id, run_found=run is not None,
@@ -108,20 +108,6 @@ def evidence_from_airflow(api: AirflowAPI, model: str, version: str, tags: dict,
         chosen_options=list((hitl or {}).get("chosen_options") or []),
         responded_by=responded.get("id"), responded_at=(hitl or {}).get("responded_at"),
         comment=str(((hitl or {}).get("params_input") or {}).get("comment") or ""), approvers=approvers)
-
-
-def _xcom_value(entry):
-    if not entry:
-        return None
-    value = entry.get("value")
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            import ast
-
-            value = ast.literal_eval(value)
-    return value
 
 
 def _approvers_for(tags: dict) -> list[str]:

@@ -127,6 +127,8 @@ def payload_of(extra: Any) -> Any:
     a queue message's body is JSON text), a REST post carries it as is."""
     if isinstance(extra, dict) and extra.get("from_trigger") and "payload" in extra:
         extra = extra["payload"]
+    elif isinstance(extra, dict) and "from_rest_api" in extra:  # Airflow marks events posted by REST
+        extra = {k: v for k, v in extra.items() if k != "from_rest_api"}
     if isinstance(extra, str | bytes):  # a queue message body
         try:
             return json.loads(extra)

@@ -130,12 +130,31 @@ class AirflowServer:
                     health = json.load(r)
                 if all(health.get(c, {}).get("status") == "healthy"
                        for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")):
+                    self.ensure_pools()
                     return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
                 pass
             time.sleep(2)
         self.stop()
         raise RuntimeError(f"Airflow not healthy within {timeout} s; log:\n{self.tail()}")
+
+    def template_pools(self) -> dict[str, int]:
+        """Pools the templates next to the DAG folder name (incident pools), 4 slots each."""
+        from closedloop.spec import load_all
+
+        folder = Path(self.env["AIRFLOW__CORE__DAGS_FOLDER"]).parent / "include" / "pipelines"
+        specs, _ = load_all(folder) if folder.is_dir() else ([], [])
+        return {s.spec.incidents.pool: 4 for s in specs if s.spec.incidents is not None}
+
+    def ensure_pools(self, pools: dict[str, int] | None = None) -> None:
+        """Create missing pools (a task in a missing pool would never be scheduled)."""
+        for name, slots in (pools if pools is not None else self.template_pools()).items():
+            status, _ = self.api("GET", f"/api/v2/pools/{name}")
+            if status == 404:
+                status, body = self.api("POST", "/api/v2/pools", {
+                    "name": name, "slots": slots, "description": "closedloop incident runs", "include_deferred": False})
+                if status not in (200, 201, 409):
+                    raise RuntimeError(f"cannot create pool {name!r}: HTTP {status} {body}")
 
     def alive(self) -> bool:
         return bool(self.procs) and all(p.poll() is None for p in self.procs.values())
@@ -179,7 +198,7 @@ class AirflowServer:
 
 def default_users(approvers: list[str]) -> dict[str, str]:
     """Local users: an admin, a requester and every approver named in the templates."""
-    roles = {"admin": "admin", "ml-engineer": "user"}
+    roles = {"admin": "admin", "ml-engineer": "user", "fleet-monitor": "op"}  # op: may post asset events
     roles.update({a: "user" for a in approvers})
     return roles
 

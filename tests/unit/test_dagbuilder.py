@@ -56,7 +56,7 @@ def test_incident_dag_runs_on_the_incident_asset_with_its_own_pool_and_priority(
     assert asset.uri == "closedloop://incidents/acc_longitudinal_policy"
     watchers = {w.name: w.trigger for w in asset.watchers}
     assert set(watchers) == {"acc_longitudinal_inbox", "acc_longitudinal_kpis"}
-    assert watchers["acc_longitudinal_kpis"].rules[0]["metric"] == "online.hard_braking.intervention_rate"
+    assert json.loads(watchers["acc_longitudinal_kpis"].rules)[0]["metric"] == "online.hard_braking.intervention_rate"
     for task in incident.tasks:
         assert (task.pool, task.priority_weight, task.weight_rule) == ("closedloop_incident", 100, "absolute")
     for task in periodic.tasks:
@@ -132,3 +132,17 @@ def test_parse_imports_nothing_heavy(make_project, project, templates):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"dags": 2 * templates, "errors": 0, "heavy": []}  # periodic + incident DAG each
+
+
+def test_watcher_triggers_survive_airflows_storage_round_trip(project):
+    """Airflow keeps a watcher only if its trigger hashes the same before and after the database."""
+    from airflow.models.trigger import Trigger
+    from airflow.serialization.encoders import encode_trigger
+    from airflow.triggers.base import BaseEventTrigger
+
+    (asset,) = dagbag(project / "dags").dags["acc_longitudinal_incident"].timetable.asset_condition.objects
+    for watcher in asset.watchers:
+        encoded = encode_trigger(watcher.trigger)
+        stored = Trigger(classpath=encoded["classpath"], kwargs=encoded["kwargs"])
+        assert BaseEventTrigger.hash(encoded["classpath"], encoded["kwargs"]) == \
+            BaseEventTrigger.hash(stored.classpath, stored.kwargs), watcher.name

@@ -132,12 +132,15 @@ class KpiWatchTrigger(BaseEventTrigger):
     new version reaches production.
 
     :param model: registered model name.
-    :param rules: the template's ``incidents.kpis`` (as dicts).
+    :param rules: the template's ``incidents.kpis`` as JSON text. (Text, not a list of dicts:
+        Airflow 3.3 hashes an event trigger's kwargs before and after storing them, and a list of
+        dicts comes back encoded differently, so such a watcher would be dropped and re-created
+        on every parse and never run.)
     :param poll_interval: seconds between reads.
     :param mlflow_conn_id: Airflow connection naming MLflow (else the environment's default).
     """
 
-    def __init__(self, *, model: str, rules: list[dict[str, Any]], poll_interval: float = 60.0,
+    def __init__(self, *, model: str, rules: str, poll_interval: float = 60.0,
                  mlflow_conn_id: str = "mlflow_default") -> None:
         super().__init__()
         self.model = model
@@ -174,12 +177,13 @@ class KpiWatchTrigger(BaseEventTrigger):
 
         hook = MLflowHook(self.mlflow_conn_id)
         os.environ.update(hook.credentials_env())
-        return latest_kpis(self.model, [r["metric"] for r in self.rules], tracking_uri=hook.tracking_uri())
+        metrics = [r["metric"] for r in json.loads(self.rules)]
+        return latest_kpis(self.model, metrics, tracking_uri=hook.tracking_uri())
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from closedloop.spec import KpiRuleSpec
 
-        rules = [KpiRuleSpec.model_validate(r) for r in self.rules]
+        rules = [KpiRuleSpec.model_validate(r) for r in json.loads(self.rules)]
         while True:
             try:
                 kpis = await asyncio.to_thread(self._read)

@@ -1,0 +1,232 @@
+"""Incidents under a real scheduler, triggerer, DAG processor and API server on 127.0.0.1:
+events posted through the REST API, files dropped in the inbox and a degraded production KPI
+each start the incident DAG; repeats are debounced; malformed incidents start no retrain and
+the watchers keep running; incident runs keep going while a periodic run holds the default pool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from closedloop.localserver import AirflowServer
+from tests.conftest import NO_REVIEW, scratch_project, template_text
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+PIPELINE, DAG, MODEL = "acc_evt", "acc_evt_incident", "acc_evt_model"
+USERS = {"admin": "admin", "fleet-monitor": "op", "viewer1": "viewer"}
+INCIDENT = {"model": MODEL, "scenario_type": "hard_braking", "severity": "high", "kind": "collision",
+            "log_refs": ["s3://fleet/eu/veh-7/clip-1.mcap"]}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, project):
+    root = scratch_project(tmp_path_factory.mktemp("events-project"))
+    (root / "include" / "pipelines" / f"{PIPELINE}.yaml").write_text(template_text(project, **NO_REVIEW, **{
+        'schedule: "0 3 * * 1"': "schedule: null", "name: acc_longitudinal": f"name: {PIPELINE}",
+        "name: acc_longitudinal_policy": f"name: {MODEL}", "window_days: 14": "window_days: 3",
+        "kpi_poll_seconds: 60": "kpi_poll_seconds: 2", "debounce_minutes: 30": "debounce_minutes: 1"}))
+    work = tmp_path_factory.mktemp("events-airflow")
+    inbox = work / "inbox"
+    server = AirflowServer(work, root / "dags", {u: (r, f"{u}-pw") for u, r in USERS.items()},
+                           env={"CLOSEDLOOP_INCIDENT_INBOX": str(inbox)})
+    server.start()
+    try:
+        server.wait_for(lambda: server.api("GET", f"/api/v2/dags/{DAG}")[0] == 200, 120, "incident DAG parsed")
+        yield server, root, inbox
+    finally:
+        server.stop()
+
+
+STARTED = time.monotonic()
+
+
+def runs(server) -> list[dict]:
+    return server.api("GET", f"/api/v2/dags/{DAG}/dagRuns?order_by=run_after&limit=100")[1]["dag_runs"]
+
+
+def admission(server, run_id: str) -> dict | None:
+    from closedloop.airflow_api import xcom_value
+
+    status, entry = server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/admit_incident/"
+                                      "xcomEntries/return_value")
+    return xcom_value(entry) if status == 200 else None
+
+
+def admit_state(server, run_id: str) -> str | None:
+    status, ti = server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/admit_incident")
+    return ti.get("state") if status == 200 else None
+
+
+def wait_runs(server, count: int, timeout: float = 120) -> list[dict]:
+    """Wait until ``count`` incident runs exist and each one's admission has finished."""
+    def ready():
+        found = runs(server)
+        done = [r for r in found if admit_state(server, r["dag_run_id"]) in ("success", "skipped", "failed")]
+        return found if len(found) >= count and len(done) == len(found) else None
+
+    return server.wait_for(ready, timeout, f"{count} admitted incident runs", interval=1.0)
+
+
+def cli(server, *args: str, user: str = "fleet-monitor") -> subprocess.CompletedProcess:
+    env = {**server.env, "AIRFLOW_API_URL": server.url, "AIRFLOW_USERNAME": user, "AIRFLOW_PASSWORD": f"{user}-pw"}
+    return subprocess.run([sys.executable, "-m", "closedloop.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def asset_events(server) -> list[dict]:
+    from closedloop.incidents import asset_uri
+
+    _, assets = server.api("GET", f"/api/v2/assets?uri_pattern={asset_uri(MODEL)}")
+    asset_id = assets["assets"][0]["id"]
+    return server.api("GET", f"/api/v2/assets/events?asset_id={asset_id}&limit=100")[1]["asset_events"]
+
+
+def test_rest_incident_starts_one_run_and_a_repeat_is_debounced(env):
+    server, root, _ = env
+    from closedloop.events_cli import incident_asset_id
+
+    asset_id = incident_asset_id(server.client("fleet-monitor"), MODEL)
+    status, _ = server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": INCIDENT}, user="viewer1")
+    assert status == 403  # posting incidents is an Airflow permission
+    status, first = server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": {**INCIDENT, "id": "INC-1"}},
+                               user="fleet-monitor")
+    assert status == 200, first
+    wait_runs(server, 1)
+    time.sleep(1)
+    status, _ = server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": {**INCIDENT, "id": "INC-2"}},
+                           user="fleet-monitor")
+    assert status == 200
+    found = wait_runs(server, 2)
+    decisions = {r["dag_run_id"]: admission(server, r["dag_run_id"]) for r in found}
+    admitted = [r for r, d in decisions.items() if d and d["admitted"]]
+    assert len(admitted) == 1, decisions
+    first_run = admitted[0]
+    assert [i["id"] for i in decisions[first_run]["incidents"]] == ["INC-1"]
+    assert decisions[first_run]["focus_types"] == ["hard_braking"]
+    debounced = [d for r, d in decisions.items() if r != first_run]
+    assert debounced[0]["admitted"] is False and debounced[0]["merged_into"] == {"INC-2": first_run}
+    # the incident run's tasks run in the incident pool, at high priority
+    _, tis = server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{first_run}/taskInstances")
+    assert {(t["pool"], t["priority_weight"]) for t in tis["task_instances"]} == {("closedloop_incident", 100)}
+
+    # `closedloop runs` says what started each run
+    out = cli(server, "runs", PIPELINE, "--dir", str(root / "include" / "pipelines"))
+    assert out.returncode == 0, out.stderr
+    assert "incident INC-1 (collision, hard_braking, high" in out.stdout
+    assert "[admitted, mining hard_braking]" in out.stdout and f"[debounced → {first_run}]" in out.stdout
+
+
+def test_malformed_incidents_are_refused_and_start_no_retrain(env):
+    server, root, _ = env
+    before = len(asset_events(server))
+    out = cli(server, "incident", "report", "--model", MODEL, "--severity", "urgent", "--kind", "collision",
+              "--dir", str(root / "include" / "pipelines"))
+    assert out.returncode == 2
+    assert "scenario_type: required" in out.stderr and "severity: expected one of" in out.stderr
+    assert len(asset_events(server)) == before  # the CLI posted nothing
+
+    # posted straight to the REST API, a malformed incident reaches the DAG: admission refuses it
+    n = len(runs(server))
+    from closedloop.events_cli import incident_asset_id
+
+    asset_id = incident_asset_id(server.client("fleet-monitor"), MODEL)
+    server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": {
+        "model": MODEL, "scenario_type": "drifting", "severity": "high"}}, user="fleet-monitor")
+    found = wait_runs(server, n + 1)
+    bad = found[-1]["dag_run_id"]
+    assert admit_state(server, bad) == "failed"
+    _, tis = server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{bad}/taskInstances")
+    assert {t["task_id"]: t["state"] for t in tis["task_instances"]}["generate_dataset"] in ("upstream_failed", None)
+    _, err = server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{bad}/taskInstances/admit_incident/xcomEntries/error")
+    assert "scenario_type: 'drifting' is not a scenario type" in str(err["value"])
+
+
+def test_inbox_file_starts_a_run_and_bad_files_are_set_aside(env):
+    server, _, inbox = env
+    n = len(runs(server))
+    inbox.mkdir(exist_ok=True)
+    (inbox / "garbage.json").write_text("{not json")
+    (inbox / "unknown.json").write_text(json.dumps({**INCIDENT, "model": "no_such_model"}))
+    time.sleep(4)  # the watcher has looked at least once since: the bad files did not stop it
+    good = {**INCIDENT, "id": "INC-INBOX-1", "scenario_type": "stop_and_go", "kind": "disengagement"}
+    (inbox / ".good.json.tmp").write_text(json.dumps(good))
+    os.replace(inbox / ".good.json.tmp", inbox / "good.json")
+    found = wait_runs(server, n + 1)
+    d = admission(server, found[-1]["dag_run_id"])
+    assert d["admitted"] and d["incidents"][0]["id"] == "INC-INBOX-1"
+    assert d["incidents"][0]["reported_by"] == "inbox:good.json"
+    server.wait_for(lambda: (inbox / "accepted" / "good.json").exists(), 30, "good.json accepted")
+    assert "not a JSON incident" in (inbox / "rejected" / "garbage.json.error.txt").read_text()
+    assert "unknown model 'no_such_model'" in (inbox / "rejected" / "unknown.json.error.txt").read_text()
+    assert not list(inbox.glob("*.json"))
+    assert len(runs(server)) == n + 1  # the bad files started nothing
+
+
+def test_degraded_kpi_raises_one_incident_per_degradation(env):
+    server, _, _ = env
+    from closedloop.steps.monitoring import report_kpis
+
+    uri = server.env["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+    if not client.search_registered_models(f"name = '{MODEL}'"):
+        client.create_registered_model(MODEL)
+    # a production version that online monitoring observes (registered directly: this test is about the watcher)
+    mv = client.create_model_version(MODEL, source="file:///models/acc_evt/7")
+    client.set_registered_model_alias(MODEL, "production", mv.version)
+    n = len(runs(server))
+    report_kpis(MODEL, {"online.cut_in.min_ttc_s": 2.4}, tracking_uri=uri)  # healthy
+    time.sleep(6)
+    assert len(runs(server)) == n
+    report_kpis(MODEL, {"online.cut_in.min_ttc_s": 0.9}, tracking_uri=uri)  # below the bound of 1.5
+    found = wait_runs(server, n + 1, timeout=90)
+    d = admission(server, found[-1]["dag_run_id"])
+    assert d["admitted"] and d["focus_types"] == ["cut_in"]
+    incident = d["incidents"][0]
+    assert incident["kind"] == "kpi_degradation" and incident["severity"] == "medium"
+    assert incident["reported_by"] == "kpi-watcher" and f"production version {mv.version}" in incident["description"]
+    report_kpis(MODEL, {"online.cut_in.min_ttc_s": 0.8}, tracking_uri=uri)  # still degraded: no new incident
+    time.sleep(8)
+    assert len(runs(server)) == n + 1
+
+
+
+def test_periodic_run_holding_the_default_pool_does_not_block_an_incident_run(env):
+    server, _, _ = env
+    for pool, slots in (("default_pool", 1), ("closedloop_incident", 8)):
+        status, body = server.api("PATCH", f"/api/v2/pools/{pool}?update_mask=slots",
+                                  {"name": pool, "slots": slots, "include_deferred": False})
+        assert status == 200, body
+    status, periodic = server.api("POST", f"/api/v2/dags/{PIPELINE}/dagRuns", {"logical_date": None})
+    assert status == 200, periodic
+    base = f"/api/v2/dags/{PIPELINE}/dagRuns/{periodic['dag_run_id']}"
+    server.wait_for(lambda: any(t["state"] == "running" for t in server.api("GET", f"{base}/taskInstances")[1]
+                                ["task_instances"]), 120, "the periodic run to take the default pool's slot")
+    time.sleep(max(0.0, 62 - (time.monotonic() - STARTED)))  # past the 1-minute debounce of INC-1
+    n = len(runs(server))
+    from closedloop.events_cli import incident_asset_id
+
+    asset_id = incident_asset_id(server.client("fleet-monitor"), MODEL)
+    server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": {**INCIDENT, "id": "INC-URGENT"}},
+               user="fleet-monitor")
+    found = wait_runs(server, n + 1)
+    urgent = found[-1]["dag_run_id"]
+    assert admission(server, urgent)["admitted"]
+
+    def generated():
+        _, ti = server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{urgent}/taskInstances/generate_dataset")
+        return ti if ti.get("state") == "success" else None
+
+    ti = server.wait_for(generated, 180, "the incident run's generate_dataset")
+    _, run = server.api("GET", base)
+    assert run["state"] == "running"  # the periodic run still holds the only default slot...
+    assert ti["pool"] == "closedloop_incident"  # ...and the incident run went on in its own pool
+    server.api("PATCH", "/api/v2/pools/default_pool?update_mask=slots", {"name": "default_pool", "slots": 128,
+                                                                          "include_deferred": False})
