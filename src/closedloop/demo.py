@@ -1,102 +1,163 @@
-"""``make demo``: the whole governed path, non-interactively, through a real local Airflow.
+"""``make demo``: the closed loop, non-interactively, through a real local Airflow.
 
-request (as ``ml-engineer``, REST) → data, training, evaluation, simulation, gates →
-candidate → review: ``safety-lead`` approves through the REST API → ``promote`` → production,
-then the run summary and the version's audit trail.
+1. The weekly retrain of ``acc_longitudinal`` (requested by ``ml-engineer`` through the REST API)
+   trains on fleet logs where emergency stops are rare: its model fails the hard-braking
+   simulation gate, and nothing is registered.
+2. ``fleet-monitor`` reports a hard-braking collision as an incident (an Airflow asset event).
+   The incident DAG admits it, mines 20x more hard-braking logs, passes every gate and
+   registers a candidate.
+3. ``ml-engineer`` (not a reviewer) is refused by Airflow; ``safety-lead`` approves through the
+   REST API; ``promote`` moves ``production``. Then: both run summaries, the lead times, what
+   started each run, and the version's audit trail.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from datetime import datetime
 
 from closedloop.localrun import collect_summary
 from closedloop.report import format_summary
 
 PIPELINE = "acc_longitudinal"
-REQUESTER, REVIEWER = "ml-engineer", "safety-lead"
+INCIDENT_DAG = f"{PIPELINE}_incident"
+MODEL = "acc_longitudinal_policy"
+REQUESTER, REVIEWER, REPORTER = "ml-engineer", "safety-lead", "fleet-monitor"
 SETTLE_SECONDS = 5
+INCIDENT = {
+    "model": MODEL, "scenario_type": "hard_braking", "severity": "high", "kind": "collision",
+    "vehicle": "veh-0042", "occurred_at": "2026-11-25T17:42:10Z",
+    "log_refs": ["s3://fleet-logs/eu/2026-11-25/veh-0042/clip-0193.mcap"],
+    "description": "Rear-end collision at 48 km/h: the lead vehicle braked hard, ACC reacted too late.",
+}
 
 
-def _task_states(server, run_id: str) -> dict[str, str]:
-    tis = server.client("admin").get(f"/dags/{PIPELINE}/dagRuns/{run_id}/taskInstances")["task_instances"]
+def _states(server, dag_id: str, run_id: str) -> dict[str, str]:
+    tis = server.client("admin").get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
     return {t["task_id"]: t["state"] for t in tis}
 
 
-def _progress(states: dict[str, str], shown: dict[str, str]) -> None:
-    for task, state in states.items():
-        if state and shown.get(task) != state:
-            shown[task] = state
-            print(f"  {time.strftime('%H:%M:%S')}  {task:<20} {state}", flush=True)
+def _follow(server, dag_id: str, run_id: str, until, timeout: float, what: str):
+    shown: dict[str, str] = {}
+
+    def check():
+        states = _states(server, dag_id, run_id)
+        for task, state in states.items():
+            if state and shown.get(task) != state:
+                shown[task] = state
+                print(f"  {time.strftime('%H:%M:%S')}  {task:<20} {state}", flush=True)
+        return until(states)
+
+    return server.wait_for(check, timeout, what, interval=1.0)
+
+
+def _run_done(server, dag_id, run_id):
+    def done(states):
+        r = server.client("admin").get(f"/dags/{dag_id}/dagRuns/{run_id}")
+        return r["state"] if r["state"] in ("success", "failed") else None
+    return done
+
+
+def _ts(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def run() -> int:
     from closedloop import settings
+    from closedloop.events_cli import post_incident, wait_for_run
     from closedloop.governance_cli import format_audit
+    from closedloop.incidents import parse_incident, routes_of
     from closedloop.localserver import local_server
-    from closedloop.request import validate_request
+    from closedloop.spec import load_all
     from closedloop.steps.context import RunContext
     from closedloop.steps.governance import audit_trail
 
     server = local_server()
-    print(f"starting a local Airflow on {server.url} (scheduler, triggerer, API server; log {server.log}) ...",
-          flush=True)
+    print(f"starting a local Airflow on {server.url} (scheduler, triggerer, DAG processor, API server; "
+          f"log {server.log}) ...", flush=True)
     server.start()
     try:
-        admin, requester, reviewer = (server.client(u) for u in ("admin", REQUESTER, REVIEWER))
-        server.wait_for(lambda: admin.get(f"/dags/{PIPELINE}", missing_ok=True), 120, "the DAG to be parsed")
-        admin.call("PATCH", f"/dags/{PIPELINE}", {"is_paused": False})
-        conf = validate_request({
-            "purpose": "Keep the ACC policy current with two more weeks of fleet logs.",
-            "change": ["data"], "expected_impact": "Equal or better imitation error; zero collisions in simulation.",
-            "scope": "EU and US fleets, highway and urban car-following", "ticket": "DEMO-1"})
-        status, run = requester.call("POST", f"/dags/{PIPELINE}/dagRuns", {"logical_date": None, "conf": conf})
-        if status != 200:
-            print(f"error: the request was refused (HTTP {status}): {run}", file=sys.stderr)
-            return 1
-        run_id = run["dag_run_id"]
-        print(f"\n{REQUESTER} requested run {run_id} of {PIPELINE}: {conf['purpose']}", flush=True)
-        shown: dict[str, str] = {}
+        admin, requester, reviewer, reporter = (server.client(u) for u in ("admin", REQUESTER, REVIEWER, REPORTER))
+        for dag_id in (PIPELINE, INCIDENT_DAG):
+            server.wait_for(lambda d=dag_id: admin.get(f"/dags/{d}", missing_ok=True), 120, f"DAG {dag_id}")
+            admin.call("PATCH", f"/dags/{dag_id}", {"is_paused": False})
 
-        def at_review():
-            states = _task_states(server, run_id)
-            _progress(states, shown)
+        print(f"\n[1/3] the weekly retrain of {PIPELINE} (standing request, started by {REQUESTER})", flush=True)
+        status, run = requester.call("POST", f"/dags/{PIPELINE}/dagRuns", {"logical_date": None})
+        if status != 200:
+            print(f"error: the run was refused (HTTP {status}): {run}", file=sys.stderr)
+            return 1
+        periodic_id = run["dag_run_id"]
+        _follow(server, PIPELINE, periodic_id, _run_done(server, PIPELINE, periodic_id), 900, "the weekly run")
+        periodic = collect_summary(PIPELINE, periodic_id)
+        print(format_summary(periodic))
+
+        print(f"\n[2/3] {REPORTER} reports a hard-braking collision from the fleet (asset event, REST)", flush=True)
+        specs, _ = load_all(settings.include_dir() / "pipelines")
+        incident = parse_incident({**INCIDENT, "id": f"INC-{time.strftime('%Y%m%d-%H%M%S')}",
+                                   "reported_by": REPORTER}, routes_of(specs))
+        event = post_incident(reporter, incident)
+        print(f"  incident {incident['id']} → asset event {event['id']} at {event['timestamp']}", flush=True)
+        incident_run = wait_for_run(admin, INCIDENT_DAG, event["id"], 120)
+        if incident_run is None:
+            print("error: no incident run started", file=sys.stderr)
+            return 1
+        incident_id = incident_run["dag_run_id"]
+        print(f"  started {INCIDENT_DAG} run {incident_id}", flush=True)
+
+        def at_review(states):
             if states.get("approval") == "awaiting_input":
-                return True
+                return "review"
             return "failed" if any(s in ("failed", "upstream_failed") for s in states.values()) else None
 
-        if server.wait_for(at_review, 900, "the run to reach the review", interval=1.0) == "failed":
-            print("the run failed before review", file=sys.stderr)
-        else:
+        reached = _follow(server, INCIDENT_DAG, incident_id, at_review, 900, "the incident run to reach review")
+        if reached == "review":
+            print("\n[3/3] review of the candidate (assigned: the template's approvers)", flush=True)
             # A person needs seconds to decide; answering within ~1 s of the task parking can race
             # the scheduler's processing of the parked workload's exit in Airflow 3.3 (the task is
             # then failed as "state changed externally"). Give the scheduler a few loops first.
             time.sleep(SETTLE_SECONDS)
-            path = f"/dags/{PIPELINE}/dagRuns/{run_id}/taskInstances/approval/-1/hitlDetails"
+            path = f"/dags/{INCIDENT_DAG}/dagRuns/{incident_id}/taskInstances/approval/-1/hitlDetails"
             status, _ = requester.call("PATCH", path, {"chosen_options": ["Approve"], "params_input": {}})
-            print(f"\n{REQUESTER} tries to approve their own request: HTTP {status} (refused by Airflow)")
-            status, resp = reviewer.call("PATCH", path, {"chosen_options": ["Approve"], "params_input": {
-                "comment": "Gates green, simulation clean; approved for production."}})
-            print(f"{REVIEWER} approves through the REST API: HTTP {status}\n", flush=True)
-
-            def finished():
-                states = _task_states(server, run_id)
-                _progress(states, shown)
-                r = admin.get(f"/dags/{PIPELINE}/dagRuns/{run_id}")
-                return r["state"] if r["state"] in ("success", "failed") else None
-
-            server.wait_for(finished, 300, "the run to finish", interval=1.0)
-        summary = collect_summary(PIPELINE, run_id)
+            print(f"  {REQUESTER} tries to approve: HTTP {status} (refused by Airflow: not a reviewer)")
+            status, _ = reviewer.call("PATCH", path, {"chosen_options": ["Approve"], "params_input": {
+                "comment": "Hard-braking scenarios clean in simulation; approved for production."}})
+            print(f"  {REVIEWER} approves through the REST API: HTTP {status}\n", flush=True)
+            _follow(server, INCIDENT_DAG, incident_id, _run_done(server, INCIDENT_DAG, incident_id), 300,
+                    "the incident run to finish")
+        summary = collect_summary(INCIDENT_DAG, incident_id)
         print(format_summary(summary))
+
+        tis = {t["task_id"]: t for t in admin.get(
+            f"/dags/{INCIDENT_DAG}/dagRuns/{incident_id}/taskInstances")["task_instances"]}
+        posted = _ts(event["timestamp"])
+        lead = {name: (_ts(tis[task]["end_date"]) - posted).total_seconds()
+                for name, task in (("candidate", "register_candidate"), ("production", "promote"))
+                if tis.get(task, {}).get("end_date") and tis[task]["state"] == "success"}
+        first = (_ts(tis["admit_incident"]["start_date"]) - posted).total_seconds()
+        print(f"\nlead times from the incident event: first task started after {first:.1f} s; "
+              + ", ".join(f"{k} after {v:.0f} s" for k, v in lead.items())
+              + (" (including the reviewer's decision)" if "production" in lead else ""))
+
+        from closedloop.events_cli import origin
+
+        print("\nwhat started each run (also: `closedloop runs acc_longitudinal`):")
+        print(f"  {PIPELINE} {periodic_id}: {origin(admin, PIPELINE, run)} -> {periodic['state']}")
+        print(f"  {INCIDENT_DAG} {incident_id}: {origin(admin, INCIDENT_DAG, incident_run)} -> {summary['state']}")
+
         reg = (summary["results"] or {}).get("register_candidate")
         if reg:
-            ctx = RunContext(pipeline=PIPELINE, template_digest="", dag_id=PIPELINE, run_id=run_id,
+            ctx = RunContext(pipeline=PIPELINE, template_digest="", dag_id=INCIDENT_DAG, run_id=incident_id,
                              tracking_uri=settings.tracking_uri())
             print("\n" + format_audit(audit_trail(ctx, reg["model"], reg["version"])))
         promoted = (summary["results"] or {}).get("promote")
-        ok = summary["state"] == "success" and bool(promoted)
-        print(f"\n{'OK' if ok else 'FAILED'}: " + (f"{promoted['model']} version {promoted['version']} is in production."
-                                                 if ok else "nothing was promoted."))
+        gate_failed = periodic["state"] == "failed" and any(
+            t["task_id"] == "release_gate" and t["state"] == "failed" for t in periodic["tasks"])
+        ok = gate_failed and summary["state"] == "success" and bool(promoted)
+        print(f"\n{'OK' if ok else 'FAILED'}: " + (
+            f"the weekly model was stopped by the hard-braking gate; the incident retrain made {MODEL} "
+            f"version {promoted['version']}, now in production." if ok else "the loop did not close as expected."))
         print("Next: `make airflow` opens the Airflow UI (and MLflow) on these stores; logins are printed there.")
         return 0 if ok else 1
     finally:

@@ -47,6 +47,7 @@ def describe(loaded: LoadedSpec) -> str:
               f"{s.approval.timeout_hours:g} h counts as a rejection." if s.approval
               else "No human review: this pipeline produces candidates only and never promotes.")
     params = ", ".join(f"{k}={v}" for k, v in ds.params.items())
+    sampling = ", ".join(f"{k} x{v:g}" for k, v in ds.sampling.items())
     return f"""# Pipeline `{s.name}`
 
 {s.description.strip()}
@@ -55,12 +56,13 @@ def describe(loaded: LoadedSpec) -> str:
 |---|---|
 | owner | {s.owner} |
 | schedule | {_schedule(s.schedule)}; catchup {'on' if s.catchup else 'off'} |
+| incidents | {_incidents_row(s)} |
 | template | `{loaded.path.name}` (hash `{loaded.digest}`) |
 | tags | {', '.join(s.tags) or '-'} |
 
 ## Inputs
 - **Fleet logs** from {', '.join(f'`{x}`' for x in ds.sources)}: the {ds.window_days} days before the run's data
-  interval end; scenario types {', '.join(f'`{x}`' for x in ds.scenarios)}{f'; {params}' if params else ''}.
+  interval end; scenario types {', '.join(f'`{x}`' for x in ds.scenarios)}{f'; {params}' if params else ''}{f'; sampling {sampling}' if sampling else ''}.
 - **Label policy** `{lp.ref}` (`{lp.entry_point}`).
 - **Expectation suite** `{s.validation.suite}` and **scenario set** `{s.simulation.scenario_set}`.
 
@@ -77,7 +79,7 @@ def describe(loaded: LoadedSpec) -> str:
 - Services: MLflow (connection `mlflow_default` or `MLFLOW_TRACKING_URI`), the data root
   (`CLOSEDLOOP_DATA_ROOT`), a triggerer for `simulate`.
 
-## Release gates
+{_incidents_section(s)}## Release gates
 {gates}
 
 ## Review
@@ -86,3 +88,31 @@ def describe(loaded: LoadedSpec) -> str:
 ## Tasks
 {tasks}
 """
+
+
+def _incidents_row(s) -> str:
+    if s.incidents is None:
+        return "none (no incident DAG)"
+    return f"DAG `{s.incident_dag_id}` on asset `closedloop://incidents/{s.model.name}`"
+
+
+def _incidents_section(s) -> str:
+    inc = s.incidents
+    if inc is None:
+        return ""
+    channels = ["the REST API (`POST /api/v2/assets/events`)", "`closedloop incident report`"]
+    if inc.inbox:
+        channels.append("JSON files in the incident inbox (`$CLOSEDLOOP_INCIDENT_INBOX`)")
+    if inc.queue:
+        channels.append(f"the message queue ({inc.queue.get('scheme')}) through Airflow's common messaging provider")
+    kpis = "\n".join(f"  - `{r.describe()}` → {r.severity} incident in `{r.scenario_type}`" for r in inc.kpis)
+    return f"""## Incidents
+Incidents about `{s.model.name}` in {', '.join(f'`{t}`' for t in s.incident_scenarios())} start DAG
+`{s.incident_dag_id}`: it admits the incident (malformed ones fail admission, repeats of the same scenario
+type within {inc.debounce_minutes:g} min join the first run), then runs the same loop on a dataset with
+{inc.focus:g}x the usual share of the incident's scenario type. Its tasks run in pool `{inc.pool}` at priority
+{inc.priority_weight}, so periodic runs never hold them up. Channels: {', '.join(channels)}.
+""" + (f"""- Production KPIs (polled every {inc.kpi_poll_seconds:g} s from online monitoring in MLflow) raise an
+  incident once per degradation:
+{kpis}
+""" if inc.kpis else "") + "\n"

@@ -17,10 +17,22 @@ def format_summary(s: dict) -> str:
     for t in s["tasks"]:
         dur = f"{t['duration_s']:.1f} s" if t["duration_s"] is not None else ""
         out.append(f"  {t['task_id']:<20} {t['state']:<16} {dur:>8}  try {t['try_number']}")
+    adm = r.get("admit_incident")
+    if adm:
+        from closedloop.incidents import summary as incident_summary
+
+        if adm.get("admitted"):
+            out += ["", "started by: " + "; ".join(incident_summary(i) for i in adm["incidents"])
+                    + f"  (mining more {', '.join(adm['focus_types'])})"]
+        else:
+            out += ["", "debounced: joins run(s) " + ", ".join(sorted(set(adm.get("merged_into", {}).values())))]
     ds, lab = r.get("generate_dataset"), r.get("label")
     if ds:
         out += ["", f"dataset: raw {ds['digest']} ({ds['rows']} rows, {', '.join(ds['sources'])}, "
                     f"window {ds['window_start']}..{ds['window_end']})"]
+        if ds.get("rows_per_scenario"):
+            out.append("         rows per scenario: " + ", ".join(f"{k} {v}" for k, v in ds["rows_per_scenario"].items())
+                       + (f"; sampling {ds['focus']}" if ds.get("focus") else ""))
     if lab:
         out.append(f"         labelled {lab['digest']} (label policy {lab['label_policy']})")
     if r.get("validate_data"):

@@ -45,9 +45,6 @@ def env(tmp_path_factory, project):
         server.stop()
 
 
-STARTED = time.monotonic()
-
-
 def runs(server) -> list[dict]:
     return server.api("GET", f"/api/v2/dags/{DAG}/dagRuns?order_by=run_after&limit=100")[1]["dag_runs"]
 
@@ -209,7 +206,12 @@ def test_periodic_run_holding_the_default_pool_does_not_block_an_incident_run(en
     base = f"/api/v2/dags/{PIPELINE}/dagRuns/{periodic['dag_run_id']}"
     server.wait_for(lambda: any(t["state"] == "running" for t in server.api("GET", f"{base}/taskInstances")[1]
                                 ["task_instances"]), 120, "the periodic run to take the default pool's slot")
-    time.sleep(max(0.0, 62 - (time.monotonic() - STARTED)))  # past the 1-minute debounce of INC-1
+    from datetime import UTC, datetime
+
+    admitted_at = max(datetime.fromisoformat(i["received_at"]) for r in runs(server)
+                      if (d := admission(server, r["dag_run_id"])) and d.get("admitted")
+                      for i in d["incidents"] if i["scenario_type"] == "hard_braking")
+    time.sleep(max(0.0, 62 - (datetime.now(UTC) - admitted_at).total_seconds()))  # past the 1-minute debounce
     n = len(runs(server))
     from closedloop.events_cli import incident_asset_id
 

@@ -66,6 +66,20 @@ BROKEN = [
      ["gates[0].metric 'hil.brake_distance_m' needs hardware-in-the-loop results", "add a 'hil:' section"]),
     ("nested-hyperparameter", {"max_leaf_nodes: 31}": "max_leaf_nodes: {a: 1}}"},
      ["training.hyperparameters.max_leaf_nodes"]),
+    ("sampling-unknown-scenario", {"sampling: {hard_braking: 0.1}": "sampling: {hard_brakes: 0.1}"},
+     ["dataset", "sampling names scenario types ['hard_brakes']"]),
+    ("incident-scenario-not-mined", {"scenario_types: [cut_in, hard_braking, stop_and_go]":
+                                     "scenario_types: [cut_in, rain]"},
+     ["incidents.scenario_types ['rain'] are not in dataset.scenarios"]),
+    ("kpi-scenario-not-answered", {"      scenario_type: cut_in\n": "      scenario_type: cruise\n"},
+     ["incidents.kpis[1].scenario_type 'cruise' is not one of the incident scenario types"]),
+    ("kpi-without-bound", {"      min: 1.5\n": ""}, ["incidents.kpis[1]", "needs 'min:' and/or 'max:'"]),
+    ("kpi-bad-severity", {"      severity: medium": "      severity: urgent"},
+     ["incidents.kpis[1].severity", "'low', 'medium', 'high' or 'critical'"]),
+    ("queue-without-scheme", {"  pool: closedloop_incident\n": "  pool: closedloop_incident\n  queue: {topics: [x]}\n"},
+     ["incidents.queue needs 'scheme:'"]),
+    ("debounce-negative", {"debounce_minutes: 30": "debounce_minutes: -5"},
+     ["incidents.debounce_minutes", "greater than or equal to 0"]),
 ]
 
 
