@@ -159,7 +159,8 @@ def origin(api: AirflowAPI, dag_id: str, run: dict) -> str:
         who = run.get("triggering_user_name") or "?"
         if "incident" in conf:
             return f"manual incident by {who}"
-        return f"request by {who}: {str(conf.get('purpose') or '-')[:60]}"
+        purpose = conf.get("purpose")
+        return f"request by {who}: {str(purpose)[:60]}" if purpose else f"request by {who} (the standing request)"
     if kind == "asset_triggered":
         events = api.get(f"{api.run_path(dag_id, run['dag_run_id'])}/upstreamAssetEvents").get("asset_events", [])
         parts = []
