@@ -142,7 +142,10 @@ def build_incident_dag(loaded: LoadedSpec, routes: dict[str, list[str]] | None =
     with DAG(
         dag_id=spec.incident_dag_id,
         description=f"Incident retraining of {spec.model.name} ({spec.name})"[:200],
-        doc_md=describe(loaded),
+        doc_md=(f"# Incident retraining of `{spec.model.name}`\n\nThe incident DAG of pipeline `{spec.name}`: "
+                "each run starts from incident asset events; `admit_incident` validates them, debounces "
+                "repeats and tells `generate_dataset` which scenario types to mine more of; the rest is "
+                "the pipeline's loop, below.\n\n" + describe(loaded)),
         schedule=[asset],
         start_date=None,
         catchup=False,

@@ -82,7 +82,10 @@ def wait_for_run(api: AirflowAPI, dag_id: str, event_id: int, timeout: float) ->
         for run in runs:
             if run["dag_run_id"] in seen:
                 continue
-            events = api.get(f"{api.run_path(dag_id, run['dag_run_id'])}/upstreamAssetEvents").get("asset_events", [])
+            status, data = api.call("GET", f"{api.run_path(dag_id, run['dag_run_id'])}/upstreamAssetEvents")
+            if status >= 500:  # a run being created this instant can answer 500 once: look again
+                continue
+            events = (data or {}).get("asset_events", []) if status == 200 else []
             if any(int(e["id"]) == int(event_id) for e in events):
                 return run
             if run["state"] not in ("queued",):

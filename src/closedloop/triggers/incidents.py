@@ -61,24 +61,26 @@ def scan_inbox(inbox: Path, model: str, routes: dict[str, list[str]]) -> list[tu
     return [(p, i) for _, p, i in sorted(found, key=lambda f: (f[0], f[1].name))]
 
 
-def reject(path: Path, reason: str) -> None:
-    target = path.parent / REJECTED / path.name
+def _move(path: Path, folder: str) -> Path | None:
+    """Move ``path`` into its sibling ``folder``; None if another watcher took it first."""
+    target = path.parent / folder / path.name
     target.parent.mkdir(exist_ok=True)
     try:
         os.replace(path, target)
     except FileNotFoundError:
-        return
-    target.with_name(target.name + ".error.txt").write_text(reason + "\n", encoding="utf-8")
-    log.warning("incident inbox: rejected %s", reason)
+        return None
+    return target
+
+
+def reject(path: Path, reason: str) -> None:
+    target = _move(path, REJECTED)
+    if target is not None:
+        target.with_name(target.name + ".error.txt").write_text(reason + "\n", encoding="utf-8")
+        log.warning("incident inbox: rejected %s", reason)
 
 
 def accept(path: Path) -> None:
-    target = path.parent / ACCEPTED / path.name
-    target.parent.mkdir(exist_ok=True)
-    try:
-        os.replace(path, target)
-    except FileNotFoundError:
-        pass
+    _move(path, ACCEPTED)
 
 
 class IncidentInboxTrigger(BaseEventTrigger):
