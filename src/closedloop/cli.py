@@ -10,6 +10,7 @@
 ``closedloop incident report``                    a fleet incident starts a high-priority retrain (REST or inbox)
 ``closedloop kpi report MODEL``                    log online KPIs of the production version (the KPI watcher reads them)
 ``closedloop runs PIPELINE``                       recent periodic and incident runs, and what started each
+``closedloop trace REF`` / ``impact`` / ``rerun``   lineage: a model's origins, what a change touches, exact reruns
 ``closedloop summary PIPELINE RUN_ID``            the readable summary of any earlier run
 
 Exit codes: 0 success, 1 the operation was refused or the run failed, 2 bad input (unknown
@@ -213,6 +214,9 @@ def parser() -> argparse.ArgumentParser:
     from closedloop.events_cli import add_parsers as add_event_parsers
 
     add_event_parsers(sub, _find)
+    from closedloop.lineage_cli import add_parsers as add_lineage_parsers
+
+    add_lineage_parsers(sub)
 
     sp = sub.add_parser("env", help="print the embedded defaults as shell exports")
     sp.set_defaults(func=cmd_env)
@@ -227,7 +231,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command in ("promote", "rollback", "audit", "kpi"):
+    if args.command in ("promote", "rollback", "audit", "kpi", "trace", "impact", "rerun"):
         local_defaults()
     return args.func(args)
 

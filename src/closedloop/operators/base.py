@@ -100,13 +100,24 @@ def admission(loaded: LoadedSpec, context: Context) -> dict | None:
     return value if isinstance(value, dict) and value.get("incidents") else None
 
 
+def rerun_of(context: Context) -> dict | None:
+    """``closedloop rerun``'s instructions in the run's conf (None for other runs)."""
+    value = (getattr(context["dag_run"], "conf", None) or {}).get("closedloop_rerun")
+    return value if isinstance(value, dict) and value.get("of") else None
+
+
 def origin_of(loaded: LoadedSpec, context: Context) -> dict[str, str]:
     """Lineage tags naming what started this run."""
+    rerun = rerun_of(context)
+    extra = {"closedloop.rerun_of": str(rerun["of"])} if rerun else {}
     admitted = admission(loaded, context)
     if admitted is not None:
         from closedloop.steps.incidents import origin_tags
 
-        return origin_tags(admitted["incidents"])
+        return {**origin_tags(admitted["incidents"]), **extra}
+    if rerun:
+        user = getattr(context["dag_run"], "triggering_user_name", None)
+        return {"closedloop.trigger": "rerun", **extra, **({"closedloop.requester": str(user)} if user else {})}
     dag_run = context["dag_run"]
     run_type = getattr(dag_run.run_type, "value", dag_run.run_type)
     tags = {"closedloop.trigger": RUN_TYPES.get(str(run_type), str(run_type))}

@@ -36,10 +36,20 @@ class GenerateDatasetOperator(ClosedLoopStepOperator):
         return end.date()
 
     def run_step(self, ctx: RunContext, context: Context) -> dict:
-        from closedloop.operators.base import admission
-        from closedloop.steps.dataset import generate_dataset
+        from closedloop.operators.base import admission, rerun_of
+        from closedloop.steps.dataset import generate_dataset, pinned_snapshot
         from closedloop.steps.incidents import focus_of
 
+        rerun = rerun_of(context)
+        if rerun:
+            from closedloop.steps.tracking import link_rerun
+
+            link_rerun(self.loaded, ctx, of=str(rerun["of"]))
+            if rerun.get("raw") and not rerun.get("fresh_data"):
+                out = pinned_snapshot(rerun["raw"])
+                log.info("rerun of %s: pinned snapshot %s (%d rows, window %s..%s), not regenerated", rerun["of"],
+                         out["digest"], out["rows"], out["window_start"], out["window_end"])
+                return out
         end = (date.fromisoformat(str(self.interval_end)[:10]) if self.interval_end
                else self.default_interval_end(context))
         admitted = admission(self.loaded, context)

@@ -56,7 +56,9 @@ class AdmitIncidentOperator(ClosedLoopStepOperator):
         spec = self.loaded.spec
         state = context["asset_state_store"][self.asset]
         last = {k: state.get(STATE_PREFIX + k) for k in spec.incident_scenarios()}
-        decision = admit(spec, self.events(context), {k: v for k, v in last.items() if v}, run_id=ctx.run_id)
+        rerun = "closedloop_rerun" in (getattr(context["dag_run"], "conf", None) or {})
+        decision = admit(spec, self.events(context), {k: v for k, v in last.items() if v}, run_id=ctx.run_id,
+                         rerun=rerun)
         for reason in decision["rejected"]:
             log.warning("ignored a malformed incident event: %s", reason)
         for kind, admission in decision.pop("state").items():

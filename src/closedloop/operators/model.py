@@ -22,7 +22,7 @@ class TrainOperator(ClosedLoopStepOperator):
         from closedloop.steps.training import train
 
         out = train(self.loaded, ctx, labelled=self.upstream(context, "label"),
-                    validation=self.upstream(context, "validate_data"))
+                    validation=self.upstream(context, "validate_data"), raw=self.upstream(context, "generate_dataset"))
         log.info("model %s from MLflow run %s (%d training rows)", out["model_uri"], out["run_id"], out["train_rows"])
         return out
 

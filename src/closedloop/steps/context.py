@@ -31,6 +31,13 @@ class RunContext:
     def run_key(self) -> str:
         return f"{self.dag_id}/{self.run_id}"
 
+    def for_key(self, run_key: str) -> RunContext:
+        """The same pipeline, another run (``run_key`` = ``dag_id/run_id``)."""
+        from dataclasses import replace
+
+        dag_id, _, run_id = run_key.partition("/")
+        return replace(self, dag_id=dag_id, run_id=run_id)
+
     def for_task(self, task_id: str, try_number: int = 1) -> RunContext:
         from dataclasses import replace
 

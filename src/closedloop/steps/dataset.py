@@ -36,3 +36,19 @@ def generate_dataset(loaded: LoadedSpec, ctx: RunContext, *, interval_end: date,
     return {**ref, "sources": list(ds.sources), "scenarios": list(ds.scenarios),
             "window_start": start.isoformat(), "window_end": end.isoformat(), "focus": focus,
             "rows_per_scenario": {str(k): int(v) for k, v in sorted(counts.items())}}
+
+
+def pinned_snapshot(raw: dict) -> dict:
+    """An earlier run's raw snapshot, checked against its digest (``closedloop rerun``).
+
+    :raises PermanentError: when the snapshot is gone or its content changed.
+    """
+    from closedloop.errors import PermanentError
+    from closedloop.steps.storage import read_snapshot
+
+    try:
+        frame = read_snapshot(raw["uri"], raw["digest"])
+    except FileNotFoundError:
+        raise PermanentError(f"pinned snapshot {raw['digest']} is gone from {raw['uri']}; rerun with --fresh-data "
+                             "to build a new one (it will not be the same data)") from None
+    return {**raw, "rows": int(len(frame)), "created": False, "pinned": True}

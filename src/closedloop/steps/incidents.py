@@ -16,12 +16,15 @@ from closedloop.spec import PipelineSpec
 STATE_PREFIX = "admitted."
 
 
-def admit(spec: PipelineSpec, events: list[dict[str, Any]], last: dict[str, dict], *, run_id: str) -> dict[str, Any]:
+def admit(spec: PipelineSpec, events: list[dict[str, Any]], last: dict[str, dict], *, run_id: str,
+          rerun: bool = False) -> dict[str, Any]:
     """Decide an incident run.
 
     :param events: ``{"extra": ..., "timestamp": datetime}`` per asset event of the run (or one
         made from the run's ``conf`` for a manual run).
     :param last: scenario type → the last admission ``{"run_id", "incident_id", "event_at"}``.
+    :param rerun: an explicit rerun of an earlier incident run (``closedloop rerun``): never debounced,
+        and it records no admission.
     :return: ``{"admitted", "incidents", "focus_types", "merged_into", "rejected", "state"}``;
         ``state`` holds the admissions to record (scenario type → admission).
     :raises PermanentError: when no event holds a valid incident (each problem named).
@@ -48,6 +51,9 @@ def admit(spec: PipelineSpec, events: list[dict[str, Any]], last: dict[str, dict
     for incident, at in sorted(valid, key=lambda v: (-SEVERITIES.index(v[0]["severity"]), v[1])):
         kind = incident["scenario_type"]
         prev = state.get(kind) or last.get(kind)
+        if rerun:
+            admitted.append({**incident, "received_at": at.isoformat()})
+            continue
         if prev and prev["run_id"] != run_id and at - datetime.fromisoformat(prev["event_at"]) < window:
             merged_into[incident["id"]] = prev["run_id"]
             continue

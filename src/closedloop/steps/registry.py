@@ -45,6 +45,7 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
             "closedloop.dataset_version": labelled["digest"],
             "closedloop.raw_dataset_version": labelled.get("raw_digest"),
             "closedloop.training_run_id": trained["run_id"],
+            "closedloop.dataset.sources": trained.get("sources"),
             "closedloop.gate_run_id": gate["run_id"],
             "closedloop.gates": "passed",
             "closedloop.request.requester": requester or "scheduler",

@@ -163,3 +163,16 @@ def metric_entities(metrics: dict[str, float]):
 
     now = int(time.time() * 1000)
     return [Metric(key=k, value=float(v), timestamp=now, step=0) for k, v in metrics.items()]
+
+
+def link_rerun(loaded: LoadedSpec, ctx: RunContext, *, of: str) -> None:
+    """Record on the original pipeline run that ``ctx``'s run reruns it (``closedloop.reruns``);
+    the rerun's own runs carry ``closedloop.rerun_of`` through the lineage tags."""
+    c = client(ctx)
+    original = _find(ctx.for_key(of), experiment_id(ctx), "pipeline")
+    if original is None:
+        log.warning("rerun of %s: its MLflow pipeline run is not in this store; linking one way only", of)
+        return
+    known = [k for k in original.data.tags.get("closedloop.reruns", "").split(",") if k]
+    if ctx.run_key not in known:
+        c.set_tag(original.info.run_id, "closedloop.reruns", ",".join([*known, ctx.run_key])[:5000])

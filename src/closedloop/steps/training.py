@@ -31,15 +31,39 @@ def split(frame, test_fraction: float, group: str = "episode_id"):
     return frame[~is_test], frame[is_test]
 
 
-def train(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, validation: dict | None = None) -> dict:
+def dataset_tags(raw: dict | None, labelled: dict, validation: dict | None) -> dict[str, str]:
+    """Searchable lineage of the data a model learns from (``closedloop trace`` and ``impact`` read them)."""
+    import json
+
+    tags = {"closedloop.dataset_version": labelled["digest"]}
+    if raw:
+        tags.update({
+            "closedloop.raw_dataset_version": raw["digest"],
+            "closedloop.dataset.sources": "," + ",".join(raw.get("sources") or []) + ",",  # ",a,b,": exact LIKE
+            "closedloop.dataset.window": f"{raw.get('window_start')}..{raw.get('window_end')}",
+        })
+    manifest = {
+        "raw": {k: raw.get(k) for k in ("uri", "digest", "rows", "sources", "scenarios", "window_start",
+                                        "window_end", "focus", "rows_per_scenario")} if raw else None,
+        "labelled": {k: labelled.get(k) for k in ("uri", "digest", "rows", "label_policy", "raw_digest")},
+        "validation": {k: validation.get(k) for k in ("suite", "success", "evaluated", "failed")}
+        if validation else None,
+    }
+    tags["closedloop.dataset.manifest"] = json.dumps(manifest, sort_keys=True, default=str)
+    return tags
+
+
+def train(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, validation: dict | None = None,
+          raw: dict | None = None) -> dict:
     """Train once per pipeline run; a retry after success returns the recorded result.
 
+    :param raw: the ``generate_dataset`` result (sources, window, sampling) for the lineage tags.
     :return: ``{run_id, model_uri, train_rows, test_rows, dataset_digest}``.
     """
     import mlflow
 
     spec = loaded.spec
-    run = tracking.step_run(loaded, ctx, "train", **{"closedloop.dataset_version": labelled["digest"]})
+    run = tracking.step_run(loaded, ctx, "train", **dataset_tags(raw, labelled, validation))
     done = tracking.finished_result(run)
     if done:
         log.info("train already finished for %s in MLflow run %s: reusing its model", ctx.run_key, run.info.run_id)
@@ -59,7 +83,8 @@ def train(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, validation: di
             info = models.log_model(model, trainer=trainer, pip_requirements=pip_requirements())
         client.set_tag(run_id, "closedloop.model_uri", info.model_uri)
         result = {"run_id": run_id, "model_uri": info.model_uri, "train_rows": int(len(train_df)),
-                  "test_rows": int(len(test_df)), "dataset_digest": labelled["digest"]}
+                  "test_rows": int(len(test_df)), "dataset_digest": labelled["digest"],
+                  "sources": "," + ",".join((raw or {}).get("sources") or []) + ","}
         return tracking.finish(ctx, run_id, result)
     except BaseException:
         tracking.fail(ctx, run_id)

@@ -1,0 +1,428 @@
+"""Trace a model to its origins and list what a data change touches — from MLflow's records.
+
+Every MLflow run and model version of a pipeline run carries the lineage tags (pipeline,
+template hash, dataset digests, label policy, Airflow dag/run/task, code version, what started
+the run); the training run also carries the dataset manifest (sources, window, sampling, rows,
+validation). :func:`trace` and :func:`impact` read only those records, with indexed lookups, so
+they stay fast on a store with many thousands of runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from closedloop.errors import ClosedLoopError
+
+LIVE_ALIASES = ("production", "candidate")
+RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+class LineageError(ClosedLoopError):
+    """A reference that names nothing (exit code 2 in the CLI)."""
+
+
+def _client(tracking_uri: str | None):
+    from mlflow import MlflowClient
+
+    from closedloop import settings
+    from closedloop.steps.tracking import ensure_store
+
+    uri = tracking_uri or settings.tracking_uri()
+    ensure_store(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _missing(exc: Exception) -> bool:
+    text = str(exc)
+    return "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower() or "INVALID_PARAMETER_VALUE" in text
+
+
+def _experiments(c) -> list[str]:
+    return [e.experiment_id for e in c.search_experiments(filter_string="name LIKE 'closedloop/%'", max_results=1000)]
+
+
+def _version(c, name: str, version: str | None = None, alias: str | None = None):
+    try:
+        if alias is not None:
+            return c.get_model_version_by_alias(name, alias)
+        return c.get_model_version(name, version)
+    except Exception as exc:
+        if not _missing(exc):
+            raise
+    try:
+        c.get_registered_model(name)
+    except Exception as exc:
+        if _missing(exc):
+            known = ", ".join(sorted(m.name for m in c.search_registered_models(max_results=50))) or "none"
+            raise LineageError(f"unknown model {name!r} (registered models: {known})") from None
+        raise
+    if alias is not None:
+        raise LineageError(f"model {name!r} has no alias {alias!r}") from None
+    raise LineageError(f"model {name!r} has no version {version!r}") from None
+
+
+def resolve(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """What ``ref`` names: ``{"version": ModelVersion | None, "pipeline_run": Run | None}``.
+
+    ``ref`` is ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``NAME/VERSION``, ``NAME@ALIAS``,
+    an MLflow run id (any step of a pipeline run) or an Airflow dag run id.
+    """
+    c = _client(tracking_uri)
+    body = ref.removeprefix("models:/")
+    if "@" in body and "/" not in body:
+        name, alias = body.rsplit("@", 1)
+        mv = _version(c, name, alias=alias)
+        return {"version": mv, "pipeline_run": _pipeline_run_of_version(c, mv)}
+    if "/" in body and body.rsplit("/", 1)[1].isdigit():
+        name, version = body.rsplit("/", 1)
+        mv = _version(c, name, version=version)
+        return {"version": mv, "pipeline_run": _pipeline_run_of_version(c, mv)}
+    if ref.startswith("models:/"):
+        raise LineageError(f"{ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    if RUN_ID_RE.match(ref):
+        try:
+            run = c.get_run(ref)
+        except Exception as exc:
+            if _missing(exc):
+                raise LineageError(f"no MLflow run {ref!r}") from None
+            raise
+        key = run.data.tags.get("closedloop.run_key")
+        if not key:
+            raise LineageError(f"MLflow run {ref!r} was not made by a closedloop pipeline (no closedloop.run_key)")
+        parent = _pipeline_run(c, key, [run.info.experiment_id])
+        return {"version": _version_of_run_key(c, key), "pipeline_run": parent or run}
+    runs = c.search_runs(_experiments(c), filter_string=f"tags.`airflow.run_id` = '{_q(ref)}' and "
+                         "tags.`closedloop.step` = 'pipeline'", max_results=10)
+    if not runs:
+        raise LineageError(f"{ref!r} is no model (models:/NAME@ALIAS, NAME/VERSION), MLflow run id or Airflow dag "
+                           "run id that a closedloop pipeline recorded")
+    if len(runs) > 1:
+        dags = sorted({r.data.tags.get("airflow.dag_id") for r in runs})
+        raise LineageError(f"Airflow run id {ref!r} exists in several DAGs {dags}; give the model version instead")
+    run = runs[0]
+    return {"version": _version_of_run_key(c, run.data.tags["closedloop.run_key"]), "pipeline_run": run}
+
+
+def _q(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def _pipeline_run(c, run_key: str, experiment_ids: list[str]):
+    runs = c.search_runs(experiment_ids, filter_string=f"tags.`closedloop.run_key` = '{_q(run_key)}' and "
+                         "tags.`closedloop.step` = 'pipeline'", max_results=1)
+    return runs[0] if runs else None
+
+
+def _pipeline_run_of_version(c, mv):
+    key = mv.tags.get("closedloop.run_key")
+    if not key or not mv.run_id:
+        return None
+    try:
+        train = c.get_run(mv.run_id)
+    except Exception as exc:
+        if _missing(exc):
+            return None
+        raise
+    return _pipeline_run(c, key, [train.info.experiment_id])
+
+
+def _version_of_run_key(c, run_key: str):
+    pipeline = run_key  # tags on versions: closedloop.run_key = "<dag_id>/<run_id>"
+    try:
+        found = c.search_model_versions(f"tags.`closedloop.run_key` = '{_q(pipeline)}'", max_results=5)
+    except Exception as exc:
+        if _missing(exc):
+            return None
+        raise
+    if not found:
+        return None
+    first = min(found, key=lambda v: int(v.version))
+    return c.get_model_version(first.name, first.version)  # search results carry no aliases
+
+
+def _step_runs(c, parent) -> dict[str, Any]:
+    key = parent.data.tags.get("closedloop.run_key")
+    runs = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`closedloop.run_key` = '{_q(key)}'",
+                         max_results=50)
+    return {r.data.tags.get("closedloop.step"): r for r in runs}
+
+
+def _result(run) -> dict | None:
+    raw = run.data.tags.get("closedloop.result") if run else None
+    return json.loads(raw) if raw else None
+
+
+def _origin(tags: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"trigger": tags.get("closedloop.trigger", "unknown")}
+    if tags.get("closedloop.requester") or tags.get("closedloop.request.requester"):
+        out["requester"] = tags.get("closedloop.requester") or tags.get("closedloop.request.requester")
+    incident = {k.removeprefix("closedloop.incident."): v for k, v in tags.items() if k.startswith("closedloop.incident.")}
+    if incident:
+        out["incident"] = incident
+    for key in ("closedloop.rerun_of", "closedloop.reruns"):
+        if tags.get(key):
+            out[key.removeprefix("closedloop.")] = tags[key]
+    return out
+
+
+def trace(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """The chain behind ``ref``, newest first: model version → training run → dataset snapshots →
+    label policy → template → Airflow run (and what started it) → gates and review."""
+    c = _client(tracking_uri)
+    found = resolve(ref, tracking_uri)
+    mv, parent = found["version"], found["pipeline_run"]
+    steps = _step_runs(c, parent) if parent is not None and parent.data.tags.get("closedloop.step") == "pipeline" \
+        else ({"train": parent} if parent is not None else {})
+    train = steps.get("train")
+    if train is None and mv is not None and mv.run_id:
+        train = c.get_run(mv.run_id)
+    tags = dict((parent or train).data.tags) if (parent or train) else dict(mv.tags)
+    ttags = dict(train.data.tags) if train else {}
+    manifest = json.loads(ttags.get("closedloop.dataset.manifest") or "null") or {}
+    gate = _result(steps.get("release_gate"))
+    out: dict[str, Any] = {"ref": ref}
+    if mv is not None:
+        aliases = list(mv.aliases)
+        out["model_version"] = {
+            "name": mv.name, "version": str(mv.version), "aliases": aliases, "status": mv.status,
+            "created": mv.creation_timestamp, "source": mv.source,
+            "request": {k.removeprefix("closedloop.request."): v for k, v in mv.tags.items()
+                        if k.startswith("closedloop.request.")},
+        }
+    if train is not None:
+        out["training_run"] = {
+            "run_id": train.info.run_id, "status": train.info.status, "params": dict(train.data.params),
+            "metrics": dict(train.data.metrics), "code_version": ttags.get("closedloop.code_version"),
+            "model_uri": ttags.get("closedloop.model_uri"),
+        }
+    out["datasets"] = [d for d in (
+        {"kind": "labelled", **(manifest.get("labelled") or {"digest": ttags.get("closedloop.dataset_version")})},
+        {"kind": "raw", **(manifest.get("raw") or {"digest": ttags.get("closedloop.raw_dataset_version")})},
+    ) if d.get("digest")]
+    out["validation"] = manifest.get("validation")
+    out["label_policy"] = tags.get("closedloop.label_policy")
+    out["template"] = {"pipeline": tags.get("closedloop.pipeline"), "file": tags.get("closedloop.template"),
+                       "hash": tags.get("closedloop.template_hash")}
+    out["airflow_run"] = {"dag_id": tags.get("airflow.dag_id"), "run_id": tags.get("airflow.run_id"),
+                          "started_by": _origin({**tags, **(dict(mv.tags) if mv is not None else {})})}
+    out["gates"] = {"passed": gate.get("passed"), "report": gate.get("report")} if gate else None
+    review = {k.removeprefix("closedloop.review."): v for k, v in (mv.tags.items() if mv is not None else ())
+              if k.startswith("closedloop.review.")}
+    out["review"] = review or None
+    return out
+
+
+def format_trace(t: dict[str, Any]) -> str:
+    lines = [f"trace of {t['ref']} (newest first)"]
+    mv = t.get("model_version")
+    if mv:
+        lines.append(f"\nmodel version   {mv['name']} v{mv['version']}  aliases: "
+                     f"{', '.join('@' + a for a in mv['aliases']) or '-'}  ({mv['status']})")
+        if mv["request"].get("purpose"):
+            lines.append(f"  request       {mv['request'].get('purpose')}  (by {mv['request'].get('requester', '?')})")
+    tr = t.get("training_run")
+    if tr:
+        lines.append(f"training run    {tr['run_id']}  code {tr['code_version']}")
+        lines.append("  params        " + ", ".join(f"{k}={v}" for k, v in sorted(tr["params"].items())))
+        if tr["metrics"]:
+            lines.append("  metrics       " + ", ".join(f"{k}={v:g}" for k, v in sorted(tr["metrics"].items())))
+    for d in t["datasets"]:
+        extra = ""
+        if d["kind"] == "raw" and d.get("sources"):
+            extra = (f"  sources {', '.join(d['sources'])}, window {d.get('window_start')}..{d.get('window_end')}, "
+                     f"scenarios {', '.join(d.get('scenarios') or [])}"
+                     + (f", sampling {d['focus']}" if d.get("focus") else ""))
+        rows = f", {d['rows']} rows" if d.get("rows") is not None else ""
+        lines.append(f"dataset {d['kind']:<8} {d['digest']}{rows}{extra}")
+    v = t.get("validation")
+    if v:
+        lines.append(f"  validation    suite {v['suite']}: {'passed' if v['success'] else 'FAILED'} "
+                     f"({v['evaluated'] - v['failed']}/{v['evaluated']})")
+    lines.append(f"label policy    {t['label_policy']}")
+    tp = t["template"]
+    lines.append(f"template        {tp['pipeline']} ({tp['file']}, hash {tp['hash']})")
+    ar = t["airflow_run"]
+    started = ar["started_by"]
+    how = started["trigger"] + (f" by {started['requester']}" if started.get("requester") else "")
+    if started.get("incident"):
+        inc = started["incident"]
+        how += f": incident {inc.get('id')} ({inc.get('kind')}, {inc.get('scenario_type')}, {inc.get('severity')})"
+    if started.get("rerun_of"):
+        how += f"; rerun of {started['rerun_of']}"
+    if started.get("reruns"):
+        how += f"; rerun as {started['reruns']}"
+    lines.append(f"airflow run     {ar['dag_id']} / {ar['run_id']}  started by {how}")
+    g = t.get("gates")
+    if g:
+        from closedloop.steps.gates import format_report
+
+        lines.append(f"gates           {'passed' if g['passed'] else 'FAILED'}")
+        lines.extend("  " + line for line in format_report(g["report"] or []).splitlines())
+    r = t.get("review")
+    if r:
+        lines.append(f"review          {r.get('decision')} by {r.get('reviewer') or '-'} at {r.get('at') or '-'}"
+                     + (f": {r['comment']}" if r.get("comment") else ""))
+    return "\n".join(lines)
+
+
+def _all_runs(c, filter_string: str) -> list:
+    exps = _experiments(c)
+    if not exps:
+        return []
+    out, token = [], None
+    while True:
+        page = c.search_runs(exps, filter_string=filter_string, max_results=10_000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def impact(*, source: str | None = None, label_policy: str | None = None, dataset: str | None = None,
+           tracking_uri: str | None = None) -> dict[str, Any]:
+    """Everything touched by a data source, a label policy (``NAME`` or ``NAME@VERSION``) or a
+    dataset digest: snapshots, training runs, model versions, aliases; live ones flagged."""
+    given = [x for x in (source, label_policy, dataset) if x]
+    if len(given) != 1:
+        raise LineageError("give exactly one of --source, --label-policy, --dataset")
+    c = _client(tracking_uri)
+    base = "tags.`closedloop.step` = 'train'"
+    if source:
+        if "," in source or "'" in source:
+            raise LineageError(f"--source {source!r}: a source name has no commas or quotes")
+        runs = _all_runs(c, f"{base} and tags.`closedloop.dataset.sources` LIKE '%,{source},%'")
+        what = f"source {source}"
+    elif label_policy:
+        op = f"= '{_q(label_policy)}'" if "@" in label_policy else f"LIKE '{_q(label_policy)}@%'"
+        runs = _all_runs(c, f"{base} and tags.`closedloop.label_policy` {op}")
+        what = f"label policy {label_policy}"
+    else:
+        runs = _all_runs(c, f"{base} and tags.`closedloop.dataset_version` = '{_q(dataset)}'")
+        runs += [r for r in _all_runs(c, f"{base} and tags.`closedloop.raw_dataset_version` = '{_q(dataset)}'")
+                 if r.info.run_id not in {x.info.run_id for x in runs}]
+        what = f"dataset {dataset}"
+    snapshots: dict[str, dict] = {}
+    training = []
+    by_run: dict[str, dict] = {}
+    for r in runs:
+        t = r.data.tags
+        for kind, key in (("raw", "closedloop.raw_dataset_version"), ("labelled", "closedloop.dataset_version")):
+            if t.get(key):
+                snapshots.setdefault(t[key], {"digest": t[key], "kind": kind, "pipeline": t.get("closedloop.pipeline"),
+                                              "label_policy": t.get("closedloop.label_policy") if kind == "labelled"
+                                              else None, "window": t.get("closedloop.dataset.window")})
+        entry = {"run_id": r.info.run_id, "pipeline": t.get("closedloop.pipeline"), "dag_id": t.get("airflow.dag_id"),
+                 "airflow_run_id": t.get("airflow.run_id"), "status": r.info.status,
+                 "dataset_version": t.get("closedloop.dataset_version"), "label_policy": t.get("closedloop.label_policy")}
+        training.append(entry)
+        by_run[r.info.run_id] = entry
+    versions = []
+    if by_run:
+        models = [m.name for m in c.search_registered_models(max_results=1000)
+                  if m.tags.get("closedloop.pipeline") in {e["pipeline"] for e in training}]
+        for name in models:
+            by_version: dict[str, list[str]] = {}
+            for alias, version in (c.get_registered_model(name).aliases or {}).items():
+                by_version.setdefault(str(version), []).append(alias)  # search results carry no aliases
+            for mv in _all_versions(c, name):
+                if mv.tags.get("closedloop.training_run_id") in by_run or mv.run_id in by_run:
+                    aliases = sorted(by_version.get(str(mv.version), []))
+                    versions.append({"model": name, "version": str(mv.version), "aliases": aliases,
+                                     "live": sorted(set(aliases) & set(LIVE_ALIASES)),
+                                     "training_run_id": mv.tags.get("closedloop.training_run_id") or mv.run_id})
+    versions.sort(key=lambda v: (v["model"], int(v["version"])))
+    training.sort(key=lambda e: (e["pipeline"] or "", e["airflow_run_id"] or ""))
+    return {"query": what, "snapshots": sorted(snapshots.values(), key=lambda s: (s["pipeline"] or "", s["kind"], s["digest"])),
+            "training_runs": training, "model_versions": versions,
+            "live": [v for v in versions if v["live"]]}
+
+
+def _all_versions(c, name: str) -> list:
+    out, token = [], None
+    while True:
+        page = c.search_model_versions(f"name = '{_q(name)}'", max_results=10_000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def format_impact(i: dict[str, Any]) -> str:
+    lines = [f"impact of {i['query']}: {len(i['snapshots'])} snapshots, {len(i['training_runs'])} training runs, "
+             f"{len(i['model_versions'])} model versions, {len(i['live'])} live"]
+    if i["live"]:
+        lines.append("\nLIVE (act here first):")
+        lines.extend(f"  {v['model']} v{v['version']}  @{', @'.join(v['live'])}" for v in i["live"])
+    if i["snapshots"]:
+        lines.append("\nsnapshots:")
+        lines.extend(f"  {s['kind']:<8} {s['digest']}  {s['pipeline']}  window {s['window'] or '-'}"
+                     + (f"  {s['label_policy']}" if s["label_policy"] else "") for s in i["snapshots"])
+    if i["training_runs"]:
+        lines.append("\ntraining runs:")
+        lines.extend(f"  {e['run_id']}  {e['dag_id']} / {e['airflow_run_id']}  ({e['status']}, {e['label_policy']})"
+                     for e in i["training_runs"])
+    if i["model_versions"]:
+        lines.append("\nmodel versions:")
+        lines.extend(f"  {v['model']} v{v['version']}" + (f"  @{', @'.join(v['aliases'])}" if v["aliases"] else "")
+                     for v in i["model_versions"])
+    return "\n".join(lines)
+
+
+def rerun_plan(ref: str, specs, *, fresh_data: bool = False, allow_template_change: bool = False,
+               tracking_uri: str | None = None) -> dict[str, Any]:
+    """How to rerun the pipeline run behind ``ref`` exactly: ``{"dag_id", "conf", "notes", "original"}``.
+
+    Same DAG, same request, same pinned raw snapshot (unless ``fresh_data``), same label policy;
+    refused when the template changed since (its hash differs) unless ``allow_template_change``.
+    ``notes`` say what is not identical (e.g. another code version).
+    """
+    from closedloop.steps.context import code_version
+
+    t = trace(ref, tracking_uri)
+    ar, tp = t["airflow_run"], t["template"]
+    if not ar.get("dag_id") or not ar.get("run_id"):
+        raise LineageError(f"{ref!r}: no Airflow run recorded for it; nothing to rerun")
+    loaded = next((s for s in specs if s.spec.name == tp["pipeline"]), None)
+    if loaded is None:
+        raise LineageError(f"{ref!r} came from pipeline {tp['pipeline']!r}, which no valid template defines now")
+    notes = []
+    if loaded.digest != tp["hash"]:
+        msg = (f"template {loaded.path.name} changed since the original run (hash {tp['hash']} then, "
+               f"{loaded.digest} now)")
+        if not allow_template_change:
+            raise LineageError(msg + ": the rerun would not be exact; pass --allow-template-change to rerun "
+                               "with the current template anyway")
+        notes.append(msg + ": rerunning with the current template")
+    if loaded.spec.label_policy.ref != t["label_policy"]:
+        notes.append(f"label policy is {loaded.spec.label_policy.ref} now, {t['label_policy']} then")
+    then = (t.get("training_run") or {}).get("code_version")
+    if then and then != code_version():
+        notes.append(f"code version differs: {then} then, {code_version()} now")
+    raw = next((d for d in t["datasets"] if d["kind"] == "raw"), None)
+    pin = {k: v for k, v in raw.items() if k != "kind"} if raw and raw.get("uri") else None
+    if not fresh_data and pin is None:
+        raise LineageError(f"{ref!r}: the original run recorded no raw snapshot to pin (use --fresh-data)")
+    original = f"{ar['dag_id']}/{ar['run_id']}"
+    conf: dict[str, Any] = {"closedloop_rerun": {"of": original, "fresh_data": fresh_data,
+                                                 **({"raw": pin} if not fresh_data else {})}}
+    request = (t.get("model_version") or {}).get("request") or {}
+    incident = ar["started_by"].get("incident")
+    if ar["dag_id"] == loaded.spec.incident_dag_id:
+        if not incident:
+            raise LineageError(f"{ref!r}: incident run without a recorded incident; cannot rerun it")
+        conf["incident"] = {k: v for k, v in {
+            "id": incident.get("id", "").split(",")[0], "model": loaded.spec.model.name,
+            "scenario_type": incident.get("scenario_type", "").split(",")[0], "severity": incident.get("severity"),
+            "kind": incident.get("kind"), "reported_by": incident.get("reported_by") or None,
+            "log_refs": [r for r in (incident.get("log_refs") or "").split(",") if r],
+        }.items() if v not in (None, "")}
+    else:
+        from closedloop.request import FIELDS
+
+        for k in FIELDS:
+            if request.get(k):
+                conf[k] = [x.strip() for x in request[k].split(",")] if k == "change" else request[k]
+    return {"dag_id": ar["dag_id"], "conf": conf, "notes": notes, "original": original,
+            "pinned": pin["digest"] if pin and not fresh_data else None}

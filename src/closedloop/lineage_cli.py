@@ -1,0 +1,91 @@
+"""``closedloop trace | impact | rerun``: where a model came from, what a change touches, run it again."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from closedloop.airflow_api import AirflowAPI, AirflowAPIError
+from closedloop.lineage import LineageError
+
+
+def cmd_trace(args) -> int:
+    from closedloop.lineage import format_trace, trace
+
+    try:
+        t = trace(args.ref)
+    except LineageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(t, indent=2, default=str) if args.json else format_trace(t))
+    return 0
+
+
+def cmd_impact(args) -> int:
+    from closedloop.lineage import format_impact, impact
+
+    try:
+        i = impact(source=args.source, label_policy=args.label_policy, dataset=args.dataset)
+    except LineageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(i, indent=2, default=str) if args.json else format_impact(i))
+    return 0
+
+
+def cmd_rerun(args) -> int:
+    from closedloop.cli import pipelines_dir
+    from closedloop.lineage import rerun_plan
+    from closedloop.spec import load_all
+
+    specs, _ = load_all(pipelines_dir(args))
+    try:
+        plan = rerun_plan(args.ref, specs, fresh_data=args.fresh_data, allow_template_change=args.allow_template_change)
+    except LineageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for note in plan["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    if args.dry_run:
+        print(json.dumps(plan, indent=2))
+        return 0
+    api = AirflowAPI(url=args.api_url, user=args.user)
+    try:
+        status, run = api.call("POST", f"/dags/{api.q(plan['dag_id'])}/dagRuns", {
+            "logical_date": None, "conf": plan["conf"], "note": f"rerun of {plan['original']}"
+            + (" with fresh data" if args.fresh_data else f" on pinned snapshot {plan['pinned']}")})
+    except AirflowAPIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"error: Airflow refused the rerun (HTTP {status}): {run.get('detail')}", file=sys.stderr)
+        return 2 if status in (400, 404, 422) else 1
+    what = "fresh data" if args.fresh_data else f"the pinned snapshot {plan['pinned']}"
+    print(f"rerun of {plan['original']}: {plan['dag_id']} run {run['dag_run_id']} on {what}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    sp = sub.add_parser("trace", help="the chain behind a model version or run: data, labels, template, run, gates, review")
+    sp.add_argument("ref", help="models:/NAME@ALIAS, models:/NAME/VERSION, NAME/VERSION, an MLflow run id or an "
+                               "Airflow dag run id")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_trace)
+    sp = sub.add_parser("impact", help="snapshots, training runs and model versions a source, label policy or "
+                                      "dataset touches (live ones flagged)")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--source", help="fleet log source, e.g. fleet-eu")
+    g.add_argument("--label-policy", help="NAME or NAME@VERSION")
+    g.add_argument("--dataset", help="dataset snapshot digest (raw or labelled)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_impact)
+    sp = sub.add_parser("rerun", help="run a pipeline run again exactly: same request, pinned snapshot, label policy")
+    sp.add_argument("ref", help="the run to repeat: an Airflow dag run id, MLflow run id or model version")
+    sp.add_argument("--fresh-data", action="store_true", help="build a new snapshot instead of the pinned one")
+    sp.add_argument("--allow-template-change", action="store_true",
+                    help="rerun even though the template changed since (not exact)")
+    sp.add_argument("--dry-run", action="store_true", help="print the plan (DAG, conf, notes) and start nothing")
+    sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
+    sp.add_argument("--user", help="Airflow user (default $AIRFLOW_USERNAME); password from $AIRFLOW_PASSWORD")
+    sp.add_argument("--api-url", help="Airflow API (default $AIRFLOW_API_URL or http://127.0.0.1:8080)")
+    sp.set_defaults(func=cmd_rerun)
