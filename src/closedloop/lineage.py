@@ -283,29 +283,35 @@ def _all_runs(c, filter_string: str) -> list:
 def impact(*, source: str | None = None, label_policy: str | None = None, dataset: str | None = None,
            tracking_uri: str | None = None) -> dict[str, Any]:
     """Everything touched by a data source, a label policy (``NAME`` or ``NAME@VERSION``) or a
-    dataset digest: snapshots, training runs, model versions, aliases; live ones flagged."""
+    dataset digest: snapshots, training runs, model versions, aliases; live ones flagged.
+
+    One indexed tag query for the training runs and one for the model versions (both carry the
+    lineage tags), so the cost grows with what is touched, not with the size of the store."""
     given = [x for x in (source, label_policy, dataset) if x]
     if len(given) != 1:
         raise LineageError("give exactly one of --source, --label-policy, --dataset")
     c = _client(tracking_uri)
-    base = "tags.`closedloop.step` = 'train'"
     if source:
         if "," in source or "'" in source:
             raise LineageError(f"--source {source!r}: a source name has no commas or quotes")
-        runs = _all_runs(c, f"{base} and tags.`closedloop.dataset.sources` LIKE '%,{source},%'")
+        predicates = [f"tags.`closedloop.dataset.sources` LIKE '%,{source},%'"]
         what = f"source {source}"
     elif label_policy:
         op = f"= '{_q(label_policy)}'" if "@" in label_policy else f"LIKE '{_q(label_policy)}@%'"
-        runs = _all_runs(c, f"{base} and tags.`closedloop.label_policy` {op}")
+        predicates = [f"tags.`closedloop.label_policy` {op}"]
         what = f"label policy {label_policy}"
     else:
-        runs = _all_runs(c, f"{base} and tags.`closedloop.dataset_version` = '{_q(dataset)}'")
-        runs += [r for r in _all_runs(c, f"{base} and tags.`closedloop.raw_dataset_version` = '{_q(dataset)}'")
-                 if r.info.run_id not in {x.info.run_id for x in runs}]
+        predicates = [f"tags.`closedloop.dataset_version` = '{_q(dataset)}'",
+                      f"tags.`closedloop.raw_dataset_version` = '{_q(dataset)}'"]
         what = f"dataset {dataset}"
+    runs: dict[str, Any] = {}
+    found_versions: dict[tuple[str, str], Any] = {}
+    for predicate in predicates:  # the same tags are on the training runs and on the model versions
+        runs.update((r.info.run_id, r) for r in _all_runs(c, f"tags.`closedloop.step` = 'train' and {predicate}"))
+        found_versions.update(((v.name, str(v.version)), v) for v in _versions_where(c, predicate))
+    runs = list(runs.values())
     snapshots: dict[str, dict] = {}
     training = []
-    by_run: dict[str, dict] = {}
     for r in runs:
         t = r.data.tags
         for kind, key in (("raw", "closedloop.raw_dataset_version"), ("labelled", "closedloop.dataset_version")):
@@ -317,21 +323,17 @@ def impact(*, source: str | None = None, label_policy: str | None = None, datase
                  "airflow_run_id": t.get("airflow.run_id"), "status": r.info.status,
                  "dataset_version": t.get("closedloop.dataset_version"), "label_policy": t.get("closedloop.label_policy")}
         training.append(entry)
-        by_run[r.info.run_id] = entry
     versions = []
-    if by_run:
-        models = [m.name for m in c.search_registered_models(max_results=1000)
-                  if m.tags.get("closedloop.pipeline") in {e["pipeline"] for e in training}]
-        for name in models:
-            by_version: dict[str, list[str]] = {}
-            for alias, version in (c.get_registered_model(name).aliases or {}).items():
-                by_version.setdefault(str(version), []).append(alias)  # search results carry no aliases
-            for mv in _all_versions(c, name):
-                if mv.tags.get("closedloop.training_run_id") in by_run or mv.run_id in by_run:
-                    aliases = sorted(by_version.get(str(mv.version), []))
-                    versions.append({"model": name, "version": str(mv.version), "aliases": aliases,
-                                     "live": sorted(set(aliases) & set(LIVE_ALIASES)),
-                                     "training_run_id": mv.tags.get("closedloop.training_run_id") or mv.run_id})
+    aliases_of: dict[str, dict[str, list[str]]] = {}
+    for (name, version), mv in found_versions.items():
+        if name not in aliases_of:  # search results carry no aliases: one read per model
+            aliases_of[name] = {}
+            for alias, v in (c.get_registered_model(name).aliases or {}).items():
+                aliases_of[name].setdefault(str(v), []).append(alias)
+        aliases = sorted(aliases_of[name].get(version, []))
+        versions.append({"model": name, "version": version, "aliases": aliases,
+                         "live": sorted(set(aliases) & set(LIVE_ALIASES)),
+                         "training_run_id": mv.tags.get("closedloop.training_run_id") or mv.run_id})
     versions.sort(key=lambda v: (v["model"], int(v["version"])))
     training.sort(key=lambda e: (e["pipeline"] or "", e["airflow_run_id"] or ""))
     return {"query": what, "snapshots": sorted(snapshots.values(), key=lambda s: (s["pipeline"] or "", s["kind"], s["digest"])),
@@ -339,10 +341,10 @@ def impact(*, source: str | None = None, label_policy: str | None = None, datase
             "live": [v for v in versions if v["live"]]}
 
 
-def _all_versions(c, name: str) -> list:
+def _versions_where(c, filter_string: str) -> list:
     out, token = [], None
     while True:
-        page = c.search_model_versions(f"name = '{_q(name)}'", max_results=10_000, page_token=token)
+        page = c.search_model_versions(filter_string, max_results=10_000, page_token=token)
         out.extend(page)
         token = page.token
         if not token:

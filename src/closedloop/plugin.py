@@ -1,13 +1,18 @@
-"""The Airflow plugin: registers the package's name and triggers with Airflow.
+"""The Airflow plugin: the lineage web app (JSON endpoints and a page) in Airflow's API server,
+linked from Airflow's navigation (*Browse → Lineage*).
 
-Views, API endpoints and listeners are added here as they arrive; everything heavy is
-imported lazily so loading the plugin costs nothing at DAG parse time.
+Nothing heavy is imported here: MLflow is imported by the endpoints when they are called.
 """
 
 from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
+from closedloop.webapp import create_app
+
 
 class ClosedLoopPlugin(AirflowPlugin):
     name = "closedloop"
+    fastapi_apps = [{"app": create_app(), "url_prefix": "/closedloop", "name": "closedloop lineage"}]
+    external_views = [{"name": "Lineage", "href": "/closedloop/lineage", "destination": "nav",
+                       "category": "browse", "url_route": "closedloop-lineage"}]

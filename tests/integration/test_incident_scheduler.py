@@ -232,3 +232,51 @@ def test_periodic_run_holding_the_default_pool_does_not_block_an_incident_run(en
     assert ti["pool"] == "closedloop_incident"  # ...and the incident run went on in its own pool
     server.api("PATCH", "/api/v2/pools/default_pool?update_mask=slots", {"name": "default_pool", "slots": 128,
                                                                           "include_deferred": False})
+
+
+def test_lineage_endpoints_and_page_answer_behind_airflow_login(env):
+    """The plugin's web app in Airflow's API server: trace and impact as JSON, the lineage page in
+    Airflow's navigation; nothing without an Airflow login."""
+    import urllib.error
+    import urllib.request
+
+    server, _, _ = env
+    first = next(r["dag_run_id"] for r in runs(server)
+                 if (d := admission(server, r["dag_run_id"])) and d.get("admitted")
+                 and d["incidents"][0]["id"] == "INC-1")
+    server.wait_for(lambda: server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{first}/taskInstances/register_candidate")
+                    [1].get("state") in ("success", "failed"), 600, "INC-1's run to register its candidate")
+
+    def get(path: str, token: str | None):
+        req = urllib.request.Request(server.url + path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read().decode(), r.headers.get("content-type", "")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(), e.headers.get("content-type", "")
+
+    token = server.client("viewer1").token()
+    status, body, _ = get(f"/closedloop/api/trace?ref={first}", None)
+    assert status == 401
+    status, body, _ = get(f"/closedloop/api/trace?ref={first}", token)
+    assert status == 200, body
+    t = json.loads(body)
+    assert t["airflow_run"]["dag_id"] == DAG and t["airflow_run"]["started_by"]["incident"]["id"] == "INC-1"
+    assert t["model_version"]["name"] == MODEL and {d["kind"] for d in t["datasets"]} == {"raw", "labelled"}
+    status, body, _ = get("/closedloop/api/trace?ref=no_such_model/1", token)
+    assert status == 404 and "unknown model 'no_such_model'" in body
+    status, body, _ = get("/closedloop/api/impact?source=fleet-eu", token)
+    assert status == 200 and any(v["model"] == MODEL for v in json.loads(body)["model_versions"])
+    status, body, kind = get("/closedloop/lineage", token)
+    assert status == 200 and kind.startswith("text/html") and 'id="trace-form"' in body
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    with pytest.raises(urllib.error.HTTPError) as info:  # no login: sent to Airflow's login page
+        urllib.request.build_opener(NoRedirect).open(server.url + "/closedloop/lineage", timeout=60)
+    assert info.value.code == 303 and "login" in info.value.headers["Location"]
+    _, plugins = server.api("GET", "/api/v2/plugins")
+    ours = next(p for p in plugins["plugins"] if p["name"] == "closedloop")
+    assert ours["fastapi_apps"][0]["url_prefix"] == "/closedloop"
+    assert ours["external_views"][0]["href"] == "/closedloop/lineage"
