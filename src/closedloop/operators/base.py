@@ -41,15 +41,26 @@ class ClosedLoopStepOperator(BaseOperator):
     def run_context(self, context: Context) -> RunContext:
         return run_context(self.loaded, self.mlflow_conn_id, context)
 
-    @staticmethod
-    def upstream(context: Context, task_id: str) -> dict:
+    def upstream(self, context: Context, task_id: str) -> dict:
         value = context["ti"].xcom_pull(task_ids=task_id)
         if not isinstance(value, dict):
             raise AirflowFailException(f"expected the result of upstream task {task_id!r} in XCom, got {value!r}")
+        self.seen[task_id] = value
         return value
 
+    @property
+    def seen(self) -> dict[str, dict]:
+        """Results this task read and made (task id → result): what OpenLineage reports, read from
+        memory because the provider asks in a forked process that cannot reach XCom."""
+        if "_seen" not in self.__dict__:
+            self.__dict__["_seen"] = {}
+        return self.__dict__["_seen"]
+
     def execute(self, context: Context) -> Any:
-        return self.guarded(context, lambda: self.run_step(self.run_context(context), context))
+        out = self.guarded(context, lambda: self.run_step(self.run_context(context), context))
+        if isinstance(out, dict):
+            self.seen[self.task_id] = out
+        return out
 
     @staticmethod
     def guarded(context: Context, fn) -> Any:
@@ -69,6 +80,12 @@ class ClosedLoopStepOperator(BaseOperator):
 
     def run_step(self, ctx: RunContext, context: Context) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def get_openlineage_facets_on_complete(self, task_instance):
+        """Inputs and outputs for Airflow's OpenLineage provider, when it is installed."""
+        from closedloop.openlineage import operator_lineage
+
+        return operator_lineage(self, task_instance)
 
 
 def run_context(loaded: LoadedSpec, mlflow_conn_id: str, context: Context) -> RunContext:

@@ -129,6 +129,7 @@ class PromoteOperator(ClosedLoopStepOperator):
         candidate = ti.xcom_pull(task_ids="register_candidate") or {}
         gate = ti.xcom_pull(task_ids="release_gate") or {}
         review = ti.xcom_pull(task_ids="approval") or {}
+        self.seen["register_candidate"] = candidate
         user = review.get("responded_by_user") or {}
         evidence = PromotionEvidence(
             model=self.loaded.spec.model.name, version=str(candidate.get("version")),

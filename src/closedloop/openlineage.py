@@ -1,0 +1,108 @@
+"""OpenLineage inputs and outputs of our tasks, for Airflow's OpenLineage provider (optional).
+
+With ``apache-airflow-providers-openlineage`` installed and a transport configured, the
+provider asks each finished task for ``get_openlineage_facets_on_complete``; our operators
+answer with the datasets and models the step read and wrote (from its XCom results):
+
+==================  =============================  ====================================
+task                inputs                         outputs
+==================  =============================  ====================================
+generate_dataset    fleet log sources              raw snapshot
+label               raw snapshot                   labelled snapshot
+validate_data       labelled snapshot
+train               labelled snapshot              model (MLflow run artifact)
+offline_eval        labelled snapshot, model
+simulate            model, scenario set
+release_gate        model
+register_candidate  model                          registered model version
+promote             registered model version       production alias
+==================  =============================  ====================================
+
+Without the provider the package works as before: nothing here is imported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+FLEET_NAMESPACE = "closedloop-fleet"
+
+
+def _location(uri: str) -> tuple[str, str]:
+    """OpenLineage (namespace, name) of a file or object URI."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return "file", parsed.path or uri
+    return f"{parsed.scheme}://{parsed.netloc}", parsed.path.lstrip("/")
+
+
+def _dataset(namespace: str, name: str, *, version: str | None = None, rows: int | None = None, output=False):
+    from openlineage.client.event_v2 import Dataset, OutputDataset
+    from openlineage.client.facet_v2 import dataset_version_dataset, output_statistics_output_dataset
+
+    facets = {"version": dataset_version_dataset.DatasetVersionDatasetFacet(datasetVersion=version)} if version else {}
+    if output:
+        out_facets = ({"outputStatistics": output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
+            rowCount=rows)} if rows is not None else {})
+        return OutputDataset(namespace=namespace, name=name, facets=facets, outputFacets=out_facets)
+    return Dataset(namespace=namespace, name=name, facets=facets)
+
+
+def _snapshot(ref: dict | None, output: bool = False):
+    if not ref or not ref.get("uri"):
+        return []
+    ns, name = _location(ref["uri"])
+    return [_dataset(ns, name, version=ref.get("digest"), rows=ref.get("rows"), output=output)]
+
+
+def _model(uri: str | None, tracking_uri: str, output: bool = False, version: str | None = None):
+    if not uri:
+        return []
+    return [_dataset(f"mlflow:{tracking_uri}", uri, version=version, output=output)]
+
+
+def operator_lineage(operator, task_instance) -> Any:
+    """The ``OperatorLineage`` of one finished task of ours (None without the provider), from the
+    results the task read and made (``operator.seen``)."""
+    try:
+        from airflow.providers.openlineage.extractors import OperatorLineage
+    except ImportError:
+        return None
+    from closedloop import settings
+
+    def result(task_id: str) -> dict:
+        return operator.seen.get(task_id) or {}
+
+    task = operator.task_id
+    spec = operator.loaded.spec
+    tracking = settings.tracking_uri()
+    raw, labelled, trained = result("generate_dataset"), result("label"), result("train")
+    model = _model(trained.get("model_uri"), tracking)
+    inputs, outputs = [], []
+    if task == "generate_dataset":
+        inputs = [_dataset(FLEET_NAMESPACE, s) for s in raw.get("sources") or spec.dataset.sources]
+        outputs = _snapshot(raw, output=True)
+    elif task == "label":
+        inputs, outputs = _snapshot(raw), _snapshot(labelled, output=True)
+    elif task == "validate_data":
+        inputs = _snapshot(labelled)
+    elif task == "train":
+        inputs, outputs = _snapshot(labelled), _model(trained.get("model_uri"), tracking, output=True)
+    elif task == "offline_eval":
+        inputs = _snapshot(labelled) + model
+    elif task == "simulate":
+        inputs = model + [_dataset("file", str(operator.loaded.scenario_path))]
+    elif task == "release_gate":
+        inputs = model
+    elif task in ("register_candidate", "promote"):
+        reg = result("register_candidate")
+        registered = _model(reg.get("model_uri"), tracking, version=reg.get("version"), output=task == "register_candidate")
+        if task == "register_candidate":
+            inputs, outputs = model, registered
+        else:
+            done = result("promote")
+            inputs = _model(reg.get("model_uri"), tracking, version=reg.get("version"))
+            outputs = _model(f"models:/{spec.model.name}@production", tracking, version=str(done.get("version") or ""),
+                             output=True) if done else []
+    return OperatorLineage(inputs=inputs, outputs=outputs)
