@@ -9,28 +9,27 @@ from closedloop.airflow_api import AirflowAPI, AirflowAPIError
 from closedloop.lineage import LineageError
 
 
-def cmd_trace(args) -> int:
-    from closedloop.lineage import format_trace, trace
-
+def _answer(compute, fmt, as_json: bool) -> int:
     try:
-        t = trace(args.ref)
+        result = compute()
     except LineageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(t, indent=2, default=str) if args.json else format_trace(t))
+    print(json.dumps(result, indent=2, default=str) if as_json else fmt(result))
     return 0
+
+
+def cmd_trace(args) -> int:
+    from closedloop.lineage import format_trace, trace
+
+    return _answer(lambda: trace(args.ref), format_trace, args.json)
 
 
 def cmd_impact(args) -> int:
     from closedloop.lineage import format_impact, impact
 
-    try:
-        i = impact(source=args.source, label_policy=args.label_policy, dataset=args.dataset)
-    except LineageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(i, indent=2, default=str) if args.json else format_impact(i))
-    return 0
+    return _answer(lambda: impact(source=args.source, label_policy=args.label_policy, dataset=args.dataset),
+                   format_impact, args.json)
 
 
 def cmd_rerun(args) -> int:

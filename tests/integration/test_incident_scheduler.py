@@ -284,3 +284,31 @@ def test_lineage_endpoints_and_page_answer_behind_airflow_login(env):
     ours = next(p for p in plugins["plugins"] if p["name"] == "closedloop")
     assert ours["fastapi_apps"][0]["url_prefix"] == "/closedloop"
     assert ours["external_views"][0]["href"] == "/closedloop/lineage"
+
+
+def test_rerun_of_an_incident_run_through_the_cli(env):
+    """`closedloop rerun` posts a run with the pinned snapshot; an incident rerun is never debounced."""
+    server, root, _ = env
+    first = next(r["dag_run_id"] for r in runs(server)
+                 if (d := admission(server, r["dag_run_id"])) and d.get("admitted")
+                 and d["incidents"][0]["id"] == "INC-1")
+    out = cli(server, "rerun", first, "--dir", str(root / "include" / "pipelines"), user="admin")
+    assert out.returncode == 0, out.stderr
+    new = out.stdout.split(f"{DAG} run ", 1)[1].split(" ", 1)[0]
+    _, run = server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{new}")
+    assert run["conf"]["closedloop_rerun"]["of"] == f"{DAG}/{first}" and run["note"].startswith("rerun of")
+    server.wait_for(lambda: admit_state(server, new) in ("success", "skipped", "failed"), 120, "the rerun's admission")
+    decision = admission(server, new)
+    assert decision["admitted"] and decision["incidents"][0]["id"] == "INC-1"  # not debounced
+
+    def generated():
+        status, ti = server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{new}/taskInstances/generate_dataset")
+        return ti if ti.get("state") in ("success", "failed") else None
+
+    assert server.wait_for(generated, 180, "the rerun's generate_dataset")["state"] == "success"
+    from closedloop.airflow_api import xcom_value
+
+    _, mine = server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{new}/taskInstances/generate_dataset/xcomEntries/return_value")
+    _, theirs = server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{first}/taskInstances/generate_dataset/"
+                                  "xcomEntries/return_value")
+    assert xcom_value(mine)["digest"] == xcom_value(theirs)["digest"] and xcom_value(mine)["pinned"] is True
