@@ -245,7 +245,8 @@ def format_trace(t: dict[str, Any]) -> str:
     lines.append(f"template        {tp['pipeline']} ({tp['file']}, hash {tp['hash']})")
     ar = t["airflow_run"]
     started = ar["started_by"]
-    how = started["trigger"] + (f" by {started['requester']}" if started.get("requester") else "")
+    how = started["trigger"] + (f" by {started['requester']}" if started.get("requester")
+                                and not started.get("incident") else "")
     if started.get("incident"):
         inc = started["incident"]
         how += f": incident {inc.get('id')} ({inc.get('kind')}, {inc.get('scenario_type')}, {inc.get('severity')})"
