@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from closedloop.localserver import AirflowServer
+from tests.browser import Browser, chromium_path
 from tests.conftest import NO_REVIEW, scratch_project, template_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -312,3 +313,34 @@ def test_rerun_of_an_incident_run_through_the_cli(env):
     _, theirs = server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{first}/taskInstances/generate_dataset/"
                                   "xcomEntries/return_value")
     assert xcom_value(mine)["digest"] == xcom_value(theirs)["digest"] and xcom_value(mine)["pinned"] is True
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_lineage_page_in_a_real_browser(env):
+    """Headless Chromium: without a login the page goes to Airflow's login; logged in (Airflow's session
+    cookie) it traces a run and shows an impact, rendered by the page's own JavaScript."""
+    server, _, _ = env
+    first = next(r["dag_run_id"] for r in runs(server)
+                 if (d := admission(server, r["dag_run_id"])) and d.get("admitted")
+                 and d["incidents"][0]["id"] == "INC-1")
+    with Browser() as b:
+        b.goto(f"{server.url}/closedloop/lineage")
+        assert "/auth/login" in b.eval("location.href")
+        b.set_cookie(server.url, "_token", server.client("viewer1").token())
+        b.goto(f"{server.url}/closedloop/lineage")
+        assert b.eval("document.querySelector('h1').textContent") == "Model lineage"
+        b.eval(f"document.getElementById('ref').value = {json.dumps(first)}; "
+               "document.getElementById('trace-form').requestSubmit(); true")
+        b.wait_for("document.getElementById('trigger') !== null")
+        assert b.eval("document.getElementById('trigger').textContent") == "incident"
+        assert b.eval("document.getElementById('policy').textContent") == "expert_idm_smoothed@2"
+        assert b.eval("document.querySelectorAll('.digest').length") == 2
+        assert "INC-1" in b.eval("document.getElementById('out').textContent")
+        b.eval("document.getElementById('kind').value = 'source'; document.getElementById('what').value = 'fleet-eu';"
+               "document.getElementById('impact-form').requestSubmit(); true")
+        b.wait_for("document.getElementById('counts') !== null")
+        assert b.eval("document.getElementById('counts').textContent").split()[0] != "0"
+        b.eval("document.getElementById('ref').value = 'no_such_model/1'; "
+               "document.getElementById('trace-form').requestSubmit(); true")
+        b.wait_for("document.getElementById('error') !== null")
+        assert "unknown model 'no_such_model'" in b.eval("document.getElementById('error').textContent")
