@@ -10,6 +10,7 @@
 ``closedloop incident report``                    a fleet incident starts a high-priority retrain (REST or inbox)
 ``closedloop kpi report MODEL``                    log online KPIs of the production version (the KPI watcher reads them)
 ``closedloop runs PIPELINE``                       recent periodic and incident runs, and what started each
+``closedloop health``                              failure rate, queue wait, lead times per pipeline (Airflow's records)
 ``closedloop trace REF`` / ``impact`` / ``rerun``   lineage: a model's origins, what a change touches, exact reruns
 ``closedloop summary PIPELINE RUN_ID``            the readable summary of any earlier run
 
@@ -231,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command in ("promote", "rollback", "audit", "kpi", "trace", "impact", "rerun"):
+    if args.command in ("promote", "rollback", "audit", "kpi", "trace", "impact", "rerun", "health"):
         local_defaults()
     return args.func(args)
 

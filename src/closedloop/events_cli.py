@@ -224,6 +224,29 @@ def cmd_runs(args, find) -> int:
     return 0
 
 
+def cmd_health(args) -> int:
+    from datetime import timedelta
+
+    from closedloop.cli import pipelines_dir
+    from closedloop.health import current_versions, figures, format_health, pipelines_of, records_from_api
+    from closedloop.spec import load_all
+
+    specs, _ = load_all(pipelines_dir(args))
+    pipelines = pipelines_of(specs)
+    until = datetime.now(UTC)
+    since = until - timedelta(days=args.days)
+    try:
+        runs, tis = records_from_api(AirflowAPI(url=args.api_url, user=args.user),
+                                     [d for ids in pipelines.values() for d in ids], since)
+    except AirflowAPIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    h = figures(pipelines, runs, tis, since=since, until=until)
+    h["versions"] = current_versions(specs)
+    print(json.dumps(h, indent=2, default=str) if args.json else format_health(h))
+    return 0
+
+
 def add_parsers(sub, find) -> None:
     def creds(sp):
         sp.add_argument("--user", help="Airflow user (default $AIRFLOW_USERNAME); password from $AIRFLOW_PASSWORD")
@@ -256,6 +279,14 @@ def add_parsers(sub, find) -> None:
     sp.add_argument("--metric", action="append", required=True, help="name=number (repeatable)")
     sp.add_argument("--version", help="model version observed (default: the production version)")
     sp.set_defaults(func=cmd_kpi_report)
+
+    sp = sub.add_parser("health", help="per pipeline: runs, failure rate, queue wait, lead times, retries, "
+                        "pending approvals, current versions (from Airflow's records)")
+    sp.add_argument("--days", type=int, default=7, help="window (default 7 days)")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
+    creds(sp)
+    sp.set_defaults(func=cmd_health)
 
     sp = sub.add_parser("runs", help="recent runs of a pipeline (periodic and incident) and what started each")
     sp.add_argument("pipeline")

@@ -1,5 +1,5 @@
-"""The Airflow plugin: the lineage web app (JSON endpoints and a page) in Airflow's API server,
-linked from Airflow's navigation (*Browse → Lineage*).
+"""The Airflow plugin: the web app (lineage and health, as JSON and as pages) in Airflow's API
+server, linked from Airflow's navigation (*Browse → Lineage*, *Browse → Pipeline health*).
 
 Nothing heavy is imported here: MLflow is imported by the endpoints when they are called.
 """
@@ -14,5 +14,9 @@ from closedloop.webapp import create_app
 class ClosedLoopPlugin(AirflowPlugin):
     name = "closedloop"
     fastapi_apps = [{"app": create_app(), "url_prefix": "/closedloop", "name": "closedloop lineage"}]
-    external_views = [{"name": "Lineage", "href": "/closedloop/lineage", "destination": "nav",
-                       "category": "browse", "url_route": "closedloop-lineage"}]
+    external_views = [
+        {"name": "Lineage", "href": "/closedloop/lineage", "destination": "nav", "category": "browse",
+         "url_route": "closedloop-lineage"},
+        {"name": "Pipeline health", "href": "/closedloop/health", "destination": "nav", "category": "browse",
+         "url_route": "closedloop-health"},
+    ]

@@ -4,6 +4,9 @@
   the same answers as ``closedloop trace`` / ``impact --json``.
 - ``GET /closedloop/lineage``: a page (linked from Airflow's navigation, *Browse → Lineage*) that
   asks those endpoints.
+- ``GET /closedloop/api/health?days=7`` and ``GET /closedloop/health?days=7`` (*Browse → Pipeline
+  health*): runs, failure rate, queue wait, lead times, retries, pending approvals and the current
+  versions per pipeline, as JSON and as a page with charts.
 
 Behind Airflow's authentication: the caller's Airflow token (the UI's session cookie or an
 ``Authorization: Bearer`` header), and the right to read DAGs. MLflow is found the way tasks
@@ -31,6 +34,44 @@ async def reader(request: Request):
 
 
 Reader = Annotated[object, Depends(reader)]
+
+
+async def _login_or_redirect(request: Request):
+    """None for a reader; a redirect to Airflow's login page (then back) for a browser without a login."""
+    try:
+        await reader(request)
+    except HTTPException as exc:
+        if exc.status_code == 401:
+            from airflow.api_fastapi.app import get_auth_manager
+
+            return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)), status_code=303)
+        raise
+    return None
+
+
+def health_figures(days: int) -> dict:
+    from datetime import UTC, datetime, timedelta
+
+    from closedloop.health import current_versions, figures, pipelines_of, records_from_db
+    from closedloop.spec import load_all
+
+    specs, _ = load_all(_pipelines_dir())
+    until = datetime.now(UTC)
+    since = until - timedelta(days=days)
+    pipelines = pipelines_of(specs)
+    runs, tis = records_from_db([d for ids in pipelines.values() for d in ids], since)
+    out = figures(pipelines, runs, tis, since=since, until=until)
+    out["versions"] = current_versions(specs, _tracking_uri())
+    return out
+
+
+def _pipelines_dir():
+    """The templates next to the DAG folder Airflow reads (as the DAG file finds them)."""
+    from pathlib import Path
+
+    from airflow.configuration import conf
+
+    return Path(conf.get("core", "dags_folder")).parent / "include" / "pipelines"
 
 
 def _tracking_uri() -> str:
@@ -62,17 +103,24 @@ def create_app() -> FastAPI:
         except LineageError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
 
+    @app.get("/api/health")
+    def api_health(user: Reader, days: Annotated[int, Query(ge=1, le=366)] = 7):
+        return JSONResponse(health_figures(days))
+
+    @app.get("/health", response_class=HTMLResponse)
+    async def health_page(request: Request, days: Annotated[int, Query(ge=1, le=366)] = 7):
+        denied = await _login_or_redirect(request)
+        if denied is not None:
+            return denied
+        from closedloop.health_page import render
+
+        return HTMLResponse(render(health_figures(days), days))
+
     @app.get("/lineage", response_class=HTMLResponse)
     async def lineage_page(request: Request):
-        try:
-            await reader(request)
-        except HTTPException as exc:
-            if exc.status_code == 401:  # not logged in: Airflow's login page, then back here
-                from airflow.api_fastapi.app import get_auth_manager
-
-                login = get_auth_manager().get_url_login(next_url=str(request.url))
-                return RedirectResponse(login, status_code=303)
-            raise
+        denied = await _login_or_redirect(request)
+        if denied is not None:
+            return denied
         return HTMLResponse(PAGE.replace("{{ref}}", html.escape(request.query_params.get("ref", ""), quote=True)))
 
     return app

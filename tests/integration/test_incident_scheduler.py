@@ -344,3 +344,53 @@ def test_lineage_page_in_a_real_browser(env):
                "document.getElementById('trace-form').requestSubmit(); true")
         b.wait_for("document.getElementById('error') !== null")
         assert "unknown model 'no_such_model'" in b.eval("document.getElementById('error').textContent")
+
+
+def test_health_figures_from_airflows_records_as_json_cli_and_page(env):
+    """The health view counts what Airflow recorded: the API, `closedloop health` and the page agree,
+    and the page renders with its charts in a real browser, behind Airflow's login."""
+    import urllib.error
+    import urllib.request
+
+    server, root, _ = env
+
+    def all_runs():
+        return runs(server) + server.api("GET", f"/api/v2/dags/{PIPELINE}/dagRuns?limit=100")[1]["dag_runs"]
+
+    for r in all_runs():  # stop what still runs, so the figures hold still while we compare them
+        if r["state"] not in ("success", "failed"):
+            server.api("PATCH", f"/api/v2/dags/{r['dag_id']}/dagRuns/{r['dag_run_id']}", {"state": "failed"})
+    settled = all_runs()
+    finished = [r for r in settled if r["state"] in ("success", "failed")]
+    assert len(finished) == len(settled)
+    req = urllib.request.Request(server.url + "/closedloop/api/health?days=7")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=60)
+    assert info.value.code == 401
+    req.add_header("Authorization", f"Bearer {server.client('viewer1').token()}")
+    with urllib.request.urlopen(req, timeout=120) as r:
+        h = json.load(r)["pipelines"][PIPELINE]
+    assert h["dags"] == [PIPELINE, DAG]
+    assert h["runs"] == len(settled) and h["incident_runs"] == len(runs(server))
+    assert h["failure_rate"] == round(sum(r["state"] == "failed" for r in finished) / len(finished), 3)
+    assert h["queue_wait_s"]["n"] > 0 and h["queue_wait_s"]["median"] >= 0
+
+    out = cli(server, "health", "--json", "--dir", str(root / "include" / "pipelines"), user="viewer1")
+    assert out.returncode == 0, out.stderr
+    cli_view = json.loads(out.stdout)["pipelines"][PIPELINE]
+    assert (cli_view["runs"], cli_view["incident_runs"]) == (h["runs"], h["incident_runs"])
+
+    if chromium_path() is None:
+        pytest.skip("needs Debian's chromium (.ci/run installs it)")
+    with Browser() as b:
+        b.goto(f"{server.url}/closedloop/health")
+        assert "/auth/login" in b.eval("location.href")
+        b.set_cookie(server.url, "_token", server.client("viewer1").token())
+        b.goto(f"{server.url}/closedloop/health?days=7")
+        section = f"section[data-pipeline='{PIPELINE}']"
+        assert b.eval(f"document.querySelector(\"{section} [data-figure=runs] b\").textContent") == str(h["runs"])
+        bars = b.eval(f"[...document.querySelectorAll(\"{section} svg.runs-chart rect\")]"
+                      ".reduce((n, r) => n + Number(r.dataset.count), 0)")
+        assert bars == h["runs"]  # every run is a bar segment of its day
+        assert b.eval("document.querySelector('svg.runs-chart').getBoundingClientRect().width") > 100
+        assert b.eval("document.querySelectorAll('svg.wait-chart rect').length") == 2

@@ -1,0 +1,151 @@
+"""Pipeline health from Airflow's own records: runs, failure rate, queue wait, lead times,
+retries, pending approvals — per pipeline (its periodic and incident DAGs) over a window.
+
+:func:`figures` is pure: it takes run and task-instance records (dicts) and computes. Two
+readers feed it: :func:`records_from_db` (the plugin, inside Airflow's API server) and
+:func:`records_from_api` (``closedloop health``, through the REST API with your credentials).
+"""
+
+from __future__ import annotations
+
+import statistics
+from datetime import datetime, timedelta
+from typing import Any
+
+RUN_FIELDS = ("dag_id", "run_id", "state", "run_type", "run_after", "queued_at", "start_date", "end_date")
+TI_FIELDS = ("dag_id", "run_id", "task_id", "state", "try_number", "queued_dttm", "start_date", "end_date")
+
+
+def _ts(value) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _seconds(a, b) -> float | None:
+    a, b = _ts(a), _ts(b)
+    return (b - a).total_seconds() if a and b and b >= a else None
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"n": 0, "median": None, "p95": None}
+    ordered = sorted(values)
+    return {"n": len(ordered), "median": round(statistics.median(ordered), 2),
+            "p95": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 2)}
+
+
+def figures(pipelines: dict[str, list[str]], runs: list[dict], tis: list[dict], *, since: datetime,
+            until: datetime) -> dict[str, Any]:
+    """Health per pipeline.
+
+    :param pipelines: pipeline name → its DAG ids (periodic first, then incident).
+    :param runs: DAG run records (:data:`RUN_FIELDS`), :param tis: task instance records (:data:`TI_FIELDS`).
+    """
+    days = [(since + timedelta(days=i)).date().isoformat() for i in range((until.date() - since.date()).days + 1)]
+    out: dict[str, Any] = {"since": since.isoformat(), "until": until.isoformat(), "days": days, "pipelines": {}}
+    for name, dag_ids in pipelines.items():
+        prs = [r for r in runs if r["dag_id"] in dag_ids]
+        ptis = [t for t in tis if t["dag_id"] in dag_ids]
+        by_run = {(r["dag_id"], r["run_id"]): r for r in prs}
+        finished = [r for r in prs if r["state"] in ("success", "failed")]
+        failed = [r for r in finished if r["state"] == "failed"]
+        candidate = [_seconds(by_run[(t["dag_id"], t["run_id"])].get("queued_at") or by_run[(t["dag_id"], t["run_id"])]
+                              ["run_after"], t["end_date"])
+                     for t in ptis if t["task_id"] == "register_candidate" and t["state"] == "success"
+                     and (t["dag_id"], t["run_id"]) in by_run]
+        production = [_seconds(by_run[(t["dag_id"], t["run_id"])].get("queued_at"), t["end_date"])
+                      for t in ptis if t["task_id"] == "promote" and t["state"] == "success"
+                      and (t["dag_id"], t["run_id"]) in by_run and t["dag_id"] == dag_ids[-1] and len(dag_ids) > 1]
+        per_day = {d: {"success": 0, "failed": 0, "other": 0} for d in days}
+        for r in prs:
+            day = (_ts(r["run_after"])).date().isoformat()
+            if day in per_day:
+                per_day[day]["success" if r["state"] == "success" else "failed" if r["state"] == "failed" else "other"] += 1
+        out["pipelines"][name] = {
+            "dags": dag_ids,
+            "runs": len(prs),
+            "by_state": {s: sum(1 for r in prs if r["state"] == s) for s in sorted({r["state"] for r in prs})},
+            "incident_runs": sum(1 for r in prs if len(dag_ids) > 1 and r["dag_id"] == dag_ids[-1]),
+            "failure_rate": round(len(failed) / len(finished), 3) if finished else None,
+            "queue_wait_s": _stats([s for t in ptis if (s := _seconds(t.get("queued_dttm"), t.get("start_date")))
+                                    is not None]),
+            "lead_time_to_candidate_s": _stats([s for s in candidate if s is not None]),
+            "incident_to_production_s": _stats([s for s in production if s is not None]),
+            "retries": sum(1 for t in ptis if (t.get("try_number") or 0) > 1),
+            "pending_approvals": sum(1 for t in ptis if t["task_id"] == "approval"
+                                     and t["state"] in ("awaiting_input", "deferred")),
+            "per_day": per_day,
+        }
+    return out
+
+
+def pipelines_of(specs) -> dict[str, list[str]]:
+    return {s.spec.name: [s.spec.name] + ([s.spec.incident_dag_id] if s.spec.incidents else []) for s in specs}
+
+
+def records_from_db(dag_ids: list[str], since: datetime) -> tuple[list[dict], list[dict]]:
+    """Runs and task instances since ``since`` from Airflow's metadata database (API server side)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        runs = [{f: (getattr(r, f).value if hasattr(getattr(r, f), "value") else getattr(r, f)) for f in RUN_FIELDS}
+                for r in session.scalars(select(DagRun).where(DagRun.dag_id.in_(dag_ids), DagRun.run_after >= since))]
+        keys = {(r["dag_id"], r["run_id"]) for r in runs}
+        tis = [{f: (getattr(t, f).value if hasattr(getattr(t, f), "value") else getattr(t, f)) for f in TI_FIELDS}
+               for t in session.scalars(select(TaskInstance).where(TaskInstance.dag_id.in_(dag_ids)))
+               if (t.dag_id, t.run_id) in keys]
+    return runs, tis
+
+
+def records_from_api(api, dag_ids: list[str], since: datetime) -> tuple[list[dict], list[dict]]:
+    """The same records through Airflow's REST API (``closedloop health``)."""
+    runs, tis = [], []
+    stamp = api.q(since.isoformat())
+    for dag_id in dag_ids:
+        found = api.get(f"/dags/{api.q(dag_id)}/dagRuns?run_after_gte={stamp}&limit=1000", missing_ok=True) or {}
+        for r in found.get("dag_runs", []):
+            runs.append({"dag_id": dag_id, "run_id": r["dag_run_id"], **{f: r.get(f) for f in RUN_FIELDS[2:]}})
+        keys = {r["run_id"] for r in runs if r["dag_id"] == dag_id}
+        listed = api.get(f"/dags/{api.q(dag_id)}/dagRuns/~/taskInstances?limit=1000", missing_ok=True) or {}
+        for t in listed.get("task_instances", []):
+            if t["dag_run_id"] in keys:
+                tis.append({"dag_id": dag_id, "run_id": t["dag_run_id"], "task_id": t["task_id"], "state": t["state"],
+                            "try_number": t.get("try_number"), "queued_dttm": t.get("queued_when"),
+                            "start_date": t.get("start_date"), "end_date": t.get("end_date")})
+    return runs, tis
+
+
+def current_versions(specs, tracking_uri: str | None = None) -> dict[str, dict[str, str | None]]:
+    """``production`` and ``candidate`` version of each pipeline's model (None where unset)."""
+    from closedloop.lineage import _client
+
+    c = _client(tracking_uri)
+    out = {}
+    for s in specs:
+        try:
+            aliases = c.get_registered_model(s.spec.model.name).aliases or {}
+        except Exception:  # not registered yet
+            aliases = {}
+        out[s.spec.name] = {a: (str(aliases[a]) if a in aliases else None) for a in ("production", "candidate")}
+    return out
+
+
+def format_health(h: dict[str, Any]) -> str:
+    lines = [f"pipeline health {h['since'][:16]} .. {h['until'][:16]} (UTC)"]
+    for name, p in h["pipelines"].items():
+        fr = f"{p['failure_rate']:.0%}" if p["failure_rate"] is not None else "-"
+        qw, lt, ip = p["queue_wait_s"], p["lead_time_to_candidate_s"], p["incident_to_production_s"]
+        v = (h.get("versions") or {}).get(name, {})
+        lines += [f"\n{name}  ({', '.join(p['dags'])})",
+                  f"  runs {p['runs']} ({', '.join(f'{k} {n}' for k, n in p['by_state'].items()) or '-'}), "
+                  f"incident runs {p['incident_runs']}, failure rate {fr}, retries {p['retries']}, "
+                  f"pending approvals {p['pending_approvals']}",
+                  f"  queue wait   median {qw['median']} s, p95 {qw['p95']} s ({qw['n']} tasks)",
+                  f"  lead time    trigger → candidate median {lt['median']} s ({lt['n']}); "
+                  f"incident → production median {ip['median']} s ({ip['n']})",
+                  f"  versions     production {v.get('production') or '-'}, candidate {v.get('candidate') or '-'}"]
+    return "\n".join(lines)

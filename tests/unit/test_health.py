@@ -1,0 +1,46 @@
+"""Health figures from run and task-instance records (the pure part; the API server and the REST
+reader feed it real records in test_incident_scheduler.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from closedloop.health import figures
+from closedloop.health_page import render
+
+T0 = datetime(2026, 11, 20, 8, tzinfo=UTC)
+
+
+def run(dag, rid, state, day, queued_after=0):
+    at = T0 + timedelta(days=day)
+    return {"dag_id": dag, "run_id": rid, "state": state, "run_type": "manual", "run_after": at,
+            "queued_at": at + timedelta(seconds=queued_after), "start_date": at, "end_date": None}
+
+
+def ti(dag, rid, task, state, queued, start, end, tries=1):
+    return {"dag_id": dag, "run_id": rid, "task_id": task, "state": state, "try_number": tries,
+            "queued_dttm": T0 + timedelta(seconds=queued), "start_date": T0 + timedelta(seconds=start),
+            "end_date": T0 + timedelta(seconds=end)}
+
+
+def test_figures_per_pipeline():
+    runs = [run("p", "a", "success", 0), run("p", "b", "failed", 1), run("p", "c", "running", 2),
+            run("p_incident", "i", "success", 0), run("q", "z", "success", 0)]
+    tis = [ti("p", "a", "generate_dataset", "success", 0, 2, 5), ti("p", "a", "register_candidate", "success", 50, 51, 60),
+           ti("p", "b", "train", "failed", 0, 6, 9, tries=3), ti("p_incident", "i", "admit_incident", "success", 0, 1, 2),
+           ti("p_incident", "i", "register_candidate", "success", 30, 31, 40),
+           ti("p_incident", "i", "promote", "success", 88, 89, 90), ti("p_incident", "i", "approval", "success", 40, 41, 80),
+           ti("p", "c", "approval", "awaiting_input", 10, 11, 11)]
+    h = figures({"p": ["p", "p_incident"], "q": ["q"]}, runs, tis, since=T0, until=T0 + timedelta(days=3))
+    p = h["pipelines"]["p"]
+    assert p["runs"] == 4 and p["incident_runs"] == 1 and p["by_state"] == {"failed": 1, "running": 1, "success": 2}
+    assert p["failure_rate"] == round(1 / 3, 3)
+    assert p["queue_wait_s"]["n"] == 8 and p["queue_wait_s"]["median"] == 1.0 and p["queue_wait_s"]["p95"] == 6.0
+    assert p["lead_time_to_candidate_s"] == {"n": 2, "median": 50.0, "p95": 60.0}
+    assert p["incident_to_production_s"] == {"n": 1, "median": 90.0, "p95": 90.0}
+    assert p["retries"] == 1 and p["pending_approvals"] == 1
+    assert p["per_day"][T0.date().isoformat()] == {"success": 2, "failed": 0, "other": 0}
+    assert h["pipelines"]["q"]["runs"] == 1 and h["pipelines"]["q"]["failure_rate"] == 0.0
+    page = render({**h, "versions": {"p": {"production": "3", "candidate": "4"}}}, 7)
+    assert page.count('class="runs-chart"') == 2 and 'data-kind="failed" data-count="1"' in page
+    assert "<b>33%</b>failure rate" in page and "<b>3</b>production version" in page
