@@ -36,8 +36,11 @@ INVALID_DAG_ID = "closedloop_invalid_templates"
 
 
 def _default_args(loaded: LoadedSpec, **extra: Any) -> dict[str, Any]:
+    from closedloop.notifiers import TaskFailedNotifier
+
     return {
         "owner": loaded.spec.owner,
+        "on_failure_callback": [TaskFailedNotifier(pipeline=loaded.spec.name)],
         "retries": 2,
         "retry_delay": timedelta(seconds=20),
         "retry_exponential_backoff": True,

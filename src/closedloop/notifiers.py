@@ -49,3 +49,33 @@ class LocalAlertNotifier(BaseNotifier):
     def notify(self, context) -> None:
         ti = context["ti"]
         record_alert(self.kind, self.message, dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id)
+
+
+class TaskFailedNotifier(BaseNotifier):
+    """``on_failure_callback`` of every pipeline task: a task failed for good — a permanent error,
+    or its retries are used up (a try that will be retried calls ``on_retry_callback`` instead).
+
+    The alert names pipeline, run, task, try, error class and cause, with a link to the log.
+
+    :param pipeline: the pipeline (template) name.
+    """
+
+    def __init__(self, *, pipeline: str) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+
+    def notify(self, context) -> None:
+        ti = context["ti"]
+        exc = context.get("exception")
+        try:
+            error = ti.xcom_pull(task_ids=ti.task_id, key="error") or {}
+        except Exception:  # the alert matters more than its details
+            error = {}
+        error_class = error.get("error_class") or (type(exc).__name__ if exc else "unknown")
+        cause = error.get("message") or (str(exc) if exc else "see the task log")
+        record_alert("task_failed", f"{self.pipeline}: task {ti.task_id} failed for good ({error_class}): "
+                     f"{cause.splitlines()[0][:300] if cause else ''}",
+                     pipeline=self.pipeline, dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
+                     try_number=getattr(ti, "try_number", None), error_class=error_class,
+                     permanent=bool(error.get("permanent", True)), cause=cause[:2000],
+                     log_url=getattr(ti, "log_url", None))

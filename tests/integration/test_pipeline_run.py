@@ -22,6 +22,16 @@ def states(summary: dict) -> dict[str, str]:
     return {t["task_id"]: t["state"] for t in summary["tasks"]}
 
 
+def alerts_of(summary: dict) -> list[dict]:
+    """Failure alerts the run left in the local alert record."""
+    import json
+
+    from closedloop.notifiers import alerts_path
+
+    lines = alerts_path().read_text().splitlines() if alerts_path().exists() else []
+    return [a for a in map(json.loads, lines) if a["kind"] == "task_failed" and a["run_id"] == summary["run_id"]]
+
+
 @pytest.fixture(scope="module")
 def periodic(airflow_db, tmp_path_factory, project):
     """The shipped periodic template without its review step (dag.test would wait for a reviewer;
@@ -143,6 +153,10 @@ def test_broken_dataset_stops_at_validate_data(airflow_db, scratch_dag):
     assert failing == {("expect_column_values_to_not_be_null", "ego_speed"),
                        ("expect_column_values_to_be_between", "lead_speed")}
     assert "expect_column_values_to_be_between(lead_speed)" in error["message"]
+    (alert,) = alerts_of(s)  # one alert, for the task that failed for good (not the upstream_failed ones)
+    assert (alert["task_id"], alert["error_class"], alert["permanent"]) == ("validate_data", "DataValidationError", True)
+    assert alert["pipeline"] == "acc_corrupt" and "expect_column_values_to_be_between(lead_speed)" in alert["cause"]
+    assert alert["log_url"] and "validate_data" in alert["log_url"]
     client = MlflowClient(settings.tracking_uri())
     assert client.search_registered_models("name = 'acc_corrupt_model'") == []
     exp = client.get_experiment_by_name("closedloop/acc_corrupt")
@@ -165,6 +179,9 @@ def test_policy_without_hard_braking_data_fails_the_simulation_gate(airflow_db, 
     report = {r["metric"]: r for r in next(t for t in s["tasks"] if t["task_id"] == "release_gate")["error"]["report"]}
     assert report["sim.hard_braking.collision_rate"]["passed"] is False
     assert report["offline.rmse"]["passed"] is True
+    (alert,) = alerts_of(s)
+    assert (alert["task_id"], alert["error_class"]) == ("release_gate", "GateFailed")
+    assert "sim.hard_braking.collision_rate" in alert["cause"]
     client = MlflowClient(settings.tracking_uri())
     assert client.search_registered_models("name = 'acc_no_hard_braking_model'") == []
     gate_runs = client.search_runs([client.get_experiment_by_name("closedloop/acc_no_hard_braking").experiment_id],
