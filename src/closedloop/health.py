@@ -91,14 +91,16 @@ def records_from_db(dag_ids: list[str], since: datetime) -> tuple[list[dict], li
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
+    def row(obj, fields) -> dict:
+        return {f: getattr(getattr(obj, f), "value", getattr(obj, f)) for f in fields}  # enums → their values
+
     with create_session() as session:
-        runs = [{f: (getattr(r, f).value if hasattr(getattr(r, f), "value") else getattr(r, f)) for f in RUN_FIELDS}
+        runs = [row(r, RUN_FIELDS)
                 for r in session.scalars(select(DagRun).where(DagRun.dag_id.in_(dag_ids), DagRun.run_after >= since))]
         in_window = select(TaskInstance).join(
             DagRun, (DagRun.dag_id == TaskInstance.dag_id) & (DagRun.run_id == TaskInstance.run_id)
         ).where(TaskInstance.dag_id.in_(dag_ids), DagRun.run_after >= since)
-        tis = [{f: (getattr(t, f).value if hasattr(getattr(t, f), "value") else getattr(t, f)) for f in TI_FIELDS}
-               for t in session.scalars(in_window)]
+        tis = [row(t, TI_FIELDS) for t in session.scalars(in_window)]
     return runs, tis
 
 

@@ -268,17 +268,22 @@ def format_trace(t: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _all_runs(c, filter_string: str) -> list:
-    exps = _experiments(c)
-    if not exps:
-        return []
+def _pages(search) -> list:
+    """Every result of an MLflow search, page by page (``search(page_token)``)."""
     out, token = [], None
     while True:
-        page = c.search_runs(exps, filter_string=filter_string, max_results=10_000, page_token=token)
+        page = search(token)
         out.extend(page)
         token = page.token
         if not token:
             return out
+
+
+def _all_runs(c, filter_string: str) -> list:
+    exps = _experiments(c)
+    if not exps:
+        return []
+    return _pages(lambda token: c.search_runs(exps, filter_string=filter_string, max_results=10_000, page_token=token))
 
 
 def impact(*, source: str | None = None, label_policy: str | None = None, dataset: str | None = None,
@@ -343,13 +348,7 @@ def impact(*, source: str | None = None, label_policy: str | None = None, datase
 
 
 def _versions_where(c, filter_string: str) -> list:
-    out, token = [], None
-    while True:
-        page = c.search_model_versions(filter_string, max_results=10_000, page_token=token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
+    return _pages(lambda token: c.search_model_versions(filter_string, max_results=10_000, page_token=token))
 
 
 def format_impact(i: dict[str, Any]) -> str:
