@@ -36,15 +36,17 @@ INVALID_DAG_ID = "closedloop_invalid_templates"
 
 
 def _default_args(loaded: LoadedSpec, **extra: Any) -> dict[str, Any]:
-    from closedloop.notifiers import TaskFailedNotifier
+    """Owner, the template's retries and backoff, and its failure alerts, for every task."""
+    from closedloop.notifiers import alert_notifiers
 
+    rel = loaded.spec.reliability
     return {
         "owner": loaded.spec.owner,
-        "on_failure_callback": [TaskFailedNotifier(pipeline=loaded.spec.name)],
-        "retries": 2,
-        "retry_delay": timedelta(seconds=20),
-        "retry_exponential_backoff": True,
-        "max_retry_delay": timedelta(minutes=10),
+        "on_failure_callback": alert_notifiers(loaded.spec),
+        "retries": rel.retries,
+        "retry_delay": timedelta(seconds=rel.retry_delay_seconds),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(seconds=rel.max_retry_delay_seconds),
         **extra,
     }
 
@@ -52,26 +54,29 @@ def _default_args(loaded: LoadedSpec, **extra: Any) -> dict[str, Any]:
 def _loop(loaded: LoadedSpec):
     """The closed loop's tasks (inside an open DAG context); returns the first task."""
     spec = loaded.spec
-    common: dict[str, Any] = {"loaded": loaded}
-    generate = GenerateDatasetOperator(task_id="generate_dataset", **common)
-    label = LabelOperator(task_id="label", **common)
-    validate = ValidateDataOperator(task_id="validate_data", **common)
-    train = TrainOperator(task_id="train", **common)
-    offline = OfflineEvalOperator(task_id="offline_eval", **common)
-    simulate = SimulateOperator(task_id="simulate", **common)
-    gate = ReleaseGateOperator(task_id="release_gate", retries=0, **common)
-    register = RegisterCandidateOperator(task_id="register_candidate", **common)
+
+    def common(step: str) -> dict[str, Any]:
+        return {"task_id": step, "loaded": loaded, "retries": spec.reliability.retries_of(step)}
+
+    generate = GenerateDatasetOperator(**common("generate_dataset"))
+    label = LabelOperator(**common("label"))
+    validate = ValidateDataOperator(**common("validate_data"))
+    train = TrainOperator(**common("train"))
+    offline = OfflineEvalOperator(**common("offline_eval"))
+    simulate = SimulateOperator(**common("simulate"))
+    gate = ReleaseGateOperator(**common("release_gate"))
+    register = RegisterCandidateOperator(**common("register_candidate"))
     generate >> label >> validate >> train >> offline >> simulate >> gate >> register
     label >> offline  # evaluation reads the dataset as well as the model
     if spec.hil is not None:
         from closedloop.operators.governance import HilResultsOperator
 
-        simulate >> HilResultsOperator(task_id="await_hil", retries=0, **common) >> gate
+        simulate >> HilResultsOperator(task_id="await_hil", retries=0, loaded=loaded) >> gate
     if spec.approval is not None:
         from closedloop.operators.governance import PromoteOperator, ReviewOperator
 
-        review = ReviewOperator(task_id="approval", retries=0, **common)
-        promote = PromoteOperator(task_id="promote", **common)
+        review = ReviewOperator(task_id="approval", retries=0, loaded=loaded)
+        promote = PromoteOperator(**common("promote"))
         register >> review >> promote
     return generate
 

@@ -145,7 +145,7 @@ def _version_of_run_key(c, run_key: str):
 def _step_runs(c, parent) -> dict[str, Any]:
     key = parent.data.tags.get("closedloop.run_key")
     runs = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`closedloop.run_key` = '{_q(key)}'",
-                         max_results=50)
+                         max_results=50, order_by=["attributes.start_time ASC"])  # a re-done step: newest wins
     return {r.data.tags.get("closedloop.step"): r for r in runs}
 
 

@@ -239,6 +239,86 @@ class IncidentsSpec(_Part):
     kpis: list[KpiRuleSpec] = Field(default_factory=list, description="production KPI bounds that raise incidents")
 
 
+CACHEABLE_STEPS = ("generate_dataset", "label", "validate_data", "train", "offline_eval", "simulate")
+"""Steps whose result the step cache may reuse. Gates, registration, review and promotion always run:
+they judge and record this run."""
+RETRYABLE_STEPS = (*CACHEABLE_STEPS, "release_gate", "register_candidate", "promote")
+
+
+class StepPolicySpec(_Part):
+    """Per-step overrides of ``reliability``."""
+
+    retries: int | None = Field(default=None, ge=0, le=20)
+    cache: bool | None = None
+
+
+class ReliabilitySpec(_Part):
+    """Retries (transient errors only; permanent ones fail at once) and the step cache."""
+
+    retries: int = Field(default=2, ge=0, le=20, description="retries of a transient error (connection, MLflow "
+                         "5xx/429, timeout, resource exhaustion); permanent errors are never retried")
+    retry_delay_seconds: float = Field(default=20, ge=0, le=86_400, description="first retry delay; doubles "
+                                       "each try (exponential backoff)")
+    max_retry_delay_seconds: float = Field(default=600, ge=0, le=7 * 86_400)
+    cache: bool = Field(default=True, description="reuse the result of an earlier finished step with "
+                        "identical inputs (content-addressed step cache)")
+    steps: dict[str, StepPolicySpec] = Field(default_factory=dict, description="per-step overrides, e.g. "
+                                             "{train: {retries: 4, cache: false}}")
+
+    @model_validator(mode="after")
+    def _known_steps(self) -> ReliabilitySpec:
+        for step, policy in self.steps.items():
+            if step not in RETRYABLE_STEPS:
+                close = difflib.get_close_matches(step, RETRYABLE_STEPS, n=1)
+                raise ValueError(f"reliability.steps names unknown step {step!r}"
+                                 + (f" (did you mean {close[0]!r}?)" if close else "")
+                                 + f"; expected one of {list(RETRYABLE_STEPS)}")
+            if policy.cache and step not in CACHEABLE_STEPS:
+                raise ValueError(f"reliability.steps.{step}.cache: {step} always runs (it judges or records this "
+                                 f"run); cacheable steps are {list(CACHEABLE_STEPS)}")
+        if self.max_retry_delay_seconds < self.retry_delay_seconds:
+            raise ValueError(f"max_retry_delay_seconds {self.max_retry_delay_seconds:g} is below "
+                             f"retry_delay_seconds {self.retry_delay_seconds:g}")
+        return self
+
+    def retries_of(self, step: str) -> int:
+        policy = self.steps.get(step)
+        return policy.retries if policy is not None and policy.retries is not None else self.retries
+
+    def caches(self, step: str) -> bool:
+        if step not in CACHEABLE_STEPS:
+            return False
+        policy = self.steps.get(step)
+        return policy.cache if policy is not None and policy.cache is not None else self.cache
+
+
+EMAIL_RE = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+
+
+class AlertSpec(_Part):
+    """Where a task that failed for good is reported. ``local``: the log and
+    ``$CLOSEDLOOP_HOME/alerts.jsonl``; ``webhook``: a chat webhook (Slack, Mattermost, Teams, …)
+    whose URL is the ``host`` of an Airflow connection; ``email``: through Airflow's SMTP provider
+    and its connection. Secrets stay in the connections, never here."""
+
+    kind: Literal["local", "webhook", "email"]
+    conn_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,250}$",
+                                description="Airflow connection (webhook: its host is the URL; email: SMTP)")
+    to: list[Annotated[str, Field(pattern=EMAIL_RE)]] = Field(default_factory=list,
+                                                              description="e-mail recipients")
+
+    @model_validator(mode="after")
+    def _needs(self) -> AlertSpec:
+        if self.kind == "webhook" and not self.conn_id:
+            raise ValueError("an alert of kind 'webhook' needs conn_id: the Airflow connection whose host is the "
+                             "webhook URL (the URL is a secret: it never goes in a template)")
+        if self.kind == "email" and not self.to:
+            raise ValueError("an alert of kind 'email' needs 'to:' (a list of addresses)")
+        if self.kind != "email" and self.to:
+            raise ValueError(f"'to:' only applies to alerts of kind 'email', not {self.kind!r}")
+        return self
+
+
 class PipelineSpec(_Part):
     """One pipeline template, validated."""
 
@@ -261,6 +341,10 @@ class PipelineSpec(_Part):
     hil: HilSpec | None = None
     approval: ApprovalSpec | None = None
     incidents: IncidentsSpec | None = None
+    reliability: ReliabilitySpec = Field(default_factory=ReliabilitySpec)
+    alerts: list[AlertSpec] = Field(default_factory=lambda: [AlertSpec(kind="local")], min_length=1,
+                                    description="where failures are reported (default: the log and the local "
+                                    "alert record)")
 
     @property
     def incident_dag_id(self) -> str:

@@ -70,8 +70,11 @@ def test_dag_settings_come_from_the_template(project):
     assert dag.timetable.expression == "0 3 * * 1"
     assert dag.catchup is False
     assert dag.default_args["owner"] == "acc-ml-team"
-    assert dag.get_task("release_gate").retries == 0  # a gate failure is never retried
-    assert dag.get_task("train").retries == 2
+    for step in ("generate_dataset", "train", "simulate", "release_gate", "register_candidate", "promote"):
+        task = dag.get_task(step)  # transient errors only: the policy fails gate failures and bugs at once
+        assert type(task.retry_policy).__name__ == "TransientOnlyRetryPolicy" and task.retries == 2
+        assert task.retry_exponential_backoff == 2.0 and task.retry_delay.total_seconds() == 20
+    assert dag.get_task("approval").retries == 0
     assert "sim.hard_braking.collision_rate <= 0" in dag.doc_md
     assert dag.start_date is None  # no start date + catchup off: unpausing waits for the next tick
     review = dag.get_task("approval")

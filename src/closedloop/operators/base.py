@@ -6,9 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
-
-from closedloop.errors import PermanentError, TransientError
+from airflow.sdk.exceptions import AirflowFailException
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -23,8 +21,9 @@ class ClosedLoopStepOperator(BaseOperator):
     """Run one pipeline step of a template for the current DAG run.
 
     Subclasses implement :meth:`run_step`; inputs from upstream steps come from XCom (small
-    JSON only). A :class:`~closedloop.errors.PermanentError` fails the task at once, with no
-    retry; a :class:`~closedloop.errors.TransientError` is retried with the task's backoff.
+    JSON only). Failures go through :class:`~closedloop.retry.TransientOnlyRetryPolicy`
+    (Airflow 3.3's retry policy): transient errors are retried with the task's exponential
+    backoff, permanent ones — :class:`~closedloop.errors.PermanentError`, bugs — fail at once.
 
     :param loaded: the validated pipeline template this task belongs to.
     :param mlflow_conn_id: Airflow connection naming the MLflow tracking server (optional:
@@ -34,6 +33,10 @@ class ClosedLoopStepOperator(BaseOperator):
     ui_color = "#e8f1fb"
 
     def __init__(self, *, loaded: LoadedSpec, mlflow_conn_id: str = "mlflow_default", **kwargs: Any) -> None:
+        if kwargs.get("retry_policy") is None:
+            from closedloop.retry import TransientOnlyRetryPolicy
+
+            kwargs["retry_policy"] = TransientOnlyRetryPolicy()
         super().__init__(**kwargs)
         self.loaded = loaded
         self.mlflow_conn_id = mlflow_conn_id
@@ -63,20 +66,34 @@ class ClosedLoopStepOperator(BaseOperator):
         return out
 
     @staticmethod
-    def guarded(context: Context, fn) -> Any:
-        """Call ``fn``, mapping permanent errors to fail-now and transient ones to retry.
+    def guarded(context: Context, fn, *, start: bool = True, end: bool = True) -> Any:
+        """Call ``fn``; on failure record the error's class, cause and whether it is transient
+        in XCom (key ``error``: alerts, summaries and the UI show it without digging in logs;
+        gate and validation reports travel with it), then re-raise it for the retry policy.
 
-        The error is also pushed to XCom (key ``error``) so summaries and the UI can show the
-        reason without digging in logs; gate and validation reports travel with it.
+        ``start``/``end``: fault-drill injection points around the step (:mod:`closedloop.faults`).
         """
+        from airflow.sdk.exceptions import AirflowException
+
+        from closedloop.errors import classify
+        from closedloop.faults import inject
+
+        ti = context["ti"]
+        where = {"dag_id": ti.dag_id, "task_id": ti.task_id, "try_number": int(ti.try_number or 1)}
         try:
-            return fn()
-        except PermanentError as exc:
-            _push_error(context, exc, permanent=True)
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
-        except TransientError as exc:
-            _push_error(context, exc, permanent=False)
-            raise AirflowException(f"{type(exc).__name__} (will retry): {exc}") from exc
+            if start:
+                inject(**where, point="start")
+            out = fn()
+            if end:
+                inject(**where, point="end")
+            return out
+        except AirflowException:  # Airflow's own control flow (skip, fail, reschedule): not ours to judge
+            raise
+        except Exception as exc:
+            transient, reason = classify(exc)
+            _push_error(context, exc, permanent=not transient)
+            log.error("%s: %s", reason, exc)
+            raise
 
     def run_step(self, ctx: RunContext, context: Context) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -101,7 +118,14 @@ def run_context(loaded: LoadedSpec, mlflow_conn_id: str, context: Context) -> Ru
     return RunContext(pipeline=loaded.spec.name, template_digest=loaded.digest,
                       dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
                       try_number=int(ti.try_number or 1), tracking_uri=hook.tracking_uri(),
-                      origin=origin_of(loaded, context))
+                      origin=origin_of(loaded, context), use_cache=uses_cache(context))
+
+
+def uses_cache(context: Context) -> bool:
+    """False when the run's conf says ``closedloop_cache: false`` (or ``closedloop rerun --no-cache``)."""
+    conf = getattr(context["dag_run"], "conf", None) or {}
+    rerun = conf.get("closedloop_rerun") if isinstance(conf.get("closedloop_rerun"), dict) else {}
+    return conf.get("closedloop_cache", True) is not False and not rerun.get("no_cache")
 
 
 RUN_TYPES = {"scheduled": "schedule", "backfill": "backfill", "manual": "request", "asset_triggered": "asset"}

@@ -37,7 +37,7 @@ class GenerateDatasetOperator(ClosedLoopStepOperator):
 
     def run_step(self, ctx: RunContext, context: Context) -> dict:
         from closedloop.operators.base import admission, rerun_of
-        from closedloop.steps.dataset import generate_dataset, pinned_snapshot
+        from closedloop.steps.dataset import generate_dataset
         from closedloop.steps.incidents import focus_of
 
         rerun = rerun_of(context)
@@ -46,7 +46,8 @@ class GenerateDatasetOperator(ClosedLoopStepOperator):
 
             link_rerun(self.loaded, ctx, of=str(rerun["of"]))
             if rerun.get("raw") and not rerun.get("fresh_data"):
-                out = pinned_snapshot(rerun["raw"])
+                out = generate_dataset(self.loaded, ctx, interval_end=date.fromisoformat(rerun["raw"]["window_end"]),
+                                       pinned=rerun["raw"])
                 log.info("rerun of %s: pinned snapshot %s (%d rows, window %s..%s), not regenerated", rerun["of"],
                          out["digest"], out["rows"], out["window_start"], out["window_end"])
                 return out
@@ -57,7 +58,8 @@ class GenerateDatasetOperator(ClosedLoopStepOperator):
         out = generate_dataset(self.loaded, ctx, interval_end=end, focus=focus)
         log.info("dataset snapshot %s: %d rows, window %s..%s, sampling %s, %s", out["digest"], out["rows"],
                  out["window_start"], out["window_end"], out["focus"] or "uniform",
-                 "written" if out["created"] else "already present")
+                 "from the step cache" if out.get("cache", {}).get("hit")
+                 else "written" if out["created"] else "already present")
         return out
 
 
@@ -78,6 +80,6 @@ class ValidateDataOperator(ClosedLoopStepOperator):
     def run_step(self, ctx: RunContext, context: Context) -> dict:
         from closedloop.steps.validation import validate_data
 
-        out = validate_data(self.loaded, labelled=self.upstream(context, "label"))
+        out = validate_data(self.loaded, ctx, labelled=self.upstream(context, "label"))
         log.info("suite %s: %d expectations passed on snapshot %s", out["suite"], out["evaluated"], out["digest"])
         return out

@@ -6,8 +6,6 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk.exceptions import AirflowException
-
 from closedloop.operators.base import ClosedLoopStepOperator
 
 if TYPE_CHECKING:
@@ -31,11 +29,15 @@ class SimulateOperator(ClosedLoopStepOperator):
         super().__init__(**kwargs)
         self.poll_interval = poll_interval
 
-    def run_step(self, ctx: RunContext, context: Context) -> None:
-        from closedloop.steps.simulation import launch
+    def run_step(self, ctx: RunContext, context: Context) -> dict:
+        from closedloop.steps.simulation import launch, reuse
         from closedloop.triggers.simulation import SimulationJobTrigger
 
-        job = launch(self.loaded, ctx, trained=self.upstream(context, "train"))
+        trained = self.upstream(context, "train")
+        done = reuse(self.loaded, ctx, trained=trained)
+        if done is not None:  # finished earlier in this run, or the step cache has it: no job, no deferral
+            return done
+        job = launch(self.loaded, ctx, trained=trained)
         self.defer(
             trigger=SimulationJobTrigger(job_dir=job["job_dir"], pid=job["pid"], host=job["host"],
                                          poll_interval=self.poll_interval),
@@ -44,14 +46,20 @@ class SimulateOperator(ClosedLoopStepOperator):
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict:
-        if not event or event.get("status") not in ("success", "failed"):
-            raise AirflowException(f"simulation trigger sent an unexpected event: {event!r}")
-        if event["status"] == "failed":
-            raise AirflowException(f"simulation job {event.get('job_dir')} failed: {event.get('error')}\n"
-                                   f"{event.get('log_tail', '')}")
-        from closedloop.steps.simulation import collect
-
-        out = self.guarded(context, lambda: collect(self.loaded, self.run_context(context), job=event["job_dir"],
-                                           trained=self.upstream(context, "train")))
+        out = self.guarded(context, lambda: self._complete(context, event), start=False)
         log.info("simulation metrics: %s", {k: v for k, v in out["metrics"].items() if k.count(".") == 1})
         return out
+
+    def _complete(self, context: Context, event: dict[str, Any] | None) -> dict:
+        from closedloop.errors import PermanentError, TransientError
+        from closedloop.steps.simulation import collect
+
+        if not event or event.get("status") not in ("success", "failed"):
+            raise PermanentError(f"simulation trigger sent an unexpected event: {event!r}")
+        if event["status"] == "failed":
+            message = (f"simulation job {event.get('job_dir')} failed: {event.get('error')}\n"
+                       f"{event.get('log_tail', '')}")
+            # a job that died without a word (killed, out of memory) may pass; a job that raised will raise again
+            raise (TransientError if "exited without a result" in str(event.get("error")) else PermanentError)(message)
+        return collect(self.loaded, self.run_context(context), job=event["job_dir"],
+                       trained=self.upstream(context, "train"))

@@ -26,6 +26,8 @@ class RunContext:
     origin: dict[str, str] = field(default_factory=dict, compare=False)
     """What started the run (``closedloop.trigger`` = schedule, backfill, request, incident; the
     requester; the incident): tags on every MLflow run and model version of the run."""
+    use_cache: bool = field(default=True, compare=False)
+    """False when the run was started with ``closedloop_cache: false`` (``closedloop rerun --no-cache``)."""
 
     @property
     def run_key(self) -> str:

@@ -14,20 +14,46 @@ def data_window(spec_window_days: int, interval_end: date) -> tuple[date, date]:
     return interval_end - timedelta(days=spec_window_days), interval_end
 
 
+def dataset_key(loaded: LoadedSpec, ctx: RunContext, *, window_start: str, window_end: str,
+                focus: dict | None) -> str:
+    """Cache key of ``generate_dataset``: the dataset section, the window, the sampling and where
+    snapshots live."""
+    from closedloop.steps.cache import key_of
+
+    return key_of("generate_dataset", pipeline=loaded.spec.name, dataset=loaded.spec.dataset.model_dump(mode="json"),
+                  window=[window_start, window_end], focus=focus or {}, root=ctx.data_root)
+
+
 def generate_dataset(loaded: LoadedSpec, ctx: RunContext, *, interval_end: date,
-                     focus: dict[str, float] | None = None) -> dict:
-    """Generate (or reuse) the raw snapshot of the template's sources for the run's window.
+                     focus: dict[str, float] | None = None, pinned: dict | None = None) -> dict:
+    """Generate the raw snapshot of the template's sources for the run's window — or reuse it:
+    done earlier in this run, cached from an earlier run with the same inputs, or ``pinned``.
 
     :param interval_end: the run's data interval end; the window is the ``window_days``
         before it, so reruns and backfills of the same interval get the same data.
     :param focus: sampling multiplier per scenario type (the template's ``sampling``, raised
         for an incident's scenario type); given to the generator as ``focus``.
-    :return: ``{uri, digest, rows, sources, window_start, window_end, scenarios}``.
+    :param pinned: an earlier run's raw snapshot to read back instead (``closedloop rerun``).
+    :return: ``{uri, digest, rows, sources, window_start, window_end, scenarios, cache_key}``.
     """
+    from closedloop.steps.cache import run_cached, snapshot_exists
+
     ds = loaded.spec.dataset
+    if pinned is not None:
+        key = dataset_key(loaded, ctx, window_start=pinned["window_start"], window_end=pinned["window_end"],
+                          focus=pinned.get("focus"))
+        return run_cached(loaded, ctx, "generate_dataset", key, lambda run: pinned_snapshot(pinned),
+                          valid=lambda hit: hit["digest"] == pinned["digest"] and snapshot_exists(hit))
     start, end = data_window(ds.window_days, interval_end)
-    generator = resolve(ds.generator)
     focus = dict(ds.sampling) if focus is None else focus
+    key = dataset_key(loaded, ctx, window_start=start.isoformat(), window_end=end.isoformat(), focus=focus)
+    return run_cached(loaded, ctx, "generate_dataset", key,
+                      lambda run: _generate(loaded, ctx, start, end, focus), valid=snapshot_exists)
+
+
+def _generate(loaded: LoadedSpec, ctx: RunContext, start: date, end: date, focus: dict[str, float]) -> dict:
+    ds = loaded.spec.dataset
+    generator = resolve(ds.generator)
     extra = {"focus": focus} if focus else {}
     frame = generator(sources=list(ds.sources), window_start=start, window_end=end,
                       scenarios=list(ds.scenarios), seed=ds.seed, **ds.params, **extra)

@@ -27,16 +27,17 @@ def predict(model, frame):
 def offline_eval(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, trained: dict) -> dict:
     """Evaluate on the test split of the same snapshot the model was trained on.
 
-    :return: ``{run_id, metrics: {"offline.rmse": …, "offline.cut_in.rmse": …}}``.
+    :return: ``{run_id, metrics: {"offline.rmse": …, "offline.cut_in.rmse": …}, cache_key}``.
     """
+    from closedloop.steps.cache import key_of, run_cached
 
     spec = loaded.spec
-    run = tracking.step_run(loaded, ctx, "offline_eval", **{"closedloop.dataset_version": labelled["digest"]})
-    done = tracking.finished_result(run)
-    if done:
-        return done
-    run_id = run.info.run_id
-    try:
+    key = key_of("offline_eval", dataset=labelled["digest"], evaluation=spec.evaluation.model_dump(mode="json"),
+                 split=[spec.training.test_fraction, spec.training.target],
+                 upstream=trained.get("cache_key") or trained["model_uri"])
+
+    def compute(run) -> dict:
+        run_id = run.info.run_id
         frame = read_snapshot(labelled["uri"], labelled["digest"])
         _, test_df = split(frame, spec.training.test_fraction)
         model = load_model(trained["model_uri"])
@@ -52,7 +53,7 @@ def offline_eval(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, trained
         tracking.log_dataset_input(ctx, run_id, test_df, labelled, context="evaluation",
                                    name=f"{spec.name}-labelled", targets=target)
         tracking.client(ctx).log_batch(run_id, metrics=tracking.metric_entities(metrics))
-        return tracking.finish(ctx, run_id, {"run_id": run_id, "metrics": metrics, "test_rows": int(len(test_df))})
-    except BaseException:
-        tracking.fail(ctx, run_id)
-        raise
+        return {"run_id": run_id, "metrics": metrics, "test_rows": int(len(test_df))}
+
+    return run_cached(loaded, ctx, "offline_eval", key, compute,
+                      tags={"closedloop.dataset_version": labelled["digest"]})

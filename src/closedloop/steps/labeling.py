@@ -9,12 +9,22 @@ from closedloop.steps.storage import read_snapshot, write_snapshot
 
 def label(loaded: LoadedSpec, ctx: RunContext, *, raw: dict) -> dict:
     """Label the raw snapshot; the labelled snapshot is content-addressed like the raw one.
+    Cached by the raw digest and the label policy (name, version, entry point, parameters).
 
     :param raw: the output of ``generate_dataset``.
-    :return: ``{uri, digest, rows, label_policy, raw_digest}``.
+    :return: ``{uri, digest, rows, label_policy, raw_digest, cache_key}``.
     """
+    from closedloop.steps.cache import key_of, run_cached, snapshot_exists
+
     policy = loaded.spec.label_policy
-    frame = read_snapshot(raw["uri"], raw["digest"])
-    labelled = resolve(policy.entry_point)(frame, version=policy.version, **policy.params)
-    ref = write_snapshot(labelled, root=ctx.data_root, pipeline=loaded.spec.name, kind="labelled")
-    return {**ref, "label_policy": policy.ref, "raw_digest": raw["digest"]}
+    key = key_of("label", raw_digest=raw["digest"], label_policy=policy.model_dump(mode="json"),
+                 upstream=raw.get("cache_key"), root=ctx.data_root)
+
+    def compute(run) -> dict:
+        frame = read_snapshot(raw["uri"], raw["digest"])
+        labelled = resolve(policy.entry_point)(frame, version=policy.version, **policy.params)
+        ref = write_snapshot(labelled, root=ctx.data_root, pipeline=loaded.spec.name, kind="labelled")
+        return {**ref, "label_policy": policy.ref, "raw_digest": raw["digest"]}
+
+    return run_cached(loaded, ctx, "label", key, compute, valid=snapshot_exists,
+                      tags={"closedloop.raw_dataset_version": raw["digest"]})

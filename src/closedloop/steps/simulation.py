@@ -119,9 +119,31 @@ def poll(job: str, pid: int | None, host: str | None) -> tuple[str, dict]:
     return "running", {}
 
 
+def simulation_key(loaded: LoadedSpec, trained: dict) -> str:
+    """Cache key of ``simulate``: the model (through the training's key), the simulator and the
+    scenario catalog's content."""
+    from closedloop.steps.cache import key_of
+
+    catalog = hashlib.sha256(loaded.scenario_path.read_bytes()).hexdigest()[:16]
+    sim = loaded.spec.simulation
+    return key_of("simulate", entry_point=sim.entry_point, scenario_set=sim.scenario_set, catalog=catalog,
+                  upstream=trained.get("cache_key") or trained["model_uri"])
+
+
+def reuse(loaded: LoadedSpec, ctx: RunContext, *, trained: dict) -> dict | None:
+    """The simulation result this run already has (a retry) or the step cache holds; None: launch."""
+    from closedloop.steps import cache
+
+    _, result = cache.reuse(loaded, ctx, "simulate", simulation_key(loaded, trained))
+    return result
+
+
 def collect(loaded: LoadedSpec, ctx: RunContext, *, job: str, trained: dict) -> dict:
     """Log the finished job's metrics and per-episode results into the ``simulate`` MLflow run."""
-    run = tracking.step_run(loaded, ctx, "simulate")
+    from closedloop.steps.cache import KEY_TAG
+
+    key = simulation_key(loaded, trained)
+    run = tracking.step_run(loaded, ctx, "simulate", step_tags={KEY_TAG: key})
     done = tracking.finished_result(run)
     if done:
         return done
@@ -138,7 +160,8 @@ def collect(loaded: LoadedSpec, ctx: RunContext, *, job: str, trained: dict) -> 
                         _param("model_uri", trained["model_uri"])])
     c.log_dict(run.info.run_id, result["episodes"], "simulation/episodes.json")
     return tracking.finish(ctx, run.info.run_id, {"run_id": run.info.run_id, "metrics": metrics,
-                                                   "episodes": len(result["episodes"])})
+                                                   "episodes": len(result["episodes"]), "cache_key": key,
+                                                   "cache": {"hit": False, "key": key}})
 
 
 def _param(key: str, value: str):

@@ -86,17 +86,22 @@ def lineage_tags(loaded: LoadedSpec, ctx: RunContext, **extra: str | None) -> di
     return tags
 
 
-def _find(ctx: RunContext, exp_id: str, step: str):
+def _find(ctx: RunContext, exp_id: str, step: str, key: str | None = None):
+    """The step's run in this pipeline run (with ``key``: the one for these exact inputs)."""
+    extra = f" and tags.`closedloop.cache_key` = '{key}'" if key else ""
     runs = client(ctx).search_runs(
         [exp_id],
-        filter_string=f"tags.`closedloop.run_key` = '{ctx.run_key}' and tags.`closedloop.step` = '{step}'",
+        filter_string=f"tags.`closedloop.run_key` = '{ctx.run_key}' and tags.`closedloop.step` = '{step}'{extra}",
         max_results=5, order_by=["attributes.start_time ASC"],
     )
     return runs[0] if runs else None
 
 
-def step_run(loaded: LoadedSpec, ctx: RunContext, step: str, **extra: str | None):
+def step_run(loaded: LoadedSpec, ctx: RunContext, step: str, *, step_tags: dict[str, str] | None = None,
+             **extra: str | None):
     """Get or create the MLflow run of ``step`` in this pipeline run (child of the pipeline run).
+
+    ``extra`` tags go on the step run and the pipeline run, ``step_tags`` on the step run only.
 
     :return: the ``mlflow.entities.Run``. If it finished earlier (a retry or a cleared task),
         its recorded result is available through :func:`finished_result`.
@@ -111,14 +116,16 @@ def step_run(loaded: LoadedSpec, ctx: RunContext, step: str, **extra: str | None
         for k, v in extra.items():
             if v is not None and parent.data.tags.get(k) != str(v):
                 c.set_tag(parent.info.run_id, k, str(v))
-    run = _find(ctx, exp_id, step)
+    # a step cleared after its inputs changed (new cache key) gets a new run; a retry finds its own
+    run = _find(ctx, exp_id, step, (step_tags or {}).get("closedloop.cache_key"))
     tags = {**lineage_tags(loaded, ctx, **extra), "closedloop.step": step,
-            "mlflow.parentRunId": parent.info.run_id}
+            "mlflow.parentRunId": parent.info.run_id, **(step_tags or {})}
     if run is None:
         run = c.create_run(exp_id, run_name=step, tags=tags)
     else:
-        for k in ("airflow.task_id", "airflow.try_number"):
-            c.set_tag(run.info.run_id, k, tags[k])
+        for k in ("airflow.task_id", "airflow.try_number", *(step_tags or {})):
+            if run.data.tags.get(k) != tags[k]:
+                c.set_tag(run.info.run_id, k, tags[k])
     return run
 
 
@@ -131,6 +138,9 @@ def finished_result(run) -> dict | None:
 
 def finish(ctx: RunContext, run_id: str, result: dict) -> dict:
     """Record the step's result on its run and mark it FINISHED (the idempotency marker)."""
+    from closedloop.faults import inject
+
+    inject(dag_id=ctx.dag_id, task_id=ctx.task_id, try_number=ctx.try_number, point="before_finish")
     c = client(ctx)
     c.set_tag(run_id, RESULT_TAG, json.dumps(result, sort_keys=True, default=str))
     c.set_terminated(run_id, "FINISHED")

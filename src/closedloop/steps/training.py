@@ -55,37 +55,47 @@ def dataset_tags(raw: dict | None, labelled: dict, validation: dict | None) -> d
 
 def train(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, validation: dict | None = None,
           raw: dict | None = None) -> dict:
-    """Train once per pipeline run; a retry after success returns the recorded result.
+    """Train once per pipeline run; a retry after success returns the recorded result, a retry
+    after a crash that had already logged the model reuses that model, and a run whose inputs
+    match an earlier finished training reuses its model (the step cache).
 
     :param raw: the ``generate_dataset`` result (sources, window, sampling) for the lineage tags.
-    :return: ``{run_id, model_uri, train_rows, test_rows, dataset_digest}``.
+    :return: ``{run_id, model_uri, train_rows, test_rows, dataset_digest, cache_key}``.
     """
-    import mlflow
+    from closedloop.steps.cache import key_of, run_cached
 
     spec = loaded.spec
-    run = tracking.step_run(loaded, ctx, "train", **dataset_tags(raw, labelled, validation))
-    done = tracking.finished_result(run)
-    if done:
-        log.info("train already finished for %s in MLflow run %s: reusing its model", ctx.run_key, run.info.run_id)
-        return done
+    key = key_of("train", dataset=labelled["digest"], training=spec.training.model_dump(mode="json"),
+                 upstream=(validation or {}).get("cache_key") or labelled.get("cache_key"))
+    return run_cached(loaded, ctx, "train", key, lambda run: _fit(loaded, ctx, run, labelled, raw),
+                      tags=dataset_tags(raw, labelled, validation))
+
+
+def _fit(loaded: LoadedSpec, ctx: RunContext, run, labelled: dict, raw: dict | None) -> dict:
+    import mlflow
+
+    from closedloop.faults import inject
+
+    spec = loaded.spec
     run_id = run.info.run_id
-    try:
-        frame = read_snapshot(labelled["uri"], labelled["digest"])
-        train_df, test_df = split(frame, spec.training.test_fraction)
+    frame = read_snapshot(labelled["uri"], labelled["digest"])
+    train_df, test_df = split(frame, spec.training.test_fraction)
+    client = tracking.client(ctx)
+    model_uri = run.data.tags.get("closedloop.model_uri")
+    if model_uri:  # an earlier try logged the model, then died before finishing: keep that model
+        log.info("train: model %s was logged by an earlier try of this run; reusing it, not training again", model_uri)
+    else:
         trainer = resolve(spec.training.entry_point)
         model = trainer(train_df, target=spec.training.target, **spec.training.hyperparameters)
-        client = tracking.client(ctx)
         with mlflow.start_run(run_id=run_id):
             mlflow.log_params({**spec.training.hyperparameters, "test_fraction": spec.training.test_fraction,
                                "trainer": spec.training.entry_point, "train_rows": len(train_df)})
             tracking.log_dataset_input(ctx, run_id, train_df, labelled, context="training",
                                        name=f"{spec.name}-labelled", targets=spec.training.target)
             info = models.log_model(model, trainer=trainer, pip_requirements=pip_requirements())
-        client.set_tag(run_id, "closedloop.model_uri", info.model_uri)
-        result = {"run_id": run_id, "model_uri": info.model_uri, "train_rows": int(len(train_df)),
-                  "test_rows": int(len(test_df)), "dataset_digest": labelled["digest"],
-                  "sources": "," + ",".join((raw or {}).get("sources") or []) + ","}
-        return tracking.finish(ctx, run_id, result)
-    except BaseException:
-        tracking.fail(ctx, run_id)
-        raise
+        model_uri = info.model_uri
+        client.set_tag(run_id, "closedloop.model_uri", model_uri)  # the checkpoint: the model is complete
+        inject(dag_id=ctx.dag_id, task_id=ctx.task_id, try_number=ctx.try_number, point="model_logged")
+    return {"run_id": run_id, "model_uri": model_uri, "train_rows": int(len(train_df)),
+            "test_rows": int(len(test_df)), "dataset_digest": labelled["digest"],
+            "sources": "," + ",".join((raw or {}).get("sources") or []) + ","}

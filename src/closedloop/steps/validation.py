@@ -6,6 +6,7 @@ import json
 
 from closedloop.errors import DataValidationError
 from closedloop.spec import LoadedSpec
+from closedloop.steps.context import RunContext
 from closedloop.steps.storage import read_snapshot
 
 
@@ -54,14 +55,27 @@ def format_failures(report: dict) -> str:
     return "\n".join(lines)
 
 
-def validate_data(loaded: LoadedSpec, *, labelled: dict) -> dict:
-    """Raise :class:`DataValidationError` (permanent) with the failing expectations, or return the report."""
-    frame = read_snapshot(labelled["uri"], labelled["digest"])
-    report = validate_frame(frame, load_suite(loaded.suite_path))
-    report["digest"] = labelled["digest"]
-    if not report["success"]:
-        raise DataValidationError(
-            f"snapshot {labelled['digest']} failed {report['failed']} of {report['evaluated']} expectations "
-            f"of suite {report['suite']!r}:\n{format_failures(report)}", report=report)
-    report["checks"] = [c for c in report["checks"] if not c["success"]]  # keep XCom small
-    return report
+def validate_data(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict) -> dict:
+    """Raise :class:`DataValidationError` (permanent) with the failing expectations, or return the report.
+    Cached by the labelled digest and the suite's content (a failure is never cached)."""
+    import hashlib
+
+    from closedloop.steps.cache import key_of, run_cached
+
+    suite = load_suite(loaded.suite_path)
+    suite_digest = hashlib.sha256(json.dumps(suite, sort_keys=True).encode()).hexdigest()[:16]
+    key = key_of("validate_data", dataset=labelled["digest"], suite=suite_digest, upstream=labelled.get("cache_key"))
+
+    def compute(run) -> dict:
+        frame = read_snapshot(labelled["uri"], labelled["digest"])
+        report = validate_frame(frame, suite)
+        report["digest"] = labelled["digest"]
+        if not report["success"]:
+            raise DataValidationError(
+                f"snapshot {labelled['digest']} failed {report['failed']} of {report['evaluated']} expectations "
+                f"of suite {report['suite']!r}:\n{format_failures(report)}", report=report)
+        report["checks"] = [c for c in report["checks"] if not c["success"]]  # keep XCom small
+        return report
+
+    return run_cached(loaded, ctx, "validate_data", key, compute,
+                      tags={"closedloop.dataset_version": labelled["digest"]})

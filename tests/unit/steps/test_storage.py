@@ -38,7 +38,7 @@ def test_same_window_same_digest_other_window_other_digest(loaded, tmp_path):
 def test_object_storage_uri_goes_through_the_same_code(loaded, tmp_path):
     """fsspec's in-memory filesystem stands in for S3/GCS (no cloud here): same steps, same digests."""
     local = ctx(loaded, str(tmp_path))
-    remote = ctx(loaded, "memory://closedloop-test")
+    remote = ctx(loaded, "memory://closedloop-test", "manual__remote")
     raw_local = generate_dataset(loaded, local, interval_end=date(2026, 11, 23))
     raw_remote = generate_dataset(loaded, remote, interval_end=date(2026, 11, 23))
     assert raw_remote["uri"].startswith("memory://closedloop-test/acc_longitudinal/raw/")
