@@ -111,7 +111,8 @@ def test_running_the_steps_again_creates_nothing_new(periodic, periodic_run):
     loaded = periodic[1]
     ctx = RunContext(pipeline="acc_longitudinal", template_digest=loaded.digest, dag_id="acc_longitudinal",
                      run_id=s["run_id"], task_id="train", try_number=2)
-    again = train(loaded, ctx, labelled=s["results"]["label"])
+    again = train(loaded, ctx, labelled=s["results"]["label"], validation=s["results"]["validate_data"],
+                  raw=s["results"]["generate_dataset"])
     assert again["run_id"] == s["results"]["train"]["run_id"]
     assert again["model_uri"] == s["results"]["train"]["model_uri"]
     reg = register_candidate(loaded, ctx.for_task("register_candidate", 2), trained=again,
@@ -160,7 +161,9 @@ def test_broken_dataset_stops_at_validate_data(airflow_db, scratch_dag):
     client = MlflowClient(settings.tracking_uri())
     assert client.search_registered_models("name = 'acc_corrupt_model'") == []
     exp = client.get_experiment_by_name("closedloop/acc_corrupt")
-    assert exp is None or client.search_runs([exp.experiment_id]) == []  # nothing trained
+    steps = {r.data.tags["closedloop.step"]: r.info.status for r in client.search_runs([exp.experiment_id])}
+    assert steps == {"pipeline": "RUNNING", "generate_dataset": "FINISHED", "label": "FINISHED",
+                     "validate_data": "FAILED"}  # nothing trained; the failed validation is never a cache entry
 
 
 def test_policy_without_hard_braking_data_fails_the_simulation_gate(airflow_db, scratch_dag):
