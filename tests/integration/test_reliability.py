@@ -29,7 +29,8 @@ STEPS = ("generate_dataset", "label", "validate_data", "train", "offline_eval", 
 CACHED = STEPS[:6]
 MODEL = "acc_faults_model"
 DAY = datetime(2026, 11, 23, tzinfo=UTC)
-RELIABILITY = "\nreliability:\n  retries: 2\n  retry_delay_seconds: 1\n  max_retry_delay_seconds: 2\n"
+FAST_RETRIES = {"retry_delay_seconds: 20": "retry_delay_seconds: 1", "max_retry_delay_seconds: 600":
+                "max_retry_delay_seconds: 2", "train: {retries: 3}": "train: {retries: 2}"}
 
 
 class Drill:
@@ -46,11 +47,12 @@ class Drill:
         monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(self.root / "dags"))
         monkeypatch.setattr(airflow.settings, "DAGS_FOLDER", str(self.root / "dags"))
 
-    def write_template(self, *, policy_version: str) -> None:
+    def write_template(self, *, policy_version: str, **replacements: str) -> None:
         text = template_text(self.project, incidents=False, **NO_REVIEW, **SAFE_DATA, **{
             "name: acc_longitudinal": "name: acc_faults", "name: acc_longitudinal_policy": f"name: {MODEL}",
-            "window_days: 14": "window_days: 7", 'version: "2"': f"version: {policy_version}"})
-        (self.root / "include" / "pipelines" / "acc_faults.yaml").write_text(text + RELIABILITY)
+            "window_days: 14": "window_days: 7", 'version: "2"': f"version: {policy_version}", **FAST_RETRIES,
+            **replacements})
+        (self.root / "include" / "pipelines" / "acc_faults.yaml").write_text(text)
 
     def run(self, hour: int, faults: list[dict] | None = None, conf: dict | None = None) -> dict:
         self.faults.write_text(json.dumps(faults or []))
@@ -178,3 +180,32 @@ def test_a_permanent_fault_fails_the_step_at_once_with_one_alert(runs, drill, st
     assert (alert["task_id"], alert["error_class"], alert["permanent"]) == (step, "TypeError", True)
     assert "injected permanent fault" in alert["cause"] and alert["pipeline"] == "acc_faults"
     assert alert["log_url"] and step in alert["log_url"]
+
+
+def test_alerts_go_to_every_channel_the_template_names(runs, drill, monkeypatch):
+    """A chat webhook and e-mail (Airflow's SMTP provider) next to the local record; the webhook URL
+    and the SMTP server live in Airflow connections (environment variables here), not the template."""
+    from tests.fixtures.sinks import HttpSink, SmtpSink
+
+    with HttpSink() as chat, SmtpSink() as smtp:
+        monkeypatch.setenv("AIRFLOW_CONN_ACC_ONCALL_CHAT", json.dumps(
+            {"conn_type": "http", "host": f"{chat.url}/hooks/acc", "password": "s3cret-token"}))
+        monkeypatch.setenv("AIRFLOW_CONN_SMTP_ALERTS", json.dumps(
+            {"conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
+             "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "airflow@acc.example"}}))
+        drill.write_template(policy_version='"3"', **{"  - kind: local ": (
+            "  - kind: local\n  - kind: webhook\n    conn_id: acc_oncall_chat\n"
+            "  - kind: email\n    to: [acc-oncall@example.com]\n    conn_id: smtp_alerts\n ")})
+        s = drill.run(20, [{"task": "train", "point": "start", "fault": "permanent", "tries": [1]}])
+    assert states(s)["train"] == "failed"
+    (local,) = alerts_of(s)
+    assert (local["task_id"], local["error_class"]) == ("train", "TypeError")
+    ((method, path, headers, body),) = chat.requests
+    posted = json.loads(body)
+    assert (method, path, headers["Authorization"]) == ("POST", "/hooks/acc", "Bearer s3cret-token")
+    assert "acc_faults: task train failed for good (TypeError)" in posted["text"]
+    assert posted["alert"]["run_id"] == s["run_id"] and posted["alert"]["log_url"] == local["log_url"]
+    assert "s3cret" not in json.dumps(local)
+    ((sender, rcpts, data),) = smtp.messages
+    assert (sender, rcpts) == ("airflow@acc.example", ["acc-oncall@example.com"])
+    assert "Subject: [closedloop] acc_faults: task train failed for good (TypeError)" in data

@@ -80,6 +80,19 @@ BROKEN = [
      ["incidents.queue needs 'scheme:'"]),
     ("debounce-negative", {"debounce_minutes: 30": "debounce_minutes: -5"},
      ["incidents.debounce_minutes", "greater than or equal to 0"]),
+    ("reliability-unknown-step", {"    train: {retries: 3}": "    trian: {retries: 3}"},
+     ["reliability", "unknown step 'trian'", "did you mean 'train'"]),
+    ("reliability-cache-a-gate", {"    train: {retries: 3}": "    release_gate: {cache: true}"},
+     ["reliability.steps.release_gate.cache", "release_gate always runs"]),
+    ("reliability-negative-retries", {"  retries: 2 ": "  retries: -1 "},
+     ["reliability.retries", "greater than or equal to 0"]),
+    ("reliability-max-below-first", {"max_retry_delay_seconds: 600": "max_retry_delay_seconds: 5"},
+     ["max_retry_delay_seconds 5 is below retry_delay_seconds 20"]),
+    ("alert-webhook-without-connection", {"  - kind: local ": "  - kind: webhook "},
+     ["alerts[0]", "needs conn_id", "never goes in a template"]),
+    ("alert-unknown-kind", {"  - kind: local ": "  - kind: pager "}, ["alerts[0].kind", "'local', 'webhook' or 'email'"]),
+    ("alert-bad-address", {"  - kind: local ": "  - kind: email\n    to: [oncall]\n "},
+     ["alerts[0].to[0]", "should match pattern"]),
 ]
 
 
