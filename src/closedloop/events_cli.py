@@ -228,7 +228,14 @@ def cmd_health(args) -> int:
     from datetime import timedelta
 
     from closedloop.cli import pipelines_dir
-    from closedloop.health import current_versions, figures, format_health, pipelines_of, records_from_api
+    from closedloop.health import (
+        cache_figures,
+        current_versions,
+        figures,
+        format_health,
+        pipelines_of,
+        records_from_api,
+    )
     from closedloop.spec import load_all
 
     specs, _ = load_all(pipelines_dir(args))
@@ -243,6 +250,7 @@ def cmd_health(args) -> int:
         return 1
     h = figures(pipelines, runs, tis, since=since, until=until)
     h["versions"] = current_versions(specs)
+    h["cache"] = cache_figures(specs, since)
     print(json.dumps(h, indent=2, default=str) if args.json else format_health(h))
     return 0
 

@@ -137,6 +137,35 @@ def current_versions(specs, tracking_uri: str | None = None) -> dict[str, dict[s
     return out
 
 
+def cache_figures(specs, since: datetime, tracking_uri: str | None = None) -> dict[str, dict[str, Any]]:
+    """Step-cache use per pipeline since ``since``, from the step runs' ``closedloop.cache`` tags in MLflow:
+    hits, misses, runs with the cache off, the hit rate and the hits per step."""
+    from closedloop.lineage import _client, _pages
+
+    c = _client(tracking_uri)
+    ms = int(since.timestamp() * 1000)
+    out: dict[str, dict[str, Any]] = {}
+    for s in specs:
+        exp = c.get_experiment_by_name(f"closedloop/{s.spec.name}")
+        counts = {"hit": 0, "miss": 0, "off": 0}
+        by_step: dict[str, int] = {}
+        if exp is not None:
+            for state in counts:
+                found = _pages(lambda token, state=state, exp=exp: c.search_runs(
+                    [exp.experiment_id], filter_string=f"tags.`closedloop.cache` = '{state}' and "
+                    f"attributes.start_time >= {ms}", max_results=5000, page_token=token))
+                counts[state] = len(found)
+                if state == "hit":
+                    for r in found:
+                        step = r.data.tags.get("closedloop.step", "?")
+                        by_step[step] = by_step.get(step, 0) + 1
+        looked = counts["hit"] + counts["miss"]
+        out[s.spec.name] = {"hits": counts["hit"], "misses": counts["miss"], "off": counts["off"],
+                            "hit_rate": round(counts["hit"] / looked, 3) if looked else None,
+                            "hits_by_step": dict(sorted(by_step.items()))}
+    return out
+
+
 def format_health(h: dict[str, Any]) -> str:
     lines = [f"pipeline health {h['since'][:16]} .. {h['until'][:16]} (UTC)"]
     for name, p in h["pipelines"].items():
@@ -151,4 +180,11 @@ def format_health(h: dict[str, Any]) -> str:
                   f"  lead time    trigger → candidate median {lt['median']} s ({lt['n']}); "
                   f"incident → production median {ip['median']} s ({ip['n']})",
                   f"  versions     production {v.get('production') or '-'}, candidate {v.get('candidate') or '-'}"]
+        cache = (h.get("cache") or {}).get(name)
+        if cache:
+            rate = f"{cache['hit_rate']:.0%}" if cache["hit_rate"] is not None else "-"
+            lines.append(f"  step cache   {cache['hits']} hits, {cache['misses']} misses ({rate} hit rate), "
+                         f"{cache['off']} with the cache off"
+                         + (f"; hits: {', '.join(f'{k} {n}' for k, n in cache['hits_by_step'].items())}"
+                            if cache["hits_by_step"] else ""))
     return "\n".join(lines)

@@ -52,21 +52,41 @@ def wait_chart(h: dict) -> str:
     return f'<svg class="wait-chart" width="560" height="{y + 4}" role="img">{"".join(parts)}</svg>'
 
 
+def cache_chart(name: str, cache: dict) -> str:
+    """One bar per step: how often the step cache answered it in the window."""
+    steps = cache.get("hits_by_step") or {}
+    if not steps:
+        return ""
+    top = max(steps.values())
+    parts = []
+    for i, (step, n) in enumerate(steps.items()):
+        w = 240 * n / top
+        parts.append(f'<text x="0" y="{14 + 18 * i}">{_e(step)}</text><rect class="bar" x="120" y="{4 + 18 * i}" '
+                     f'width="{w:.1f}" height="12" data-step="{_e(step)}" data-hits="{n}"/>'
+                     f'<text x="{126 + w:.1f}" y="{14 + 18 * i}">{n}</text>')
+    return (f'<h3>Step cache hits</h3><svg class="cache-chart" data-pipeline="{_e(name)}" width="420" '
+            f'height="{8 + 18 * len(steps)}" role="img">{"".join(parts)}</svg>')
+
+
 def render(h: dict[str, Any], days: int) -> str:
     sections = []
     for name, p in h["pipelines"].items():
         v = (h.get("versions") or {}).get(name, {})
         fr = f"{p['failure_rate']:.0%}" if p["failure_rate"] is not None else "-"
+        cache = (h.get("cache") or {}).get(name) or {}
+        hits = f"{cache['hits']} of {cache['hits'] + cache['misses']}" if cache else None
         cards = "".join(f'<span class="card" data-figure="{k}"><b>{_e(val)}</b>{_e(label)}</span>' for k, label, val in (
             ("runs", "runs", p["runs"]), ("failure_rate", "failure rate", fr),
             ("queue_wait", "median queue wait (s)", p["queue_wait_s"]["median"]),
             ("lead_time", "trigger → candidate (s)", p["lead_time_to_candidate_s"]["median"]),
             ("incident_to_production", "incident → production (s)", p["incident_to_production_s"]["median"]),
-            ("retries", "retries", p["retries"]), ("pending_approvals", "pending approvals", p["pending_approvals"]),
+            ("retries", "retries", p["retries"]), ("cache_hits", "step cache hits", hits),
+            ("pending_approvals", "pending approvals", p["pending_approvals"]),
             ("production", "production version", v.get("production")), ("candidate", "candidate version",
                                                                           v.get("candidate"))))
         sections.append(f'<section data-pipeline="{_e(name)}"><h2>{_e(name)}</h2><p>{_e(", ".join(p["dags"]))}</p>'
-                        f'{cards}<h3>Runs per day</h3>{runs_chart(name, p, h["days"])}</section>')
+                        f'{cards}<h3>Runs per day</h3>{runs_chart(name, p, h["days"])}'
+                        f'{cache_chart(name, cache)}</section>')
     options = "".join(f'<option value="{d}"{" selected" if d == days else ""}>{d} days</option>' for d in (1, 7, 30, 90))
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>closedloop health</title>'
             f'<style>{STYLE}</style></head><body><h1>Pipeline health</h1>'

@@ -197,6 +197,9 @@ def trace(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
             "metrics": dict(train.data.metrics), "code_version": ttags.get("closedloop.code_version"),
             "model_uri": ttags.get("closedloop.model_uri"),
         }
+        if ttags.get("closedloop.cache") == "hit":  # the model was trained by an earlier run with identical inputs
+            out["training_run"]["cache_hit"] = {"source_run_id": ttags.get("closedloop.cache.source_run_id"),
+                                                "source_run_key": ttags.get("closedloop.cache.source_run_key")}
     out["datasets"] = [d for d in (
         {"kind": "labelled", **(manifest.get("labelled") or {"digest": ttags.get("closedloop.dataset_version")})},
         {"kind": "raw", **(manifest.get("raw") or {"digest": ttags.get("closedloop.raw_dataset_version")})},
@@ -225,6 +228,9 @@ def format_trace(t: dict[str, Any]) -> str:
     tr = t.get("training_run")
     if tr:
         lines.append(f"training run    {tr['run_id']}  code {tr['code_version']}")
+        if tr.get("cache_hit"):
+            lines.append(f"  step cache    hit: model trained by MLflow run {tr['cache_hit']['source_run_id']} "
+                         f"(pipeline run {tr['cache_hit']['source_run_key']}) on identical inputs")
         lines.append("  params        " + ", ".join(f"{k}={v}" for k, v in sorted(tr["params"].items())))
         if tr["metrics"]:
             lines.append("  metrics       " + ", ".join(f"{k}={v:g}" for k, v in sorted(tr["metrics"].items())))
@@ -373,11 +379,12 @@ def format_impact(i: dict[str, Any]) -> str:
 
 
 def rerun_plan(ref: str, specs, *, fresh_data: bool = False, allow_template_change: bool = False,
-               tracking_uri: str | None = None) -> dict[str, Any]:
+               no_cache: bool = False, tracking_uri: str | None = None) -> dict[str, Any]:
     """How to rerun the pipeline run behind ``ref`` exactly: ``{"dag_id", "conf", "notes", "original"}``.
 
     Same DAG, same request, same pinned raw snapshot (unless ``fresh_data``), same label policy;
     refused when the template changed since (its hash differs) unless ``allow_template_change``.
+    ``no_cache``: every step does its work again (the step cache is bypassed for this run).
     ``notes`` say what is not identical (e.g. another code version).
     """
     from closedloop.steps.context import code_version
@@ -409,6 +416,8 @@ def rerun_plan(ref: str, specs, *, fresh_data: bool = False, allow_template_chan
     original = f"{ar['dag_id']}/{ar['run_id']}"
     conf: dict[str, Any] = {"closedloop_rerun": {"of": original, "fresh_data": fresh_data,
                                                  **({"raw": pin} if not fresh_data else {})}}
+    if no_cache:
+        conf["closedloop_cache"] = False
     request = (t.get("model_version") or {}).get("request") or {}
     incident = ar["started_by"].get("incident")
     if ar["dag_id"] == loaded.spec.incident_dag_id:

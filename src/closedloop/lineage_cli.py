@@ -39,7 +39,8 @@ def cmd_rerun(args) -> int:
 
     specs, _ = load_all(pipelines_dir(args))
     try:
-        plan = rerun_plan(args.ref, specs, fresh_data=args.fresh_data, allow_template_change=args.allow_template_change)
+        plan = rerun_plan(args.ref, specs, fresh_data=args.fresh_data, allow_template_change=args.allow_template_change,
+                          no_cache=args.no_cache)
     except LineageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -52,7 +53,8 @@ def cmd_rerun(args) -> int:
     try:
         status, run = api.call("POST", f"/dags/{api.q(plan['dag_id'])}/dagRuns", {
             "logical_date": None, "conf": plan["conf"], "note": f"rerun of {plan['original']}"
-            + (" with fresh data" if args.fresh_data else f" on pinned snapshot {plan['pinned']}")})
+            + (" with fresh data" if args.fresh_data else f" on pinned snapshot {plan['pinned']}")
+            + (", step cache off" if args.no_cache else "")})
     except AirflowAPIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -83,6 +85,8 @@ def add_parsers(sub) -> None:
     sp.add_argument("--fresh-data", action="store_true", help="build a new snapshot instead of the pinned one")
     sp.add_argument("--allow-template-change", action="store_true",
                     help="rerun even though the template changed since (not exact)")
+    sp.add_argument("--no-cache", action="store_true",
+                    help="do every step again: bypass the step cache (results of identical earlier steps)")
     sp.add_argument("--dry-run", action="store_true", help="print the plan (DAG, conf, notes) and start nothing")
     sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
     sp.add_argument("--user", help="Airflow user (default $AIRFLOW_USERNAME); password from $AIRFLOW_PASSWORD")

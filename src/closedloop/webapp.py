@@ -52,7 +52,7 @@ async def _login_or_redirect(request: Request):
 def health_figures(days: int) -> dict:
     from datetime import UTC, datetime, timedelta
 
-    from closedloop.health import current_versions, figures, pipelines_of, records_from_db
+    from closedloop.health import cache_figures, current_versions, figures, pipelines_of, records_from_db
     from closedloop.spec import load_all
 
     specs, _ = load_all(_pipelines_dir())
@@ -62,6 +62,7 @@ def health_figures(days: int) -> dict:
     runs, tis = records_from_db([d for ids in pipelines.values() for d in ids], since)
     out = figures(pipelines, runs, tis, since=since, until=until)
     out["versions"] = current_versions(specs, _tracking_uri())
+    out["cache"] = cache_figures(specs, since, _tracking_uri())
     return out
 
 

@@ -369,7 +369,10 @@ def test_health_figures_from_airflows_records_as_json_cli_and_page(env):
     assert info.value.code == 401
     req.add_header("Authorization", f"Bearer {server.client('viewer1').token()}")
     with urllib.request.urlopen(req, timeout=120) as r:
-        h = json.load(r)["pipelines"][PIPELINE]
+        whole = json.load(r)
+    h, cache = whole["pipelines"][PIPELINE], whole["cache"][PIPELINE]
+    # every incident run that trained looked its steps up in the step cache (MLflow's records)
+    assert cache["hits"] + cache["misses"] > 0 and sum(cache["hits_by_step"].values()) == cache["hits"]
     assert h["dags"] == [PIPELINE, DAG]
     assert h["runs"] == len(settled) and h["incident_runs"] == len(runs(server))
     assert h["failure_rate"] == round(sum(r["state"] == "failed" for r in finished) / len(finished), 3)
@@ -392,5 +395,7 @@ def test_health_figures_from_airflows_records_as_json_cli_and_page(env):
         bars = b.eval(f"[...document.querySelectorAll(\"{section} svg.runs-chart rect\")]"
                       ".reduce((n, r) => n + Number(r.dataset.count), 0)")
         assert bars == h["runs"]  # every run is a bar segment of its day
+        assert b.eval(f"document.querySelector(\"{section} [data-figure=cache_hits] b\").textContent") == \
+            f"{cache['hits']} of {cache['hits'] + cache['misses']}"
         assert b.eval("document.querySelector('svg.runs-chart').getBoundingClientRect().width") > 100
         assert b.eval("document.querySelectorAll('svg.wait-chart rect').length") == 2

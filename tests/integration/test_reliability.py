@@ -80,7 +80,13 @@ def runs(drill):
     root = Path(settings.data_root()) / "acc_faults"
     out["files"] = {sub: sorted(p.name for p in (root / sub).iterdir()) for sub in ("raw", "labelled", "jobs")}
     out["again"] = drill.run(4)  # same day, same window, same template: nothing to recompute
-    out["no_cache"] = drill.run(5, conf={"closedloop_cache": False})
+    # `closedloop rerun --no-cache` of the first run: what it would post to Airflow, run here
+    from closedloop.lineage import rerun_plan
+    from closedloop.spec import load_all
+
+    specs, _ = load_all(drill.root / "include" / "pipelines")
+    out["no_cache_plan"] = rerun_plan(out["transient"]["run_id"], specs, no_cache=True)
+    out["no_cache"] = drill.run(5, conf=out["no_cache_plan"]["conf"])
     drill.write_template(policy_version='"3"')
     out["new_policy"] = drill.run(6)
     return out
@@ -148,12 +154,19 @@ def test_rerun_with_unchanged_inputs_hits_the_cache_and_registers_the_same_model
     # gates and registration judge and record this run: never from the cache
     assert found["release_gate"][0].data.tags.get("closedloop.cache") is None
     assert again["registry"]["version"] != first["registry"]["version"]
+    from closedloop.lineage import format_trace, trace
+
+    t = trace(f"{MODEL}/{again['registry']['version']}")
+    assert t["training_run"]["cache_hit"]["source_run_key"] == f"acc_faults/{first['run_id']}"
+    assert "step cache    hit: model trained by MLflow run" in format_trace(t)
     assert client().get_model_version(MODEL, again["registry"]["version"]).tags["airflow.run_id"] == again["run_id"]
 
 
-def test_cache_off_for_a_run_recomputes_everything(runs):
+def test_rerun_without_cache_recomputes_everything(runs):
     first, off = runs["transient"], runs["no_cache"]
+    assert runs["no_cache_plan"]["conf"]["closedloop_cache"] is False
     assert off["state"] == "success", states(off)
+    assert off["results"]["generate_dataset"]["pinned"] is True  # the rerun read the original snapshot back
     assert cache_states(off) == dict.fromkeys(CACHED, "off")
     assert off["results"]["train"]["model_uri"] != first["results"]["train"]["model_uri"]  # trained again
     assert off["results"]["label"]["digest"] == first["results"]["label"]["digest"]  # deterministic data

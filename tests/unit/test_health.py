@@ -44,3 +44,31 @@ def test_figures_per_pipeline():
     page = render({**h, "versions": {"p": {"production": "3", "candidate": "4"}}}, 7)
     assert page.count('class="runs-chart"') == 2 and 'data-kind="failed" data-count="1"' in page
     assert "<b>33%</b>failure rate" in page and "<b>3</b>production version" in page
+
+
+def test_cache_figures_count_the_step_runs_tags_in_the_window(tmp_path):
+    """Real MLflow (SQLite in a temp dir): hits, misses and runs with the cache off, per step."""
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from closedloop.health import cache_figures, format_health
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("closedloop/p", artifact_location=str(tmp_path / "a"))
+    for step, state in [("train", "hit"), ("label", "hit"), ("train", "hit"), ("simulate", "miss"),
+                        ("train", "off"), ("release_gate", None)]:
+        c.create_run(exp, tags={"closedloop.step": step, **({"closedloop.cache": state} if state else {})})
+    spec = SimpleNamespace(spec=SimpleNamespace(name="p"))
+    other = SimpleNamespace(spec=SimpleNamespace(name="never_ran"))
+    since = datetime.now(UTC) - timedelta(hours=1)
+    got = cache_figures([spec, other], since, uri)
+    assert got["p"] == {"hits": 3, "misses": 1, "off": 1, "hit_rate": 0.75, "hits_by_step": {"label": 1, "train": 2}}
+    assert got["never_ran"]["hits"] == 0 and got["never_ran"]["hit_rate"] is None
+    assert cache_figures([spec], datetime.now(UTC) + timedelta(hours=1), uri)["p"]["hits"] == 0  # outside the window
+    h = figures({"p": ["p"]}, [], [], since=since, until=datetime.now(UTC))
+    h["cache"] = got
+    assert "step cache   3 hits, 1 misses (75% hit rate), 1 with the cache off; hits: label 1, train 2" in format_health(h)
+    page = render(h, 1)
+    assert 'data-figure="cache_hits"><b>3 of 4</b>' in page and 'data-step="train" data-hits="2"' in page
