@@ -3,6 +3,10 @@ triggered through the REST API, ``simulate`` waits in the triggerer, a candidate
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from urllib.parse import quote
+
 import pytest
 from mlflow import MlflowClient
 
@@ -17,13 +21,16 @@ def airflow(tmp_path_factory, project):
     # the shipped template without its cron schedule (the scheduler starts no run of its own) and
     # without review (test_governance_scheduler covers it)
     root = scratch_project(tmp_path_factory.mktemp("project"))
-    (root / "include" / "pipelines" / "acc_longitudinal.yaml").write_text(
-        template_text(project, incidents=False, **{'schedule: "0 3 * * 1"': "schedule: null", **NO_REVIEW, **SAFE_DATA}))
+    (root / "include" / "pipelines" / "acc_longitudinal.yaml").write_text(template_text(project, incidents=False, **{
+        'schedule: "0 3 * * 1"': "schedule: null", "retry_delay_seconds: 20": "retry_delay_seconds: 2",
+        **NO_REVIEW, **SAFE_DATA}))
     # a daily pipeline for backfills: each interval must train on its own window's data
     (root / "include" / "pipelines" / "acc_daily.yaml").write_text(template_text(project, incidents=False, **SAFE_DATA, **{
         'schedule: "0 3 * * 1"': 'schedule: "0 3 * * *"', "name: acc_longitudinal": "name: acc_daily",
         "name: acc_longitudinal_policy": "name: acc_daily_model", "window_days: 14": "window_days: 3", **NO_REVIEW}))
-    server = AirflowServer(tmp_path_factory.mktemp("standalone"), root / "dags",
+    base = tmp_path_factory.mktemp("standalone")
+    # fault drills: off until a test writes this file
+    server = AirflowServer(base, root / "dags", env={"CLOSEDLOOP_FAULTS": str(base / "faults.json")},
                            users={"admin": ("admin", "admin-pw"), "viewer1": ("viewer", "viewer-pw")})
     server.start()
     yield server
@@ -107,3 +114,65 @@ def test_backfill_of_three_intervals_trains_on_three_snapshots(airflow):
     assert len(trained) == 3
     assert {r.data.tags["airflow.run_id"] for r in trained} == {r["dag_run_id"] for r in finished}
     assert len({r.data.tags["closedloop.dataset_version"] for r in trained}) == 3
+
+
+def run_to_end(airflow, dag_id: str, conf: dict) -> tuple[dict, dict[str, dict]]:
+    status, run = airflow.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
+    assert status == 200, run
+    rid = quote(run["dag_run_id"], safe="")
+
+    def finished():
+        _, r = airflow.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{rid}")
+        return r if r["state"] in ("success", "failed") else None
+
+    result = airflow.wait_for(finished, 600, "the run to finish", interval=1.0)
+    _, tis = airflow.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{rid}/taskInstances")
+    return result, {t["task_id"]: t for t in tis["task_instances"]}
+
+
+def registry_record(client: MlflowClient, run_id: str) -> dict:
+    """What one pipeline run left in MLflow: step runs per step, logged models of its training run,
+    model versions, and where the candidate alias points."""
+    exp = client.get_experiment_by_name("closedloop/acc_longitudinal")
+    steps: dict[str, list] = {}
+    for r in client.search_runs([exp.experiment_id], filter_string=f"tags.`airflow.run_id` = '{run_id}'"):
+        steps.setdefault(r.data.tags["closedloop.step"], []).append(r)
+    (train,) = steps["train"]
+    versions = [v for v in client.search_model_versions("name = 'acc_longitudinal_policy'")
+                if v.tags.get("airflow.run_id") == run_id]
+    return {"steps": {k: [r.info.status for r in v] for k, v in steps.items()},
+            "logged_models": len(client.search_logged_models(
+                experiment_ids=[exp.experiment_id], filter_string=f"source_run_id = '{train.info.run_id}'")),
+            "versions": len(versions), "train_run": train,
+            "candidate_is_it": client.get_model_version_by_alias("acc_longitudinal_policy", "candidate").version
+            == (versions[0].version if versions else None)}
+
+
+def test_sigkill_mid_train_is_retried_and_leaves_the_registry_as_an_undisturbed_run(airflow):
+    """The train task process is killed with SIGKILL after its model is logged, before its MLflow run
+    is marked finished: Airflow retries it; the retry keeps that model (no second training, no second
+    logged model, run or version), and the registry looks exactly like an undisturbed run's."""
+    faults = Path(airflow.env["CLOSEDLOOP_FAULTS"])
+    client = MlflowClient(airflow.env["MLFLOW_TRACKING_URI"])
+    no_cache = {"closedloop_cache": False}  # the first test trained on the same data: make this one train
+    undisturbed, _ = run_to_end(airflow, "acc_longitudinal", no_cache)
+    assert undisturbed["state"] == "success"
+    faults.write_text(json.dumps([{"task": "train", "point": "model_logged", "fault": "kill", "tries": [1]}]))
+    try:
+        killed, tis = run_to_end(airflow, "acc_longitudinal", no_cache)
+    finally:
+        faults.unlink()
+    assert killed["state"] == "success", {k: t["state"] for k, t in tis.items()}
+    assert tis["train"]["try_number"] == 2  # the killed try, then the retry
+    _, tries = airflow.api("GET", f"/api/v2/dags/acc_longitudinal/dagRuns/{quote(killed['dag_run_id'], safe='')}"
+                                  "/taskInstances/train/tries")
+    assert [t["try_number"] for t in tries["task_instances"]] == [1, 2]
+    calm, hit = registry_record(client, undisturbed["dag_run_id"]), registry_record(client, killed["dag_run_id"])
+    assert hit["train_run"].data.tags["airflow.try_number"] == "2"
+    for record in (calm, hit):
+        record.pop("train_run")
+    assert hit.pop("candidate_is_it") is True
+    calm.pop("candidate_is_it")
+    assert hit == calm == {"steps": {s: ["FINISHED"] for s in (
+        "generate_dataset", "label", "validate_data", "train", "offline_eval", "simulate", "release_gate")}
+        | {"pipeline": ["RUNNING"]}, "logged_models": 1, "versions": 1}
