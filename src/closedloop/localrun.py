@@ -116,7 +116,8 @@ def collect_summary(dag_id: str, run_id: str) -> dict | None:
         summary = {"dag_id": dag_id, "run_id": run_id, "state": str(dr.state),
                    "logical_date": dr.logical_date.isoformat() if dr.logical_date else None,
                    "run_type": str(dr.run_type), "tasks": tasks,
-                   "results": {t: xcoms.get((t, "return_value")) for t in TASK_ORDER}}
+                   "results": {t: xcoms.get((t, "return_value")) for t in TASK_ORDER},
+                   "cache_plan": xcoms.get(("generate_dataset", "cache_plan"))}
     summary["registry"] = _registry_state(summary["results"].get("register_candidate"))
     return summary
 

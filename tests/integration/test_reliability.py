@@ -139,6 +139,10 @@ def test_rerun_with_unchanged_inputs_hits_the_cache_and_registers_the_same_model
     assert again["state"] == "success", states(again)
     assert first["results"]["generate_dataset"]["window_end"] == again["results"]["generate_dataset"]["window_end"]
     assert cache_states(again) == dict.fromkeys(CACHED, "hit")
+    # generate_dataset followed the chain: the later tasks only read their result (no MLflow import)
+    assert sorted(again["cache_plan"]) == sorted(CACHED[1:])
+    assert all(again["cache_plan"][step] == again["results"][step] for step in CACHED[1:])
+    assert first["cache_plan"] is None
     for step in CACHED:
         hit = again["results"][step]["cache"]
         assert hit["hit"] is True and hit["source_run_key"] == f"acc_faults/{first['run_id']}"

@@ -60,10 +60,27 @@ class ClosedLoopStepOperator(BaseOperator):
         return self.__dict__["_seen"]
 
     def execute(self, context: Context) -> Any:
-        out = self.guarded(context, lambda: self.run_step(self.run_context(context), context))
+        out = self.guarded(context, lambda: self.planned(context) or self.run_step(self.run_context(context), context))
         if isinstance(out, dict):
             self.seen[self.task_id] = out
         return out
+
+    def planned(self, context: Context) -> dict | None:
+        """This step's result if ``generate_dataset`` already found it in the step cache
+        (:func:`closedloop.steps.cache.plan_ahead`): returned without importing MLflow."""
+        from closedloop.spec import CACHEABLE_STEPS
+        from closedloop.steps.cache import PLAN_KEY
+
+        if self.task_id not in CACHEABLE_STEPS[1:]:
+            return None
+        plan = context["ti"].xcom_pull(task_ids="generate_dataset", key=PLAN_KEY)
+        result = plan.get(self.task_id) if isinstance(plan, dict) else None
+        if result is not None:
+            log.info("cache hit for %s (key %s), found ahead by generate_dataset: reusing the result of MLflow run %s "
+                     "(pipeline run %s); its hit is recorded in MLflow run %s; nothing recomputed", self.task_id,
+                     result["cache"]["key"], result["cache"]["source_run_id"], result["cache"]["source_run_key"],
+                     result.get("run_id", "-"))
+        return result
 
     @staticmethod
     def guarded(context: Context, fn, *, start: bool = True, end: bool = True) -> Any:

@@ -36,6 +36,14 @@ class GenerateDatasetOperator(ClosedLoopStepOperator):
         return end.date()
 
     def run_step(self, ctx: RunContext, context: Context) -> dict:
+        out = self._generate(ctx, context)
+        if (out.get("cache") or {}).get("hit"):
+            from closedloop.steps.cache import PLAN_KEY, plan_ahead
+
+            context["ti"].xcom_push(key=PLAN_KEY, value=plan_ahead(self.loaded, ctx, out))
+        return out
+
+    def _generate(self, ctx: RunContext, context: Context) -> dict:
         from closedloop.operators.base import admission, rerun_of
         from closedloop.steps.dataset import generate_dataset
         from closedloop.steps.incidents import focus_of

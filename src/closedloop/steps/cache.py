@@ -130,3 +130,47 @@ def snapshot_exists(result: dict) -> bool:
 
     fs, path = fsspec.core.url_to_fs(result["uri"])
     return fs.exists(path)
+
+
+PLAN_KEY = "cache_plan"
+"""XCom key (on ``generate_dataset``) of the results :func:`plan_ahead` found in the cache."""
+
+
+def plan_ahead(loaded: LoadedSpec, ctx: RunContext, raw: dict) -> dict[str, dict]:
+    """After ``generate_dataset`` was answered from the cache (or a pinned snapshot), follow the
+    chain: compute each next step's key from the results found so far, record each hit in its own
+    MLflow step run, and stop at the first miss or switched-off step.
+
+    The later tasks find their result here (XCom) and return it without importing MLflow, which
+    is most of what a task costs once its work is cached (``import mlflow`` takes seconds).
+    """
+    from closedloop.steps.evaluation import evaluation_key
+    from closedloop.steps.labeling import label_key, label_tags
+    from closedloop.steps.simulation import simulation_key
+    from closedloop.steps.training import dataset_tags, train_key
+    from closedloop.steps.validation import validation_key
+
+    found: dict[str, dict] = {}
+
+    def hit(step: str, key: str, tags: dict | None = None, valid=None) -> dict | None:
+        if not enabled(loaded, ctx, step):
+            return None
+        result = reuse(loaded, ctx.for_task(step), step, key, tags=tags, valid=valid)[1]
+        if result is not None and (result.get("cache") or {}).get("hit"):
+            found[step] = result
+            return result
+        return None
+
+    labelled = hit("label", label_key(loaded, ctx, raw), label_tags(raw), snapshot_exists)
+    validation = labelled and hit("validate_data", validation_key(loaded, labelled),
+                                  {"closedloop.dataset_version": labelled["digest"]})
+    trained = validation and hit("train", train_key(loaded, labelled, validation),
+                                 dataset_tags(raw, labelled, validation))
+    offline = trained and hit("offline_eval", evaluation_key(loaded, labelled, trained),
+                              {"closedloop.dataset_version": labelled["digest"]})
+    if offline:
+        hit("simulate", simulation_key(loaded, trained))
+    if found:
+        log.info("cache: %s answered from the step cache ahead of time (their tasks will only read the result)",
+                 ", ".join(found))
+    return found

@@ -29,12 +29,10 @@ def offline_eval(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, trained
 
     :return: ``{run_id, metrics: {"offline.rmse": …, "offline.cut_in.rmse": …}, cache_key}``.
     """
-    from closedloop.steps.cache import key_of, run_cached
+    from closedloop.steps.cache import run_cached
 
     spec = loaded.spec
-    key = key_of("offline_eval", dataset=labelled["digest"], evaluation=spec.evaluation.model_dump(mode="json"),
-                 split=[spec.training.test_fraction, spec.training.target],
-                 upstream=trained.get("cache_key") or trained["model_uri"])
+    key = evaluation_key(loaded, labelled, trained)
 
     def compute(run) -> dict:
         run_id = run.info.run_id
@@ -57,3 +55,13 @@ def offline_eval(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, trained
 
     return run_cached(loaded, ctx, "offline_eval", key, compute,
                       tags={"closedloop.dataset_version": labelled["digest"]})
+
+
+def evaluation_key(loaded: LoadedSpec, labelled: dict, trained: dict) -> str:
+    """Cache key of ``offline_eval``: the model (through the training's key), the held-out split, the metrics."""
+    from closedloop.steps.cache import key_of
+
+    spec = loaded.spec
+    return key_of("offline_eval", dataset=labelled["digest"], evaluation=spec.evaluation.model_dump(mode="json"),
+                  split=[spec.training.test_fraction, spec.training.target],
+                  upstream=trained.get("cache_key") or trained["model_uri"])

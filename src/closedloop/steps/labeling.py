@@ -14,11 +14,10 @@ def label(loaded: LoadedSpec, ctx: RunContext, *, raw: dict) -> dict:
     :param raw: the output of ``generate_dataset``.
     :return: ``{uri, digest, rows, label_policy, raw_digest, cache_key}``.
     """
-    from closedloop.steps.cache import key_of, run_cached, snapshot_exists
+    from closedloop.steps.cache import run_cached, snapshot_exists
 
     policy = loaded.spec.label_policy
-    key = key_of("label", raw_digest=raw["digest"], label_policy=policy.model_dump(mode="json"),
-                 upstream=raw.get("cache_key"), root=ctx.data_root)
+    key = label_key(loaded, ctx, raw)
 
     def compute(run) -> dict:
         frame = read_snapshot(raw["uri"], raw["digest"])
@@ -26,5 +25,16 @@ def label(loaded: LoadedSpec, ctx: RunContext, *, raw: dict) -> dict:
         ref = write_snapshot(labelled, root=ctx.data_root, pipeline=loaded.spec.name, kind="labelled")
         return {**ref, "label_policy": policy.ref, "raw_digest": raw["digest"]}
 
-    return run_cached(loaded, ctx, "label", key, compute, valid=snapshot_exists,
-                      tags={"closedloop.raw_dataset_version": raw["digest"]})
+    return run_cached(loaded, ctx, "label", key, compute, valid=snapshot_exists, tags=label_tags(raw))
+
+
+def label_key(loaded: LoadedSpec, ctx: RunContext, raw: dict) -> str:
+    """Cache key of ``label``: the raw snapshot, the whole label policy, where snapshots live."""
+    from closedloop.steps.cache import key_of
+
+    return key_of("label", raw_digest=raw["digest"], label_policy=loaded.spec.label_policy.model_dump(mode="json"),
+                  upstream=raw.get("cache_key"), root=ctx.data_root)
+
+
+def label_tags(raw: dict) -> dict[str, str]:
+    return {"closedloop.raw_dataset_version": raw["digest"]}

@@ -62,13 +62,18 @@ def train(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, validation: di
     :param raw: the ``generate_dataset`` result (sources, window, sampling) for the lineage tags.
     :return: ``{run_id, model_uri, train_rows, test_rows, dataset_digest, cache_key}``.
     """
-    from closedloop.steps.cache import key_of, run_cached
+    from closedloop.steps.cache import run_cached
 
-    spec = loaded.spec
-    key = key_of("train", dataset=labelled["digest"], training=spec.training.model_dump(mode="json"),
-                 upstream=(validation or {}).get("cache_key") or labelled.get("cache_key"))
-    return run_cached(loaded, ctx, "train", key, lambda run: _fit(loaded, ctx, run, labelled, raw),
-                      tags=dataset_tags(raw, labelled, validation))
+    return run_cached(loaded, ctx, "train", train_key(loaded, labelled, validation),
+                      lambda run: _fit(loaded, ctx, run, labelled, raw), tags=dataset_tags(raw, labelled, validation))
+
+
+def train_key(loaded: LoadedSpec, labelled: dict, validation: dict | None) -> str:
+    """Cache key of ``train``: the labelled snapshot (validated) and the training section."""
+    from closedloop.steps.cache import key_of
+
+    return key_of("train", dataset=labelled["digest"], training=loaded.spec.training.model_dump(mode="json"),
+                  upstream=(validation or {}).get("cache_key") or labelled.get("cache_key"))
 
 
 def _fit(loaded: LoadedSpec, ctx: RunContext, run, labelled: dict, raw: dict | None) -> dict:

@@ -58,13 +58,10 @@ def format_failures(report: dict) -> str:
 def validate_data(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict) -> dict:
     """Raise :class:`DataValidationError` (permanent) with the failing expectations, or return the report.
     Cached by the labelled digest and the suite's content (a failure is never cached)."""
-    import hashlib
-
-    from closedloop.steps.cache import key_of, run_cached
+    from closedloop.steps.cache import run_cached
 
     suite = load_suite(loaded.suite_path)
-    suite_digest = hashlib.sha256(json.dumps(suite, sort_keys=True).encode()).hexdigest()[:16]
-    key = key_of("validate_data", dataset=labelled["digest"], suite=suite_digest, upstream=labelled.get("cache_key"))
+    key = validation_key(loaded, labelled, suite)
 
     def compute(run) -> dict:
         frame = read_snapshot(labelled["uri"], labelled["digest"])
@@ -79,3 +76,14 @@ def validate_data(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict) -> dic
 
     return run_cached(loaded, ctx, "validate_data", key, compute,
                       tags={"closedloop.dataset_version": labelled["digest"]})
+
+
+def validation_key(loaded: LoadedSpec, labelled: dict, suite: dict | None = None) -> str:
+    """Cache key of ``validate_data``: the labelled snapshot and the suite's content."""
+    import hashlib
+
+    from closedloop.steps.cache import key_of
+
+    suite = suite if suite is not None else load_suite(loaded.suite_path)
+    suite_digest = hashlib.sha256(json.dumps(suite, sort_keys=True).encode()).hexdigest()[:16]
+    return key_of("validate_data", dataset=labelled["digest"], suite=suite_digest, upstream=labelled.get("cache_key"))
