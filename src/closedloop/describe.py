@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from closedloop.spec import LoadedSpec
+from closedloop.spec import CACHEABLE_STEPS, LoadedSpec
 
 TASKS = (
     ("generate_dataset", "build the raw fleet-log snapshot for the run's data window (Parquet, content-addressed)"),
@@ -68,8 +68,8 @@ def describe(loaded: LoadedSpec) -> str:
 
 ## Outputs
 - Raw and labelled **dataset snapshots** (Parquet, named by content digest) under the data root.
-- MLflow experiment `closedloop/{s.name}`: one parent run per pipeline run, child runs `train`,
-  `offline_eval`, `simulate`, `release_gate`, all tagged with the lineage.
+- MLflow experiment `closedloop/{s.name}`: one parent run per pipeline run, a child run per step
+  (`generate_dataset` … `release_gate`), all tagged with the lineage and the step's cache key.
 - Registered model **`{s.model.name}`**: one version per successful run, alias `candidate`;
   after approval, alias `production` (the version it replaces keeps `previous-production`).
 
@@ -79,7 +79,7 @@ def describe(loaded: LoadedSpec) -> str:
 - Services: MLflow (connection `mlflow_default` or `MLFLOW_TRACKING_URI`), the data root
   (`CLOSEDLOOP_DATA_ROOT`), a triggerer for `simulate`.
 
-{_incidents_section(s)}## Release gates
+{_incidents_section(s)}{_reliability_section(s)}## Release gates
 {gates}
 
 ## Review
@@ -116,3 +116,28 @@ type within {inc.debounce_minutes:g} min join the first run), then runs the same
   incident once per degradation:
 {kpis}
 """ if inc.kpis else "") + "\n"
+
+
+def _reliability_section(s) -> str:
+    r = s.reliability
+    overrides = []
+    for step, p in r.steps.items():
+        parts = ([f"{p.retries} retries"] if p.retries is not None else []) + \
+                ([f"cache {'on' if p.cache else 'off'}"] if p.cache is not None else [])
+        overrides.append(f"`{step}` {', '.join(parts)}")
+    cached = [step for step in CACHEABLE_STEPS if r.caches(step)]
+    cache = (f"{', '.join(f'`{c}`' for c in cached)} reuse the result of an earlier finished step with identical "
+             "inputs (run conf `closedloop_cache: false` or `closedloop rerun --no-cache` bypasses it)"
+             if cached else "off")
+    alerts = ", ".join({"local": "the log and the local alert record",
+                        "webhook": f"chat webhook (connection `{a.conn_id}`)",
+                        "email": f"e-mail to {', '.join(a.to)}"}[a.kind] for a in s.alerts)
+    return f"""## Failures, retries and the step cache
+Transient errors (connection, MLflow 5xx/429, timeouts, resource exhaustion) are retried {r.retries} times,
+{r.retry_delay_seconds:g} s after the first failure and twice as long each time (at most {r.max_retry_delay_seconds:g} s);
+permanent ones (template or data errors, failed gates, bugs) fail the task at once. Every step can be
+retried or cleared safely: it finds what it already made instead of making it twice.
+{"Overrides: " + "; ".join(overrides) + "." + chr(10) if overrides else ""}Step cache: {cache}.
+A task that fails for good alerts: {alerts}.
+
+"""

@@ -8,8 +8,9 @@ be started and stopped while Airflow runs). The file holds a list of faults::
      {"task": "*", "point": "start", "fault": "permanent", "tries": [1], "dag": "acc_longitudinal"}]
 
 ``point``: ``start`` (before the step does anything), ``end`` (after it made everything, before
-the task reports success: the hardest case for idempotency) or a step's own point (``train``:
-``model_logged``). ``fault``: ``transient`` (a ``ConnectionResetError``: retried), ``permanent``
+the task reports success), ``before_finish`` (its work done and recorded, its MLflow run not yet
+marked finished: the hardest case for idempotency) or ``model_logged`` (``train``: the model is
+in MLflow, nothing else is). ``fault``: ``transient`` (a ``ConnectionResetError``: retried), ``permanent``
 (a ``TypeError``, like a bug: not retried) or ``kill`` (SIGKILL of the task process).
 ``tries``: the try numbers that fail (default ``[1]``); ``dag``: only this DAG (default: any).
 """
