@@ -42,8 +42,9 @@ def generate_dataset(loaded: LoadedSpec, ctx: RunContext, *, interval_end: date,
     if pinned is not None:
         key = dataset_key(loaded, ctx, window_start=pinned["window_start"], window_end=pinned["window_end"],
                           focus=pinned.get("focus"))
-        return run_cached(loaded, ctx, "generate_dataset", key, lambda run: pinned_snapshot(pinned),
-                          valid=lambda hit: hit["digest"] == pinned["digest"] and snapshot_exists(hit))
+        out = run_cached(loaded, ctx, "generate_dataset", key, lambda run: pinned_snapshot(pinned),
+                         valid=lambda hit: hit["digest"] == pinned["digest"] and snapshot_exists(hit))
+        return {**out, "pinned": True}  # a cache hit is the same snapshot, checked
     start, end = data_window(ds.window_days, interval_end)
     focus = dict(ds.sampling) if focus is None else focus
     key = dataset_key(loaded, ctx, window_start=start.isoformat(), window_end=end.isoformat(), focus=focus)
