@@ -36,7 +36,7 @@ airflow: $(BIN)/closedloop
 	@scripts/local-airflow.sh
 
 bench: $(BIN)/closedloop
-	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lint: $(BIN)/closedloop
 	$(BIN)/ruff check src tests dags plugins benchmarks

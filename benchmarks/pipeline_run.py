@@ -20,7 +20,9 @@ import time
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import full_run_project  # noqa: E402
+
 TMP = Path(os.environ.get("CLOSEDLOOP_BENCH_TMP") or tempfile.mkdtemp(prefix="closedloop-bench-"))
 os.environ["CLOSEDLOOP_BENCH_TMP"] = str(TMP)  # the --direct child shares the scratch store
 os.environ.update({
@@ -33,20 +35,7 @@ os.environ.update({
 
 
 def scratch_project() -> Path:
-    """dags/ + include/ with the shipped template minus its review step (dag.test would wait for a
-    reviewer; the review's cost is a person's, not the machine's) and with every scenario type
-    fully sampled (the shipped sample fails the hard-braking gate: a full run is measured here)."""
-    import re
-    import shutil
-
-    root = TMP / "project"
-    if not root.exists():
-        shutil.copytree(PROJECT / "dags", root / "dags")
-        shutil.copytree(PROJECT / "include", root / "include")
-        path = root / "include" / "pipelines" / "acc_longitudinal.yaml"
-        text = re.sub(r"\napproval:\n(  .*\n)+", "\n", path.read_text())
-        path.write_text(text.replace("sampling: {hard_braking: 0.1}", "sampling: {}"))
-    return root
+    return full_run_project(TMP / "project")
 
 
 def timed(fn, *a, **k):

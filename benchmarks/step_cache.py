@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import full_run_project  # noqa: E402
+
 TMP = Path(tempfile.mkdtemp(prefix="closedloop-bench-cache-"))
 os.environ.update({
     "CLOSEDLOOP_HOME": str(TMP / "home"), "AIRFLOW_HOME": str(TMP / "airflow"),
@@ -38,18 +41,7 @@ CACHED = ("generate_dataset", "label", "validate_data", "train", "offline_eval",
 
 
 def scratch_project() -> Path:
-    """The shipped template without review (a person's time, not the machine's) and with every
-    scenario type fully sampled (a full run, through registration)."""
-    import re
-    import shutil
-
-    root = TMP / "project"
-    shutil.copytree(PROJECT / "dags", root / "dags")
-    shutil.copytree(PROJECT / "include", root / "include")
-    path = root / "include" / "pipelines" / "acc_longitudinal.yaml"
-    text = re.sub(r"\napproval:\n(  .*\n)+", "\n", path.read_text())
-    path.write_text(text.replace("sampling: {hard_braking: 0.1}", "sampling: {}"))
-    return root
+    return full_run_project(TMP / "project")
 
 
 def median_ms(fn, n: int = 20) -> float:
