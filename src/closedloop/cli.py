@@ -218,6 +218,9 @@ def parser() -> argparse.ArgumentParser:
     from closedloop.lineage_cli import add_parsers as add_lineage_parsers
 
     add_lineage_parsers(sub)
+    from closedloop.airflow_settings import add_parsers as add_settings_parsers
+
+    add_settings_parsers(sub)
 
     sp = sub.add_parser("env", help="print the embedded defaults as shell exports")
     sp.set_defaults(func=cmd_env)

@@ -176,3 +176,59 @@ def test_sigkill_mid_train_is_retried_and_leaves_the_registry_as_an_undisturbed_
     assert hit == calm == {"steps": {s: ["FINISHED"] for s in (
         "generate_dataset", "label", "validate_data", "train", "offline_eval", "simulate", "release_gate")}
         | {"pipeline": ["RUNNING"]}, "logged_models": 1, "versions": 1}
+
+
+def test_settings_apply_creates_updates_and_leaves_alone(airflow, tmp_path):
+    """`closedloop settings apply` against a real Airflow: connections, pools, variables from an
+    Astro-format file; secrets from the environment; a second apply changes nothing."""
+    import subprocess
+    import sys
+
+    def apply(path: Path, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "closedloop.cli", "settings", "apply", str(path)],
+                              env={**airflow.env, "AIRFLOW_API_URL": airflow.url, "AIRFLOW_USERNAME": "admin",
+                                   "AIRFLOW_PASSWORD": "admin-pw", **env}, capture_output=True, text=True, timeout=120)
+
+    path = tmp_path / "airflow_settings.yaml"
+    text = """airflow:
+  connections:
+    - conn_id: acc_oncall_chat
+      conn_type: http
+      conn_host: https://chat.example.com/hooks/acc
+      conn_password: ${CHAT_TOKEN}
+      conn_extra: {channel: acc-oncall}
+  pools:
+    - pool_name: closedloop_settings_test
+      pool_slot: 3
+      pool_description: from the settings file
+  variables:
+    - variable_name: closedloop_settings_test
+      variable_value: s3://bucket/data
+"""
+    path.write_text(text)
+    first = apply(path, CHAT_TOKEN="tok-1")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ["connection", "acc_oncall_chat", "created", "pool", "closedloop_settings_test",
+                                    "created", "variable", "closedloop_settings_test", "created"]
+    _, conn = airflow.api("GET", "/api/v2/connections/acc_oncall_chat")
+    assert (conn["conn_type"], conn["host"], json.loads(conn["extra"])) == (
+        "http", "https://chat.example.com/hooks/acc", {"channel": "acc-oncall"})
+    assert "tok-1" not in first.stdout + first.stderr
+    _, pool = airflow.api("GET", "/api/v2/pools/closedloop_settings_test")
+    assert (pool["slots"], pool["description"]) == (3, "from the settings file")
+    _, var = airflow.api("GET", "/api/v2/variables/closedloop_settings_test")
+    assert var["value"] == "s3://bucket/data"
+
+    path.write_text(text.replace("pool_slot: 3", "pool_slot: 5"))
+    second = apply(path)  # no CHAT_TOKEN now: the password is not in the file, so it cannot be applied
+    assert second.returncode == 2 and "CHAT_TOKEN is not set" in second.stderr
+    second = apply(path, CHAT_TOKEN="tok-1")
+    assert second.returncode == 0, second.stderr
+    assert "pool        closedloop_settings_test         updated" in second.stdout
+    assert airflow.api("GET", "/api/v2/pools/closedloop_settings_test")[1]["slots"] == 5
+    third = apply(path.with_name("missing.yaml"))
+    assert third.returncode == 2 and "no such settings file" in third.stderr
+
+    path.write_text(text.replace("${CHAT_TOKEN}", "hunter2"))
+    refused = apply(path)
+    assert refused.returncode == 2 and "airflow.connections[0].conn_password: a literal password" in refused.stderr
