@@ -61,9 +61,14 @@ def _loop(loaded: LoadedSpec):
     generate = GenerateDatasetOperator(**common("generate_dataset"))
     label = LabelOperator(**common("label"))
     validate = ValidateDataOperator(**common("validate_data"))
-    train = TrainOperator(**common("train"))
+    pods = spec.kubernetes
+    if pods is not None and (pods.train or pods.simulate):
+        from closedloop.operators.pod import StepPodOperator
+    train = (StepPodOperator(step="train", **common("train")) if pods is not None and pods.train
+             else TrainOperator(**common("train")))
     offline = OfflineEvalOperator(**common("offline_eval"))
-    simulate = SimulateOperator(**common("simulate"))
+    simulate = (StepPodOperator(step="simulate", **common("simulate")) if pods is not None and pods.simulate
+                else SimulateOperator(**common("simulate")))
     gate = ReleaseGateOperator(**common("release_gate"))
     register = RegisterCandidateOperator(**common("register_candidate"))
     generate >> label >> validate >> train >> offline >> simulate >> gate >> register

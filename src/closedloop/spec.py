@@ -319,6 +319,42 @@ class AlertSpec(_Part):
         return self
 
 
+class PodSpec(_Part):
+    """Run a step as a Kubernetes pod (Airflow's KubernetesPodOperator) instead of on a worker: the
+    image holds this package and the project's ``include/``; the step code inside is the same."""
+
+    image: str = Field(min_length=1, description="container image with airflow-closedloop and include/")
+    namespace: str = Field(default="default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    kubernetes_conn_id: str = Field(default="kubernetes_default", description="Airflow connection to the cluster")
+    cpu: str | None = Field(default=None, pattern=r"^[0-9.]+m?$", description="CPU request, e.g. '8' or '500m'")
+    memory: str | None = Field(default=None, pattern=r"^[0-9]+(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+                               description="memory request and limit, e.g. 32Gi")
+    gpu: int = Field(default=0, ge=0, le=64, description="GPUs (limit of gpu_resource)")
+    gpu_resource: str = Field(default="nvidia.com/gpu", description="extended resource name of a GPU")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, str]] = Field(default_factory=list,
+                                              description="e.g. [{key: nvidia.com/gpu, operator: Exists, "
+                                                          "effect: NoSchedule}]")
+    service_account: str | None = None
+    env_from_secrets: list[str] = Field(default_factory=list, description="Kubernetes secrets whose keys become "
+                                        "environment variables (e.g. MLFLOW_TRACKING_USERNAME / PASSWORD)")
+    startup_timeout_seconds: int = Field(default=600, ge=10, le=86_400)
+
+
+class KubernetesSpec(_Part):
+    """Steps that run as Kubernetes pods."""
+
+    train: PodSpec | None = None
+    simulate: PodSpec | None = None
+
+    @model_validator(mode="after")
+    def _provider(self) -> KubernetesSpec:
+        if (self.train or self.simulate) and importlib.util.find_spec("airflow.providers.cncf.kubernetes") is None:
+            raise ValueError("running steps as pods needs Airflow's Kubernetes provider: pip install "
+                             "'airflow-closedloop[kubernetes]' (apache-airflow-providers-cncf-kubernetes)")
+        return self
+
+
 class PipelineSpec(_Part):
     """One pipeline template, validated."""
 
@@ -342,6 +378,8 @@ class PipelineSpec(_Part):
     approval: ApprovalSpec | None = None
     incidents: IncidentsSpec | None = None
     reliability: ReliabilitySpec = Field(default_factory=ReliabilitySpec)
+    kubernetes: KubernetesSpec | None = Field(default=None, description="steps (train, simulate) that run as "
+                                              "Kubernetes pods")
     alerts: list[AlertSpec] = Field(default_factory=lambda: [AlertSpec(kind="local")], min_length=1,
                                     description="where failures are reported (default: the log and the local "
                                     "alert record)")

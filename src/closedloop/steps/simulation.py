@@ -199,3 +199,21 @@ def main(job: str) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1]))
+
+
+def simulate_inline(loaded: LoadedSpec, ctx: RunContext, *, trained: dict) -> dict:
+    """The whole step in this process (a Kubernetes pod): the cache or this run's earlier result,
+    else the same job code as a local job (:func:`main`) and :func:`collect`."""
+    done = reuse(loaded, ctx, trained=trained)
+    if done is not None:
+        return done
+    job = job_dir(ctx)
+    fs, path = _fs(job)
+    spec = {"model_uri": trained["model_uri"], "entry_point": loaded.spec.simulation.entry_point,
+            "catalog": yaml.safe_load(loaded.scenario_path.read_text()), "tracking_uri": ctx.tracking_uri,
+            "scenario_set": loaded.spec.simulation.scenario_set}
+    if poll(job, None, None)[0] != "success":
+        fs.makedirs(path, exist_ok=True)
+        _write_json(fs, f"{path}/job.json", {"spec": spec, "pid": os.getpid(), "host": socket.gethostname()})
+        main(job)
+    return collect(loaded, ctx, job=job, trained=trained)
