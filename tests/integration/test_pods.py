@@ -77,8 +77,7 @@ def test_template_renders_the_pods_the_cluster_would_run(pod_project):
     inputs = {"generate_dataset": {"digest": "raw1", "sources": ["fleet-eu"]},
               "label": {"digest": "lab1", "uri": "s3://b/lab1.parquet"}, "validate_data": {"success": True}}
     ctx = task_context(train, dag, inputs)
-    train.prepare(ctx)
-    pod = train.build_pod_request_obj(ctx, dry_run=True)  # dry run: no cluster to ask
+    pod = train.pod_operator(ctx).build_pod_request_obj(ctx, dry_run=True)  # dry run: no cluster to ask
     c = next(x for x in pod.spec.containers if x.name == "base")
     assert "airflow-xcom-sidecar" in [x.name for x in pod.spec.containers]  # the result comes back through XCom
     assert (pod.metadata.namespace, c.image) == ("ml-training", "registry.example.com/closedloop:0.1.0")
@@ -97,10 +96,24 @@ def test_template_renders_the_pods_the_cluster_would_run(pod_project):
     assert payload["context"]["origin"] == {"closedloop.trigger": "request", "closedloop.requester": "ml-engineer"}
     assert payload["context"]["tracking_uri"] == settings.tracking_uri()
     assert not any("PASSWORD" in e.name for e in c.env)  # credentials come from the secret, not the spec
-    sim = simulate.build_pod_request_obj(task_context(simulate, dag, {}), dry_run=True)
+    sim_ctx = task_context(simulate, dag, {"train": {"model_uri": "models:/m/1", "run_id": "r"}})
+    sim = simulate.pod_operator(sim_ctx).build_pod_request_obj(sim_ctx, dry_run=True)
     sim_base = next(x for x in sim.spec.containers if x.name == "base")
     assert sim.metadata.namespace == "simulation" and sim_base.resources.limits == {"memory": "8Gi"}
     assert not sim.spec.node_selector
+    assert json.loads({e.name: e.value for e in sim_base.env}["CLOSEDLOOP_STEP"])["inputs"]["train"]["run_id"] == "r"
+
+
+def test_parsing_a_template_with_pods_imports_no_kubernetes(pod_project):
+    """The Kubernetes provider and client cost seconds to import: only a running pod task imports them."""
+    code = ("import sys; from closedloop.dagbuilder import build_dags; "
+            f"dags = build_dags({str(pod_project / 'include' / 'pipelines')!r}); "
+            "assert type(dags['acc_pods'].get_task('train')).__name__ == 'StepPodOperator'; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('kubernetes', 'kubernetes_asyncio') "
+            "or m.startswith('airflow.providers.cncf.kubernetes.operators')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def podstep(step: str, template, payload: dict, tmp_path, **env: str) -> tuple[subprocess.CompletedProcess, dict]:

@@ -1,6 +1,6 @@
 """``train`` and ``simulate`` as Kubernetes pods (template section ``kubernetes:``).
 
-:class:`StepPodOperator` is Airflow's KubernetesPodOperator with the step's pod from the template
+:class:`StepPodOperator` runs Airflow's KubernetesPodOperator with the step's pod from the template
 (image, namespace, CPU/memory, GPUs, node selector, tolerations, service account, secrets). On the
 worker it resolves what a local step would (the run's identity and lineage, MLflow, the inputs from
 XCom) and hands it to ``python -m closedloop.podstep`` in the pod, which runs the same step code;
@@ -15,10 +15,9 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk.exceptions import AirflowException
 
-from closedloop.operators.base import ClosedLoopStepOperator, run_context
+from closedloop.operators.base import ClosedLoopStepOperator
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -60,52 +59,49 @@ def pod_arguments(loaded: LoadedSpec, pod: PodSpec, step: str) -> dict[str, Any]
     }
 
 
-class StepPodOperator(KubernetesPodOperator):
+class StepPodOperator(ClosedLoopStepOperator):
     """Run pipeline step ``step`` (``train`` or ``simulate``) in a Kubernetes pod.
 
-    :param loaded: the validated pipeline template. :param step: ``train`` or ``simulate``.
-    :param mlflow_conn_id: Airflow connection naming the MLflow tracking server.
+    A closedloop step operator (retry policy, alerts, fault drills, the cache plan) that, when it
+    runs, builds Airflow's KubernetesPodOperator for the step and runs it: the Kubernetes provider
+    and client are imported then, never while the DAG file is parsed (they cost seconds).
+
+    :param step: ``train`` or ``simulate``.
     """
 
-    def __init__(self, *, loaded: LoadedSpec, step: str, mlflow_conn_id: str = "mlflow_default", **kwargs: Any):
-        from closedloop.retry import TransientOnlyRetryPolicy
+    ui_color = "#e3ecfa"
 
-        pod = getattr(loaded.spec.kubernetes, step)
-        kwargs.setdefault("retry_policy", TransientOnlyRetryPolicy())
-        super().__init__(**pod_arguments(loaded, pod, step), **kwargs)
-        self.loaded = loaded
+    def __init__(self, *, step: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.step = step
-        self.mlflow_conn_id = mlflow_conn_id
 
     def step_payload(self, context: Context) -> dict:
         """What the pod needs: the run's identity and lineage (as a local step would have it) and the inputs."""
         from dataclasses import asdict
 
-        ctx = run_context(self.loaded, self.mlflow_conn_id, context)
-        inputs = {task_id: context["ti"].xcom_pull(task_ids=task_id) for task_id in INPUTS[self.step]}
-        return {"context": {**asdict(ctx), "data_root": ctx.data_root}, "inputs": inputs}
+        ctx = self.run_context(context)
+        inputs = {task_id: self.upstream(context, task_id) for task_id in INPUTS[self.step]}
+        return {"context": asdict(ctx), "inputs": inputs}
 
-    def prepare(self, context: Context) -> None:
+    def pod_operator(self, context: Context):
+        """The KubernetesPodOperator that runs this step for this task instance."""
+        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
         from kubernetes.client import models as k8s
 
         payload = json.dumps(self.step_payload(context), default=str)
-        self.env_vars = [e for e in (self.env_vars or []) if e.name != "CLOSEDLOOP_STEP"] + [
-            k8s.V1EnvVar(name="CLOSEDLOOP_STEP", value=payload),
-            k8s.V1EnvVar(name="GX_ANALYTICS_ENABLED", value="False")]
+        return KubernetesPodOperator(
+            task_id=self.task_id, **pod_arguments(self.loaded, getattr(self.loaded.spec.kubernetes, self.step),
+                                                  self.step),
+            env_vars=[k8s.V1EnvVar(name="CLOSEDLOOP_STEP", value=payload),
+                      k8s.V1EnvVar(name="GX_ANALYTICS_ENABLED", value="False")])
 
     def execute(self, context: Context) -> Any:
-        planned = ClosedLoopStepOperator.planned(self, context)  # found by generate_dataset: no pod at all
-        if planned is not None:
-            return planned
-        self.prepare(context)
-        try:
-            return super().execute(context)
-        except AirflowException as exc:
-            raise pod_failure(exc) from exc
+        return self.guarded(context, lambda: self.planned(context) or self._run_pod(context))
 
-    def execute_complete(self, context: Context, event: dict, **kwargs: Any) -> Any:
+    def _run_pod(self, context: Context) -> Any:
+        pod = self.pod_operator(context)
         try:
-            return super().execute_complete(context, event, **kwargs)
+            return pod.execute(context)
         except AirflowException as exc:
             raise pod_failure(exc) from exc
 
