@@ -1,0 +1,214 @@
+"""The production shape on one machine, without Docker: PostgreSQL (Airflow's metadata and MLflow's
+backend), Redis (Celery's broker), ``mlflow server`` on PostgreSQL with proxied artifacts, and
+Airflow 3's api-server, scheduler, dag-processor, triggerer and Celery workers — all on 127.0.0.1,
+all in one scratch folder. ``make prodlike`` (``closedloop prodlike``) starts it and stops it
+cleanly on Ctrl-C; the tests and the throughput benchmark start it from Python.
+
+Needs Debian's ``postgresql`` and ``redis-server`` packages (``.ci/run`` installs them) and the
+``production`` extra (Celery provider, psycopg2, redis).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from closedloop.localserver import AirflowServer, free_port
+
+
+def _pg_bin(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or ([shutil.which(name)] if shutil.which(name)
+                                                                      else [])
+    if not found:
+        raise RuntimeError(f"PostgreSQL's {name} not found: apt-get install postgresql")
+    return found[-1]
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run it as the postgres user then."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+class Postgres:
+    def __init__(self, root: Path, port: int | None = None):
+        import tempfile
+
+        # its own folder under the system temp dir: the postgres user must reach it (a test's tmp_path may be
+        # readable by root only)
+        self.root = Path(tempfile.mkdtemp(prefix="closedloop-pg-")) if os.geteuid() == 0 else root
+        self.port = port or free_port()
+        self.data, self.log = self.root / "pgdata", root / "postgres.log"
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, db: str, driver: str = "postgresql") -> str:
+        return f"{driver}://closedloop@127.0.0.1:{self.port}/{db}"
+
+    def start(self, databases: tuple[str, ...]) -> Postgres:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+        if not self.data.exists():
+            subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(self.data), "-U", "closedloop", "--auth=trust",
+                                         "-E", "UTF8", "--no-instructions"]), check=True, capture_output=True)
+        self.proc = subprocess.Popen(_as_postgres([
+            _pg_bin("postgres"), "-D", str(self.data), "-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.root),
+            "-c", "max_connections=300", "-c", "fsync=off", "-c", "shared_buffers=128MB"]),
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        psql = [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "closedloop", "-d", "postgres", "-c"]
+        deadline = time.monotonic() + 60
+        while subprocess.run([*psql, "select 1"], capture_output=True).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not start; log:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        for db in databases:
+            subprocess.run([*psql, f"create database {db}"], capture_output=True)  # exists already: fine
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)  # fast shutdown
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if os.geteuid() == 0 and self.root.name.startswith("closedloop-pg-"):
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Service:
+    """A local server process with a log file and a readiness check."""
+
+    def __init__(self, name: str, cmd: list[str], log: Path, ready, env: dict[str, str] | None = None):
+        self.name, self.cmd, self.log, self.ready, self.env = name, cmd, log, ready, env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> Service:
+        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=self.env)
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not start; log:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+class ProdLike:
+    """PostgreSQL + Redis + MLflow server + Airflow with the CeleryExecutor and ``workers`` Celery workers."""
+
+    def __init__(self, root: Path, dags_folder: Path, users: dict[str, tuple[str, str]], *, workers: int = 2,
+                 concurrency: int = 4, env: dict[str, str] | None = None):
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.postgres = Postgres(root / "postgres")
+        self.redis_port, self.mlflow_port = free_port(), free_port()
+        bin_dir = Path(sys.executable).parent
+        self.redis = Service("redis", [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1",
+                                       "--port", str(self.redis_port), "--save", "", "--appendonly", "no"],
+                             root / "redis.log", self._redis_ready)
+        self.mlflow_url = f"http://127.0.0.1:{self.mlflow_port}"
+        self.mlflow = Service("mlflow", [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1",
+                                         "--port", str(self.mlflow_port), "--workers", "2",
+                                         "--backend-store-uri", self.postgres.url("mlflow", "postgresql+psycopg2"),
+                                         "--artifacts-destination", str(root / "mlartifacts"), "--serve-artifacts"],
+                              root / "mlflow.log", lambda: _http_ok(f"{self.mlflow_url}/health"),
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        self.workers = workers
+        celery = {
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.postgres.url("airflow", "postgresql+psycopg2"),
+            "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "AIRFLOW__CELERY__RESULT_BACKEND": self.postgres.url("airflow", "db+postgresql+psycopg2"),
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(concurrency),
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "CLOSEDLOOP_DATA_ROOT": str(root / "data"),
+            **(env or {}),
+        }
+        self.airflow = AirflowServer(root, dags_folder, users, env=celery)
+        self.airflow.COMPONENTS = AirflowServer.COMPONENTS + tuple(
+            (f"worker-{i}", ["celery", "worker", "--celery-hostname", f"worker{i}@%h", "--skip-serve-logs",
+                             "--concurrency", str(concurrency)]) for i in range(1, workers + 1))
+
+    def _redis_ready(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.redis_port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def start(self) -> ProdLike:
+        try:
+            self.postgres.start(("airflow", "mlflow"))
+            self.redis.start()
+            self.mlflow.start(timeout=180)
+            self.airflow.start(timeout=300)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self.airflow.stop()
+        self.mlflow.stop()
+        self.redis.stop()
+        self.postgres.stop()
+
+    def describe(self) -> str:
+        return (f"Airflow   {self.airflow.url} (CeleryExecutor, {self.workers} workers)\n"
+                f"MLflow    {self.mlflow_url} (PostgreSQL backend, proxied artifacts)\n"
+                f"Postgres  127.0.0.1:{self.postgres.port}   Redis 127.0.0.1:{self.redis_port}\n"
+                f"Folder    {self.root}")
+
+
+def main(root: str | None = None, workers: int = 2) -> int:
+    """``make prodlike``: start everything, print where, wait for Ctrl-C, stop everything."""
+    import tempfile
+
+    from closedloop.localserver import default_users, template_approvers
+
+    project = Path.cwd()
+    folder = Path(root) if root else Path(tempfile.mkdtemp(prefix="closedloop-prodlike-"))
+    users = {u: (role, f"{u}-pw") for u, role in default_users(template_approvers()).items()}
+    shape = ProdLike(folder, project / "dags", users, workers=workers)
+    print("starting PostgreSQL, Redis, MLflow server, Airflow (CeleryExecutor) on 127.0.0.1 ...", flush=True)
+    shape.start()
+    print(shape.describe(), flush=True)
+    print("users: " + ", ".join(f"{u} / {pw}" for u, (_, pw) in users.items()), flush=True)
+    print("Ctrl-C stops everything.", flush=True)
+    try:
+        while shape.airflow.alive():
+            time.sleep(2)
+        print(f"an Airflow component exited; log:\n{shape.airflow.tail()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        shape.stop()
