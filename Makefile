@@ -3,13 +3,15 @@
 #   make test     the whole test suite (what CI runs); make test-fast skips the real-scheduler tests
 #   make airflow  Airflow UI (127.0.0.1:8080) + MLflow UI (127.0.0.1:5000) on these DAGs
 #   make bench    benchmarks/ (prints figures)
+#   make prodlike the production shape without Docker: PostgreSQL, Redis, MLflow server, Airflow + Celery
+#                 workers on 127.0.0.1 (needs Debian's postgresql and redis-server)
 SHELL := /bin/bash
 PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo .closedloop/tools/bin/uv)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast airflow bench lint validate clean
+.PHONY: demo test test-fast airflow prodlike bench lint validate clean
 
 $(UV):
 	@echo "uv not found: installing it into .closedloop/tools with pip"
@@ -34,6 +36,9 @@ validate: $(BIN)/closedloop
 
 airflow: $(BIN)/closedloop
 	@scripts/local-airflow.sh
+
+prodlike: $(BIN)/closedloop
+	$(BIN)/closedloop prodlike
 
 bench: $(BIN)/closedloop
 	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -222,6 +222,12 @@ def parser() -> argparse.ArgumentParser:
 
     add_settings_parsers(sub)
 
+    sp = sub.add_parser("prodlike", help="the production shape on this machine: PostgreSQL, Redis, MLflow server, "
+                                         "Airflow with Celery workers, all on 127.0.0.1 (make prodlike)")
+    sp.add_argument("--workers", type=int, default=2)
+    sp.add_argument("--dir", help="scratch folder (default: a new temporary one)")
+    sp.set_defaults(func=cmd_prodlike)
+
     sp = sub.add_parser("env", help="print the embedded defaults as shell exports")
     sp.set_defaults(func=cmd_env)
 
@@ -231,6 +237,12 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_summary)
     return p
+
+
+def cmd_prodlike(args) -> int:
+    from closedloop.prodlike import main as prodlike
+
+    return prodlike(args.dir, args.workers)
 
 
 def main(argv: list[str] | None = None) -> int:
