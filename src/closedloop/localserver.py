@@ -114,10 +114,8 @@ class AirflowServer:
         from closedloop.steps.tracking import ensure_store
 
         ensure_store(self.env["MLFLOW_TRACKING_URI"])  # create MLflow's tables once, before tasks race to
-        for name, args in self.COMPONENTS:
-            cmd = [airflow, *[a.format(port=self.port) for a in args]]
-            self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=logfile, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+        for name, _ in self.COMPONENTS:
+            self.start_component(name)
         self.proc = self.procs["scheduler"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -137,6 +135,15 @@ class AirflowServer:
             time.sleep(2)
         self.stop()
         raise RuntimeError(f"Airflow not healthy within {timeout} s; log:\n{self.tail()}")
+
+    def start_component(self, name: str) -> subprocess.Popen:
+        """(Re)start one component, e.g. a Celery worker after it was killed."""
+        args = dict(self.COMPONENTS)[name]
+        cmd = [str(Path(sys.executable).parent / "airflow"), *[a.format(port=self.port) for a in args]]
+        with open(self.log, "ab") as logfile:
+            self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=logfile, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+        return self.procs[name]
 
     def template_pools(self) -> dict[str, int]:
         """Pools the templates next to the DAG folder name (incident pools), 4 slots each."""

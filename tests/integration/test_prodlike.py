@@ -2,26 +2,37 @@
 MLflow, Redis, ``mlflow server`` with proxied artifacts, Airflow with the CeleryExecutor and two
 Celery workers — the same DAGs and templates as everywhere else.
 
-Ten pipeline runs at once, periodic and incident mixed: all finish, and MLflow's registry agrees
-with Airflow's records run by run (one run per step, one model version per run; nothing lost, nothing
-twice); no "database is locked" anywhere.
+One production shape serves the module (starting it costs ≈ 50 s):
+- ten pipeline runs at once, periodic and incident mixed: all finish, and MLflow's registry agrees
+  with Airflow's records run by run (one run per step, one model version per run; nothing lost,
+  nothing twice); no "database is locked" anywhere;
+- a Celery worker killed (SIGKILL of its whole process tree) while it runs ``train``: the scheduler
+  notices the silence, the task is retried on the other worker, and the run leaves exactly what an
+  undisturbed run leaves in the registry;
+- the MLflow server stopped while ``train`` is finishing and started again: the task's MLflow call
+  fails, the failure is classified transient and retried, and again nothing is lost or doubled.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
+from tests.fixtures.runs import registry_record, run_to_end, task_instances, tries, wait_to_end
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 PIPELINE, INCIDENT_DAG, MODEL = "acc_prod", "acc_prod_incident", "acc_prod_model"
 STEPS = ("generate_dataset", "label", "validate_data", "train", "offline_eval", "simulate", "release_gate")
+NO_CACHE = {"closedloop_cache": False}  # every run does all its work
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +45,19 @@ def shape(tmp_path_factory, project):
     (root / "include" / "pipelines" / "acc_prod.yaml").write_text(template_text(project, **NO_REVIEW, **SAFE_DATA, **{
         'schedule: "0 3 * * 1"': "schedule: null", "name: acc_longitudinal": f"name: {PIPELINE}",
         "name: acc_longitudinal_policy": f"name: {MODEL}", "window_days: 14": "window_days: 3",
+        "retry_delay_seconds: 20": "retry_delay_seconds: 10",
         # three days of logs make a policy the safety gates (rightly) refuse; this test is about the
         # machinery under load, so its gates only bound what any trained policy meets
         "    max: 0.35\n": "    max: 100\n", "    max: 0.0\n": "    max: 1.0\n", "    min: 1.0\n": "    min: 0.0\n"}))
-    shape = ProdLike(tmp_path_factory.mktemp("prodlike"), root / "dags",
-                     {"admin": ("admin", "admin-pw"), "fleet-monitor": ("op", "fleet-monitor-pw")}, workers=2)
+    base = tmp_path_factory.mktemp("prodlike")
+    shape = ProdLike(base, root / "dags", {"admin": ("admin", "admin-pw"), "fleet-monitor": ("op", "fleet-monitor-pw")},
+                     workers=2, env={
+                         "CLOSEDLOOP_FAULTS": str(base / "faults.json"),  # fault drills: off until a test writes it
+                         # a task whose worker died is noticed after 40 s of silence (Airflow's default: 300 s)
+                         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "40",
+                         # MLflow's client retries a refused connection 7 times over ≈ 4 min by itself; one
+                         # retry here, so that the outage below reaches the task and Airflow's retry
+                         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"})
     shape.start()
     yield shape
     shape.stop()
@@ -94,3 +113,86 @@ def test_ten_runs_at_once_periodic_and_incident(shape):
     logs = [p for p in shape.root.rglob("*.log")]
     assert logs and not [p for p in logs if "database is locked" in p.read_text(errors="replace")]
     print(f"\n10 runs on the production shape (2 Celery workers) in {wall:.0f} s")
+
+
+def drill(shape, **fault) -> tuple:
+    """Write a fault drill that pauses ``train`` of this pipeline on its first try; returns the
+    files: (drill, mark — created when the pause starts, release — ends the pause)."""
+    path = Path(shape.airflow.env["CLOSEDLOOP_FAULTS"])
+    mark, release = path.with_name(f"paused-{time.time_ns()}"), path.with_name(f"release-{time.time_ns()}")
+    path.write_text(json.dumps([{"task": "train", "dag": PIPELINE, "tries": [1], "fault": "pause", "seconds": 900,
+                                 "mark": str(mark), "until": str(release), **fault}]))
+    return path, mark, release
+
+
+def paused_pid(shape, mark: Path) -> int:
+    shape.airflow.wait_for(mark.exists, 300, "train to reach the drill's pause", interval=0.5)
+    return int(mark.read_text().split(" pid ")[1])
+
+
+def comparable(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("train_run", "candidate_is_it")}
+
+
+@pytest.fixture(scope="module")
+def undisturbed(shape):
+    run, _ = run_to_end(shape.airflow, PIPELINE, NO_CACHE, timeout=900)
+    assert run["state"] == "success"
+    return comparable(registry_record(MlflowClient(shape.mlflow_url), run["dag_run_id"], PIPELINE, MODEL))
+
+
+def test_a_killed_celery_worker_task_is_retried_elsewhere_with_the_same_registry_state(shape, undisturbed):
+    af = shape.airflow
+    path, mark, _ = drill(shape, point="model_logged")  # train's model is in MLflow, nothing else is
+    try:
+        status, run = af.api("POST", f"/api/v2/dags/{PIPELINE}/dagRuns", {"logical_date": None, "conf": NO_CACHE})
+        assert status == 200, run
+        pid = paused_pid(shape, mark)
+        worker = shape.worker_of(pid)
+        assert worker is not None, f"task process {pid} under no Celery worker"
+        killed = shape.kill_worker(worker)
+        assert pid in killed and af.procs[worker].poll() is not None
+    finally:
+        path.unlink()
+    others = [n for n, p in af.procs.items() if n.startswith("worker-") and n != worker and p.poll() is None]
+    assert others  # the retry can only run there
+    result, tis = wait_to_end(af, PIPELINE, run["dag_run_id"], timeout=900)
+    assert result["state"] == "success", {k: t["state"] for k, t in tis.items()}
+    assert [t["try_number"] for t in tries(af, PIPELINE, run["dag_run_id"], "train")] == [1, 2]
+    record = registry_record(MlflowClient(shape.mlflow_url), run["dag_run_id"], PIPELINE, MODEL)
+    assert record["train_run"].data.tags["airflow.try_number"] == "2"  # the retry finished what try 1 began
+    assert record["candidate_is_it"] is True
+    assert comparable(record) == undisturbed == {
+        "steps": {s: ["FINISHED"] for s in STEPS} | {"pipeline": ["RUNNING"]}, "logged_models": 1, "versions": 1}
+    af.start_component(worker)  # back to two workers for what follows
+
+
+def test_mlflow_server_restart_mid_run_is_retried_and_loses_nothing(shape, undisturbed):
+    af = shape.airflow
+    # train has trained, logged its model and metrics; its MLflow run is not marked finished yet
+    path, mark, release = drill(shape, point="before_finish")
+    try:
+        status, run = af.api("POST", f"/api/v2/dags/{PIPELINE}/dagRuns", {"logical_date": None, "conf": NO_CACHE})
+        assert status == 200, run
+        paused_pid(shape, mark)
+        shape.mlflow.stop()  # the tracking server goes away ...
+        release.touch()  # ... while train goes on to finish its MLflow run
+
+        def failed_once():
+            ti = task_instances(af, PIPELINE, run["dag_run_id"])["train"]
+            return ti["state"] == "up_for_retry" or ti["try_number"] > 1
+        af.wait_for(failed_once, 300, "train's first try to fail")
+    finally:
+        path.unlink()
+        if shape.mlflow.proc.poll() is not None:
+            shape.mlflow.start(timeout=180)  # ... and comes back
+    result, tis = wait_to_end(af, PIPELINE, run["dag_run_id"], timeout=900)
+    assert result["state"] == "success", {k: t["state"] for k, t in tis.items()}
+    train_tries = tries(af, PIPELINE, run["dag_run_id"], "train")
+    assert len(train_tries) >= 2 and train_tries[0]["state"] in ("failed", "up_for_retry")
+    first_log = next(shape.root.rglob(f"dag_id={PIPELINE}/run_id={run['dag_run_id']}/task_id=train/attempt=1.log"))
+    text = first_log.read_text(errors="replace")
+    assert "Retry policy decision" in text and re.search(r"action\W+retry", text), text[-3000:]
+    record = registry_record(MlflowClient(shape.mlflow_url), run["dag_run_id"], PIPELINE, MODEL)
+    assert record["candidate_is_it"] is True
+    assert comparable(record) == undisturbed  # one run per step, one logged model, one version

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from mlflow import MlflowClient
 
 from closedloop.localserver import AirflowServer
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
+from tests.fixtures.runs import registry_record, run_to_end, tries
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -116,38 +116,6 @@ def test_backfill_of_three_intervals_trains_on_three_snapshots(airflow):
     assert len({r.data.tags["closedloop.dataset_version"] for r in trained}) == 3
 
 
-def run_to_end(airflow, dag_id: str, conf: dict) -> tuple[dict, dict[str, dict]]:
-    status, run = airflow.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
-    assert status == 200, run
-    rid = quote(run["dag_run_id"], safe="")
-
-    def finished():
-        _, r = airflow.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{rid}")
-        return r if r["state"] in ("success", "failed") else None
-
-    result = airflow.wait_for(finished, 600, "the run to finish", interval=1.0)
-    _, tis = airflow.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{rid}/taskInstances")
-    return result, {t["task_id"]: t for t in tis["task_instances"]}
-
-
-def registry_record(client: MlflowClient, run_id: str) -> dict:
-    """What one pipeline run left in MLflow: step runs per step, logged models of its training run,
-    model versions, and where the candidate alias points."""
-    exp = client.get_experiment_by_name("closedloop/acc_longitudinal")
-    steps: dict[str, list] = {}
-    for r in client.search_runs([exp.experiment_id], filter_string=f"tags.`airflow.run_id` = '{run_id}'"):
-        steps.setdefault(r.data.tags["closedloop.step"], []).append(r)
-    (train,) = steps["train"]
-    versions = [v for v in client.search_model_versions("name = 'acc_longitudinal_policy'")
-                if v.tags.get("airflow.run_id") == run_id]
-    return {"steps": {k: [r.info.status for r in v] for k, v in steps.items()},
-            "logged_models": len(client.search_logged_models(
-                experiment_ids=[exp.experiment_id], filter_string=f"source_run_id = '{train.info.run_id}'")),
-            "versions": len(versions), "train_run": train,
-            "candidate_is_it": client.get_model_version_by_alias("acc_longitudinal_policy", "candidate").version
-            == (versions[0].version if versions else None)}
-
-
 def test_sigkill_mid_train_is_retried_and_leaves_the_registry_as_an_undisturbed_run(airflow):
     """The train task process is killed with SIGKILL after its model is logged, before its MLflow run
     is marked finished: Airflow retries it; the retry keeps that model (no second training, no second
@@ -164,9 +132,7 @@ def test_sigkill_mid_train_is_retried_and_leaves_the_registry_as_an_undisturbed_
         faults.unlink()
     assert killed["state"] == "success", {k: t["state"] for k, t in tis.items()}
     assert tis["train"]["try_number"] == 2  # the killed try, then the retry
-    _, tries = airflow.api("GET", f"/api/v2/dags/acc_longitudinal/dagRuns/{quote(killed['dag_run_id'], safe='')}"
-                                  "/taskInstances/train/tries")
-    assert [t["try_number"] for t in tries["task_instances"]] == [1, 2]
+    assert [t["try_number"] for t in tries(airflow, "acc_longitudinal", killed["dag_run_id"], "train")] == [1, 2]
     calm, hit = registry_record(client, undisturbed["dag_run_id"]), registry_record(client, killed["dag_run_id"])
     assert hit["train_run"].data.tags["airflow.try_number"] == "2"
     for record in (calm, hit):
