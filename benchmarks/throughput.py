@@ -5,7 +5,8 @@ For each worker count: start the shape (``closedloop.prodlike``), post RUNS peri
 RUNS different data windows with the step cache off (every run does all its work), wait until all
 have finished; throughput = RUNS / (first queued → last finished). Where the time goes, from
 Airflow's task instance records: the summed task run time per step, the median queue wait (queued →
-running) and what is left of the wall time (scheduling, hand-offs between tasks).
+running), per run the time in its tasks vs between them (scheduling, queueing, starting each task's
+process), and how busy the machine's CPUs were (psutil) while the runs were going.
 Usage: ``python benchmarks/throughput.py [RUNS]`` (default 6).
 """
 
@@ -39,6 +40,9 @@ def measure(workers: int, project: Path) -> dict:
                      concurrency=4)
     shape.start()
     try:
+        import psutil
+
+        cpu_before = psutil.cpu_times()
         af = shape.airflow
         af.wait_for(lambda: af.api("GET", "/api/v2/dags/acc_longitudinal")[0] == 200, 180, "DAG parsed")
         for day in range(1, RUNS + 1):
@@ -51,6 +55,7 @@ def measure(workers: int, project: Path) -> dict:
             return runs if len(runs) >= RUNS and all(r["state"] in ("success", "failed") for r in runs) else None
 
         runs = af.wait_for(done, 3600, "all runs", interval=3)
+        cpu_after = psutil.cpu_times()
         tis = []
         for r in runs:
             rid = quote(r["dag_run_id"], safe="")
@@ -62,6 +67,12 @@ def measure(workers: int, project: Path) -> dict:
     wall = (end - start).total_seconds()
     per_step: dict[str, float] = {}
     waits = []
+    in_tasks: dict[str, float] = {}
+    for t in tis:
+        in_tasks[t["dag_run_id"]] = in_tasks.get(t["dag_run_id"], 0.0) + (t["duration"] or 0.0)
+    run_secs = {r["dag_run_id"]: (ts(r["end_date"]) - ts(r["start_date"])).total_seconds() for r in runs}
+    busy = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("user", "system", "nice", "irq", "softirq"))
+    total = busy + (cpu_after.idle - cpu_before.idle) + (cpu_after.iowait - cpu_before.iowait)
     for t in tis:
         per_step[t["task_id"]] = per_step.get(t["task_id"], 0.0) + (t["duration"] or 0.0)
         if t.get("queued_when") and t.get("start_date"):
@@ -69,7 +80,9 @@ def measure(workers: int, project: Path) -> dict:
     return {"workers": workers, "wall": wall, "per_hour": RUNS / wall * 3600,
             "ok": sum(r["state"] == "success" for r in runs), "per_step": per_step,
             "queue_wait_median": statistics.median(waits) if waits else None,
-            "task_seconds": sum(per_step.values())}
+            "task_seconds": sum(per_step.values()), "cpu_busy": busy / total,
+            "run_median": statistics.median(run_secs.values()),
+            "run_in_tasks_median": statistics.median(in_tasks[k] for k in run_secs)}
 
 
 def main() -> None:
@@ -80,7 +93,9 @@ def main() -> None:
     for r in results:
         print(f"  {r['workers']} worker(s): {r['wall']:.0f} s for {r['ok']}/{RUNS} successful runs = "
               f"{r['per_hour']:.0f} runs/hour; median queue wait {r['queue_wait_median']:.1f} s; "
-              f"{r['task_seconds']:.0f} task-seconds in {r['wall']:.0f} s wall")
+              f"{r['task_seconds']:.0f} task-seconds in {r['wall']:.0f} s wall; CPUs {r['cpu_busy']:.0%} busy")
+        print(f"      a run takes {r['run_median']:.0f} s (median), {r['run_in_tasks_median']:.0f} s of it in its "
+              f"tasks, {r['run_median'] - r['run_in_tasks_median']:.0f} s between them")
     print(f"  2 workers / 1 worker: {results[1]['per_hour'] / results[0]['per_hour']:.2f}x")
     print("\nwhere the time goes (summed task run time per step, s):")
     print(f"  {'step':<20}" + "".join(f"{r['workers']:>10} w" for r in results))

@@ -1,6 +1,7 @@
 """docker-compose.yaml describes the production shape: its services, health checks, volumes and
-security defaults. (`docker compose config` also runs when the Compose plugin is installed; Debian
-does not package it, so here the file is checked as YAML with Compose's merge keys resolved.)"""
+security defaults; the image it builds; and Compose's own check, ``config`` (with the Compose
+plugin when the docker CLI has it, else with Debian's ``docker-compose`` package, which
+``.ci/run`` installs: neither needs a Docker engine)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_services_of_the_production_shape(compose):
         assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://airflow:")
         assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://redis:6379/0"
         assert services[name]["depends_on"]["airflow-init"] == {"condition": "service_completed_successfully"}
-        assert "--extra production" in services[name]["build"]["dockerfile_inline"]  # the locked production set
+        assert services[name]["build"] == {"context": ".", "dockerfile": "Dockerfile"}
     assert services["airflow-worker"]["deploy"]["replicas"] == 2
     assert "--backend-store-uri postgresql://" in services["mlflow"]["command"]
     assert "--serve-artifacts" in services["mlflow"]["command"]  # artifacts proxied through the server
@@ -62,11 +63,40 @@ def test_nothing_listens_beyond_localhost_and_no_secret_is_written_down(compose,
     assert "${POSTGRES_PASSWORD:-" in text and "${AIRFLOW_ADMIN_PASSWORD:-" in text  # from the environment / .env
 
 
-@pytest.mark.skipif(shutil.which("docker") is None, reason="no docker CLI")
-def test_docker_compose_config_accepts_the_file(project):
-    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip("the docker CLI has no Compose plugin here (Debian does not package it)")
-    out = subprocess.run(["docker", "compose", "-f", str(project / "docker-compose.yaml"), "config", "-q"],
-                         capture_output=True, text=True, cwd=project)
+def compose_cli() -> list[str] | None:
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+def test_the_image_installs_the_locked_production_set_and_the_project(project):
+    lines = [x.strip() for x in (project / "Dockerfile").read_text().splitlines() if x.strip() and x[0] != "#"]
+    assert lines[0].startswith("FROM python:3.11")
+    assert "RUN uv sync --frozen --no-dev --extra production" in lines  # uv.lock, not a fresh resolution
+    assert lines.index("COPY pyproject.toml uv.lock README.md ./") < lines.index(
+        "RUN uv sync --frozen --no-dev --extra production")
+    for folder in ("src", "dags", "include"):
+        assert any(x.startswith(f"COPY {folder} ") for x in lines), folder
+    ignored = (project / ".dockerignore").read_text().split()
+    assert ".venv/" in ignored and ".closedloop/" in ignored  # the local state stays out of the image
+
+
+@pytest.mark.skipif(compose_cli() is None, reason="neither `docker compose` nor `docker-compose` here "
+                                                  "(.ci/run installs Debian's docker-compose)")
+def test_docker_compose_config_accepts_the_file(project, tmp_path):
+    cli = compose_cli()
+    out = subprocess.run([*cli, "-f", str(project / "docker-compose.yaml"), "config"],
+                         capture_output=True, text=True, cwd=project, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert set(resolved["services"]) == {"postgres", "redis", "mlflow", "airflow-init", "airflow-settings", *AIRFLOW}
+    # the defaults of ${...} resolved, and the anchors merged into every Airflow service
+    worker = resolved["services"]["airflow-worker"]
+    assert worker["environment"]["AIRFLOW__CELERY__BROKER_URL"] == "redis://redis:6379/0"
+    assert "${POSTGRES_PASSWORD" not in out.stdout and "airflow:airflow@postgres" in out.stdout
+    broken = tmp_path / "docker-compose.yaml"
+    broken.write_text((project / "docker-compose.yaml").read_text().replace(
+        "    image: redis:7\n", "    image: redis:7\n    restart_polcy: always\n", 1))
+    bad = subprocess.run([*cli, "-f", str(broken), "config"], capture_output=True, text=True, cwd=project,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert bad.returncode != 0 and "restart_polcy" in bad.stderr  # it does check the schema
