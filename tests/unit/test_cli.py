@@ -40,3 +40,17 @@ def test_unknown_pipeline_is_exit_code_2_without_traceback():
     assert "Traceback" not in out.stderr
     out = closedloop("run", "nope")
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_mlflow_telemetry_is_off_unless_asked_for(tmp_path):
+    """Importing closedloop turns MLflow's usage telemetry off (our steps run next to driving data);
+    MLFLOW_DISABLE_TELEMETRY=false turns it back on. A clean environment: MLflow also stays quiet
+    under pytest or CI, which would hide the difference."""
+    import subprocess
+    import sys
+
+    code = "import closedloop; from mlflow.telemetry.utils import is_telemetry_disabled as off; print(off())"
+    clean = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    answers = [subprocess.run([sys.executable, "-c", code], env={**clean, **extra}, capture_output=True, text=True,
+                              timeout=120).stdout.strip() for extra in ({}, {"MLFLOW_DISABLE_TELEMETRY": "false"})]
+    assert answers == ["True", "False"]
