@@ -66,17 +66,16 @@ def measure(workers: int, project: Path) -> dict:
     end = max(ts(r["end_date"]) for r in runs)
     wall = (end - start).total_seconds()
     per_step: dict[str, float] = {}
-    waits = []
     in_tasks: dict[str, float] = {}
+    waits = []
     for t in tis:
+        per_step[t["task_id"]] = per_step.get(t["task_id"], 0.0) + (t["duration"] or 0.0)
         in_tasks[t["dag_run_id"]] = in_tasks.get(t["dag_run_id"], 0.0) + (t["duration"] or 0.0)
+        if t.get("queued_when") and t.get("start_date"):
+            waits.append((ts(t["start_date"]) - ts(t["queued_when"])).total_seconds())
     run_secs = {r["dag_run_id"]: (ts(r["end_date"]) - ts(r["start_date"])).total_seconds() for r in runs}
     busy = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("user", "system", "nice", "irq", "softirq"))
     total = busy + (cpu_after.idle - cpu_before.idle) + (cpu_after.iowait - cpu_before.iowait)
-    for t in tis:
-        per_step[t["task_id"]] = per_step.get(t["task_id"], 0.0) + (t["duration"] or 0.0)
-        if t.get("queued_when") and t.get("start_date"):
-            waits.append((ts(t["start_date"]) - ts(t["queued_when"])).total_seconds())
     return {"workers": workers, "wall": wall, "per_hour": RUNS / wall * 3600,
             "ok": sum(r["state"] == "success" for r in runs), "per_step": per_step,
             "queue_wait_median": statistics.median(waits) if waits else None,
