@@ -26,7 +26,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
-from tests.fixtures.runs import registry_record, run_to_end, task_instances, tries, wait_to_end
+from tests.fixtures.runs import an_undisturbed_run, registry_record, task_instances, tries, wait_to_end
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -138,12 +138,7 @@ def comparable(record: dict) -> dict:
 def undisturbed(shape):
     """What an undisturbed run leaves in the registry: a periodic run of the load test above (each
     trained on its own window), or a run of its own when that test did not run."""
-    _, data = shape.airflow.api("GET", f"/api/v2/dags/{PIPELINE}/dagRuns?state=success&limit=1")
-    if data.get("dag_runs"):
-        run = data["dag_runs"][0]
-    else:
-        run, _ = run_to_end(shape.airflow, PIPELINE, NO_CACHE, timeout=900)
-        assert run["state"] == "success"
+    run = an_undisturbed_run(shape.airflow, PIPELINE, NO_CACHE, timeout=900)
     return comparable(registry_record(MlflowClient(shape.mlflow_url), run["dag_run_id"], PIPELINE, MODEL))
 
 

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from closedloop.localserver import AirflowServer
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
-from tests.fixtures.runs import registry_record, run_to_end, tries
+from tests.fixtures.runs import an_undisturbed_run, registry_record, run_to_end, tries
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -123,11 +123,7 @@ def test_sigkill_mid_train_is_retried_and_leaves_the_registry_as_an_undisturbed_
     faults = Path(airflow.env["CLOSEDLOOP_FAULTS"])
     client = MlflowClient(airflow.env["MLFLOW_TRACKING_URI"])
     no_cache = {"closedloop_cache": False}  # the first test trained on the same data: make this one train
-    # the undisturbed run: the first test's, or one of its own when that test did not run
-    _, earlier = airflow.api("GET", "/api/v2/dags/acc_longitudinal/dagRuns?state=success&limit=1")
-    undisturbed = earlier["dag_runs"][0] if earlier.get("dag_runs") else run_to_end(airflow, "acc_longitudinal",
-                                                                                     no_cache)[0]
-    assert undisturbed["state"] == "success"
+    undisturbed = an_undisturbed_run(airflow, "acc_longitudinal", no_cache)  # the first test's run
     faults.write_text(json.dumps([{"task": "train", "point": "model_logged", "fault": "kill", "tries": [1]}]))
     try:
         killed, tis = run_to_end(airflow, "acc_longitudinal", no_cache)
