@@ -79,10 +79,15 @@ def _loop(loaded: LoadedSpec):
         simulate >> HilResultsOperator(task_id="await_hil", retries=0, loaded=loaded) >> gate
     if spec.approval is not None:
         from closedloop.operators.governance import PromoteOperator, ReviewOperator
+        from closedloop.steps.approvals import approval_task_ids
 
-        review = ReviewOperator(task_id="approval", retries=0, loaded=loaded)
-        promote = PromoteOperator(**common("promote"))
-        register >> review >> promote
+        last = register
+        ids = approval_task_ids(spec.approval.required)
+        for i, task_id in enumerate(ids):  # one human decision per required approval, distinct people
+            review = ReviewOperator(task_id=task_id, retries=0, loaded=loaded, prior=ids[:i])
+            last >> review
+            last = review
+        last >> PromoteOperator(**common("promote"))
     return generate
 
 
@@ -171,6 +176,60 @@ def build_incident_dag(loaded: LoadedSpec, routes: dict[str, list[str]] | None =
     return dag
 
 
+def build_registry_dags(specs: list[LoadedSpec]) -> dict[str, DAG]:
+    """``closedloop_registry`` (promote / rollback / restore for a person, by the deployment) and
+    ``closedloop_registry_watch`` (alerts on alias moves no sealed record explains), when any
+    template has ``approval:``."""
+    from airflow.sdk import Asset, AssetWatcher, Param
+
+    from closedloop.operators.registry import (
+        ACTIONS,
+        REGISTRY_DAG_ID,
+        WATCH_DAG_ID,
+        AliasAlarmOperator,
+        RegistryOperator,
+    )
+    from closedloop.triggers.registry import AliasWatchTrigger
+
+    gov = [s for s in specs if s.spec.approval is not None]
+    if not gov:
+        return {}
+    models = sorted({s.spec.model.name for s in gov})
+    with DAG(
+        dag_id=REGISTRY_DAG_ID,
+        description="Promote, roll back or restore a governed model's production version, for the person "
+                    "who asks (checked, sealed, audited)",
+        doc_md=("# Registry actions\n\nTriggered by `closedloop promote MODEL VERSION`, `closedloop rollback MODEL "
+                "--reason …` and `closedloop audit --verify MODEL --restore --reason …` (or this form). The run "
+                "records who asked; the task acts with the deployment's identity after the checks the pipelines' "
+                "own `promote` makes. Rollback and restore are allowed to the template's approvers and "
+                "`approval.rollback`.\n\nGoverned models: " + ", ".join(f"`{m}`" for m in models)),
+        schedule=None, start_date=None, catchup=False, max_active_runs=1,
+        tags=["closedloop", "governance"],
+        params={"action": Param("promote", type="string", enum=list(ACTIONS), title="Action"),
+                "model": Param(models[0], type="string", enum=models, title="Model"),
+                "version": Param("", type="string", maxLength=20, title="Version (promote)"),
+                "reason": Param("", type="string", maxLength=2000, title="Reason (rollback, restore)")},
+    ) as registry:
+        RegistryOperator(task_id="registry_action", specs=gov, retries=2)
+    poll = min(s.spec.approval.alias_poll_seconds for s in gov)
+    alarms = Asset(name="closedloop_registry_alarms", uri="closedloop://registry/alarms", group="governance",
+                   watchers=[AssetWatcher(name="closedloop_alias_watch",
+                                          trigger=AliasWatchTrigger(models=",".join(models), poll_interval=poll))])
+    with DAG(
+        dag_id=WATCH_DAG_ID,
+        description="Alerts when production or candidate of a governed model moves outside the pipeline",
+        doc_md="# Alias watch\n\nA watcher in the triggerer compares each governed model's `production` and "
+               "`candidate` aliases with the last sealed promotion and release records every "
+               f"{poll:g} s; an unexplained move starts this DAG, which checks again and alerts through the "
+               "template's `alerts:`.",
+        schedule=[alarms], start_date=None, catchup=False, max_active_runs=1,
+        tags=["closedloop", "governance"],
+    ) as watch:
+        AliasAlarmOperator(task_id="alert", specs=gov, retries=1)
+    return {REGISTRY_DAG_ID: registry, WATCH_DAG_ID: watch}
+
+
 class InvalidTemplates(DAG):
     """Placeholder that carries template errors into Airflow's import errors.
 
@@ -207,6 +266,10 @@ def build_dags(pipelines_dir: str | Path, namespace: dict[str, Any] | None = Non
         except Exception as exc:  # one broken pipeline must not hide the others
             errors.append(SpecError(f"{loaded.path}: cannot build DAG: {type(exc).__name__}: {exc}",
                                     path=str(loaded.path)))
+    try:
+        dags.update(build_registry_dags(specs))
+    except Exception as exc:  # the pipelines still load
+        errors.append(SpecError(f"cannot build the registry DAGs: {type(exc).__name__}: {exc}"))
     for err in errors:
         log.error("%s", err)
     if namespace is not None:

@@ -44,6 +44,10 @@ class ApprovalError(PermanentError):
     """A promotion was attempted without a valid recorded human approval."""
 
 
+class EvidenceError(ApprovalError):
+    """A record that must carry the deployment's seal does not, or was changed after sealing."""
+
+
 #: Exception classes (by module-qualified name, so nothing heavy is imported to check) whose
 #: failures pass: the network, a server that is restarting or overloaded, a busy database.
 TRANSIENT_CLASSES = frozenset({

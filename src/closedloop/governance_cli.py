@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from closedloop.airflow_api import AirflowAPI, AirflowAPIError, xcom_value
-from closedloop.errors import ApprovalError
 
 
 def _api(args) -> AirflowAPI:
@@ -83,84 +81,148 @@ def cmd_hil_report(args) -> int:
     return 0
 
 
-def evidence_from_airflow(api: AirflowAPI, model: str, version: str, tags: dict, approvers: list[str]):
-    """Read what Airflow recorded about the run that registered ``model``/``version``."""
-    from closedloop.steps.governance import PromotionEvidence
+def registry_action(api: AirflowAPI, conf: dict, *, timeout: float = 300) -> tuple[int, dict]:
+    """Ask the deployment to act on the registry (DAG ``closedloop_registry``) as ``api.user`` and wait
+    for its answer: ``(0, result)``, or ``(exit code, {"error": reason})``."""
+    import time
 
-    dag_id, run_id = tags.get("airflow.dag_id"), tags.get("airflow.run_id")
-    if not dag_id or not run_id:
-        raise ApprovalError(f"refusing to promote {model} version {version}: it was not registered by a "
-                            "closedloop pipeline run (no airflow.dag_id / airflow.run_id)")
-    base = api.run_path(dag_id, run_id)
-    run = api.get(base, missing_ok=True)
-    reg = api.get(f"{base}/taskInstances/register_candidate/xcomEntries/return_value", missing_ok=True)
-    gate = api.get(f"{base}/taskInstances/release_gate/xcomEntries/return_value", missing_ok=True)
-    hitl = api.get(f"{base}/taskInstances/approval/-1/hitlDetails", missing_ok=True)
-    reg_value = xcom_value(reg)
-    gate_value = xcom_value(gate)
-    responded = (hitl or {}).get("responded_by_user") or {}
-    return PromotionEvidence(
-        model=model, version=str(version), dag_id=dag_id, run_id=run_id, run_found=run is not None,
-        requester=(run or {}).get("triggering_user_name"),
-        registered_version=str(reg_value["version"]) if reg_value and reg_value.get("version") else None,
-        gate_passed=gate_value.get("passed") if gate_value else None,
-        hitl_received=bool(hitl and hitl.get("response_received")),
-        chosen_options=list((hitl or {}).get("chosen_options") or []),
-        responded_by=responded.get("id"), responded_at=(hitl or {}).get("responded_at"),
-        comment=str(((hitl or {}).get("params_input") or {}).get("comment") or ""), approvers=approvers)
+    from closedloop.operators.registry import REGISTRY_DAG_ID
 
-
-def _approvers_for(tags: dict) -> list[str]:
-    from closedloop import settings
-    from closedloop.spec import load_all
-
-    specs, _ = load_all(settings.include_dir() / "pipelines")
-    for s in specs:
-        if s.spec.name == tags.get("closedloop.pipeline") and s.spec.approval:
-            return list(s.spec.approval.approvers)
-    return []
+    status, data = api.call("POST", f"/dags/{REGISTRY_DAG_ID}/dagRuns",
+                            {"logical_date": None, "conf": conf, "note": f"{conf['action']} {conf['model']}"})
+    if status != 200:
+        hint = {404: "no governed pipeline is deployed (no template with approval:)",
+                403: "your Airflow role may not trigger DAG runs"}.get(status, "")
+        return (2 if status in (400, 404, 422) else 1), {
+            "error": f"Airflow refused the request (HTTP {status}): {data.get('detail') if data else ''}"
+                     + (f"; {hint}" if hint else "")}
+    run_path = api.run_path(REGISTRY_DAG_ID, data["dag_run_id"])
+    deadline = time.monotonic() + timeout
+    state = data.get("state")
+    while state not in ("success", "failed") and time.monotonic() < deadline:
+        time.sleep(1)
+        state = api.get(run_path)["state"]
+    task = f"{run_path}/taskInstances/registry_action"
+    if state == "success":
+        return 0, xcom_value(api.get(f"{task}/xcomEntries/return_value", missing_ok=True)) or {}
+    if state != "failed":
+        return 1, {"error": f"no answer within {timeout:g} s: run {data['dag_run_id']} of {REGISTRY_DAG_ID} is {state}"}
+    error = xcom_value(api.get(f"{task}/xcomEntries/error", missing_ok=True)) or {}
+    return 1, {"error": error.get("message") or f"run {data['dag_run_id']} of {REGISTRY_DAG_ID} failed; see its log"}
 
 
 def cmd_promote(args) -> int:
-    from mlflow import MlflowClient
-
-    from closedloop import settings
-    from closedloop.steps.governance import promote
-
-    try:
-        mv = MlflowClient(settings.tracking_uri()).get_model_version(args.model, args.version)
-    except Exception as exc:
-        print(f"error: no model version {args.model}/{args.version} in {settings.tracking_uri()}: "
-              f"{str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
     api = _api(args)
     try:
-        evidence = evidence_from_airflow(api, args.model, args.version, mv.tags, _approvers_for(mv.tags))
-        out = promote(_ctx(), evidence, actor=api.user or "unknown")
-    except (ApprovalError, AirflowAPIError) as exc:
+        code, out = registry_action(api, {"action": "promote", "model": args.model, "version": str(args.version),
+                                          "reason": ""})
+    except AirflowAPIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if code:
+        print(f"error: {out['error']}", file=sys.stderr)
+        return code
     print(f"{out['model']} version {out['version']} is production"
-          + (f" (previous-production: {out['previous']})" if out["changed"] and out["previous"] else "")
-          + ("" if out["changed"] else " already; nothing changed"))
+          + (f" (previous-production: {out['previous']})" if out["changed"] and out.get("previous") else "")
+          + ("" if out["changed"] else " already; nothing changed")
+          + f"; approved by {', '.join(out.get('approved_by') or [])}")
     return 0
 
 
 def cmd_rollback(args) -> int:
-    from closedloop.steps.governance import rollback
-
+    api = _api(args)
     try:
-        out = rollback(_ctx(), args.model, actor=args.user or os.environ.get("AIRFLOW_USERNAME") or os.environ.get("USER", "unknown"))
-    except ApprovalError as exc:
+        code, out = registry_action(api, {"action": "rollback", "model": args.model, "version": "",
+                                          "reason": args.reason})
+    except AirflowAPIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if code:
+        print(f"error: {out['error']}", file=sys.stderr)
+        return code
     print(f"{out['model']}: production is version {out['production']} again"
-          + (f"; version {out['previous-production']} is previous-production" if out["previous-production"] else ""))
+          + (f"; version {out['previous-production']} is previous-production" if out["previous-production"] else "")
+          + f" (by {out['by']}: {args.reason})")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """``closedloop audit --verify MODEL [--restore --reason …]``: aliases against the sealed records."""
+    from mlflow import MlflowClient
+
+    from closedloop import settings
+    from closedloop.errors import EvidenceError
+    from closedloop.steps.governance import check_aliases
+    from closedloop.steps.signing import published_verifier
+
+    try:
+        verifier, where = published_verifier()
+        state = check_aliases(MlflowClient(settings.tracking_uri()), args.model, verifier)
+    except EvidenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"error: cannot read model {args.model}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**state, "public_key": verifier.published(), "key_from": where}, indent=2, default=str))
+    else:
+        last = state["last_promotion"]
+        print(f"{args.model}: aliases {', '.join(f'@{a}={v}' for a, v in sorted(state['aliases'].items())) or 'none'}")
+        print("  last sealed promotion: " + (f"version {last['version']} ({last['kind']} by {last['by']} at "
+                                             f"{last['at']}, seq {last['seq']})" if last else "none"))
+        print(f"  verified with key {verifier.key_id} ({where})")
+        for p in state["problems"]:
+            print(f"  UNEXPLAINED: {p}")
+        if state["ok"]:
+            print("  OK: every alias is explained by a sealed record")
+    if state["ok"] or not args.restore:
+        return 0 if state["ok"] else 1
+    if not args.reason:
+        print("error: --restore needs --reason", file=sys.stderr)
+        return 2
+    try:
+        code, out = registry_action(_api(args), {"action": "restore", "model": args.model, "version": "",
+                                                 "reason": args.reason})
+    except AirflowAPIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if code:
+        print(f"error: {out['error']}", file=sys.stderr)
+        return code
+    print(f"restored: {args.model}@production is version {out['production']} again (was {out['was']})")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    """``closedloop keys generate|show``: a deployment's signing key, and the public key to publish."""
+    from closedloop.errors import EvidenceError
+    from closedloop.steps.signing import Signer, published_verifier
+
+    if args.keys_action == "generate":
+        key = Signer.generate()
+        print("# private key: store it as the password of the Airflow connection 'closedloop_signing' (or your "
+              "secrets backend); never in git, templates or logs", file=sys.stderr)
+        print(f"AIRFLOW_CONN_CLOSEDLOOP_SIGNING='{json.dumps({'conn_type': 'generic', 'password': key.seed_b64()})}'")
+        print(f"CLOSEDLOOP_PUBLIC_KEY={key.verifier.published()}")
+        return 0
+    try:
+        verifier, where = published_verifier()
+    except EvidenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{verifier.published()}  (key id {verifier.key_id}, from {where})")
     return 0
 
 
 def cmd_audit(args) -> int:
     from closedloop.steps.governance import audit_trail
+
+    if args.verify:
+        return cmd_verify(args)
+    if not args.version:
+        print("error: audit needs MODEL VERSION (or --verify MODEL)", file=sys.stderr)
+        return 2
 
     try:
         trail = audit_trail(_ctx(), args.model, args.version)
@@ -189,9 +251,15 @@ def format_audit(t: dict) -> str:
     rv = t["review"]
     out += ["", "3. review", f"   decision: {rv.get('decision', 'none yet')}" +
             (f" by {rv['reviewer']}" if rv.get("reviewer") else "") + (f" at {rv['at']}" if rv.get("at") else ""),
-            f"   comment:  {rv.get('comment') or '-'}", "", "4. events"]
+            f"   comment:  {rv.get('comment') or '-'}"]
+    for a in t.get("approvals") or []:
+        out.append(f"   {a['task']}: {a['decision']} by {a['responder'] or '-'} at {a['at']} "
+                   f"(production then: {a['production_at_review'] or 'none'})")
+    out += ["", "4. events"]
     for e in t["events"]:
-        extra = ", ".join(f"{k}={v}" for k, v in sorted(e.items()) if k not in ("event", "at") and v not in (None, ""))
+        extra = ", ".join(f"{k}={v}" for k, v in sorted(e.items())
+                          if k not in ("event", "at", "promotion") and v not in (None, ""))
+        extra += ", sealed" if e.get("promotion") else ""
         out.append(f"   {e['at']}  {e['event']:<28} {extra}")
     if not t["events"]:
         out.append("   (none)")
@@ -230,17 +298,29 @@ def add_parsers(sub, find) -> None:
     sp.add_argument("--metric", action="append", help="name=number (repeatable)")
     creds(sp)
     sp.set_defaults(func=cmd_hil_report)
-    sp = sub.add_parser("promote", help="move alias production to an approved version (checked against Airflow)")
+    sp = sub.add_parser("promote", help="move alias production to an approved version (through Airflow: the "
+                        "deployment checks the sealed release record and approvals)")
     sp.add_argument("model")
     sp.add_argument("version")
     creds(sp)
     sp.set_defaults(func=cmd_promote)
-    sp = sub.add_parser("rollback", help="give production back to the previous-production version")
+    sp = sub.add_parser("rollback", help="give production back to the previous-production version (through "
+                        "Airflow, as an approver; audited)")
     sp.add_argument("model")
-    sp.add_argument("--user", help="who rolls back (recorded)")
+    sp.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
+    creds(sp)
     sp.set_defaults(func=cmd_rollback)
-    sp = sub.add_parser("audit", help="request, gates, review and alias changes of one model version")
+    sp = sub.add_parser("audit", help="request, gates, review and alias changes of one model version; "
+                        "--verify MODEL checks the aliases against the sealed records")
     sp.add_argument("model")
-    sp.add_argument("version")
+    sp.add_argument("version", nargs="?")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--verify", action="store_true", help="exit 1 naming every alias no sealed record explains")
+    sp.add_argument("--restore", action="store_true", help="with --verify: put production back on the last "
+                    "governed version (through Airflow, as an approver)")
+    sp.add_argument("--reason", help="with --restore: why")
+    creds(sp)
     sp.set_defaults(func=cmd_audit)
+    sp = sub.add_parser("keys", help="the deployment's signing key: generate one, or show the public key")
+    sp.add_argument("keys_action", choices=["generate", "show"])
+    sp.set_defaults(func=cmd_keys)

@@ -114,6 +114,10 @@ class AirflowServer:
         from closedloop.steps.tracking import ensure_store
 
         ensure_store(self.env["MLFLOW_TRACKING_URI"])  # create MLflow's tables once, before tasks race to
+        if "AIRFLOW_CONN_CLOSEDLOOP_SIGNING" not in self.env:  # the embedded default's signing key, made once
+            from closedloop.steps.signing import local_signer
+
+            local_signer(home=self.env["CLOSEDLOOP_HOME"])
         for name, _ in self.COMPONENTS:
             self.start_component(name)
         self.proc = self.procs["scheduler"]

@@ -117,12 +117,14 @@ class WebhookAlertNotifier(BaseNotifier):
         return host, conn.password or None
 
     def notify(self, context) -> None:
+        alert = failure_alert(context, self.pipeline)
+        self.post(alert, f":rotating_light: {alert['message']}\nrun {alert['run_id']} · try {alert['try_number']}"
+                  + (f" · log: {alert['log_url']}" if alert.get("log_url") else ""))
+
+    def post(self, alert: dict, text: str) -> None:
         import urllib.request
 
-        alert = failure_alert(context, self.pipeline)
         url, token = self.url()
-        text = (f":rotating_light: {alert['message']}\nrun {alert['run_id']} · try {alert['try_number']}"
-                + (f" · log: {alert['log_url']}" if alert.get("log_url") else ""))
         body = json.dumps({"text": text, "alert": alert}, default=str).encode()
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
@@ -144,15 +146,17 @@ class EmailAlertNotifier(BaseNotifier):
         self.pipeline = pipeline
 
     def notify(self, context) -> None:
+        self.send(failure_alert(context, self.pipeline))
+
+    def send(self, alert: dict) -> None:
         import html
 
         from airflow.providers.smtp.hooks.smtp import SmtpHook
 
-        alert = failure_alert(context, self.pipeline)
         rows = "".join(f"<tr><th align=left>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
                        for k, v in alert.items() if k not in ("message", "cause"))
         body = (f"<p>{html.escape(alert['message'])}</p><table>{rows}</table>"
-                f"<pre>{html.escape(alert['cause'])}</pre>")
+                f"<pre>{html.escape(str(alert.get('cause') or ''))}</pre>")
         with SmtpHook(smtp_conn_id=self.conn_id) as smtp:
             smtp.send_email_smtp(to=self.to, subject=f"[closedloop] {alert['message'][:180]}", html_content=body,
                                  from_email=smtp.from_email or "closedloop@localhost")
@@ -170,3 +174,20 @@ def alert_notifiers(spec) -> list[BaseNotifier]:
         else:
             out.append(EmailAlertNotifier(to=a.to, conn_id=a.conn_id, pipeline=spec.name))
     return out
+
+
+def announce(spec, kind: str, message: str, **details) -> dict:
+    """Tell the template's ``alerts:`` channels something that is not a task failure (a review that
+    opened, an alias moved outside the pipeline). Every channel is tried; one failing channel is
+    logged and does not silence the others. The local record always gets it."""
+    alert = record_alert(kind, message, pipeline=spec.name, **details)
+    full = {**alert, "pipeline": spec.name}
+    for a in spec.alerts:
+        try:
+            if a.kind == "webhook":
+                WebhookAlertNotifier(conn_id=a.conn_id, pipeline=spec.name).post(full, message)
+            elif a.kind == "email":
+                EmailAlertNotifier(to=a.to, conn_id=a.conn_id, pipeline=spec.name).send(full)
+        except Exception:
+            log.warning("could not send %s alert through %s", kind, a.kind, exc_info=True)
+    return alert

@@ -189,6 +189,24 @@ class ApprovalSpec(_Part):
 
     approvers: list[str] = Field(min_length=1, description="Airflow user names allowed to approve")
     timeout_hours: float = Field(default=72, gt=0, description="no decision by then counts as a rejection")
+    required: int = Field(default=1, ge=1, le=5, description="distinct approvals needed (2 = the two-person rule)")
+    valid_hours: float | None = Field(default=None, gt=0, description="an approval promotes only within this many "
+                                      "hours of the decision (default: timeout_hours)")
+    rollback: list[str] = Field(default_factory=list, description="Airflow users who may roll production back "
+                                "besides the approvers")
+    alias_poll_seconds: float = Field(default=30, ge=1, le=3600, description="how often the alias watcher "
+                                      "compares production/candidate with the sealed records")
+
+    @model_validator(mode="after")
+    def _enough_approvers(self) -> ApprovalSpec:
+        if len(set(self.approvers)) < self.required:
+            raise ValueError(f"required: {self.required} distinct approvals need at least {self.required} approvers, "
+                             f"got {sorted(set(self.approvers))}")
+        return self
+
+    @property
+    def valid_hours_or_default(self) -> float:
+        return self.valid_hours if self.valid_hours is not None else self.timeout_hours
 
 
 Severity = Literal["low", "medium", "high", "critical"]

@@ -22,6 +22,7 @@ EXPECTED_EDGES = {
     "register_candidate": {"release_gate"},
 }
 GOVERNED_EDGES = {**EXPECTED_EDGES, "approval": {"register_candidate"}, "promote": {"approval"}}
+REGISTRY = {"closedloop_registry", "closedloop_registry_watch"}
 INCIDENT_EDGES = {**GOVERNED_EDGES, "admit_incident": set(), "generate_dataset": {"admit_incident"}}
 
 
@@ -39,7 +40,7 @@ def test_dags_folder_has_one_dag_per_template_and_no_import_errors(project):
     bag = dagbag(project / "dags")
     assert bag.import_errors == {}
     names = {p.stem for p in template_files(project / "include" / "pipelines")}
-    assert set(bag.dag_ids) == names | {f"{n}_incident" for n in names}  # file names = pipeline names here
+    assert set(bag.dag_ids) == names | {f"{n}_incident" for n in names} | REGISTRY
     for name in names:
         dag = bag.dags[name]
         assert {t.task_id: set(t.upstream_task_ids) for t in dag.tasks} == GOVERNED_EDGES
@@ -101,7 +102,10 @@ def test_copied_template_is_a_second_pipeline(make_project, project):
     }))
     bag = dagbag(make_project.root / "dags")
     assert bag.import_errors == {}
-    assert set(bag.dag_ids) == {"acc_longitudinal", "acc_eu_only", "acc_longitudinal_incident", "acc_eu_only_incident"}
+    assert set(bag.dag_ids) == {"acc_longitudinal", "acc_eu_only", "acc_longitudinal_incident", "acc_eu_only_incident",
+                                *REGISTRY}
+    assert set(bag.dags["closedloop_registry"].params.get_param("model").schema["enum"]) == {"acc_longitudinal_policy",
+                                                                                  "acc_policy_eu"}
     eu = bag.dags["acc_eu_only"].get_task("register_candidate").loaded.spec
     assert eu.model.name == "acc_policy_eu" and eu.gates[0].max == 0.30
 
@@ -112,7 +116,7 @@ def test_broken_template_is_an_import_error_and_others_still_load(make_project, 
         "name: acc_longitudinal": "name: acc_typo", "name: acc_longitudinal_policy": "name: acc_typo_model",
         "window_days: 14": "window_days: fourteen"}))
     bag = dagbag(make_project.root / "dags")
-    assert set(bag.dag_ids) == {"acc_longitudinal"}
+    assert set(bag.dag_ids) == {"acc_longitudinal", *REGISTRY}
     assert len(bag.import_errors) == 1
     (dag_file, message), = bag.import_errors.items()
     assert dag_file.endswith("closedloop_pipelines.py")
@@ -135,7 +139,7 @@ def test_parse_imports_nothing_heavy(make_project, project, templates):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"dags": 2 * templates, "errors": 0, "heavy": []}  # periodic + incident DAG each
+    assert result == {"dags": 2 * templates + 2, "errors": 0, "heavy": []}  # periodic + incident each, registry + watch
 
 
 def test_watcher_triggers_survive_airflows_storage_round_trip(project):
@@ -144,9 +148,51 @@ def test_watcher_triggers_survive_airflows_storage_round_trip(project):
     from airflow.serialization.encoders import encode_trigger
     from airflow.triggers.base import BaseEventTrigger
 
-    (asset,) = dagbag(project / "dags").dags["acc_longitudinal_incident"].timetable.asset_condition.objects
-    for watcher in asset.watchers:
+    bag = dagbag(project / "dags")
+    (asset,) = bag.dags["acc_longitudinal_incident"].timetable.asset_condition.objects
+    (alarms,) = bag.dags["closedloop_registry_watch"].timetable.asset_condition.objects
+    for watcher in [*asset.watchers, *alarms.watchers]:
         encoded = encode_trigger(watcher.trigger)
         stored = Trigger(classpath=encoded["classpath"], kwargs=encoded["kwargs"])
         assert BaseEventTrigger.hash(encoded["classpath"], encoded["kwargs"]) == \
             BaseEventTrigger.hash(stored.classpath, stored.kwargs), watcher.name
+
+
+def test_a_quorum_of_two_chains_two_approval_tasks_and_the_registry_dags_are_built(make_project, project):
+    from airflow.sdk import DAG
+
+    from closedloop.dagbuilder import build_dags
+    from closedloop.operators.governance import ReviewOperator
+    from closedloop.triggers.registry import AliasWatchTrigger
+
+    make_project("acc_two.yaml", template_text(project, incidents=False, **{
+        "name: acc_longitudinal": "name: acc_two", "timeout_hours: 72": "timeout_hours: 72\n  required: 2"}))
+    dags = build_dags(make_project.root / "include" / "pipelines")
+    dag = dags["acc_two"]
+    edges = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
+    assert edges == {**EXPECTED_EDGES, "approval": {"register_candidate"}, "approval_2": {"approval"},
+                     "promote": {"approval_2"}}
+    second = dag.get_task("approval_2")
+    assert isinstance(second, ReviewOperator) and second.prior == ["approval"]
+
+    registry = dags["closedloop_registry"]
+    assert isinstance(registry, DAG) and registry.max_active_runs == 1 and registry.schedule is None
+    assert registry.params.get_param("action").schema["enum"] == ["promote", "rollback", "restore"]
+    assert registry.params.get_param("model").schema["enum"] == ["acc_longitudinal_policy"]
+    (asset,) = dags["closedloop_registry_watch"].timetable.asset_condition.objects
+    (watcher,) = asset.watchers
+    trigger = watcher.trigger
+    assert isinstance(trigger, AliasWatchTrigger)
+    assert trigger.serialize() == ("closedloop.triggers.registry.AliasWatchTrigger",
+                                   {"models": "acc_longitudinal_policy", "poll_interval": 30.0,
+                                    "mlflow_conn_id": "mlflow_default"})
+
+
+def test_a_quorum_larger_than_the_approver_list_is_a_template_error(make_project, project):
+    from closedloop.spec import load_all
+
+    make_project("acc_three.yaml", template_text(project, incidents=False, **{
+        "name: acc_longitudinal": "name: acc_three", "timeout_hours: 72": "timeout_hours: 72\n  required: 3"}))
+    specs, errors = load_all(make_project.root / "include" / "pipelines")
+    assert not specs and len(errors) == 1
+    assert "approval: required: 3 distinct approvals need at least 3 approvers" in str(errors[0])

@@ -45,11 +45,17 @@ class ClosedLoopStepOperator(BaseOperator):
         return run_context(self.loaded, self.mlflow_conn_id, context)
 
     def upstream(self, context: Context, task_id: str) -> dict:
-        value = context["ti"].xcom_pull(task_ids=task_id)
-        if not isinstance(value, dict):
-            raise AirflowFailException(f"expected the result of upstream task {task_id!r} in XCom, got {value!r}")
+        """The result of ``task_id`` in this run, believed only with its seal (:func:`pull_sealed`)."""
+        value = pull_sealed(context, task_id)
         self.seen[task_id] = value
         return value
+
+    def finish(self, context: Context, out: Any) -> Any:
+        """Seal a step's result where it is born (what XCom then holds; consumers check the seal)."""
+        if not isinstance(out, dict):
+            return out
+        self.seen[self.task_id] = out
+        return seal(context, out)
 
     @property
     def seen(self) -> dict[str, dict]:
@@ -60,10 +66,12 @@ class ClosedLoopStepOperator(BaseOperator):
         return self.__dict__["_seen"]
 
     def execute(self, context: Context) -> Any:
-        out = self.guarded(context, lambda: self.planned(context) or self.run_step(self.run_context(context), context))
-        if isinstance(out, dict):
-            self.seen[self.task_id] = out
-        return out
+        def body():
+            if self.task_id in FIRST_TASKS:
+                refuse_unreviewable(self.loaded, context)
+            return self.planned(context) or self.run_step(self.run_context(context), context)
+
+        return self.finish(context, self.guarded(context, body))
 
     def planned(self, context: Context) -> dict | None:
         """This step's result if ``generate_dataset`` already found it in the step cache
@@ -73,7 +81,7 @@ class ClosedLoopStepOperator(BaseOperator):
 
         if self.task_id not in CACHEABLE_STEPS[1:]:
             return None
-        plan = context["ti"].xcom_pull(task_ids="generate_dataset", key=PLAN_KEY)
+        plan = pull_sealed(context, "generate_dataset", key=PLAN_KEY, required=False)
         result = plan.get(self.task_id) if isinstance(plan, dict) else None
         if result is not None:
             log.info("cache hit for %s (key %s), found ahead by generate_dataset: reusing the result of MLflow run %s "
@@ -122,6 +130,47 @@ class ClosedLoopStepOperator(BaseOperator):
         return operator_lineage(self, task_instance)
 
 
+#: the tasks that start a run: what Airflow's trigger form cannot refuse, they refuse before any compute
+FIRST_TASKS = ("generate_dataset", "admit_incident")
+
+
+def refuse_unreviewable(loaded: LoadedSpec, context: Context) -> None:
+    """A request whose reviewer set would be empty fails its run's first task (no compute, no retry)."""
+    from closedloop.steps.governance import check_reviewers
+
+    check_reviewers(loaded.spec, getattr(context["dag_run"], "triggering_user_name", None) or None)
+
+
+def seal(context: Context, value: dict, key: str = "return_value") -> dict:
+    """``value`` sealed for this task instance (and XCom ``key``) with the deployment's key."""
+    from closedloop.hooks.signing import signer
+    from closedloop.steps.signing import Binding
+
+    ti = context["ti"]
+    return signer().seal(value, Binding(ti.dag_id, ti.run_id, ti.task_id, key))
+
+
+def pull_sealed(context: Context, task_id: str, key: str = "return_value", *, required: bool = True) -> dict | None:
+    """Task ``task_id``'s XCom ``key`` in this run, once its seal proves the pipeline wrote it there.
+
+    XCom is editable by any user with role ``user`` (``PATCH …/xcomEntries``): an unsealed value,
+    one changed after sealing, or one sealed for another run or task raises
+    :class:`~closedloop.errors.EvidenceError` (permanent: no retry). ``required=False``: None when
+    the task pushed nothing.
+    """
+    from closedloop.hooks.signing import signer
+    from closedloop.steps.signing import Binding
+
+    ti = context["ti"]
+    value = ti.xcom_pull(task_ids=task_id, key=key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, dict):
+        raise AirflowFailException(f"expected the result of upstream task {task_id!r} in XCom, got {value!r}")
+    what = f"the result of task {task_id!r}" + ("" if key == "return_value" else f" (XCom {key!r})")
+    return signer().verifier.unseal(value, Binding(ti.dag_id, ti.run_id, task_id, key), what=what)
+
+
 def run_context(loaded: LoadedSpec, mlflow_conn_id: str, context: Context) -> RunContext:
     """The step context of the current task instance, with MLflow resolved through the hook."""
     import os
@@ -154,7 +203,7 @@ def admission(loaded: LoadedSpec, context: Context) -> dict | None:
     ti = context["ti"]
     if spec.incidents is None or ti.dag_id != spec.incident_dag_id or ti.task_id == "admit_incident":
         return None
-    value = ti.xcom_pull(task_ids="admit_incident")
+    value = pull_sealed(context, "admit_incident", required=False)
     return value if isinstance(value, dict) and value.get("incidents") else None
 
 

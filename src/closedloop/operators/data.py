@@ -38,9 +38,10 @@ class GenerateDatasetOperator(ClosedLoopStepOperator):
     def run_step(self, ctx: RunContext, context: Context) -> dict:
         out = self._generate(ctx, context)
         if (out.get("cache") or {}).get("hit"):
+            from closedloop.operators.base import seal
             from closedloop.steps.cache import PLAN_KEY, plan_ahead
 
-            context["ti"].xcom_push(key=PLAN_KEY, value=plan_ahead(self.loaded, ctx, out))
+            context["ti"].xcom_push(key=PLAN_KEY, value=seal(context, plan_ahead(self.loaded, ctx, out), PLAN_KEY))
         return out
 
     def _generate(self, ctx: RunContext, context: Context) -> dict:

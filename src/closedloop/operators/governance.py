@@ -26,25 +26,56 @@ def requester_of(context: Context) -> str | None:
     return getattr(context["dag_run"], "triggering_user_name", None) or None
 
 
+OPENED_KEY = "review_opened"
+
+
+def review_link(context: Context) -> str:
+    """Where the reviewer decides: the task's Required Actions in Airflow's UI."""
+    ti = context["ti"]
+    try:
+        from airflow.configuration import conf
+
+        base = conf.get("api", "base_url", fallback="") or ""
+    except Exception:  # configuration unreadable: a relative link still helps
+        base = ""
+    return f"{base.rstrip('/')}/dags/{ti.dag_id}/runs/{ti.run_id}/tasks/{ti.task_id}/required_actions"
+
+
+def gate_summary(record: dict) -> str:
+    rows = record.get("gate_summary") or []
+    passed = sum(1 for r in rows if r.get("passed"))
+    return f"{passed}/{len(rows)} gates passed"
+
+
 class ReviewOperator(ApprovalOperator):
-    """Hold the run until an assigned reviewer approves or rejects the candidate (``approval``).
+    """Hold the run until an assigned reviewer approves or rejects the candidate (``approval``,
+    and ``approval_2`` … when the template requires several distinct approvals).
 
     The task waits in Airflow's ``awaiting_input`` state (no worker slot, no trigger) and shows
     under Required Actions; a decision comes from the UI or the REST API, with Airflow's
-    authentication. The reviewers are the template's approvers minus the requester, so Airflow
-    itself refuses (403) a requester approving their own request. No decision before the
-    template's timeout counts as a rejection and raises an alert. Rejection skips ``promote``:
-    the run ends cleanly. The decision is mirrored onto the MLflow model version.
+    authentication. Its subject names the model **and** version, its body the gate summary and
+    the release record's digest, so a reviewer approves exactly one thing. The reviewers are the
+    template's approvers minus the requester and minus whoever approved in an earlier approval
+    task of the run, so Airflow itself refuses (403) a requester approving their own request or
+    one person approving twice. When the review opens, the template's ``alerts:`` channels tell
+    the approvers. No decision before the timeout counts as a rejection and raises an alert.
+    Rejection skips ``promote``.
+
+    Airflow hands the response to this task alone; it seals an *approval statement* (decision,
+    responder, time, the release record's digest, the ``production`` version when the review
+    opened) — the only approval ``promote`` believes — and mirrors it onto the model version.
+
+    :param prior: the approval tasks before this one in the run (their approvers may not approve again).
     """
 
-    def __init__(self, *, loaded: LoadedSpec, mlflow_conn_id: str = "mlflow_default", **kwargs: Any) -> None:
+    def __init__(self, *, loaded: LoadedSpec, mlflow_conn_id: str = "mlflow_default", prior: list[str] | None = None,
+                 **kwargs: Any) -> None:
         approval = loaded.spec.approval
         assert approval is not None
-        from closedloop.notifiers import LocalAlertNotifier
-
         self.loaded = loaded
         self.mlflow_conn_id = mlflow_conn_id
         self.approvers = list(approval.approvers)
+        self.prior = list(prior or [])
         # Airflow hands the DAG's params (the request) to every task; the review form asks only
         # for a comment, the request itself is shown in the body. They stay in the run's params.
         kwargs.pop("params", None)
@@ -55,94 +86,123 @@ class ReviewOperator(ApprovalOperator):
             response_timeout=timedelta(hours=approval.timeout_hours),
             params={"comment": Param("", type="string", maxLength=2000, title="Comment")},
             assigned_users=[{"id": u, "name": u} for u in self.approvers],
-            notifiers=[LocalAlertNotifier(kind="review_requested", message=f"{loaded.spec.model.name}: "
-                                          "a release candidate waits for review")],
             **kwargs,
         )
 
     def execute(self, context: Context):
-        requester = requester_of(context)
-        reviewers = [u for u in self.approvers if u != requester]
+        from closedloop.notifiers import announce
+        from closedloop.operators.base import pull_sealed, request_of, run_context, seal
+        from closedloop.steps.governance import current_production
+        from closedloop.steps.signing import digest
+        from closedloop.steps.timeutil import utc_now_iso
+
+        record = pull_sealed(context, "register_candidate")
+        earlier = [(pull_sealed(context, t) or {}).get("statement") or {} for t in self.prior]
+        requester = record.get("requester_user")
+        taken = {s.get("responder") for s in earlier if s.get("responder")}
+        reviewers = [u for u in self.approvers if u != requester and u not in taken]
         if not reviewers:
             raise AirflowFailException(
-                f"nobody may review this request: the only approver(s) {self.approvers} requested it; "
-                "add another approver to the template")
+                f"nobody may review this request: approvers {self.approvers}, requester {requester!r}, already "
+                f"approved by {sorted(taken) or 'nobody'}; add another approver to the template")
         self.assigned_users = [{"id": u, "name": u} for u in reviewers]
-        candidate = context["ti"].xcom_pull(task_ids="register_candidate") or {}
-        gate = context["ti"].xcom_pull(task_ids="release_gate") or {}
-        from closedloop.operators.base import request_of
+        model, version = record["model"], record["version"]
+        production = current_production(run_context(self.loaded, self.mlflow_conn_id, context), model)
+        record_digest = digest(record)
+        context["ti"].xcom_push(key=OPENED_KEY, value=seal(context, {
+            "model": model, "version": version, "record_digest": record_digest, "production": production,
+            "opened_at": utc_now_iso(), "reviewers": reviewers}, OPENED_KEY))
+        required = self.loaded.spec.approval.required
+        nth = len(self.prior) + 1
+        self.subject = (f"Release {model} version {version}? ({self.loaded.spec.name})"
+                        + (f" — approval {nth} of {required}" if required > 1 else ""))
+        params, requested_by = request_of(self.loaded, context)
         from closedloop.steps.gates import format_report
 
-        params, requested_by = request_of(self.loaded, context)
+        gate = pull_sealed(context, "release_gate")
         self.body = (
-            f"**{candidate.get('model')} version {candidate.get('version')}** from run `{context['run_id']}`\n\n"
+            f"**{model} version {version}** from run `{context['run_id']}`\n\n"
+            f"- Release record: `{record_digest}`\n- Model files: `{record['artifact_digest']}`\n"
+            f"- Production now: {'version ' + production if production else 'none yet'}\n"
             f"- Requested by: {requested_by or 'the schedule'}\n- Purpose: {params.get('purpose')}\n"
             f"- Change: {', '.join(params.get('change') or [])}\n- Expected impact: {params.get('expected_impact')}\n"
-            f"- Scope: {params.get('scope') or '-'}\n- Ticket: {params.get('ticket') or '-'}\n\n"
-            f"Release gates:\n```\n{format_report(gate.get('report') or [])}\n```\n"
+            f"- Scope: {params.get('scope') or '-'}\n- Ticket: {params.get('ticket') or '-'}\n"
+            + (f"- Already approved by: {', '.join(sorted(taken))}\n" if taken else "")
+            + f"\nRelease gates ({gate_summary(record)}):\n```\n{format_report(gate.get('report') or [])}\n```\n"
             f"Reviewers: {', '.join(reviewers)}. No decision within {self.response_timeout} counts as a rejection."
         )
+        self.notifiers = []
+        announce(self.loaded.spec, "review_requested",
+                 f"{model} version {version} waits for review ({gate_summary(record)}; release record "
+                 f"{record_digest[:19]}…): {review_link(context)}",
+                 dag_id=context["ti"].dag_id, run_id=context["ti"].run_id, task_id=self.task_id, model=model,
+                 version=version, reviewers=reviewers, link=review_link(context))
         return super().execute(context)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        from closedloop.notifiers import record_alert
-        from closedloop.steps.governance import record_decision
+        import json
 
+        from closedloop.notifiers import record_alert
+        from closedloop.operators.base import pull_sealed, run_context, seal
+        from closedloop.steps.governance import APPROVAL_TAG, record_decision
+        from closedloop.steps.timeutil import utc_now_iso
+
+        opened = pull_sealed(context, self.task_id, key=OPENED_KEY)
         timed_out = bool(event.get("timedout")) or "error" in event
         chosen = list(event.get("chosen_options") or [])
         user = event.get("responded_by_user") or {}
-        reviewer = user.get("name") or user.get("id") if isinstance(user, dict) else None
+        reviewer = (user.get("id") or user.get("name")) if isinstance(user, dict) else None
         decision = "timeout" if timed_out else ("approved" if chosen == [self.APPROVE] else "rejected")
-        candidate = context["ti"].xcom_pull(task_ids="register_candidate") or {}
-        if candidate.get("version"):
-            from closedloop.operators.base import run_context
-
-            ctx = run_context(self.loaded, self.mlflow_conn_id, context)
-            at = event.get("responded_at")
-            record_decision(ctx, candidate["model"], candidate["version"], decision=decision, reviewer=reviewer,
-                            at=at.isoformat() if hasattr(at, "isoformat") else str(at or ""),
-                            comment=str((event.get("params_input") or {}).get("comment") or ""),
-                            run_id=context["ti"].run_id)
+        at = event.get("responded_at")
+        at_text = at.isoformat() if hasattr(at, "isoformat") else (str(at) if at else utc_now_iso())
+        comment = str((event.get("params_input") or {}).get("comment") or "")
         if timed_out:
-            record_alert("review_timeout", f"{candidate.get('model')} version {candidate.get('version')}: no review "
+            record_alert("review_timeout", f"{opened['model']} version {opened['version']}: no review "
                          f"decision within {self.response_timeout}; counted as a rejection, not promoted",
                          dag_id=context["ti"].dag_id, run_id=context["ti"].run_id, task_id=self.task_id)
             if "error" in event:  # no defaults reached the task: treat as the default (reject)
                 event = {"chosen_options": [self.REJECT], "params_input": {}, "responded_at": None,
                          "responded_by_user": None}
+                chosen = [self.REJECT]
+        statement = {"kind": "approval", "model": opened["model"], "version": opened["version"],
+                     "record_digest": opened["record_digest"], "decision": decision, "chosen_options": chosen,
+                     "responder": None if timed_out else reviewer, "responded_at": at_text,
+                     "production_at_review": opened["production"], "opened_at": opened["opened_at"],
+                     "task_id": self.task_id, "comment": comment}
         log.info("review decision: %s%s", decision, f" by {reviewer}" if reviewer else "")
-        return super().execute_complete(context, event)
+        super().execute_complete(context, event)
+        sealed = seal(context, {"chosen_options": chosen, "params_input": event.get("params_input") or {},
+                                "responded_at": at_text, "responded_by_user": user or None, "statement": statement})
+        ctx = run_context(self.loaded, self.mlflow_conn_id, context)
+        record_decision(ctx, opened["model"], opened["version"], decision=decision, reviewer=reviewer,
+                        at=at_text, comment=comment, run_id=context["ti"].run_id,
+                        statement_tag=(APPROVAL_TAG + self.task_id, json.dumps(sealed, sort_keys=True)))
+        return sealed
 
 
 class PromoteOperator(ClosedLoopStepOperator):
     """Move ``production`` to this run's approved candidate (``promote``).
 
-    The promotion code checks the evidence itself — this run registered this exact version, its
-    gates passed, and Airflow recorded an approval by an assigned reviewer who is not the
-    requester — and refuses otherwise, whatever the MLflow tags say.
+    Believes only sealed evidence: this run's release record (``register_candidate``) and the
+    approval statements its approval tasks sealed from Airflow's human-in-the-loop responses —
+    checked by :func:`closedloop.steps.governance.promote` (the same function the ``closedloop
+    promote`` command reaches through the ``closedloop_registry`` DAG). An edited XCom, copied
+    MLflow tags, a stale approval or a moved ``production`` are refused with the reason.
     """
 
     def run_step(self, ctx: RunContext, context: Context) -> dict:
-        from closedloop.steps.governance import PromotionEvidence, promote
+        from closedloop.hooks.signing import signer
+        from closedloop.steps.governance import ApprovalPolicy, approval_task_ids, promote
 
         ti = context["ti"]
-        candidate = ti.xcom_pull(task_ids="register_candidate") or {}
-        gate = ti.xcom_pull(task_ids="release_gate") or {}
-        review = ti.xcom_pull(task_ids="approval") or {}
-        self.seen["register_candidate"] = candidate
-        user = review.get("responded_by_user") or {}
-        evidence = PromotionEvidence(
-            model=self.loaded.spec.model.name, version=str(candidate.get("version")),
-            dag_id=ti.dag_id, run_id=ti.run_id, run_found=True, requester=requester_of(context),
-            registered_version=str(candidate["version"]) if candidate.get("version") else None,
-            gate_passed=gate.get("passed"), hitl_received=bool(review),
-            chosen_options=list(review.get("chosen_options") or []),
-            responded_by=(user.get("id") if isinstance(user, dict) else None),
-            approvers=list(self.loaded.spec.approval.approvers if self.loaded.spec.approval else []),
-        )
-        out = promote(ctx, evidence, actor=f"airflow:{ti.dag_id}/{ti.run_id}")
-        log.info("%s version %s is production%s", out["model"], out["version"],
-                 "" if out["changed"] else " already (nothing changed)")
+        spec = self.loaded.spec
+        record = self.upstream(context, "register_candidate")
+        policy = ApprovalPolicy.of(spec)
+        statements = [self.upstream(context, t).get("statement") or {} for t in approval_task_ids(policy.required)]
+        out = promote(ctx, record, statements, model=spec.model.name, policy=policy, signer=signer(),
+                      actor=f"airflow:{ti.dag_id}/{ti.run_id}", run=(ti.dag_id, ti.run_id))
+        log.info("%s version %s is production%s (approved by %s)", out["model"], out["version"],
+                 "" if out["changed"] else " already (nothing changed)", ", ".join(out["approved_by"]))
         return out
 
 
@@ -182,6 +242,8 @@ class HilResultsOperator(HITLOperator):
         if not isinstance(results, dict) or not results or bad:
             raise AirflowFailException(f"hardware-in-the-loop report must be a non-empty object of numbers, "
                                        f"got {results!r}")
+        from closedloop.operators.base import seal
+
         user = event.get("responded_by_user") or {}
-        return {"metrics": {f"hil.{k}": float(v) for k, v in results.items()},
-                "reported_by": user.get("id") if isinstance(user, dict) else None}
+        return seal(context, {"metrics": {f"hil.{k}": float(v) for k, v in results.items()},
+                              "reported_by": user.get("id") if isinstance(user, dict) else None})

@@ -65,7 +65,9 @@ class AdmitIncidentOperator(ClosedLoopStepOperator):
             state.set(STATE_PREFIX + kind, admission)
         if not decision["admitted"]:
             joined = ", ".join(f"{i} → run {r}" for i, r in decision["merged_into"].items())
-            context["ti"].xcom_push(key="return_value", value=decision)
+            from closedloop.operators.base import seal
+
+            context["ti"].xcom_push(key="return_value", value=seal(context, decision))
             raise AirflowSkipException(f"debounced: every incident of this run repeats one admitted less than "
                                        f"{spec.incidents.debounce_minutes:g} min earlier ({joined}); no second run")
         decision["request"] = incident_request(spec, decision["incidents"])

@@ -57,7 +57,14 @@ class RegisterCandidateOperator(ClosedLoopStepOperator):
     """Register the model version once and point the ``candidate`` alias at it (``register_candidate``)."""
 
     def run_step(self, ctx: RunContext, context: Context) -> dict:
-        from closedloop.operators.base import request_of
+        """Register, then seal the release record and keep it on the version (``closedloop.release_record``)."""
+        import json
+
+        from closedloop.hooks.signing import signer
+        from closedloop.operators.base import request_of, seal
+        from closedloop.operators.governance import requester_of
+        from closedloop.steps import tracking
+        from closedloop.steps.governance import PUBLIC_KEY_TAG, RECORD_TAG
         from closedloop.steps.registry import register_candidate
 
         request, requester = request_of(self.loaded, context)
@@ -65,5 +72,11 @@ class RegisterCandidateOperator(ClosedLoopStepOperator):
                                  labelled=self.upstream(context, "label"),
                                  gate=self.upstream(context, "release_gate"),
                                  request=request, requester=requester)
-        log.info("registered %s version %s as @%s", out["model"], out["version"], out["alias"])
-        return out
+        out["requester_user"] = requester_of(context)
+        sealed = seal(context, out)
+        c = tracking.client(ctx)
+        c.set_model_version_tag(out["model"], out["version"], RECORD_TAG, json.dumps(sealed, sort_keys=True))
+        c.set_registered_model_tag(out["model"], PUBLIC_KEY_TAG, signer().verifier.published())
+        log.info("registered %s version %s as @%s; release record sealed (files %s)", out["model"], out["version"],
+                 out["alias"], out["artifact_digest"])
+        return sealed

@@ -96,7 +96,7 @@ class StepPodOperator(ClosedLoopStepOperator):
                       k8s.V1EnvVar(name="GX_ANALYTICS_ENABLED", value="False")])
 
     def execute(self, context: Context) -> Any:
-        return self.guarded(context, lambda: self.planned(context) or self._run_pod(context))
+        return self.finish(context, self.guarded(context, lambda: self.planned(context) or self._run_pod(context)))
 
     def _run_pod(self, context: Context) -> Any:
         pod = self.pod_operator(context)

@@ -48,7 +48,7 @@ class SimulateOperator(ClosedLoopStepOperator):
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict:
         out = self.guarded(context, lambda: self._complete(context, event), start=False)
         log.info("simulation metrics: %s", {k: v for k, v in out["metrics"].items() if k.count(".") == 1})
-        return out
+        return self.finish(context, out)
 
     def _complete(self, context: Context, event: dict[str, Any] | None) -> dict:
         from closedloop.errors import PermanentError, TransientError

@@ -1,72 +1,146 @@
-"""Governance in the registry: review decisions, guarded promotion, rollback, audit trail.
+"""Governance in the registry: review decisions, guarded promotion, rollback, audit, alias checks.
 
-Airflow is the source of truth for *who decided what for which run*; MLflow tags mirror it for
-readers, but promotion never trusts them. :func:`verify_promotion` takes the evidence read
-from Airflow (the run, what it registered, its gate result, the human-in-the-loop response)
-and refuses unless this exact version passed its gates and was approved, for this run, by an
-assigned reviewer who is not the requester.
+Promotion believes only sealed evidence (:mod:`closedloop.steps.signing`): the **release
+record** ``register_candidate`` sealed (model, version, artifact digest, gate report digest,
+template, data, run, requester) and the **approval statements** the approval tasks sealed from
+Airflow's human-in-the-loop response (decision, responder, time, the record's digest, the
+``production`` version when the review opened). XCom and MLflow tags only carry them; an edit
+breaks the seal. :func:`verify_release` refuses, with the reason, unless the statements approve
+exactly this record, freshly, by enough distinct assigned reviewers who did not request it, and
+``production`` has not moved since the review opened. Every alias move the pipeline makes is
+itself sealed (a *promotion record*), so :func:`check_aliases` can tell a governed move from one
+made directly in MLflow.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from closedloop.errors import ApprovalError
+from closedloop.errors import ApprovalError, EvidenceError
 from closedloop.steps import tracking
+from closedloop.steps.approvals import approval_task_ids  # noqa: F401 - part of this module's interface
 from closedloop.steps.context import RunContext
+from closedloop.steps.signing import Binding, Signer, Verifier, bound_of, digest
 
 PRODUCTION = "production"
 PREVIOUS = "previous-production"
 CANDIDATE = "candidate"
 AUDIT_PREFIX = "closedloop.audit."
 APPROVE, REJECT = "Approve", "Reject"
+RECORD_TAG = "closedloop.release_record"
+APPROVAL_TAG = "closedloop.approval."
+PROMOTION_TAG = "closedloop.promotion.production"
+PUBLIC_KEY_TAG = "closedloop.signing.public_key"
 
 
 @dataclass(frozen=True)
-class PromotionEvidence:
-    """What Airflow recorded about the run that produced a model version."""
+class ApprovalPolicy:
+    """The template's ``approval:``: who may approve, how many distinct approvals, for how long."""
 
-    model: str
-    version: str
-    dag_id: str
-    run_id: str
-    run_found: bool
-    requester: str | None
-    registered_version: str | None  # the version this run's register_candidate recorded
-    gate_passed: bool | None  # from this run's release_gate result
-    hitl_received: bool
-    chosen_options: list[str] = field(default_factory=list)
-    responded_by: str | None = None
-    responded_at: str | None = None
-    comment: str = ""
-    approvers: list[str] = field(default_factory=list)
+    approvers: list[str]
+    required: int = 1
+    valid_hours: float = 72.0
+    rollback: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, spec) -> ApprovalPolicy:
+        a = spec.approval
+        if a is None:
+            raise ApprovalError(f"pipeline {spec.name!r} has no approval: its models are never promoted")
+        return cls(approvers=list(a.approvers), required=a.required, valid_hours=a.valid_hours_or_default,
+                   rollback=list(a.rollback))
 
 
-def verify_promotion(ev: PromotionEvidence) -> None:
-    """Raise :class:`ApprovalError` with the reason unless ``ev`` proves an approved, gated version."""
-    where = f"{ev.model} version {ev.version} (Airflow run {ev.dag_id}/{ev.run_id})"
-    if not ev.run_found:
-        raise ApprovalError(f"refusing to promote {where}: Airflow has no such run")
-    if ev.registered_version != str(ev.version):
-        raise ApprovalError(
-            f"refusing to promote {where}: that run registered version {ev.registered_version or 'none'}, "
-            f"not {ev.version}; an approval is bound to the version its own run registered")
-    if ev.gate_passed is not True:
-        raise ApprovalError(f"refusing to promote {where}: its release gates did not pass in that run")
-    if not ev.hitl_received:
+def _parse_time(value: str) -> datetime:
+    at = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def verify_release(record: dict, statements: list[dict], *, model: str, policy: ApprovalPolicy,
+                   production_now: str | None, now: datetime | None = None,
+                   run: tuple[str, str] | None = None) -> list[str]:
+    """Raise :class:`ApprovalError` with the reason unless ``statements`` approve ``record``.
+
+    ``record`` and ``statements`` are already unsealed (their seals checked). ``run``: the
+    ``(dag_id, run_id)`` the record must come from (the promote task's own run). Returns the
+    approvers' names.
+    """
+    now = now or datetime.now(UTC)
+    version = str(record.get("version"))
+    where = f"{model} version {version} (Airflow run {record.get('dag_id')}/{record.get('run_id')})"
+    if record.get("kind") != "release_record":
+        raise ApprovalError(f"refusing to promote {where}: the record is not a release record")
+    if record.get("model") != model:
+        raise ApprovalError(f"refusing to promote {where}: the release record is for model {record.get('model')!r}, "
+                            f"not {model!r}")
+    if run is not None and (record.get("dag_id"), record.get("run_id")) != run:
+        raise ApprovalError(f"refusing to promote {where}: the release record belongs to another run than "
+                            f"{run[0]}/{run[1]}")
+    if record.get("gates_passed") is not True:
+        raise ApprovalError(f"refusing to promote {where}: its release gates did not pass")
+    if not statements:
         raise ApprovalError(f"refusing to promote {where}: Airflow has no review decision for that run")
-    if ev.chosen_options != [APPROVE]:
-        raise ApprovalError(f"refusing to promote {where}: the review decision was {ev.chosen_options or 'none'}")
-    if not ev.responded_by:
-        raise ApprovalError(f"refusing to promote {where}: the decision was the timeout default, not a person")
-    if ev.responded_by not in ev.approvers:
-        raise ApprovalError(f"refusing to promote {where}: {ev.responded_by!r} is not an approver "
-                            f"({', '.join(ev.approvers)})")
-    if ev.requester and ev.responded_by == ev.requester:
-        raise ApprovalError(f"refusing to promote {where}: {ev.responded_by!r} requested this update "
-                            "and cannot approve it")
+    record_digest = digest(record)
+    requester = record.get("requester_user")
+    responders: list[str] = []
+    for st in statements:
+        if st.get("kind") != "approval" or st.get("record_digest") != record_digest:
+            raise ApprovalError(f"refusing to promote {where}: the approval by {st.get('responder')!r} was given "
+                                f"for another release record ({st.get('model')} version {st.get('version')}); "
+                                "an approval promotes only the version it was given for")
+        if st.get("decision") != "approved":
+            raise ApprovalError(f"refusing to promote {where}: the review decision was {st.get('decision')!r}"
+                                f" (chosen {st.get('chosen_options') or 'nothing'})")
+        who = st.get("responder")
+        if not who:
+            raise ApprovalError(f"refusing to promote {where}: the decision was the timeout default, not a person")
+        if who not in policy.approvers:
+            raise ApprovalError(f"refusing to promote {where}: {who!r} is not an approver "
+                                f"({', '.join(policy.approvers)})")
+        if requester and who == requester:
+            raise ApprovalError(f"refusing to promote {where}: {who!r} requested this update and cannot approve it")
+        if who in responders:
+            raise ApprovalError(f"refusing to promote {where}: {who!r} approved twice; the approvals must come "
+                                "from distinct reviewers")
+        age = now - _parse_time(st["responded_at"])
+        if age > timedelta(hours=policy.valid_hours):
+            raise ApprovalError(f"refusing to promote {where}: the approval by {who!r} at {st['responded_at']} is "
+                                f"{age.total_seconds() / 3600:.1f} h old; approvals are valid for "
+                                f"{policy.valid_hours:g} h (approval.valid_hours): request a new review")
+        opened = st.get("production_at_review")
+        if production_now not in (opened, version):
+            raise ApprovalError(f"refusing to promote {where}: production moved since the review opened "
+                                f"(was {opened or 'none'}, is {production_now}); the reviewers judged it against "
+                                "another production model: request a new review")
+        responders.append(who)
+    if len(responders) < policy.required:
+        raise ApprovalError(f"refusing to promote {where}: {len(responders)} approval(s) "
+                            f"({', '.join(responders)}), {policy.required} required from distinct reviewers")
+    return responders
+
+
+def unseal_record(verifier: Verifier, value: dict, *, what: str) -> dict:
+    """A release record read outside its run (MLflow tag): its seal must bind it to its own run's
+    ``register_candidate``."""
+    body = verifier.unseal(value, None, what=what)
+    bound = bound_of(value)
+    if bound != Binding(str(body.get("dag_id")), str(body.get("run_id")), "register_candidate"):
+        raise EvidenceError(f"{what} was not sealed by register_candidate of run {body.get('dag_id')}/"
+                            f"{body.get('run_id')}")
+    return body
+
+
+def unseal_statement(verifier: Verifier, value: dict, record: dict, *, what: str) -> dict:
+    """An approval read outside its run: sealed by an approval task of the record's own run."""
+    body = verifier.unseal(value, None, what=what)
+    bound = bound_of(value)
+    if bound is None or (bound.dag_id, bound.run_id) != (record.get("dag_id"), record.get("run_id")) \
+            or not bound.task_id.startswith("approval"):
+        raise EvidenceError(f"{what} was not sealed by an approval task of run {record.get('dag_id')}/"
+                            f"{record.get('run_id')}")
+    return body.get("statement") or {}
 
 
 def _audit(client, model: str, version: str, event: str, **details) -> None:
@@ -77,9 +151,12 @@ def _audit(client, model: str, version: str, event: str, **details) -> None:
 
 
 def record_decision(ctx: RunContext, model: str, version: str, *, decision: str, reviewer: str | None,
-                    at: str, comment: str, run_id: str) -> None:
-    """Mirror Airflow's review decision on the model version (tags and audit event)."""
+                    at: str, comment: str, run_id: str, statement_tag: tuple[str, str] | None = None) -> None:
+    """Mirror Airflow's review decision on the model version (tags and audit event); with
+    ``statement_tag``, also the sealed approval statement (what ``closedloop promote`` reads)."""
     c = tracking.client(ctx)
+    if statement_tag is not None:
+        c.set_model_version_tag(model, version, *statement_tag)
     for key, value in {"closedloop.review.decision": decision, "closedloop.review.reviewer": reviewer or "",
                        "closedloop.review.at": at, "closedloop.review.comment": comment,
                        "closedloop.review.run_id": run_id}.items():
@@ -87,48 +164,215 @@ def record_decision(ctx: RunContext, model: str, version: str, *, decision: str,
     _audit(c, model, version, f"review.{decision}", reviewer=reviewer, comment=comment, run_id=run_id)
 
 
+def current_production(ctx: RunContext, model: str) -> str | None:
+    """The version ``production`` points at now (None: no production yet)."""
+    return _alias_version(tracking.client(ctx), model, PRODUCTION)
+
+
+def check_reviewers(spec, requester: str | None) -> None:
+    """Refuse a request nobody could approve (the requester is the only approver, or too few others
+    for ``approval.required``) — before any compute."""
+    a = spec.approval
+    if a is None or not requester:
+        return
+    others = sorted(set(a.approvers) - {requester})
+    if len(others) < a.required:
+        raise ApprovalError(f"refusing the request of {requester!r} before any compute: {spec.name} needs "
+                            f"{a.required} approval(s) from approvers other than the requester, and only "
+                            f"{others or 'nobody'} remain; add approvers to the template or ask another requester")
+
+
 def _alias_version(client, model: str, alias: str) -> str | None:
     try:
         return str(client.get_model_version_by_alias(model, alias).version)
     except Exception as exc:  # no such alias
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+        if tracking.not_found(exc):
             return None
         raise
 
 
-def promote(ctx: RunContext, ev: PromotionEvidence, *, actor: str) -> dict:
-    """Verify, then point ``production`` at the version and keep the old one as ``previous-production``.
+PROMOTION_BINDING = "registry"
+
+
+def _promotion_binding(model: str) -> Binding:
+    return Binding(PROMOTION_BINDING, model, PRODUCTION, "promotion")
+
+
+def last_promotion(client, model: str, verifier: Verifier) -> dict | None:
+    """The registry's last sealed promotion record of ``model`` (None if it never had one);
+    :class:`EvidenceError` if the record there is not one the deployment sealed."""
+    raw = client.get_registered_model(model).tags.get(PROMOTION_TAG)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise EvidenceError(f"{model}: the promotion record tag is not JSON (edited in MLflow?)") from None
+    return verifier.unseal(value, _promotion_binding(model), what=f"{model}'s last promotion record")
+
+
+def _record_promotion(client, signer: Signer, model: str, version: str, *, previous: str | None, kind: str,
+                      by: str, **details) -> dict:
+    """Seal the alias move and keep it on the registered model (what :func:`check_aliases` compares
+    with) and in the version's audit trail."""
+    try:
+        last = last_promotion(client, model, signer.verifier)
+    except EvidenceError:
+        last = None
+    now = datetime.now(UTC).isoformat()
+    record = {"kind": kind, "model": model, "alias": PRODUCTION, "version": str(version), "previous": previous,
+              "at": now, "by": by, "seq": int((last or {}).get("seq", 0)) + 1, **details}
+    sealed = signer.seal(record, _promotion_binding(model))
+    client.set_registered_model_tag(model, PROMOTION_TAG, json.dumps(sealed, sort_keys=True))
+    client.set_registered_model_tag(model, PUBLIC_KEY_TAG, signer.verifier.published())
+    _audit(client, model, str(version), f"alias.production{'' if kind == 'promotion' else '.' + kind}", by=by,
+           previous=previous, seq=record["seq"], **{k: v for k, v in details.items() if k != "approvals"},
+           promotion=sealed)
+    return record
+
+
+def promote(ctx: RunContext, record: dict, statements: list[dict], *, model: str, policy: ApprovalPolicy,
+            signer: Signer, actor: str, run: tuple[str, str] | None = None, now: datetime | None = None) -> dict:
+    """Verify (:func:`verify_release`, then the version itself: same source, same files), then point
+    ``production`` at it, keep the old one as ``previous-production`` and seal the move.
 
     Idempotent: promoting the version that is already ``production`` changes nothing.
     """
-    verify_promotion(ev)
+    from closedloop.steps.registry import artifact_digest
+
     c = tracking.client(ctx)
-    current = _alias_version(c, ev.model, PRODUCTION)
-    if current == str(ev.version):
-        return {"model": ev.model, "version": str(ev.version), "changed": False, "previous": _alias_version(
-            c, ev.model, PREVIOUS)}
+    current = _alias_version(c, model, PRODUCTION)
+    approvers = verify_release(record, statements, model=model, policy=policy, production_now=current, now=now,
+                               run=run)
+    version = str(record["version"])
+    where = f"{model} version {version}"
+    try:
+        mv = c.get_model_version(model, version)
+    except Exception as exc:
+        if tracking.not_found(exc):
+            raise ApprovalError(f"refusing to promote {where}: the registry has no such version any more") from None
+        raise
+    if mv.source != record.get("source"):
+        raise ApprovalError(f"refusing to promote {where}: it now loads {mv.source}, the release record says "
+                            f"{record.get('source')}")
+    actual = artifact_digest(record["model_uri"], ctx.tracking_uri)
+    if actual != record.get("artifact_digest"):
+        raise ApprovalError(f"refusing to promote {where}: its files changed since it was judged (digest {actual}, "
+                            f"the release record says {record.get('artifact_digest')})")
+    if current == version:
+        return {"model": model, "version": version, "changed": False, "previous": _alias_version(c, model, PREVIOUS),
+                "approved_by": approvers}
     if current is not None:
-        c.set_registered_model_alias(ev.model, PREVIOUS, current)
-        _audit(c, ev.model, current, "alias.previous-production", by=actor, replaced_by=str(ev.version))
-    c.set_registered_model_alias(ev.model, PRODUCTION, str(ev.version))
-    _audit(c, ev.model, str(ev.version), "alias.production", by=actor, previous=current,
-           approved_by=ev.responded_by, run_id=ev.run_id)
-    return {"model": ev.model, "version": str(ev.version), "changed": True, "previous": current}
+        c.set_registered_model_alias(model, PREVIOUS, current)
+        _audit(c, model, current, "alias.previous-production", by=actor, replaced_by=version)
+    c.set_registered_model_alias(model, PRODUCTION, version)
+    _record_promotion(c, signer, model, version, previous=current, kind="promotion", by=actor,
+                      approved_by=approvers, record_digest=digest(record),
+                      run_id=f"{record.get('dag_id')}/{record.get('run_id')}")
+    return {"model": model, "version": version, "changed": True, "previous": current, "approved_by": approvers}
 
 
-def rollback(ctx: RunContext, model: str, *, actor: str) -> dict:
-    """Swap ``production`` and ``previous-production`` (the previous version was approved once)."""
+def rollback(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: list[str], signer: Signer) -> dict:
+    """Swap ``production`` and ``previous-production`` (the previous version was approved once).
+
+    :param actor: the Airflow user who asked (the run's ``triggering_user_name``): must be in ``allowed``.
+    """
+    if actor not in allowed:
+        raise ApprovalError(f"{actor!r} may not roll back {model}: allowed are {', '.join(allowed) or 'nobody'} "
+                            "(the template's approvers and approval.rollback)")
+    if not (reason or "").strip():
+        raise ApprovalError(f"rolling back {model} needs a reason (--reason)")
     c = tracking.client(ctx)
     previous = _alias_version(c, model, PREVIOUS)
     current = _alias_version(c, model, PRODUCTION)
     if previous is None:
         raise ApprovalError(f"cannot roll back {model}: it has no {PREVIOUS!r} version")
     c.set_registered_model_alias(model, PRODUCTION, previous)
-    _audit(c, model, previous, "alias.production", by=actor, previous=current, rollback=True)
+    _record_promotion(c, signer, model, previous, previous=current, kind="rollback", by=actor, reason=reason,
+                      rollback=True)
     if current is not None:
         c.set_registered_model_alias(model, PREVIOUS, current)
         _audit(c, model, current, "alias.previous-production", by=actor, replaced_by=previous, rollback=True)
     return {"model": model, "production": previous, "previous-production": current}
+
+
+def restore(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: list[str], signer: Signer) -> dict:
+    """Put ``production`` back on the version of the last sealed promotion (after a direct move)."""
+    if actor not in allowed:
+        raise ApprovalError(f"{actor!r} may not restore {model}: allowed are {', '.join(allowed) or 'nobody'}")
+    if not (reason or "").strip():
+        raise ApprovalError(f"restoring {model} needs a reason (--reason)")
+    c = tracking.client(ctx)
+    last = last_promotion(c, model, signer.verifier)
+    if last is None:
+        raise ApprovalError(f"cannot restore {model}: no sealed promotion record to restore")
+    current = _alias_version(c, model, PRODUCTION)
+    if current != last["version"]:
+        c.set_registered_model_alias(model, PRODUCTION, last["version"])
+    _audit(c, model, last["version"], "alias.production.restore", by=actor, reason=reason, replaced=current,
+           seq=last["seq"])
+    return {"model": model, "production": last["version"], "was": current, "changed": current != last["version"]}
+
+
+def check_aliases(client, model: str, verifier: Verifier) -> dict:
+    """Compare ``production`` and ``candidate`` with what the pipeline sealed; list every unexplained move.
+
+    ``production`` must be the version of the newest sealed promotion (the registry's record, or a
+    newer one in a version's audit trail: a record put back from the past is noticed); ``candidate``
+    must carry its own sealed release record.
+    """
+    rm = client.get_registered_model(model)
+    aliases = {a: str(v) for a, v in (rm.aliases or {}).items()}
+    problems: list[str] = []
+    try:
+        last = last_promotion(client, model, verifier)
+    except EvidenceError as exc:
+        last, problems = None, [str(exc)]
+    newest = _newest_audited_promotion(client, model, verifier)
+    if newest is not None and (last is None or newest["seq"] > last["seq"]):
+        problems.append(f"{model}: the registry's promotion record (seq {(last or {}).get('seq', 0)}) is older than "
+                        f"one in the audit trail (seq {newest['seq']}, version {newest['version']}): it was put back")
+        last = newest
+    prod = aliases.get(PRODUCTION)
+    if prod is not None and last is None:
+        problems.append(f"{model}@production → version {prod}, but no sealed promotion explains it "
+                        "(moved directly in MLflow?)")
+    elif prod is not None and str(last["version"]) != prod:
+        problems.append(f"{model}@production → version {prod}, but the last sealed promotion ({last['kind']} by "
+                        f"{last['by']} at {last['at']}) put version {last['version']} there")
+    elif prod is None and last is not None:
+        problems.append(f"{model}@production was removed; the last sealed promotion put version {last['version']} "
+                        "there")
+    cand = aliases.get(CANDIDATE)
+    if cand is not None:
+        try:
+            raw = client.get_model_version(model, cand).tags.get(RECORD_TAG)
+            record = unseal_record(verifier, json.loads(raw), what=f"{model} version {cand}'s release record") \
+                if raw else None
+            if record is None:
+                problems.append(f"{model}@candidate → version {cand}, which has no sealed release record "
+                                "(registered or moved outside the pipeline?)")
+            elif (record.get("model"), str(record.get("version"))) != (model, cand):
+                problems.append(f"{model}@candidate → version {cand}, whose release record is for "
+                                f"{record.get('model')} version {record.get('version')} (copied tags?)")
+        except (EvidenceError, ValueError) as exc:
+            problems.append(f"{model}@candidate → version {cand}: {exc}")
+    return {"model": model, "aliases": aliases, "last_promotion": last, "problems": problems, "ok": not problems}
+
+
+def _newest_audited_promotion(client, model: str, verifier: Verifier) -> dict | None:
+    newest = None
+    for mv in client.search_model_versions(f"name = '{model}'"):
+        for key, raw in mv.tags.items():
+            if not key.startswith(AUDIT_PREFIX) or '"promotion"' not in raw:
+                continue
+            try:
+                rec = verifier.unseal(json.loads(raw)["promotion"], _promotion_binding(model), what="promotion")
+            except (EvidenceError, ValueError, KeyError, TypeError):
+                continue
+            if newest is None or rec["seq"] > newest["seq"]:
+                newest = rec
+    return newest
 
 
 def audit_trail(ctx: RunContext, model: str, version: str) -> dict:
@@ -144,7 +388,16 @@ def audit_trail(ctx: RunContext, model: str, version: str) -> dict:
         gates = mlflow.artifacts.load_dict(f"runs:/{tags['closedloop.gate_run_id']}/gates/report.json")
     events = sorted((json.loads(v) for k, v in tags.items() if k.startswith(AUDIT_PREFIX)), key=lambda e: e["at"])
     review = {k.removeprefix("closedloop.review."): v for k, v in tags.items() if k.startswith("closedloop.review.")}
-    return {"model": model, "version": str(version), "aliases": list(mv.aliases),
+    approvals = []
+    for key in sorted(k for k in tags if k.startswith(APPROVAL_TAG)):
+        try:
+            st = json.loads(tags[key]).get("statement") or {}
+        except (ValueError, AttributeError):
+            st = {}
+        approvals.append({"task": key.removeprefix(APPROVAL_TAG), "decision": st.get("decision"),
+                          "responder": st.get("responder"), "at": st.get("responded_at"),
+                          "production_at_review": st.get("production_at_review")})
+    return {"approvals": approvals, "model": model, "version": str(version), "aliases": list(mv.aliases),
             "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(),
             "run": {"dag_id": tags.get("airflow.dag_id"), "run_id": tags.get("airflow.run_id")},
             "request": request, "gates": gates, "gates_verdict": tags.get("closedloop.gates"),

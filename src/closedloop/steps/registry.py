@@ -14,8 +14,12 @@ log = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 
 
-def find_version(ctx: RunContext, model_name: str):
-    """The version this pipeline run registered earlier, if any (so a retry registers nothing new)."""
+def find_version(ctx: RunContext, model_name: str, model_uri: str | None = None):
+    """The version this pipeline run registered earlier, if any (so a retry registers nothing new).
+
+    Tags are anybody's to write in MLflow: with ``model_uri``, a version that carries this run's
+    key but not this run's model (registered out of band and tagged to look like ours) is ignored.
+    """
     c = tracking.client(ctx)
     try:
         found = c.search_model_versions(
@@ -24,7 +28,42 @@ def find_version(ctx: RunContext, model_name: str):
         if "RESOURCE_DOES_NOT_EXIST" in str(exc):
             return None
         raise
+    if model_uri is not None:
+        for v in found:
+            if v.source != model_uri:
+                log.warning("%s version %s carries this run's key but its source %s is not this run's model %s: "
+                            "ignored (registered out of band?)", model_name, v.version, v.source, model_uri)
+        found = [v for v in found if v.source == model_uri]
     return min(found, key=lambda v: int(v.version)) if found else None
+
+
+#: files MLflow itself adds to a model's folder when it is registered or downloaded
+_NOT_CONTENT = frozenset({"registered_model_meta"})
+
+
+def artifact_digest(model_uri: str, tracking_uri: str | None = None) -> str:
+    """``sha256:<hex>`` over the files a deployment would load for ``model_uri`` (paths and contents)."""
+    import hashlib
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    location = model_uri
+    name, _, version = model_uri.removeprefix("models:/").rpartition("/")
+    if model_uri.startswith("models:/") and name and version.isdigit():  # where the registry says the files are
+        location = mlflow.MlflowClient(tracking_uri=tracking_uri).get_model_version_download_uri(name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
+                                                         tracking_uri=tracking_uri))
+        h = hashlib.sha256()
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name not in _NOT_CONTENT)
+        if not files:
+            raise PermanentError(f"model {model_uri} has no files")
+        for path in files:
+            h.update(path.relative_to(local).as_posix().encode() + b"\0")
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return "sha256:" + h.hexdigest()
 
 
 def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, labelled: dict,
@@ -39,7 +78,7 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
         raise PermanentError("refusing to register a candidate whose release gates did not pass")
     spec = loaded.spec
     c = tracking.client(ctx)
-    version = find_version(ctx, spec.model.name)
+    version = find_version(ctx, spec.model.name, trained["model_uri"])
     if version is None:
         tags = tracking.lineage_tags(loaded, ctx, **{
             "closedloop.dataset_version": labelled["digest"],
@@ -69,5 +108,29 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
     else:
         log.info("%s version %s was already registered by this run: reusing it", spec.model.name, version.version)
     c.set_registered_model_alias(spec.model.name, CANDIDATE, version.version)
-    return {"model": spec.model.name, "version": str(version.version), "alias": CANDIDATE,
-            "model_uri": f"models:/{spec.model.name}/{version.version}"}
+    return release_record(loaded, ctx, version, trained=trained, labelled=labelled, gate=gate, requester=requester)
+
+
+def release_record(loaded: LoadedSpec, ctx: RunContext, version, *, trained: dict, labelled: dict, gate: dict,
+                   requester: str | None) -> dict:
+    """What the release decision is about, re-derived from the registry: the exact version, what it
+    loads (artifact digest), what judged it (gate report digest) and where it came from. The
+    operator seals it; the reviewer approves its digest; ``promote`` believes nothing else."""
+    from datetime import UTC, datetime
+
+    from closedloop.steps.signing import digest
+
+    spec = loaded.spec
+    uri = f"models:/{spec.model.name}/{version.version}"
+    return {
+        "kind": "release_record", "model": spec.model.name, "version": str(version.version), "alias": CANDIDATE,
+        "model_uri": uri, "source": version.source, "source_run_id": version.run_id,
+        "training_run_id": trained["run_id"], "artifact_digest": artifact_digest(uri, ctx.tracking_uri),
+        "gates_passed": True, "gate_run_id": gate["run_id"], "gate_report_digest": digest(gate["report"]),
+        "gate_summary": [{"metric": r["metric"], "value": r["value"], "passed": r["passed"]} for r in gate["report"]],
+        "pipeline": spec.name, "template": loaded.path.name, "template_hash": loaded.digest,
+        "dataset_digest": labelled["digest"], "raw_dataset_digest": labelled.get("raw_digest"),
+        "label_policy": spec.label_policy.ref, "dag_id": ctx.dag_id, "run_id": ctx.run_id,
+        "requester": requester or "scheduler",
+        "registered_at": datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).isoformat(),
+    }

@@ -42,6 +42,12 @@ def ensure_store(uri: str) -> None:
     _READY.add(uri)
 
 
+def not_found(exc: BaseException) -> bool:
+    """Did MLflow answer "no such thing" (model, version, alias, run)?"""
+    code = getattr(exc, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower()
+
+
 def client(ctx: RunContext):
     import mlflow
     from mlflow import MlflowClient

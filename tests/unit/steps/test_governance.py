@@ -1,8 +1,10 @@
-"""Promotion rules (pure), alias moves and the audit trail on a real MLflow store, requests."""
+"""Promotion rules (pure), alias moves, seals and the audit trail on a real MLflow store, requests."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from mlflow import MlflowClient
@@ -10,83 +12,192 @@ from mlflow import MlflowClient
 from closedloop.errors import ApprovalError
 from closedloop.request import validate_request
 from closedloop.spec import GateSpec
+from closedloop.steps import governance as gov
 from closedloop.steps.context import RunContext
 from closedloop.steps.gates import evaluate
-from closedloop.steps.governance import PromotionEvidence, audit_trail, promote, rollback, verify_promotion
+from closedloop.steps.signing import Signer, digest
 
-GOOD = PromotionEvidence(model="m", version="2", dag_id="p", run_id="r2", run_found=True, requester="alice",
-                         registered_version="2", gate_passed=True, hitl_received=True, chosen_options=["Approve"],
-                         responded_by="bob", approvers=["bob", "carol"])
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+POLICY = gov.ApprovalPolicy(approvers=["bob", "carol", "dave"], required=1, valid_hours=24)
+RECORD = {"kind": "release_record", "model": "m", "version": "2", "gates_passed": True, "dag_id": "p",
+          "run_id": "r2", "requester_user": "alice", "source": "s", "artifact_digest": "sha256:x"}
+
+
+def approval(record=RECORD, **change) -> dict:
+    st = {"kind": "approval", "model": record["model"], "version": record["version"], "record_digest": digest(record),
+          "decision": "approved", "chosen_options": ["Approve"], "responder": "bob",
+          "responded_at": (NOW - timedelta(hours=1)).isoformat(), "production_at_review": "1"}
+    return {**st, **change}
 
 
 def test_valid_evidence_passes():
-    verify_promotion(GOOD)
+    assert gov.verify_release(RECORD, [approval()], model="m", policy=POLICY, production_now="1", now=NOW,
+                              run=("p", "r2")) == ["bob"]
 
 
-@pytest.mark.parametrize(("change", "reason"), [
-    ({"run_found": False}, "Airflow has no such run"),
-    ({"registered_version": "1"}, "that run registered version 1, not 2"),
-    ({"registered_version": None}, "registered version none"),
-    ({"gate_passed": False}, "release gates did not pass"),
-    ({"gate_passed": None}, "release gates did not pass"),
-    ({"hitl_received": False, "chosen_options": [], "responded_by": None}, "no review decision"),
-    ({"chosen_options": ["Reject"]}, "decision was ['Reject']"),
-    ({"responded_by": None}, "timeout default, not a person"),
-    ({"responded_by": "mallory"}, "'mallory' is not an approver"),
-    ({"requester": "bob"}, "'bob' requested this update and cannot approve it"),
+@pytest.mark.parametrize(("record", "statements", "kw", "reason"), [
+    ({**RECORD, "model": "other"}, None, {}, "the release record is for model 'other', not 'm'"),
+    (RECORD, None, {"run": ("p", "r9")}, "belongs to another run than p/r9"),
+    ({**RECORD, "gates_passed": False}, None, {}, "release gates did not pass"),
+    (RECORD, [], {}, "no review decision"),
+    (RECORD, [approval({**RECORD, "version": "3"})], {}, "given for another release record (m version 3)"),
+    (RECORD, [approval(decision="rejected", chosen_options=["Reject"])], {}, "decision was 'rejected'"),
+    (RECORD, [approval(responder=None, decision="approved")], {}, "timeout default, not a person"),
+    (RECORD, [approval(responder="mallory")], {}, "'mallory' is not an approver"),
+    ({**RECORD, "requester_user": "bob"}, None, {}, "'bob' requested this update and cannot approve it"),
+    (RECORD, [approval(responded_at=(NOW - timedelta(hours=30)).isoformat())], {}, "30.0 h old"),
+    (RECORD, None, {"production_now": "5"}, "production moved since the review opened (was 1, is 5)"),
+    (RECORD, [approval(), approval()], {}, "'bob' approved twice"),
+    (RECORD, None, {"policy": dataclasses.replace(POLICY, required=2)}, "1 approval(s) (bob), 2 required"),
 ])
-def test_each_missing_proof_is_refused_with_its_reason(change, reason):
-    with pytest.raises(ApprovalError, match="refusing to promote m version 2") as info:
-        verify_promotion(dataclasses.replace(GOOD, **change))
+def test_each_missing_proof_is_refused_with_its_reason(record, statements, kw, reason):
+    args = {"model": "m", "policy": POLICY, "production_now": "1", "now": NOW, "run": ("p", "r2"), **kw}
+    with pytest.raises(ApprovalError, match="refusing to promote m version") as info:
+        gov.verify_release(record, statements if statements is not None else [approval(record)], **args)
     assert reason in str(info.value)
+
+
+def test_two_distinct_approvals_meet_a_quorum_of_two():
+    two = dataclasses.replace(POLICY, required=2)
+    assert gov.verify_release(RECORD, [approval(), approval(responder="carol")], model="m", policy=two,
+                              production_now="1", now=NOW) == ["bob", "carol"]
+
+
+def test_the_promoted_version_itself_counts_as_unmoved_production():
+    """A repeat of the same promotion (production already on the version) is not 'production moved'."""
+    gov.verify_release(RECORD, [approval()], model="m", policy=POLICY, production_now="2", now=NOW)
 
 
 @pytest.fixture
 def registry(tmp_path):
-    """Three real versions of a model in a fresh MLflow store (SQLite in a temp dir)."""
+    """Three real versions of a model (each with its own files) in a fresh MLflow store (SQLite in a temp dir)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(uri)
     c.create_registered_model("m")
     exp = c.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
-    for _ in range(3):
+    versions = []
+    for i in range(3):
         run = c.create_run(exp)
-        c.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id)
-    return RunContext(pipeline="p", template_digest="", dag_id="p", run_id="r", tracking_uri=uri), c
+        model_dir = tmp_path / f"model{i}"
+        model_dir.mkdir()
+        (model_dir / "weights.txt").write_text(f"weights {i}")
+        c.log_artifacts(run.info.run_id, str(model_dir), "model")
+        versions.append(c.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id))
+    ctx = RunContext(pipeline="p", template_digest="", dag_id="p", run_id="r", tracking_uri=uri)
+    return ctx, c, versions
 
 
-def test_promote_moves_aliases_idempotently_and_rollback_restores(registry):
-    ctx, c = registry
-    first = promote(ctx, dataclasses.replace(GOOD, version="1", registered_version="1", run_id="r1"), actor="t")
-    assert first == {"model": "m", "version": "1", "changed": True, "previous": None}
-    second = promote(ctx, GOOD, actor="t")
+def record_for(ctx, mv, run_id: str, key: Signer) -> dict:
+    from closedloop.steps.registry import artifact_digest
+
+    rec = {**RECORD, "version": str(mv.version), "run_id": run_id, "source": mv.source,
+           "model_uri": f"models:/m/{mv.version}", "artifact_digest": artifact_digest(f"models:/m/{mv.version}", ctx.tracking_uri)}
+    return rec
+
+
+def test_promote_moves_aliases_seals_the_move_and_rollback_restores(registry):
+    ctx, c, versions = registry
+    key = Signer.generate()
+    r1 = record_for(ctx, versions[0], "r1", key)
+    first = gov.promote(ctx, r1, [approval(r1, production_at_review=None)], model="m", policy=POLICY, signer=key,
+                        actor="t", now=NOW)
+    assert first["changed"] and first["previous"] is None and first["approved_by"] == ["bob"]
+    r2 = record_for(ctx, versions[1], "r2", key)
+    second = gov.promote(ctx, r2, [approval(r2)], model="m", policy=POLICY, signer=key, actor="t", now=NOW)
     assert second["changed"] and second["previous"] == "1"
-    again = promote(ctx, GOOD, actor="t")
+    again = gov.promote(ctx, r2, [approval(r2)], model="m", policy=POLICY, signer=key, actor="t", now=NOW)
     assert again["changed"] is False
     assert str(c.get_model_version_by_alias("m", "production").version) == "2"
     assert str(c.get_model_version_by_alias("m", "previous-production").version) == "1"
-    events = [e["event"] for e in audit_trail(ctx, "m", "2")["events"]]
+    last = gov.last_promotion(c, "m", key.verifier)
+    assert (last["version"], last["seq"], last["approved_by"]) == ("2", 2, ["bob"])
+    assert gov.check_aliases(c, "m", key.verifier)["ok"]
+    events = [e["event"] for e in gov.audit_trail(ctx, "m", "2")["events"]]
     assert events == ["alias.production"]  # the idempotent repeat recorded nothing
 
-    out = rollback(ctx, "m", actor="ops")
+    with pytest.raises(ApprovalError, match="'mallory' may not roll back m"):
+        gov.rollback(ctx, "m", actor="mallory", reason="bad", allowed=["bob"], signer=key)
+    with pytest.raises(ApprovalError, match="needs a reason"):
+        gov.rollback(ctx, "m", actor="bob", reason=" ", allowed=["bob"], signer=key)
+    out = gov.rollback(ctx, "m", actor="bob", reason="brakes late on wet roads", allowed=["bob"], signer=key)
     assert out == {"model": "m", "production": "1", "previous-production": "2"}
-    assert str(c.get_model_version_by_alias("m", "production").version) == "1"
-    trail = audit_trail(ctx, "m", "1")
-    assert [e["event"] for e in trail["events"]] == ["alias.production", "alias.previous-production",
-                                                     "alias.production"]
-    assert trail["events"][-1]["rollback"] is True and trail["events"][-1]["by"] == "ops"
+    assert gov.check_aliases(c, "m", key.verifier)["ok"]  # a rollback is a sealed move too
+    trail = gov.audit_trail(ctx, "m", "1")
+    assert trail["events"][-1]["event"] == "alias.production.rollback"
+    assert trail["events"][-1]["by"] == "bob" and trail["events"][-1]["reason"] == "brakes late on wet roads"
 
 
-def test_refused_promotion_changes_nothing(registry):
-    ctx, c = registry
-    with pytest.raises(ApprovalError):
-        promote(ctx, dataclasses.replace(GOOD, chosen_options=["Reject"]), actor="t")
+def test_promote_refuses_a_version_whose_files_or_source_changed(registry, tmp_path):
+    ctx, c, versions = registry
+    key = Signer.generate()
+    r1 = record_for(ctx, versions[0], "r1", key)
+    # the files behind the version are replaced after judging (artifact store writable in the embedded default)
+    run_id = versions[0].run_id
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "weights.txt").write_text("ungated weights")
+    c.log_artifacts(run_id, str(evil), "model")
+    with pytest.raises(ApprovalError, match="its files changed since it was judged"):
+        gov.promote(ctx, r1, [approval(r1, production_at_review=None)], model="m", policy=POLICY, signer=key,
+                    actor="t", now=NOW)
+    # a record copied from version 1 onto version 2's evidence: the source differs
+    r_copy = {**r1, "version": "2"}
+    with pytest.raises(ApprovalError, match="it now loads"):
+        gov.promote(ctx, r_copy, [approval(r_copy, production_at_review=None)], model="m", policy=POLICY,
+                    signer=key, actor="t", now=NOW)
     assert c.get_registered_model("m").aliases == {}
 
 
-def test_rollback_without_previous_is_refused(registry):
-    ctx, _ = registry
-    with pytest.raises(ApprovalError, match="no 'previous-production' version"):
-        rollback(ctx, "m", actor="ops")
+def test_check_aliases_names_direct_moves_and_replayed_records_and_restore_fixes_them(registry):
+    ctx, c, versions = registry
+    key = Signer.generate()
+    assert gov.check_aliases(c, "m", key.verifier)["ok"]  # nothing promoted, nothing to explain
+    r1 = record_for(ctx, versions[0], "r1", key)
+    gov.promote(ctx, r1, [approval(r1, production_at_review=None)], model="m", policy=POLICY, signer=key, actor="t", now=NOW)
+    old_record = c.get_registered_model("m").tags[gov.PROMOTION_TAG]
+    r2 = record_for(ctx, versions[1], "r2", key)
+    gov.promote(ctx, r2, [approval(r2)], model="m", policy=POLICY, signer=key, actor="t", now=NOW)
+
+    c.set_registered_model_alias("m", "production", "3")  # a person moves production directly
+    state = gov.check_aliases(c, "m", key.verifier)
+    assert not state["ok"]
+    assert "m@production → version 3, but the last sealed promotion (promotion by t" in state["problems"][0]
+    assert "put version 2 there" in state["problems"][0]
+
+    # put back the older sealed record and point production at its version: the audit trail has a newer one
+    c.set_registered_model_tag("m", gov.PROMOTION_TAG, old_record)
+    c.set_registered_model_alias("m", "production", "1")
+    problems = gov.check_aliases(c, "m", key.verifier)["problems"]
+    assert any("is older than one in the audit trail (seq 2, version 2)" in p for p in problems)
+
+    forged = json.loads(old_record)
+    forged["version"] = "3"
+    c.set_registered_model_tag("m", gov.PROMOTION_TAG, json.dumps(forged))
+    assert any("does not match the content" in p for p in gov.check_aliases(c, "m", key.verifier)["problems"])
+
+    c.set_registered_model_alias("m", "candidate", "3")  # version 3 has no release record
+    assert any("m@candidate → version 3, which has no sealed release record" in p
+               for p in gov.check_aliases(c, "m", key.verifier)["problems"])
+
+    c.set_registered_model_tag("m", gov.PROMOTION_TAG, json.dumps(key.seal(
+        {"kind": "promotion", "model": "m", "version": "2", "seq": 2, "at": "x", "by": "t"},
+        gov._promotion_binding("m"))))
+    with pytest.raises(ApprovalError, match="'mallory' may not restore m"):
+        gov.restore(ctx, "m", actor="mallory", reason="r", allowed=["bob"], signer=key)
+    out = gov.restore(ctx, "m", actor="bob", reason="moved by hand", allowed=["bob"], signer=key)
+    assert out["production"] == "2" and out["was"] == "1" and out["changed"]
+    assert str(c.get_model_version_by_alias("m", "production").version) == "2"
+
+
+def test_a_request_nobody_else_can_approve_is_refused(project):
+    from closedloop.spec import load_spec
+
+    spec = load_spec(project / "include" / "pipelines" / "acc_longitudinal.yaml").spec
+    gov.check_reviewers(spec, "ml-engineer")  # not an approver: both approvers remain
+    gov.check_reviewers(spec, "safety-lead")  # an approver: the other one remains
+    two = spec.model_copy(update={"approval": spec.approval.model_copy(update={"required": 2})})
+    with pytest.raises(ApprovalError, match="needs 2 approval\\(s\\) from approvers other than the requester"):
+        gov.check_reviewers(two, "safety-lead")
 
 
 def test_regression_gate_against_production():
