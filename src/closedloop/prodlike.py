@@ -11,6 +11,7 @@ Needs Debian's ``postgresql`` and ``redis-server`` packages (``.ci/run`` install
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -149,6 +150,12 @@ class ProdLike:
             "CLOSEDLOOP_DATA_ROOT": str(root / "data"),
             **(env or {}),
         }
+        # the deployment's signing key as an Airflow connection (what a secrets backend holds in production);
+        # its public key is published next to it ($CLOSEDLOOP_HOME/keys/release-signing.pub)
+        from closedloop.steps.signing import local_signer
+
+        key = local_signer(home=celery.get("CLOSEDLOOP_HOME", str(root / "closedloop")))
+        celery["AIRFLOW_CONN_CLOSEDLOOP_SIGNING"] = json.dumps({"conn_type": "generic", "password": key.seed_b64()})
         self.airflow = AirflowServer(root, dags_folder, users, env=celery)
         self.airflow.COMPONENTS = AirflowServer.COMPONENTS + tuple(
             (f"worker-{i}", ["celery", "worker", "--celery-hostname", f"worker{i}@%h", "--skip-serve-logs",

@@ -13,14 +13,18 @@ import pytest
 from mlflow import MlflowClient
 
 from closedloop.localserver import AirflowServer
+from closedloop.steps import governance as gov
 from tests.conftest import SAFE_DATA, scratch_project, template_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 GOV = {'schedule: "0 3 * * 1"': "schedule: null", "window_days: 14": "window_days: 5", **SAFE_DATA,
-       "name: acc_longitudinal": "name: acc_gov", "name: acc_longitudinal_policy": "name: acc_gov_model"}
+       "name: acc_longitudinal": "name: acc_gov", "name: acc_longitudinal_policy": "name: acc_gov_model",
+       # approvals expire after 3 minutes here (replays are tested), the alias watcher looks every 5 s
+       "timeout_hours: 72": "timeout_hours: 72\n  valid_hours: 0.05\n  alias_poll_seconds: 5"}
+VALID_SECONDS = 0.05 * 3600
 TIMEOUT = {**GOV, "name: acc_longitudinal": "name: acc_gov_timeout", "name: acc_longitudinal_policy": "name: acc_timeout_model",
-           "timeout_hours: 72": "timeout_hours: 0.01"}  # 36 s
+           "timeout_hours: 72": "timeout_hours: 0.01"}  # 36 s; the alias watcher polls every 30 s for it
 HIL = {**GOV, "name: acc_longitudinal": "name: acc_gov_hil", "name: acc_longitudinal_policy": "name: acc_hil_model",
        "approval:\n": "hil:\n  reporter: hil-rig\n  timeout_minutes: 1\napproval:\n",
        "gates:\n": "gates:\n  - metric: hil.brake_distance_m\n    max: 40\n"}
@@ -43,10 +47,11 @@ def env(tmp_path_factory, project):
     server.stop()
 
 
-def cli(server, root, user: str, *args: str) -> subprocess.CompletedProcess:
+def cli(server, root, user: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "AIRFLOW_API_URL": server.url, "AIRFLOW_USERNAME": user,
            "AIRFLOW_PASSWORD": server.users[user][1], "MLFLOW_TRACKING_URI": server.env["MLFLOW_TRACKING_URI"],
-           "CLOSEDLOOP_HOME": server.env["CLOSEDLOOP_HOME"], "CLOSEDLOOP_INCLUDE_DIR": str(root / "include")}
+           "CLOSEDLOOP_HOME": server.env["CLOSEDLOOP_HOME"], "CLOSEDLOOP_INCLUDE_DIR": str(root / "include"),
+           **(env or {})}
     return subprocess.run([sys.executable, "-m", "closedloop.cli", *args], capture_output=True, text=True,
                           timeout=180, env=env)
 
@@ -93,6 +98,11 @@ def test_governed_path(env):
                        user="ml-engineer")[1]["dag_run_id"]
     run_c = server.api("POST", "/api/v2/dags/acc_gov_timeout/dagRuns", {"logical_date": None, "conf": REQUEST},
                        user="ml-engineer")[1]["dag_run_id"]
+    # F: a requester edits the recorded candidate while F waits for review; G: requested by an approver
+    run_f = server.api("POST", "/api/v2/dags/acc_gov/dagRuns", {"logical_date": None, "conf": REQUEST},
+                       user="ml-engineer")[1]["dag_run_id"]
+    run_g = server.api("POST", "/api/v2/dags/acc_gov/dagRuns", {"logical_date": None, "conf": REQUEST},
+                       user="safety-lead")[1]["dag_run_id"]
     # D and E wait for hardware-in-the-loop results: the rig reports for D, never for E
     run_d, run_e = (server.api("POST", "/api/v2/dags/acc_gov_hil/dagRuns", {"logical_date": None, "conf": REQUEST},
                                user="ml-engineer")[1]["dag_run_id"] for _ in range(2))
@@ -114,7 +124,41 @@ def test_governed_path(env):
 
     server.wait_for(parked("acc_gov", run_a), 900, "run A to wait for review")
     server.wait_for(parked("acc_gov", run_b), 900, "run B to wait for review")
+    server.wait_for(parked("acc_gov", run_f), 900, "run F to wait for review")
+    server.wait_for(parked("acc_gov", run_g), 900, "run G to wait for review")
     time.sleep(5)  # a person takes seconds; an instant answer races the scheduler in Airflow 3.3
+
+    # -- the reviewer is shown exactly one thing: model and version in the subject, digest, gates --
+    client = MlflowClient(server.env["MLFLOW_TRACKING_URI"])
+    rec_a = xcom(server, "acc_gov", run_a, "register_candidate")
+    _, detail = server.api("GET", hitl_path("acc_gov", run_a))
+    assert detail["subject"] == f"Release acc_gov_model version {rec_a['version']}? (acc_gov)"
+    from closedloop.steps.signing import digest
+
+    assert digest(rec_a) in detail["body"] and rec_a["artifact_digest"] in detail["body"]
+    assert "gates passed" in detail["body"] and "PASS  sim.hard_braking.collision_rate" in detail["body"]
+    alerts = [json.loads(x) for x in (server.root / "closedloop" / "alerts.jsonl").read_text().splitlines()]
+    opened = {a["run_id"]: a for a in alerts if a["kind"] == "review_requested"}
+    assert f"acc_gov_model version {rec_a['version']} waits for review" in opened[run_a]["message"]
+    assert opened[run_a]["link"].endswith(f"/dags/acc_gov/runs/{run_a}/tasks/approval/required_actions")
+
+    # -- G: requested by safety-lead, an approver: Airflow assigns only the other approver -------
+    _, detail_g = server.api("GET", hitl_path("acc_gov", run_g))
+    assert [u["id"] for u in detail_g["assigned_users"]] == ["safety-deputy"]
+    assert server.api("PATCH", hitl_path("acc_gov", run_g), {"chosen_options": ["Approve"], "params_input": {}},
+                      user="safety-lead")[0] == 403
+
+    # -- F: a requester registers a version out of band and points F's recorded candidate at it ---
+    rec_f = xcom(server, "acc_gov", run_f, "register_candidate")
+    oob = client.create_model_version("acc_gov_model", f"runs:/{rec_f['training_run_id']}/not-the-gated-model",
+                                      rec_f["training_run_id"])
+    for k, v in client.get_model_version("acc_gov_model", rec_f["version"]).tags.items():
+        client.set_model_version_tag("acc_gov_model", oob.version, k, v)  # every tag copied, record included
+    edited = {**rec_f, "version": str(oob.version), "model_uri": f"models:/acc_gov_model/{oob.version}"}
+    status, body = server.api("PATCH", f"/api/v2/dags/acc_gov/dagRuns/{run_f}/taskInstances/register_candidate/"
+                              "xcomEntries/return_value", {"value": edited, "map_index": -1}, user="ml-engineer")
+    assert status == 200, (status, body)  # Airflow lets a requester edit XCom: it is no evidence
+    assert xcom(server, "acc_gov", run_f, "register_candidate")["version"] == str(oob.version)
 
     # -- who may decide: Airflow refuses outsiders and the requester ------------------------------
     approve = {"chosen_options": ["Approve"], "params_input": {}}
@@ -127,6 +171,9 @@ def test_governed_path(env):
     assert out.returncode == 0, out.stderr
     out = cli(server, root, "safety-deputy", "reject", "acc_gov", run_b, "--comment", "not this week")
     assert out.returncode == 0, out.stderr
+    approved_at = time.monotonic()
+    out = cli(server, root, "safety-lead", "approve", "acc_gov", run_f, "--comment", "the record looked fine")
+    assert out.returncode == 0, out.stderr
 
     def done(dag_id, run_id):
         return lambda: server.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")[1]["state"] in ("success", "failed")
@@ -134,8 +181,23 @@ def test_governed_path(env):
     time.sleep(5)
     assert cli(server, root, "safety-lead", "reject", "acc_gov_hil", run_d).returncode == 0
     for dag_id, run_id in (("acc_gov", run_a), ("acc_gov", run_b), ("acc_gov_timeout", run_c),
-                           ("acc_gov_hil", run_d), ("acc_gov_hil", run_e)):
+                           ("acc_gov_hil", run_d), ("acc_gov_hil", run_e), ("acc_gov", run_f)):
         server.wait_for(done(dag_id, run_id), 900, f"{run_id} to finish")
+    # G is approved by the other approver only now that A is production: G's review saw no production
+    assert cli(server, root, "safety-deputy", "approve", "acc_gov", run_g).returncode == 0
+    server.wait_for(done("acc_gov", run_g), 900, f"{run_g} to finish")
+
+    def refusal(dag_id, run_id, task="promote") -> str:
+        _, entry = server.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task}/xcomEntries/error")
+        value = entry["value"] if isinstance(entry["value"], dict) else json.loads(entry["value"])
+        return value["message"]
+
+    # -- F: the edited record is refused at promote; nothing reached production -------------------
+    assert states(server, "acc_gov", run_f)["promote"] == "failed"
+    assert "the result of task 'register_candidate': the seal does not match the content" in refusal("acc_gov", run_f)
+    # -- G: approved by the other approver, but production moved since G's review opened ----------
+    assert states(server, "acc_gov", run_g)["promote"] == "failed"
+    assert "production moved since the review opened (was none, is" in refusal("acc_gov", run_g)
 
     # -- HIL: D's report went through the gates; E got no report and stopped before the gates ----
     gate_d = xcom(server, "acc_gov_hil", run_d, "release_gate")
@@ -154,7 +216,6 @@ def test_governed_path(env):
     for dag_id, run_id in (("acc_gov", run_a), ("acc_gov", run_b), ("acc_gov_timeout", run_c)):
         assert server.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")[1]["state"] == "success"
 
-    client = MlflowClient(server.env["MLFLOW_TRACKING_URI"])
     va = xcom(server, "acc_gov", run_a, "register_candidate")["version"]
     vb = xcom(server, "acc_gov", run_b, "register_candidate")["version"]
     vc = xcom(server, "acc_gov_timeout", run_c, "register_candidate")["version"]
@@ -171,19 +232,64 @@ def test_governed_path(env):
     timeouts = [a for a in alerts if a["kind"] == "review_timeout"]
     assert len(timeouts) == 1 and timeouts[0]["run_id"] == run_c and "not promoted" in timeouts[0]["message"]
 
-    # -- forged approval tags on B: promote refuses, Airflow says Reject --------------------------
+    # -- promote through the CLI (closedloop_registry): only sealed evidence counts ---------------
     for k, v in {"closedloop.review.decision": "approved", "closedloop.review.reviewer": "safety-lead"}.items():
-        client.set_model_version_tag("acc_gov_model", vb, k, v)
+        client.set_model_version_tag("acc_gov_model", vb, k, v)  # forged convenience tags on rejected B
     out = cli(server, root, "admin", "promote", "acc_gov_model", vb)
-    assert out.returncode == 1 and "the review decision was ['Reject']" in out.stderr, out.stderr
-    # -- replay: point B's lineage at run A (approved for A): refused, A registered another version
-    client.set_model_version_tag("acc_gov_model", vb, "airflow.run_id", run_a)
+    assert out.returncode == 1 and "the review decision was 'rejected'" in out.stderr, out.stderr
+    tags_a = client.get_model_version("acc_gov_model", va).tags
+    for k in (gov.RECORD_TAG, gov.APPROVAL_TAG + "approval"):  # A's sealed evidence copied onto B ...
+        client.set_model_version_tag("acc_gov_model", vb, k, tags_a[k])
     out = cli(server, root, "admin", "promote", "acc_gov_model", vb)
-    assert out.returncode == 1 and f"that run registered version {va}, not {vb}" in out.stderr, out.stderr
+    assert out.returncode == 1 and f"the release record on it is for acc_gov_model version {va}" in out.stderr
+    client.set_model_version_tag("acc_timeout_model", vc, gov.RECORD_TAG, tags_a[gov.RECORD_TAG])  # ... another model
+    client.set_model_version_tag("acc_timeout_model", vc, gov.APPROVAL_TAG + "approval",
+                                 tags_a[gov.APPROVAL_TAG + "approval"])
+    out = cli(server, root, "admin", "promote", "acc_timeout_model", vc)
+    assert out.returncode == 1 and "no governed pipeline has model 'acc_timeout_model'" not in out.stderr
+    assert f"the release record on it is for acc_gov_model version {va}" in out.stderr, out.stderr
     assert str(client.get_model_version_by_alias("acc_gov_model", "production").version) == va
-    # -- promoting the approved version again through the CLI is idempotent ----------------------
-    out = cli(server, root, "admin", "promote", "acc_gov_model", va)
+    assert "production" not in client.get_registered_model("acc_timeout_model").aliases
+    out = cli(server, root, "ml-engineer", "promote", "acc_gov_model", va)  # the approved one: idempotent
     assert out.returncode == 0 and "already; nothing changed" in out.stdout, out.stderr
+
+    # -- rollback: a person's request through Airflow; credentials and the right role needed -----
+    no_login = cli(server, root, "ml-engineer", "rollback", "acc_gov_model", "--reason", "x",
+                   env={"AIRFLOW_PASSWORD": "wrong"})
+    assert no_login.returncode == 1 and "Airflow refused the login" in no_login.stderr
+    out = cli(server, root, "ml-engineer", "rollback", "acc_gov_model", "--reason", "I prefer the old one")
+    assert out.returncode == 1 and "'ml-engineer' may not roll back acc_gov_model" in out.stderr, out.stderr
+    out = cli(server, root, "safety-lead", "rollback", "acc_gov_model", "--reason", "wet-road regression")
+    assert out.returncode == 1 and "no 'previous-production' version" in out.stderr, out.stderr
+
+    # -- an alias moved directly in MLflow: detected within a poll, alerted, restored -----------
+    client.set_registered_model_alias("acc_gov_model", "production", vb)
+
+    def alarmed():
+        lines = (server.root / "closedloop" / "alerts.jsonl").read_text().splitlines()
+        return [a for a in map(json.loads, lines) if a["kind"] == "alias_unexplained"]
+    (alarm,) = server.wait_for(alarmed, 180, "the alias watcher to alert")
+    assert f"acc_gov_model@production → version {vb}" in alarm["message"] and f"put version {va} there" in alarm["message"]
+    out = cli(server, root, "ml-engineer", "audit", "--verify", "acc_gov_model")
+    assert out.returncode == 1 and f"UNEXPLAINED: acc_gov_model@production → version {vb}" in out.stdout
+    out = cli(server, root, "ml-engineer", "audit", "--verify", "acc_gov_model", "--restore", "--reason", "x")
+    assert out.returncode == 1 and "'ml-engineer' may not restore" in out.stderr
+    out = cli(server, root, "safety-lead", "audit", "--verify", "acc_gov_model", "--restore", "--reason",
+              "moved by hand in MLflow")
+    assert out.returncode == 0 and f"production is version {va} again (was {vb})" in out.stdout, out.stderr
+    assert cli(server, root, "ml-engineer", "audit", "--verify", "acc_gov_model").returncode == 0
+
+    # -- replay: A's promote cleared after its approval expired: refused, production unchanged ---
+    time.sleep(max(0.0, VALID_SECONDS + 5 - (time.monotonic() - approved_at)))
+    status, body = server.api("POST", "/api/v2/dags/acc_gov/clearTaskInstances", {
+        "dry_run": False, "dag_run_id": run_a, "task_ids": ["promote"], "only_failed": False,
+        "reset_dag_runs": True}, user="ml-engineer")
+    assert status == 200, (status, body)
+    server.wait_for(lambda: states(server, "acc_gov", run_a)["promote"] in ("success", "failed"), 600,
+                    "the cleared promote to run again")
+    assert states(server, "acc_gov", run_a)["promote"] == "failed"
+    assert "approvals are valid for 0.05 h" in refusal("acc_gov", run_a)
+    assert str(client.get_model_version_by_alias("acc_gov_model", "production").version) == va
 
     # -- audit: request, gates, decision, alias changes, in order ---------------------------------
     out = cli(server, root, "admin", "audit", "acc_gov_model", va)

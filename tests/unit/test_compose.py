@@ -5,6 +5,7 @@ plugin when the docker CLI has it, else with Debian's ``docker-compose`` package
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -85,18 +86,26 @@ def test_the_image_installs_the_locked_production_set_and_the_project(project):
                                                   "(.ci/run installs Debian's docker-compose)")
 def test_docker_compose_config_accepts_the_file(project, tmp_path):
     cli = compose_cli()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    unsigned = subprocess.run([*cli, "-f", str(project / "docker-compose.yaml"), "config"],
+                              capture_output=True, text=True, cwd=project, env=env)
+    assert unsigned.returncode != 0 and "CLOSEDLOOP_SIGNING_KEY" in unsigned.stderr  # no key, no deployment
+    from closedloop.steps.signing import Signer
+
+    key = Signer.generate().seed_b64()
+    env["CLOSEDLOOP_SIGNING_KEY"] = key
     out = subprocess.run([*cli, "-f", str(project / "docker-compose.yaml"), "config"],
-                         capture_output=True, text=True, cwd=project, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+                         capture_output=True, text=True, cwd=project, env=env)
     assert out.returncode == 0, out.stderr
     resolved = yaml.safe_load(out.stdout)
     assert set(resolved["services"]) == {"postgres", "redis", "mlflow", "airflow-init", "airflow-settings", *AIRFLOW}
     # the defaults of ${...} resolved, and the anchors merged into every Airflow service
     worker = resolved["services"]["airflow-worker"]
     assert worker["environment"]["AIRFLOW__CELERY__BROKER_URL"] == "redis://redis:6379/0"
+    assert json.loads(worker["environment"]["AIRFLOW_CONN_CLOSEDLOOP_SIGNING"])["password"] == key
     assert "${POSTGRES_PASSWORD" not in out.stdout and "airflow:airflow@postgres" in out.stdout
     broken = tmp_path / "docker-compose.yaml"
     broken.write_text((project / "docker-compose.yaml").read_text().replace(
         "    image: redis:7\n", "    image: redis:7\n    restart_polcy: always\n", 1))
-    bad = subprocess.run([*cli, "-f", str(broken), "config"], capture_output=True, text=True, cwd=project,
-                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    bad = subprocess.run([*cli, "-f", str(broken), "config"], capture_output=True, text=True, cwd=project, env=env)
     assert bad.returncode != 0 and "restart_polcy" in bad.stderr  # it does check the schema

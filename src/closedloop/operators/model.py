@@ -67,16 +67,19 @@ class RegisterCandidateOperator(ClosedLoopStepOperator):
         from closedloop.steps.governance import PUBLIC_KEY_TAG, RECORD_TAG
         from closedloop.steps.registry import register_candidate
 
+        def keep(record: dict) -> dict:
+            sealed = seal(context, {**record, "requester_user": requester_of(context)})
+            c = tracking.client(ctx)
+            c.set_model_version_tag(record["model"], record["version"], RECORD_TAG, json.dumps(sealed, sort_keys=True))
+            c.set_registered_model_tag(record["model"], PUBLIC_KEY_TAG, signer().verifier.published())
+            return sealed
+
         request, requester = request_of(self.loaded, context)
-        out = register_candidate(self.loaded, ctx, trained=self.upstream(context, "train"),
-                                 labelled=self.upstream(context, "label"),
-                                 gate=self.upstream(context, "release_gate"),
-                                 request=request, requester=requester)
-        out["requester_user"] = requester_of(context)
-        sealed = seal(context, out)
-        c = tracking.client(ctx)
-        c.set_model_version_tag(out["model"], out["version"], RECORD_TAG, json.dumps(sealed, sort_keys=True))
-        c.set_registered_model_tag(out["model"], PUBLIC_KEY_TAG, signer().verifier.published())
+        sealed = register_candidate(self.loaded, ctx, trained=self.upstream(context, "train"),
+                                    labelled=self.upstream(context, "label"),
+                                    gate=self.upstream(context, "release_gate"),
+                                    request=request, requester=requester, keep=keep)
+        out = sealed
         log.info("registered %s version %s as @%s; release record sealed (files %s)", out["model"], out["version"],
                  out["alias"], out["artifact_digest"])
         return sealed

@@ -262,13 +262,14 @@ def promote(ctx: RunContext, record: dict, statements: list[dict], *, model: str
     if current == version:
         return {"model": model, "version": version, "changed": False, "previous": _alias_version(c, model, PREVIOUS),
                 "approved_by": approvers}
+    # the sealed record first, then the alias: the alias watcher never sees a move without its record
+    _record_promotion(c, signer, model, version, previous=current, kind="promotion", by=actor,
+                      approved_by=approvers, record_digest=digest(record),
+                      run_id=f"{record.get('dag_id')}/{record.get('run_id')}")
     if current is not None:
         c.set_registered_model_alias(model, PREVIOUS, current)
         _audit(c, model, current, "alias.previous-production", by=actor, replaced_by=version)
     c.set_registered_model_alias(model, PRODUCTION, version)
-    _record_promotion(c, signer, model, version, previous=current, kind="promotion", by=actor,
-                      approved_by=approvers, record_digest=digest(record),
-                      run_id=f"{record.get('dag_id')}/{record.get('run_id')}")
     return {"model": model, "version": version, "changed": True, "previous": current, "approved_by": approvers}
 
 
@@ -287,9 +288,9 @@ def rollback(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: l
     current = _alias_version(c, model, PRODUCTION)
     if previous is None:
         raise ApprovalError(f"cannot roll back {model}: it has no {PREVIOUS!r} version")
-    c.set_registered_model_alias(model, PRODUCTION, previous)
     _record_promotion(c, signer, model, previous, previous=current, kind="rollback", by=actor, reason=reason,
                       rollback=True)
+    c.set_registered_model_alias(model, PRODUCTION, previous)
     if current is not None:
         c.set_registered_model_alias(model, PREVIOUS, current)
         _audit(c, model, current, "alias.previous-production", by=actor, replaced_by=previous, rollback=True)

@@ -67,10 +67,14 @@ def artifact_digest(model_uri: str, tracking_uri: str | None = None) -> str:
 
 
 def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, labelled: dict,
-                       gate: dict, request: dict | None = None, requester: str | None = None) -> dict:
+                       gate: dict, request: dict | None = None, requester: str | None = None,
+                       keep=None) -> dict:
     """Register the trained model (once) with its lineage and point the ``candidate`` alias at it.
 
     Refuses a model whose gates did not pass: the check lives here, not only in the DAG wiring.
+
+    :param keep: called with the release record before the alias moves (the operator seals it and
+        keeps it on the version), so the alias never points at a version without its record.
     """
     import mlflow
 
@@ -107,8 +111,11 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
         log.info("registered %s version %s", spec.model.name, version.version)
     else:
         log.info("%s version %s was already registered by this run: reusing it", spec.model.name, version.version)
+    record = release_record(loaded, ctx, version, trained=trained, labelled=labelled, gate=gate, requester=requester)
+    if keep is not None:
+        record = keep(record)
     c.set_registered_model_alias(spec.model.name, CANDIDATE, version.version)
-    return release_record(loaded, ctx, version, trained=trained, labelled=labelled, gate=gate, requester=requester)
+    return record
 
 
 def release_record(loaded: LoadedSpec, ctx: RunContext, version, *, trained: dict, labelled: dict, gate: dict,
