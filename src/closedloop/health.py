@@ -134,7 +134,22 @@ def current_versions(specs, tracking_uri: str | None = None) -> dict[str, dict[s
         except Exception:  # not registered yet
             aliases = {}
         out[s.spec.name] = {a: (str(aliases[a]) if a in aliases else None) for a in ("production", "candidate")}
+        if s.spec.approval is not None and aliases:
+            out[s.spec.name]["registry_problems"] = registry_problems(c, s.spec.model.name)
     return out
+
+
+def registry_problems(client, model: str) -> list[str]:
+    """Alias moves of ``model`` that no sealed record explains (:func:`~closedloop.steps.governance.check_aliases`)."""
+    from closedloop.errors import EvidenceError
+    from closedloop.steps.governance import check_aliases
+    from closedloop.steps.signing import published_verifier
+
+    try:
+        verifier, _ = published_verifier()
+    except EvidenceError as exc:
+        return [f"cannot verify: {exc}"]
+    return check_aliases(client, model, verifier)["problems"]
 
 
 def cache_figures(specs, since: datetime, tracking_uri: str | None = None) -> dict[str, dict[str, Any]]:
@@ -180,6 +195,7 @@ def format_health(h: dict[str, Any]) -> str:
                   f"  lead time    trigger → candidate median {lt['median']} s ({lt['n']}); "
                   f"incident → production median {ip['median']} s ({ip['n']})",
                   f"  versions     production {v.get('production') or '-'}, candidate {v.get('candidate') or '-'}"]
+        lines += [f"  UNEXPLAINED  {problem}" for problem in v.get("registry_problems") or []]
         cache = (h.get("cache") or {}).get(name)
         if cache:
             rate = f"{cache['hit_rate']:.0%}" if cache["hit_rate"] is not None else "-"

@@ -9,7 +9,8 @@ STYLE = """body{font:14px system-ui,sans-serif;margin:1.5rem;color:#1f2937} h1{f
 h2{font-size:1.1rem;margin:1.6rem 0 .4rem} table{border-collapse:collapse} td,th{border:1px solid #d1d5db;
 padding:.25rem .6rem;text-align:left} .ok{fill:#16a34a} .bad{fill:#dc2626} .other{fill:#9ca3af}
 .bar{fill:#2563eb} .card{display:inline-block;border:1px solid #d1d5db;border-radius:6px;padding:.5rem .8rem;
-margin:.2rem .4rem .2rem 0} .card b{display:block;font-size:1.2rem} svg text{font-size:10px;fill:#374151}"""
+margin:.2rem .4rem .2rem 0} .card b{display:block;font-size:1.2rem} svg text{font-size:10px;fill:#374151}
+.alarm{border-color:#dc2626;background:#fee2e2;color:#991b1b} .alarm li{margin:.2rem 0}"""
 
 
 def _e(value: Any) -> str:
@@ -84,8 +85,11 @@ def render(h: dict[str, Any], days: int) -> str:
             ("pending_approvals", "pending approvals", p["pending_approvals"]),
             ("production", "production version", v.get("production")), ("candidate", "candidate version",
                                                                           v.get("candidate"))))
+        problems = v.get("registry_problems") or []
+        alarm = ('<div class="card alarm" data-figure="registry"><b>Registry: unexplained alias move</b><ul>'
+                 + "".join(f"<li>{_e(x)}</li>" for x in problems) + "</ul></div>") if problems else ""
         sections.append(f'<section data-pipeline="{_e(name)}"><h2>{_e(name)}</h2><p>{_e(", ".join(p["dags"]))}</p>'
-                        f'{cards}<h3>Runs per day</h3>{runs_chart(name, p, h["days"])}'
+                        f'{alarm}{cards}<h3>Runs per day</h3>{runs_chart(name, p, h["days"])}'
                         f'{cache_chart(name, cache)}</section>')
     options = "".join(f'<option value="{d}"{" selected" if d == days else ""}>{d} days</option>' for d in (1, 7, 30, 90))
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>closedloop health</title>'

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -133,12 +134,25 @@ class ProdLike:
                                        "--port", str(self.redis_port), "--save", "", "--appendonly", "no"],
                              root / "redis.log", self._redis_ready)
         self.mlflow_url = f"http://127.0.0.1:{self.mlflow_port}"
+        # MLflow's auth app: the pipelines' service account (MLflow admin) writes; people get accounts whose
+        # default permission is READ, so nobody but the deployment registers versions or moves aliases
+        import secrets
+
+        self.mlflow_service = ("closedloop-service", secrets.token_urlsafe(18))
+        auth_ini = root / "mlflow-auth.ini"
+        auth_ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                            f"database_uri = {self.postgres.url('mlflow_auth', 'postgresql+psycopg2')}\n"
+                            f"admin_username = {self.mlflow_service[0]}\nadmin_password = {self.mlflow_service[1]}\n"
+                            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        auth_ini.chmod(0o600)
         self.mlflow = Service("mlflow", [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1",
-                                         "--port", str(self.mlflow_port), "--workers", "2",
+                                         "--port", str(self.mlflow_port), "--workers", "2", "--app-name", "basic-auth",
                                          "--backend-store-uri", self.postgres.url("mlflow", "postgresql+psycopg2"),
                                          "--artifacts-destination", str(root / "mlartifacts"), "--serve-artifacts"],
                               root / "mlflow.log", lambda: _http_ok(f"{self.mlflow_url}/health"),
-                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                                   "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
+                                   "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(24)})
         self.workers = workers
         celery = {
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
@@ -147,6 +161,13 @@ class ProdLike:
             "AIRFLOW__CELERY__RESULT_BACKEND": self.postgres.url("airflow", "db+postgresql+psycopg2"),
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(concurrency),
             "MLFLOW_TRACKING_URI": self.mlflow_url,
+            # the service identity: mlflow_default carries it for the tasks and watchers; the API server's
+            # pages and the scheduler's callbacks read MLflow with it too
+            "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps({
+                "conn_type": "mlflow", "host": "127.0.0.1", "port": self.mlflow_port, "schema": "http",
+                "login": self.mlflow_service[0], "password": self.mlflow_service[1]}),
+            "MLFLOW_TRACKING_USERNAME": self.mlflow_service[0],
+            "MLFLOW_TRACKING_PASSWORD": self.mlflow_service[1],
             "CLOSEDLOOP_DATA_ROOT": str(root / "data"),
             **(env or {}),
         }
@@ -203,7 +224,7 @@ class ProdLike:
 
     def start(self) -> ProdLike:
         try:
-            self.postgres.start(("airflow", "mlflow"))
+            self.postgres.start(("airflow", "mlflow", "mlflow_auth"))
             self.redis.start()
             self.mlflow.start(timeout=180)
             self.airflow.start(timeout=300)
@@ -218,9 +239,24 @@ class ProdLike:
         self.redis.stop()
         self.postgres.stop()
 
+    def mlflow_user(self, name: str, password: str) -> None:
+        """An MLflow account for a person (default permission READ: reads governed models, moves nothing)."""
+        import base64
+
+        auth = base64.b64encode(":".join(self.mlflow_service).encode()).decode()
+        req = urllib.request.Request(f"{self.mlflow_url}/api/2.0/mlflow/users/create", method="POST",
+                                     data=json.dumps({"username": name, "password": password}).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Basic {auth}"})
+        try:
+            urllib.request.urlopen(req, timeout=30).close()
+        except urllib.error.HTTPError as exc:
+            if exc.code != 400 or "already exists" not in exc.read().decode(errors="replace"):
+                raise
+
     def describe(self) -> str:
         return (f"Airflow   {self.airflow.url} (CeleryExecutor, {self.workers} workers)\n"
-                f"MLflow    {self.mlflow_url} (PostgreSQL backend, proxied artifacts)\n"
+                f"MLflow    {self.mlflow_url} (PostgreSQL backend, proxied artifacts, auth: service account "
+                f"{self.mlflow_service[0]} writes, people read)\n"
                 f"Postgres  127.0.0.1:{self.postgres.port}   Redis 127.0.0.1:{self.redis_port}\n"
                 f"Folder    {self.root}")
 
@@ -237,8 +273,10 @@ def main(root: str | None = None, workers: int = 2) -> int:
     shape = ProdLike(folder, project / "dags", users, workers=workers)
     print("starting PostgreSQL, Redis, MLflow server, Airflow (CeleryExecutor) on 127.0.0.1 ...", flush=True)
     shape.start()
+    for user, (_, pw) in users.items():
+        shape.mlflow_user(user, pw)
     print(shape.describe(), flush=True)
-    print("users: " + ", ".join(f"{u} / {pw}" for u, (_, pw) in users.items()), flush=True)
+    print("users (Airflow and MLflow): " + ", ".join(f"{u} / {pw}" for u, (_, pw) in users.items()), flush=True)
     print("Ctrl-C stops everything.", flush=True)
     try:
         while shape.airflow.alive():

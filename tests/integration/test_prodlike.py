@@ -2,7 +2,8 @@
 MLflow, Redis, ``mlflow server`` with proxied artifacts, Airflow with the CeleryExecutor and two
 Celery workers — the same DAGs and templates as everywhere else.
 
-One production shape serves the module (starting it costs ≈ 50 s):
+One production shape serves the module (starting it costs ≈ 50 s); MLflow runs its auth app there, and
+the module reads it as a person (read-only), while the pipelines write with the service account:
 - ten pipeline runs at once, periodic and incident mixed: all finish, and MLflow's registry agrees
   with Airflow's records run by run (one run per step, one model version per run; nothing lost,
   nothing twice); no "database is locked" anywhere;
@@ -59,7 +60,12 @@ def shape(tmp_path_factory, project):
                          # retry here, so that the outage below reaches the task and Airflow's retry
                          "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"})
     shape.start()
-    yield shape
+    # this module reads MLflow as a person: an account with MLflow's default permission (READ)
+    shape.mlflow_user("auditor", "auditor-pw-1234")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_USERNAME", "auditor")
+        mp.setenv("MLFLOW_TRACKING_PASSWORD", "auditor-pw-1234")
+        yield shape
     shape.stop()
 
 
@@ -110,6 +116,20 @@ def test_ten_runs_at_once_periodic_and_incident(shape):
         assert str(mine[0].version) in str(xcom["value"])
     candidate = client.get_model_version_by_alias(MODEL, "candidate")
     assert candidate.version in {v.version for v in versions}
+    # MLflow's auth app: the pipelines wrote all of that with the service account; a person reads it and
+    # can move or register nothing
+    from mlflow.exceptions import MlflowException
+
+    other = next(v.version for v in versions if v.version != candidate.version)
+    for attempt in (lambda: client.set_registered_model_alias(MODEL, "candidate", other),
+                    lambda: client.set_registered_model_alias(MODEL, "production", other),
+                    lambda: client.set_model_version_tag(MODEL, other, "closedloop.release_record", "{}"),
+                    lambda: client.create_model_version(MODEL, f"runs:/{candidate.run_id}/model", candidate.run_id)):
+        with pytest.raises(MlflowException) as refused:
+            attempt()
+        assert refused.value.get_http_status_code() == 403, refused.value
+    assert client.get_model_version_by_alias(MODEL, "candidate").version == candidate.version
+    assert "closedloop.release_record" in candidate.tags  # the sealed record the pipeline wrote
     logs = [p for p in shape.root.rglob("*.log")]
     assert logs and not [p for p in logs if "database is locked" in p.read_text(errors="replace")]
     print(f"\n10 runs on the production shape (2 Celery workers) in {wall:.0f} s")

@@ -33,6 +33,7 @@ def test_services_of_the_production_shape(compose):
     assert services["airflow-worker"]["deploy"]["replicas"] == 2
     assert "--backend-store-uri postgresql://" in services["mlflow"]["command"]
     assert "--serve-artifacts" in services["mlflow"]["command"]  # artifacts proxied through the server
+    assert "--app-name basic-auth" in services["mlflow"]["command"]  # people read, the service account writes
     assert services["airflow-settings"]["command"] == "closedloop settings apply /opt/closedloop/airflow_settings.yaml"
     assert services["airflow-settings"]["depends_on"] == {"airflow-api-server": {"condition": "service_healthy"}}
 
@@ -86,7 +87,8 @@ def test_the_image_installs_the_locked_production_set_and_the_project(project):
                                                   "(.ci/run installs Debian's docker-compose)")
 def test_docker_compose_config_accepts_the_file(project, tmp_path):
     cli = compose_cli()
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MLFLOW_SERVICE_PASSWORD": "svc-secret-1",
+           "MLFLOW_SECRET_KEY": "flask-secret"}
     unsigned = subprocess.run([*cli, "-f", str(project / "docker-compose.yaml"), "config"],
                               capture_output=True, text=True, cwd=project, env=env)
     assert unsigned.returncode != 0 and "CLOSEDLOOP_SIGNING_KEY" in unsigned.stderr  # no key, no deployment
@@ -103,6 +105,10 @@ def test_docker_compose_config_accepts_the_file(project, tmp_path):
     worker = resolved["services"]["airflow-worker"]
     assert worker["environment"]["AIRFLOW__CELERY__BROKER_URL"] == "redis://redis:6379/0"
     assert json.loads(worker["environment"]["AIRFLOW_CONN_CLOSEDLOOP_SIGNING"])["password"] == key
+    mlflow_conn = json.loads(worker["environment"]["AIRFLOW_CONN_MLFLOW_DEFAULT"])
+    assert (mlflow_conn["login"], mlflow_conn["password"]) == ("closedloop-service", "svc-secret-1")
+    server = resolved["services"]["mlflow"]
+    assert "--app-name basic-auth" in server["command"] and "default_permission = READ" in server["command"]
     assert "${POSTGRES_PASSWORD" not in out.stdout and "airflow:airflow@postgres" in out.stdout
     broken = tmp_path / "docker-compose.yaml"
     broken.write_text((project / "docker-compose.yaml").read_text().replace(

@@ -44,6 +44,15 @@ def test_figures_per_pipeline():
     page = render({**h, "versions": {"p": {"production": "3", "candidate": "4"}}}, 7)
     assert page.count('class="runs-chart"') == 2 and 'data-kind="failed" data-count="1"' in page
     assert "<b>33%</b>failure rate" in page and "<b>3</b>production version" in page
+    assert 'data-figure="registry"' not in page  # nothing unexplained: no alarm
+    moved = "p_model@production → version 5, but the last sealed promotion (promotion by x) put version 3 there"
+    h["versions"] = {"p": {"production": "5", "candidate": "4", "registry_problems": [moved]}}
+    page = render(h, 7)
+    assert '<div class="card alarm" data-figure="registry"><b>Registry: unexplained alias move</b>' in page
+    assert "p_model@production → version 5" in page
+    from closedloop.health import format_health
+
+    assert f"  UNEXPLAINED  {moved}" in format_health(h)
 
 
 def test_cache_figures_count_the_step_runs_tags_in_the_window(tmp_path):

@@ -44,11 +44,13 @@ _NOT_CONTENT = frozenset({"registered_model_meta"})
 def artifact_digest(model_uri: str, tracking_uri: str | None = None) -> str:
     """``sha256:<hex>`` over the files a deployment would load for ``model_uri`` (paths and contents)."""
     import hashlib
+    import os
     import tempfile
     from pathlib import Path
 
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in task logs
     location = model_uri
     name, _, version = model_uri.removeprefix("models:/").rpartition("/")
     if model_uri.startswith("models:/") and name and version.isdigit():  # where the registry says the files are
