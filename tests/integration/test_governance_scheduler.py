@@ -27,7 +27,11 @@ TIMEOUT = {**GOV, "name: acc_longitudinal": "name: acc_gov_timeout", "name: acc_
            "timeout_hours: 72": "timeout_hours: 0.01"}  # 36 s; the alias watcher polls every 30 s for it
 HIL = {**GOV, "name: acc_longitudinal": "name: acc_gov_hil", "name: acc_longitudinal_policy": "name: acc_hil_model",
        "approval:\n": "hil:\n  reporter: hil-rig\n  timeout_minutes: 1\napproval:\n",
-       "gates:\n": "gates:\n  - metric: hil.brake_distance_m\n    max: 40\n"}
+       "gates:\n": "gates:\n  - metric: hil.brake_distance_m\n    max: 40\n",
+       # the two-person rule: two approval tasks, two different people
+       "timeout_hours: 72": "timeout_hours: 72\n  valid_hours: 0.05\n  required: 2"}
+SOLO = {**GOV, "name: acc_longitudinal": "name: acc_gov_solo", "name: acc_longitudinal_policy": "name: acc_solo_model",
+        "approvers: [safety-lead, safety-deputy]": "approvers: [safety-lead]"}
 USERS = {"admin": "admin", "ml-engineer": "user", "safety-lead": "user", "safety-deputy": "user", "intruder": "user",
          "hil-rig": "user"}
 REQUEST = {"purpose": "Retrain on the latest fleet logs for the test.", "change": ["data"],
@@ -40,6 +44,7 @@ def env(tmp_path_factory, project):
     (root / "include" / "pipelines" / "acc_gov.yaml").write_text(template_text(project, incidents=False, **GOV))
     (root / "include" / "pipelines" / "acc_gov_timeout.yaml").write_text(template_text(project, incidents=False, **TIMEOUT))
     (root / "include" / "pipelines" / "acc_gov_hil.yaml").write_text(template_text(project, incidents=False, **HIL))
+    (root / "include" / "pipelines" / "acc_gov_solo.yaml").write_text(template_text(project, incidents=False, **SOLO))
     server = AirflowServer(tmp_path_factory.mktemp("gov-airflow"), root / "dags",
                            {u: (r, f"{u}-pw-{i}") for i, (u, r) in enumerate(USERS.items())})
     server.start()
@@ -72,7 +77,7 @@ def xcom(server, dag_id, run_id, task) -> dict:
 
 def test_governed_path(env):
     server, root = env
-    for dag_id in ("acc_gov", "acc_gov_timeout", "acc_gov_hil"):
+    for dag_id in ("acc_gov", "acc_gov_timeout", "acc_gov_hil", "acc_gov_solo"):
         server.wait_for(lambda d=dag_id: server.api("GET", f"/api/v2/dags/{d}")[0] == 200, 120, f"{dag_id} parsed")
 
     # -- malformed requests are refused before any run exists ------------------------------------
@@ -98,6 +103,9 @@ def test_governed_path(env):
                        user="ml-engineer")[1]["dag_run_id"]
     run_c = server.api("POST", "/api/v2/dags/acc_gov_timeout/dagRuns", {"logical_date": None, "conf": REQUEST},
                        user="ml-engineer")[1]["dag_run_id"]
+    # -- a request only its requester could approve is refused by the run's first task ----------
+    run_s = server.api("POST", "/api/v2/dags/acc_gov_solo/dagRuns", {"logical_date": None, "conf": REQUEST},
+                       user="safety-lead")[1]["dag_run_id"]
     # F: a requester edits the recorded candidate while F waits for review; G: requested by an approver
     run_f = server.api("POST", "/api/v2/dags/acc_gov/dagRuns", {"logical_date": None, "conf": REQUEST},
                        user="ml-engineer")[1]["dag_run_id"]
@@ -179,7 +187,17 @@ def test_governed_path(env):
         return lambda: server.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")[1]["state"] in ("success", "failed")
 
     time.sleep(5)
-    assert cli(server, root, "safety-lead", "reject", "acc_gov_hil", run_d).returncode == 0
+    # D needs two approvals: safety-lead, then somebody else (Airflow refuses safety-lead a second time)
+    assert cli(server, root, "safety-lead", "approve", "acc_gov_hil", run_d).returncode == 0
+    server.wait_for(lambda: states(server, "acc_gov_hil", run_d).get("approval_2") == "awaiting_input", 600,
+                    "run D's second approval")
+    time.sleep(5)
+    second = f"/api/v2/dags/acc_gov_hil/dagRuns/{run_d}/taskInstances/approval_2/-1/hitlDetails"
+    _, detail_d = server.api("GET", second)
+    assert "approval 2 of 2" in detail_d["subject"] and "Already approved by: safety-lead" in detail_d["body"]
+    assert server.api("PATCH", second, {"chosen_options": ["Approve"], "params_input": {}}, user="safety-lead")[0] == 403
+    assert server.api("PATCH", second, {"chosen_options": ["Approve"], "params_input": {"comment": "second pair"}},
+                      user="safety-deputy")[0] == 200
     for dag_id, run_id in (("acc_gov", run_a), ("acc_gov", run_b), ("acc_gov_timeout", run_c),
                            ("acc_gov_hil", run_d), ("acc_gov_hil", run_e), ("acc_gov", run_f)):
         server.wait_for(done(dag_id, run_id), 900, f"{run_id} to finish")
@@ -198,6 +216,21 @@ def test_governed_path(env):
     # -- G: approved by the other approver, but production moved since G's review opened ----------
     assert states(server, "acc_gov", run_g)["promote"] == "failed"
     assert "production moved since the review opened (was none, is" in refusal("acc_gov", run_g)
+
+    # -- the solo request never computed: its first task refused it -------------------------------
+    server.wait_for(done("acc_gov_solo", run_s), 300, "the solo request to fail")
+    solo = states(server, "acc_gov_solo", run_s)
+    assert solo["generate_dataset"] == "failed" and solo["label"] == "upstream_failed"
+    assert "refusing the request of 'safety-lead' before any compute" in refusal("acc_gov_solo", run_s,
+                                                                                "generate_dataset")
+    # -- D: two approvals by two people reached production, each recorded ----------------------
+    sd = states(server, "acc_gov_hil", run_d)
+    assert (sd["approval"], sd["approval_2"], sd["promote"]) == ("success", "success", "success")
+    vd = xcom(server, "acc_gov_hil", run_d, "register_candidate")["version"]
+    assert str(MlflowClient(server.env["MLFLOW_TRACKING_URI"]).get_model_version_by_alias(
+        "acc_hil_model", "production").version) == vd
+    audit_d = cli(server, root, "admin", "audit", "acc_hil_model", vd).stdout
+    assert "approval: approved by safety-lead" in audit_d and "approval_2: approved by safety-deputy" in audit_d
 
     # -- HIL: D's report went through the gates; E got no report and stopped before the gates ----
     gate_d = xcom(server, "acc_gov_hil", run_d, "release_gate")

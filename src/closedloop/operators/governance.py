@@ -170,13 +170,14 @@ class ReviewOperator(ApprovalOperator):
                      "production_at_review": opened["production"], "opened_at": opened["opened_at"],
                      "task_id": self.task_id, "comment": comment}
         log.info("review decision: %s%s", decision, f" by {reviewer}" if reviewer else "")
-        super().execute_complete(context, event)
         sealed = seal(context, {"chosen_options": chosen, "params_input": event.get("params_input") or {},
                                 "responded_at": at_text, "responded_by_user": user or None, "statement": statement})
+        # recorded before Airflow's own handling: a rejection skips downstream by raising
         ctx = run_context(self.loaded, self.mlflow_conn_id, context)
         record_decision(ctx, opened["model"], opened["version"], decision=decision, reviewer=reviewer,
                         at=at_text, comment=comment, run_id=context["ti"].run_id,
                         statement_tag=(APPROVAL_TAG + self.task_id, json.dumps(sealed, sort_keys=True)))
+        super().execute_complete(context, event)
         return sealed
 
 
