@@ -17,6 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+SERVICE_USER = "closedloop-service"
+
 
 def threading_main() -> bool:
     import threading
@@ -58,6 +60,12 @@ class AirflowServer:
         self.root = root
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # the deployment's own read-only account (role viewer): tasks read Airflow's audit log with it
+        # (who posted an incident); a connection holds it, people never see it
+        if SERVICE_USER not in users:
+            import secrets
+
+            users = {**users, SERVICE_USER: ("viewer", secrets.token_urlsafe(16))}
         self.users = users  # name -> (role, password)
         self.home = home or root / "airflow"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -83,6 +91,9 @@ class AirflowServer:
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__PARALLELISM": "8",  # 2-core machines: fewer idle worker processes
             "GX_ANALYTICS_ENABLED": "False",
+            "AIRFLOW_CONN_CLOSEDLOOP_AIRFLOW_API": json.dumps({"conn_type": "http", "host": self.url,
+                                                               "login": SERVICE_USER,
+                                                               "password": users[SERVICE_USER][1]}),
             **{k: v for k, v in env.items() if k not in ("CLOSEDLOOP_HOME", "MLFLOW_TRACKING_URI")},
         }
         self.log = root / "airflow.log"
@@ -259,7 +270,8 @@ def serve(airflow_port: int = 8080, mlflow_port: int = 5000) -> int:
         print(f" DAGs from  : {server.env['AIRFLOW__CORE__DAGS_FOLDER']}")
         print(" logins     :")
         for user, (role, pw) in server.users.items():
-            print(f"   {user:<{width}}  {pw}  ({role})")
+            if user != SERVICE_USER:  # the deployment's own account: a secret
+                print(f"   {user:<{width}}  {pw}  ({role})")
         print(f" Airflow log: {server.log}      Ctrl-C stops both")
         print("=" * 66, flush=True)
         while server.alive():

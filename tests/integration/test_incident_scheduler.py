@@ -108,6 +108,8 @@ def test_rest_incident_starts_one_run_and_a_repeat_is_debounced(env):
     assert len(admitted) == 1, decisions
     first_run = admitted[0]
     assert [i["id"] for i in decisions[first_run]["incidents"]] == ["INC-1"]
+    # who posted it comes from Airflow's audit log, whatever the payload claims (reported_by)
+    assert decisions[first_run]["incidents"][0]["posted_by"] == "fleet-monitor"
     assert decisions[first_run]["focus_types"] == ["hard_braking"]
     debounced = [d for r, d in decisions.items() if r != first_run]
     assert debounced[0]["admitted"] is False and debounced[0]["merged_into"] == {"INC-2": first_run}

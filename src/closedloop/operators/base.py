@@ -234,6 +234,16 @@ def origin_of(loaded: LoadedSpec, context: Context) -> dict[str, str]:
     return tags
 
 
+def requesters(loaded: LoadedSpec, context: Context) -> list[str]:
+    """The people behind this run, who may not review it: the Airflow user who triggered it and, in an
+    incident run, the users who posted its incidents (from Airflow's audit log; watchers are no one)."""
+    people = {getattr(context["dag_run"], "triggering_user_name", None)}
+    admitted = admission(loaded, context)
+    if admitted is not None:
+        people |= {i.get("posted_by") for i in admitted["incidents"]}
+    return sorted(p for p in people if p and not str(p).startswith("system:"))
+
+
 def request_of(loaded: LoadedSpec, context: Context) -> tuple[dict, str | None]:
     """The run's model update request and requester: an incident run's comes from its incident,
     any other run's from its params (the trigger form, REST ``conf``, or the schedule's default)."""
@@ -242,7 +252,9 @@ def request_of(loaded: LoadedSpec, context: Context) -> tuple[dict, str | None]:
     admitted = admission(loaded, context)
     if admitted is not None:
         first = admitted["incidents"][0]
-        return admitted["request"], f"incident {first['id']} ({first.get('reported_by') or 'fleet'})"
+        posted = first.get("posted_by") or "unknown"
+        return admitted["request"], (f"incident {first['id']} (posted by {posted}; reported by "
+                                     f"{first.get('reported_by') or 'fleet'})")
     user = getattr(context["dag_run"], "triggering_user_name", None) or None
     return {k: context["params"].get(k) for k in FIELDS}, user
 

@@ -98,13 +98,13 @@ class ReviewOperator(ApprovalOperator):
 
         record = pull_sealed(context, "register_candidate")
         earlier = [(pull_sealed(context, t) or {}).get("statement") or {} for t in self.prior]
-        requester = record.get("requester_user")
+        excluded = {p for p in [record.get("requester_user"), *(record.get("excluded_reviewers") or [])] if p}
         taken = {s.get("responder") for s in earlier if s.get("responder")}
-        reviewers = [u for u in self.approvers if u != requester and u not in taken]
+        reviewers = [u for u in self.approvers if u not in excluded and u not in taken]
         if not reviewers:
             raise AirflowFailException(
-                f"nobody may review this request: approvers {self.approvers}, requester {requester!r}, already "
-                f"approved by {sorted(taken) or 'nobody'}; add another approver to the template")
+                f"nobody may review this request: approvers {self.approvers}, requesters {sorted(excluded)}, "
+                f"already approved by {sorted(taken) or 'nobody'}; add another approver to the template")
         self.assigned_users = [{"id": u, "name": u} for u in reviewers]
         model, version = record["model"], record["version"]
         production = current_production(run_context(self.loaded, self.mlflow_conn_id, context), model)

@@ -43,11 +43,27 @@ class AdmitIncidentOperator(ClosedLoopStepOperator):
         self.asset = asset
 
     def events(self, context: Context) -> list[dict]:
-        found = [{"extra": dict(e.extra or {}), "timestamp": e.timestamp}
-                 for e in context["triggering_asset_events"].get(self.asset, [])]
+        """The run's incident events, each with who posted it (``posted_by``): the Airflow user for a
+        REST post (from Airflow's audit log) or a manual run, ``system:<watcher>`` for a watcher's event,
+        None when nobody can tell. The payload's own ``reported_by`` is a claim, not an identity."""
+        from closedloop.hooks.airflow_api import poster_of, service_api
+
+        api = None
+        found = []
+        for e in context["triggering_asset_events"].get(self.asset, []):
+            extra = dict(e.extra or {})
+            if extra.get("from_trigger"):
+                poster = "system:watcher"
+            elif extra.get("from_rest_api"):
+                api = api or service_api()
+                poster = poster_of(api, extra, e.timestamp) if api is not None else None
+            else:
+                poster = None
+            found.append({"extra": extra, "timestamp": e.timestamp, "posted_by": poster})
         conf = getattr(context["dag_run"], "conf", None) or {}
         if not found and "incident" in conf:  # a manual run: `airflow dags trigger ... --conf '{"incident": {...}}'`
-            found = [{"extra": conf["incident"], "timestamp": context["dag_run"].run_after}]
+            found = [{"extra": conf["incident"], "timestamp": context["dag_run"].run_after,
+                      "posted_by": getattr(context["dag_run"], "triggering_user_name", None)}]
         return found
 
     def run_step(self, ctx: RunContext, context: Context) -> dict:
@@ -70,6 +86,10 @@ class AdmitIncidentOperator(ClosedLoopStepOperator):
             context["ti"].xcom_push(key="return_value", value=seal(context, decision))
             raise AirflowSkipException(f"debounced: every incident of this run repeats one admitted less than "
                                        f"{spec.incidents.debounce_minutes:g} min earlier ({joined}); no second run")
+        from closedloop.steps.governance import check_reviewers
+
+        check_reviewers(spec, [p for i in decision["incidents"] for p in [i.get("posted_by")]
+                               if p and not p.startswith("system:")])
         decision["request"] = incident_request(spec, decision["incidents"])
         for i in decision["incidents"]:
             log.info("admitted incident %s: %s in %s (%s), logs %s", i["id"], i["kind"], i["scenario_type"],

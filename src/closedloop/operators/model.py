@@ -61,14 +61,15 @@ class RegisterCandidateOperator(ClosedLoopStepOperator):
         import json
 
         from closedloop.hooks.signing import signer
-        from closedloop.operators.base import request_of, seal
+        from closedloop.operators.base import request_of, requesters, seal
         from closedloop.operators.governance import requester_of
         from closedloop.steps import tracking
         from closedloop.steps.governance import PUBLIC_KEY_TAG, RECORD_TAG
         from closedloop.steps.registry import register_candidate
 
         def keep(record: dict) -> dict:
-            sealed = seal(context, {**record, "requester_user": requester_of(context)})
+            sealed = seal(context, {**record, "requester_user": requester_of(context),
+                                    "excluded_reviewers": requesters(self.loaded, context)})
             c = tracking.client(ctx)
             c.set_model_version_tag(record["model"], record["version"], RECORD_TAG, json.dumps(sealed, sort_keys=True))
             c.set_registered_model_tag(record["model"], PUBLIC_KEY_TAG, signer().verifier.published())

@@ -84,6 +84,7 @@ def verify_release(record: dict, statements: list[dict], *, model: str, policy: 
         raise ApprovalError(f"refusing to promote {where}: Airflow has no review decision for that run")
     record_digest = digest(record)
     requester = record.get("requester_user")
+    excluded = {p for p in [requester, *(record.get("excluded_reviewers") or [])] if p}
     responders: list[str] = []
     for st in statements:
         if st.get("kind") != "approval" or st.get("record_digest") != record_digest:
@@ -99,8 +100,9 @@ def verify_release(record: dict, statements: list[dict], *, model: str, policy: 
         if who not in policy.approvers:
             raise ApprovalError(f"refusing to promote {where}: {who!r} is not an approver "
                                 f"({', '.join(policy.approvers)})")
-        if requester and who == requester:
-            raise ApprovalError(f"refusing to promote {where}: {who!r} requested this update and cannot approve it")
+        if who in excluded:
+            raise ApprovalError(f"refusing to promote {where}: {who!r} requested this update (or posted its "
+                                "incident) and cannot approve it")
         if who in responders:
             raise ApprovalError(f"refusing to promote {where}: {who!r} approved twice; the approvals must come "
                                 "from distinct reviewers")
@@ -169,15 +171,17 @@ def current_production(ctx: RunContext, model: str) -> str | None:
     return _alias_version(tracking.client(ctx), model, PRODUCTION)
 
 
-def check_reviewers(spec, requester: str | None) -> None:
-    """Refuse a request nobody could approve (the requester is the only approver, or too few others
-    for ``approval.required``) — before any compute."""
+def check_reviewers(spec, requesters: str | list[str] | None) -> None:
+    """Refuse a request nobody could approve (the requesters — the triggering user, an incident's
+    poster — are the only approvers, or too few others for ``approval.required``) — before any compute."""
     a = spec.approval
-    if a is None or not requester:
+    people = [requesters] if isinstance(requesters, str) else [p for p in requesters or [] if p]
+    if a is None or not people:
         return
-    others = sorted(set(a.approvers) - {requester})
+    others = sorted(set(a.approvers) - set(people))
     if len(others) < a.required:
-        raise ApprovalError(f"refusing the request of {requester!r} before any compute: {spec.name} needs "
+        who = ", ".join(repr(p) for p in people)
+        raise ApprovalError(f"refusing the request of {who} before any compute: {spec.name} needs "
                             f"{a.required} approval(s) from approvers other than the requester, and only "
                             f"{others or 'nobody'} remain; add approvers to the template or ask another requester")
 

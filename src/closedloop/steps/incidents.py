@@ -39,7 +39,7 @@ def admit(spec: PipelineSpec, events: list[dict[str, Any]], last: dict[str, dict
         except IncidentError as exc:
             rejected.append(f"event {n} ({event['timestamp'].isoformat()}): " + "; ".join(exc.problems))
             continue
-        valid.append((incident, event["timestamp"]))
+        valid.append(({**incident, "posted_by": event.get("posted_by")}, event["timestamp"]))
     if not valid:
         raise PermanentError("rejected: no valid incident in this run's events, nothing to retrain:\n"
                              + "\n".join(f"  - {r}" for r in rejected or ["no events (trigger the DAG with an "
@@ -93,6 +93,7 @@ def origin_tags(incidents: list[dict]) -> dict[str, str]:
         "closedloop.incident.severity": first["severity"],
         "closedloop.incident.kind": first["kind"],
         "closedloop.incident.reported_by": first.get("reported_by") or "",
+        "closedloop.incident.posted_by": ",".join(sorted({i.get("posted_by") or "unknown" for i in incidents})),
         "closedloop.incident.log_refs": ",".join(r for i in incidents for r in i["log_refs"])[:5000],
     }
 

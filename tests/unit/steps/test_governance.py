@@ -44,7 +44,9 @@ def test_valid_evidence_passes():
     (RECORD, [approval(decision="rejected", chosen_options=["Reject"])], {}, "decision was 'rejected'"),
     (RECORD, [approval(responder=None, decision="approved")], {}, "timeout default, not a person"),
     (RECORD, [approval(responder="mallory")], {}, "'mallory' is not an approver"),
-    ({**RECORD, "requester_user": "bob"}, None, {}, "'bob' requested this update and cannot approve it"),
+    ({**RECORD, "requester_user": "bob"}, None, {}, "'bob' requested this update (or posted its incident)"),
+    ({**RECORD, "requester_user": None, "excluded_reviewers": ["bob"]}, None, {},  # bob posted the incident
+     "'bob' requested this update (or posted its incident) and cannot approve it"),
     (RECORD, [approval(responded_at=(NOW - timedelta(hours=30)).isoformat())], {}, "30.0 h old"),
     (RECORD, None, {"production_now": "5"}, "production moved since the review opened (was 1, is 5)"),
     (RECORD, [approval(), approval()], {}, "'bob' approved twice"),
@@ -198,6 +200,8 @@ def test_a_request_nobody_else_can_approve_is_refused(project):
     two = spec.model_copy(update={"approval": spec.approval.model_copy(update={"required": 2})})
     with pytest.raises(ApprovalError, match="needs 2 approval\\(s\\) from approvers other than the requester"):
         gov.check_reviewers(two, "safety-lead")
+    with pytest.raises(ApprovalError, match="'safety-deputy', 'safety-lead' before any compute"):
+        gov.check_reviewers(spec, ["safety-deputy", "safety-lead"])  # e.g. the requester and an incident's poster
 
 
 def test_regression_gate_against_production():
