@@ -16,7 +16,7 @@ TASKS = (
 )
 GOVERNANCE_TASKS = (
     ("approval", "wait (no worker slot) for an approver's decision in Airflow; timeout = rejection"),
-    ("promote", "verify gates + Airflow's approval for this exact version; move alias 'production'"),
+    ("promote", "verify the sealed release record and approvals for this exact version; move alias 'production'"),
 )
 
 
@@ -43,8 +43,11 @@ def describe(loaded: LoadedSpec) -> str:
                                           f"`{s.hil.reporter}` (timeout {s.hil.timeout_minutes:g} min)"),) \
             + all_tasks[after:]
     tasks = "\n".join(f"{i}. `{t}`: {d}" for i, (t, d) in enumerate(all_tasks, 1))
-    review = (f"Approvers: {', '.join(s.approval.approvers)} (never the requester); no decision within "
-              f"{s.approval.timeout_hours:g} h counts as a rejection." if s.approval
+    review = (f"Approvers: {', '.join(s.approval.approvers)} (never the requester); "
+              + (f"{s.approval.required} distinct approvals needed; " if s.approval.required > 1 else "")
+              + f"no decision within {s.approval.timeout_hours:g} h counts as a rejection; an approval promotes "
+              f"within {s.approval.valid_hours_or_default:g} h, and only if production has not moved since the "
+              "review opened." if s.approval
               else "No human review: this pipeline produces candidates only and never promotes.")
     params = ", ".join(f"{k}={v}" for k, v in ds.params.items())
     sampling = ", ".join(f"{k} x{v:g}" for k, v in ds.sampling.items())

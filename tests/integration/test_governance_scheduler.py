@@ -283,6 +283,9 @@ def test_governed_path(env):
     assert f"the release record on it is for acc_gov_model version {va}" in out.stderr, out.stderr
     assert str(client.get_model_version_by_alias("acc_gov_model", "production").version) == va
     assert "production" not in client.get_registered_model("acc_timeout_model").aliases
+    # B's own sealed record back (its run's XCom holds it), so only the alias move below is unexplained
+    client.set_model_version_tag("acc_gov_model", vb, gov.RECORD_TAG,
+                                 json.dumps(xcom(server, "acc_gov", run_b, "register_candidate")))
     out = cli(server, root, "ml-engineer", "promote", "acc_gov_model", va)  # the approved one: idempotent
     assert out.returncode == 0 and "already; nothing changed" in out.stdout, out.stderr
 
@@ -298,11 +301,14 @@ def test_governed_path(env):
     # -- an alias moved directly in MLflow: detected within a poll, alerted, restored -----------
     client.set_registered_model_alias("acc_gov_model", "production", vb)
 
-    def alarmed():
+    def alarmed(text: str):
         lines = (server.root / "closedloop" / "alerts.jsonl").read_text().splitlines()
-        return [a for a in map(json.loads, lines) if a["kind"] == "alias_unexplained"]
-    (alarm,) = server.wait_for(alarmed, 180, "the alias watcher to alert")
-    assert f"acc_gov_model@production → version {vb}" in alarm["message"] and f"put version {va} there" in alarm["message"]
+        return [a for a in map(json.loads, lines) if a["kind"] == "alias_unexplained" and text in a["message"]]
+    (alarm,) = server.wait_for(lambda: alarmed(f"acc_gov_model@production → version {vb}"), 180,
+                               "the alias watcher to alert")
+    assert f"put version {va} there" in alarm["message"] and "closedloop audit --verify acc_gov_model" in alarm["message"]
+    # the record copied onto the timeout model's candidate above was noticed too
+    assert alarmed(f"acc_timeout_model@candidate → version {vc}, whose release record is for acc_gov_model")
     out = cli(server, root, "ml-engineer", "audit", "--verify", "acc_gov_model")
     assert out.returncode == 1 and f"UNEXPLAINED: acc_gov_model@production → version {vb}" in out.stdout
     out = cli(server, root, "ml-engineer", "audit", "--verify", "acc_gov_model", "--restore", "--reason", "x")
