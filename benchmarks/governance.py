@@ -77,7 +77,7 @@ def in_process() -> None:
 
 
 def end_to_end() -> None:
-    from closedloop.localserver import AirflowServer
+    from closedloop.local.server import AirflowServer
     from tests.fixtures.runs import task_instances, wait_to_end
 
     tmp = Path(tempfile.mkdtemp(prefix="closedloop-bench-gov-"))

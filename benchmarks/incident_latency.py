@@ -32,8 +32,8 @@ def ts(value: str) -> datetime:
 
 
 def main() -> int:
-    from closedloop.events_cli import incident_asset_id, wait_for_run
-    from closedloop.localserver import AirflowServer
+    from closedloop.cli.events import incident_asset_id, wait_for_run
+    from closedloop.local.server import AirflowServer
 
     tmp = Path(tempfile.mkdtemp(prefix="closedloop-bench-incident-"))
     root = tmp / "project"

@@ -84,7 +84,7 @@ def median_time(fn, repeats: int = 5) -> float:
 
 
 def measure(client, uri: str, pipeline_runs: int) -> dict[str, float]:
-    from closedloop.lineage import impact, trace
+    from closedloop.records.lineage import impact, trace
 
     last = pipeline_runs - 2  # a recent pipeline run with a model version (even n)
     p = last % PIPELINES

@@ -96,7 +96,7 @@ def main() -> None:
     import json
     import subprocess
 
-    from closedloop.localrun import ensure_db, load_dag, run_dag
+    from closedloop.local.run import ensure_db, load_dag, run_dag
 
     when = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)
     scratch_project()

@@ -55,10 +55,10 @@ def median_ms(fn, n: int = 20) -> float:
 
 def bookkeeping(root: Path) -> None:
     from closedloop import settings
-    from closedloop.faults import inject
     from closedloop.spec import load_spec
     from closedloop.steps import cache, tracking
     from closedloop.steps.context import RunContext
+    from closedloop.steps.faults import inject
 
     loaded = load_spec(root / "include" / "pipelines" / "acc_longitudinal.yaml")
     base = RunContext(pipeline="acc_longitudinal", template_digest=loaded.digest, dag_id="acc_longitudinal",
@@ -90,7 +90,7 @@ def ts(value: str) -> datetime:
 def scheduler_pairs(root: Path, pairs: int = 2) -> None:
     from urllib.parse import quote
 
-    from closedloop.localserver import AirflowServer
+    from closedloop.local.server import AirflowServer
 
     server = AirflowServer(TMP / "server", root / "dags", {"admin": ("admin", "admin-pw")},
                            env={"CLOSEDLOOP_HOME": str(TMP / "server-home"),
@@ -132,7 +132,7 @@ def scheduler_pairs(root: Path, pairs: int = 2) -> None:
 def main() -> None:
     import sys
 
-    from closedloop.localrun import ensure_db, load_dag, run_dag
+    from closedloop.local.run import ensure_db, load_dag, run_dag
 
     root = scratch_project()
     ensure_db()

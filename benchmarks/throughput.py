@@ -1,7 +1,7 @@
 """Pipeline runs per hour on the production shape (PostgreSQL, Redis, MLflow server, Airflow with the
 CeleryExecutor) with 1 and with 2 Celery workers on this machine, and where the time goes.
 
-For each worker count: start the shape (``closedloop.prodlike``), post RUNS periodic runs at once on
+For each worker count: start the shape (``closedloop.local.prodlike``), post RUNS periodic runs at once on
 RUNS different data windows with the step cache off (every run does all its work), wait until all
 have finished; throughput = RUNS / (first queued → last finished). Where the time goes, from
 Airflow's task instance records: the summed task run time per step, the median queue wait (queued →
@@ -34,7 +34,7 @@ def ts(value: str) -> datetime:
 def measure(workers: int, project: Path) -> dict:
     from urllib.parse import quote
 
-    from closedloop.prodlike import ProdLike
+    from closedloop.local.prodlike import ProdLike
 
     shape = ProdLike(TMP / f"shape-{workers}", project / "dags", {"admin": ("admin", "admin-pw")}, workers=workers,
                      concurrency=4)

@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from closedloop.localserver import free_port
+from closedloop.local.server import free_port
 
 
 def chromium_path() -> str | None:

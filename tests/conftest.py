@@ -41,7 +41,7 @@ def project() -> Path:
 @pytest.fixture(scope="session")
 def airflow_db():
     """Airflow's metadata database, migrated once per session (real SQLite, real migrations)."""
-    from closedloop.localrun import ensure_db
+    from closedloop.local.run import ensure_db
 
     ensure_db()
     return os.environ["AIRFLOW_HOME"]

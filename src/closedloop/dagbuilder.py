@@ -17,18 +17,11 @@ from typing import Any
 
 from airflow.sdk import DAG
 
-from closedloop.describe import describe
+from closedloop import pipeline
 from closedloop.errors import SpecError
-from closedloop.operators.data import GenerateDatasetOperator, LabelOperator, ValidateDataOperator
-from closedloop.operators.model import (
-    OfflineEvalOperator,
-    RegisterCandidateOperator,
-    ReleaseGateOperator,
-    TrainOperator,
-)
-from closedloop.operators.simulation import SimulateOperator
-from closedloop.request import dag_params
 from closedloop.spec import LoadedSpec, load_all
+from closedloop.spec.describe import describe
+from closedloop.spec.request import dag_params
 
 log = logging.getLogger(__name__)
 
@@ -51,44 +44,40 @@ def _default_args(loaded: LoadedSpec, **extra: Any) -> dict[str, Any]:
     }
 
 
+def _operator(classpath: str):
+    import importlib
+
+    module, _, name = classpath.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _loop(loaded: LoadedSpec):
-    """The closed loop's tasks (inside an open DAG context); returns the first task."""
+    """The closed loop's tasks (inside an open DAG context), from the step table
+    (:mod:`closedloop.pipeline`); returns the first task."""
+    from closedloop.steps.approvals import approval_task_ids
+
     spec = loaded.spec
-
-    def common(step: str) -> dict[str, Any]:
-        return {"task_id": step, "loaded": loaded, "retries": spec.reliability.retries_of(step)}
-
-    generate = GenerateDatasetOperator(**common("generate_dataset"))
-    label = LabelOperator(**common("label"))
-    validate = ValidateDataOperator(**common("validate_data"))
     pods = spec.kubernetes
-    if pods is not None and (pods.train or pods.simulate):
-        from closedloop.operators.pod import StepPodOperator
-    train = (StepPodOperator(step="train", **common("train")) if pods is not None and pods.train
-             else TrainOperator(**common("train")))
-    offline = OfflineEvalOperator(**common("offline_eval"))
-    simulate = (StepPodOperator(step="simulate", **common("simulate")) if pods is not None and pods.simulate
-                else SimulateOperator(**common("simulate")))
-    gate = ReleaseGateOperator(**common("release_gate"))
-    register = RegisterCandidateOperator(**common("register_candidate"))
-    generate >> label >> validate >> train >> offline >> simulate >> gate >> register
-    label >> offline  # evaluation reads the dataset as well as the model
-    if spec.hil is not None:
-        from closedloop.operators.governance import HilResultsOperator
+    tasks: dict[str, Any] = {}
+    for row in pipeline.steps_of(hil=spec.hil is not None, approval=spec.approval is not None):
+        kwargs: dict[str, Any] = {"loaded": loaded, "retries": spec.reliability.retries_of(row.id)
+                                  if row.retry == "transient" else 0}
+        if row.pod and pods is not None and getattr(pods, row.id, None):
+            from closedloop.operators.pod import StepPodOperator
 
-        simulate >> HilResultsOperator(task_id="await_hil", retries=0, loaded=loaded) >> gate
-    if spec.approval is not None:
-        from closedloop.operators.governance import PromoteOperator, ReviewOperator
-        from closedloop.steps.approvals import approval_task_ids
-
-        last = register
-        ids = approval_task_ids(spec.approval.required)
-        for i, task_id in enumerate(ids):  # one human decision per required approval, distinct people
-            review = ReviewOperator(task_id=task_id, retries=0, loaded=loaded, prior=ids[:i])
-            last >> review
-            last = review
-        last >> PromoteOperator(**common("promote"))
-    return generate
+            made = [StepPodOperator(task_id=row.id, step=row.id, **kwargs)]
+        elif row.id == "approval":  # one human decision per required approval, by distinct people
+            ids = approval_task_ids(spec.approval.required)
+            made = [_operator(row.operator)(task_id=t, prior=ids[:i], **kwargs) for i, t in enumerate(ids)]
+            for earlier, later in zip(made, made[1:], strict=False):
+                earlier >> later
+        else:
+            made = [_operator(row.operator)(task_id=row.id, **kwargs)]
+        for up in row.upstream:
+            if up in tasks:
+                tasks[up] >> made[0]
+        tasks[row.id] = made[-1]
+    return next(iter(tasks.values()))
 
 
 def build_dag(loaded: LoadedSpec) -> DAG:
@@ -117,7 +106,7 @@ def incident_asset(loaded: LoadedSpec, routes: dict[str, list[str]] | None = Non
     from airflow.sdk import Asset, AssetWatcher
 
     from closedloop import settings
-    from closedloop.incidents import asset_name, asset_uri, routes_of
+    from closedloop.spec.incident import asset_name, asset_uri, routes_of
 
     spec = loaded.spec
     inc = spec.incidents
@@ -259,7 +248,7 @@ def build_dags(pipelines_dir: str | Path, namespace: dict[str, Any] | None = Non
             dags[loaded.spec.name] = build_dag(loaded)
             if loaded.spec.incidents is not None:
                 if routes is None:
-                    from closedloop.incidents import routes_of
+                    from closedloop.spec.incident import routes_of
 
                     routes = routes_of(specs)
                 dags[loaded.spec.incident_dag_id] = build_incident_dag(loaded, routes)

@@ -69,40 +69,33 @@ def operator_lineage(operator, task_instance) -> Any:
         from airflow.providers.openlineage.extractors import OperatorLineage
     except ImportError:
         return None
-    from closedloop import settings
+    from closedloop import pipeline, settings
 
     def result(task_id: str) -> dict:
         return operator.seen.get(task_id) or {}
 
-    task = operator.task_id
     spec = operator.loaded.spec
     tracking = settings.tracking_uri()
-    raw, labelled, trained = result("generate_dataset"), result("label"), result("train")
-    model = _model(trained.get("model_uri"), tracking)
-    inputs, outputs = [], []
-    if task == "generate_dataset":
-        inputs = [_dataset(FLEET_NAMESPACE, s) for s in raw.get("sources") or spec.dataset.sources]
-        outputs = _snapshot(raw, output=True)
-    elif task == "label":
-        inputs, outputs = _snapshot(raw), _snapshot(labelled, output=True)
-    elif task == "validate_data":
-        inputs = _snapshot(labelled)
-    elif task == "train":
-        inputs, outputs = _snapshot(labelled), _model(trained.get("model_uri"), tracking, output=True)
-    elif task == "offline_eval":
-        inputs = _snapshot(labelled) + model
-    elif task == "simulate":
-        inputs = model + [_dataset("file", str(operator.loaded.scenario_path))]
-    elif task == "release_gate":
-        inputs = model
-    elif task in ("register_candidate", "promote"):
-        reg = result("register_candidate")
-        registered = _model(reg.get("model_uri"), tracking, version=reg.get("version"), output=task == "register_candidate")
-        if task == "register_candidate":
-            inputs, outputs = model, registered
-        else:
-            done = result("promote")
-            inputs = _model(reg.get("model_uri"), tracking, version=reg.get("version"))
-            outputs = _model(f"models:/{spec.model.name}@production", tracking, version=str(done.get("version") or ""),
-                             output=True) if done else []
-    return OperatorLineage(inputs=inputs, outputs=outputs)
+    raw, labelled, trained, reg = result("generate_dataset"), result("label"), result("train"), \
+        result("register_candidate")
+
+    def datasets(kind: str, output: bool) -> list:
+        if kind == "sources":
+            return [_dataset(FLEET_NAMESPACE, s) for s in raw.get("sources") or spec.dataset.sources]
+        if kind in ("raw", "labelled"):
+            return _snapshot(raw if kind == "raw" else labelled, output=output)
+        if kind == "model":
+            return _model(trained.get("model_uri"), tracking, output=output)
+        if kind == "scenarios":
+            return [_dataset("file", str(operator.loaded.scenario_path))]
+        if kind == "registered":
+            return _model(reg.get("model_uri"), tracking, version=reg.get("version"), output=output)
+        done = result("promote")  # production
+        return _model(f"models:/{spec.model.name}@production", tracking, version=str(done.get("version") or ""),
+                      output=True) if done else []
+
+    row = pipeline.BY_ID.get(operator.task_id)
+    if row is None:
+        return OperatorLineage(inputs=[], outputs=[])
+    return OperatorLineage(inputs=[d for k in row.lineage_in for d in datasets(k, False)],
+                           outputs=[d for k in row.lineage_out for d in datasets(k, True)])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from closedloop.webapp import create_app
+from closedloop.web.app import create_app
 
 
 class ClosedLoopPlugin(AirflowPlugin):

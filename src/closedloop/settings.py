@@ -35,11 +35,40 @@ def artifact_root(uri: str | None = None) -> str | None:
     return None
 
 
+def project_dir() -> Path:
+    """The project folder (``dags/``, ``include/``): the one place that finds it.
+
+    ``$CLOSEDLOOP_PROJECT_DIR`` if set; else the source checkout this package runs from (an
+    editable install); else the working directory or its nearest parent with ``include/pipelines``
+    (a wheel installed in an image whose working directory is the project, e.g. ``/opt/closedloop``).
+    """
+    if os.environ.get("CLOSEDLOOP_PROJECT_DIR"):
+        return Path(os.environ["CLOSEDLOOP_PROJECT_DIR"]).resolve()
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "include" / "pipelines").is_dir():
+        return checkout
+    cwd = Path.cwd().resolve()
+    return next((p for p in (cwd, *cwd.parents) if (p / "include" / "pipelines").is_dir()), cwd)
+
+
 def include_dir() -> Path:
     """The project's include/ folder (templates, expectation suites, scenario catalogs)."""
     if os.environ.get("CLOSEDLOOP_INCLUDE_DIR"):
         return Path(os.environ["CLOSEDLOOP_INCLUDE_DIR"]).resolve()
-    return Path(__file__).resolve().parents[2] / "include"
+    return project_dir() / "include"
+
+
+def pipelines_dir() -> Path:
+    return include_dir() / "pipelines"
+
+
+def dags_dir() -> Path:
+    return project_dir() / "dags"
+
+
+def pipelines_beside(dags_folder: str | Path) -> Path:
+    """The templates of the project whose DAG folder is ``dags_folder`` (what Airflow's processes know)."""
+    return Path(dags_folder).parent / "include" / "pipelines"
 
 
 def incident_inbox() -> Path:

@@ -12,7 +12,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from closedloop.localserver import AirflowServer
+from closedloop.local.server import AirflowServer
 from closedloop.steps import governance as gov
 from tests.conftest import SAFE_DATA, scratch_project, template_text
 

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from closedloop import settings
-from closedloop.localrun import load_dag, run_dag
+from closedloop.local.run import load_dag, run_dag
 from tests.conftest import NO_REVIEW, template_text
 
 pytestmark = pytest.mark.integration

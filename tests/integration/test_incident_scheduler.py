@@ -15,7 +15,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from closedloop.localserver import AirflowServer
+from closedloop.local.server import AirflowServer
 from tests.browser import Browser, chromium_path
 from tests.conftest import NO_REVIEW, scratch_project, template_text
 
@@ -51,7 +51,7 @@ def runs(server) -> list[dict]:
 
 
 def admission(server, run_id: str) -> dict | None:
-    from closedloop.airflow_api import xcom_value
+    from closedloop.records.airflow_api import xcom_value
 
     status, entry = server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/admit_incident/"
                                       "xcomEntries/return_value")
@@ -80,7 +80,7 @@ def cli(server, *args: str, user: str = "fleet-monitor") -> subprocess.Completed
 
 
 def asset_events(server) -> list[dict]:
-    from closedloop.incidents import asset_uri
+    from closedloop.spec.incident import asset_uri
 
     _, assets = server.api("GET", f"/api/v2/assets?uri_pattern={asset_uri(MODEL)}")
     asset_id = assets["assets"][0]["id"]
@@ -89,7 +89,7 @@ def asset_events(server) -> list[dict]:
 
 def test_rest_incident_starts_one_run_and_a_repeat_is_debounced(env):
     server, root, _ = env
-    from closedloop.events_cli import incident_asset_id
+    from closedloop.cli.events import incident_asset_id
 
     asset_id = incident_asset_id(server.client("fleet-monitor"), MODEL)
     status, _ = server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": INCIDENT}, user="viewer1")
@@ -135,7 +135,7 @@ def test_malformed_incidents_are_refused_and_start_no_retrain(env):
 
     # posted straight to the REST API, a malformed incident reaches the DAG: admission refuses it
     n = len(runs(server))
-    from closedloop.events_cli import incident_asset_id
+    from closedloop.cli.events import incident_asset_id
 
     asset_id = incident_asset_id(server.client("fleet-monitor"), MODEL)
     server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": {
@@ -216,7 +216,7 @@ def test_periodic_run_holding_the_default_pool_does_not_block_an_incident_run(en
                       for i in d["incidents"] if i["scenario_type"] == "hard_braking")
     time.sleep(max(0.0, 62 - (datetime.now(UTC) - admitted_at).total_seconds()))  # past the 1-minute debounce
     n = len(runs(server))
-    from closedloop.events_cli import incident_asset_id
+    from closedloop.cli.events import incident_asset_id
 
     asset_id = incident_asset_id(server.client("fleet-monitor"), MODEL)
     server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": {**INCIDENT, "id": "INC-URGENT"}},
@@ -309,7 +309,7 @@ def test_rerun_of_an_incident_run_through_the_cli(env):
         return ti if ti.get("state") in ("success", "failed") else None
 
     assert server.wait_for(generated, 180, "the rerun's generate_dataset")["state"] == "success"
-    from closedloop.airflow_api import xcom_value
+    from closedloop.records.airflow_api import xcom_value
 
     _, mine = server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{new}/taskInstances/generate_dataset/xcomEntries/return_value")
     _, theirs = server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{first}/taskInstances/generate_dataset/"

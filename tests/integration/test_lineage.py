@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 import pytest
 
 from closedloop import settings
-from closedloop.lineage import impact, rerun_plan, trace
-from closedloop.localrun import load_dag, run_dag
+from closedloop.local.run import load_dag, run_dag
+from closedloop.records.lineage import impact, rerun_plan, trace
 from closedloop.spec import load_all
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
 

@@ -27,7 +27,7 @@ def test_pipeline_tasks_report_datasets_and_models_to_openlineage(airflow_db, tm
     events_file = tmp_path / "openlineage.jsonl"
     code = textwrap.dedent("""
         from datetime import UTC, datetime
-        from closedloop.localrun import load_dag, run_dag
+        from closedloop.local.run import load_dag, run_dag
         s = run_dag(load_dag("acc_ol"), datetime(2026, 11, 18, 3, tzinfo=UTC))
         print("STATE", s["state"])
     """)

@@ -1,4 +1,4 @@
-"""The production shape on this machine (``closedloop.prodlike``): PostgreSQL for Airflow and
+"""The production shape on this machine (``closedloop.local.prodlike``): PostgreSQL for Airflow and
 MLflow, Redis, ``mlflow server`` with proxied artifacts, Airflow with the CeleryExecutor and two
 Celery workers — the same DAGs and templates as everywhere else.
 
@@ -27,6 +27,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
+from tests.fixtures.prodlike import kill_worker, worker_of
 from tests.fixtures.runs import an_undisturbed_run, registry_record, task_instances, tries, wait_to_end
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -40,7 +41,7 @@ NO_CACHE = {"closedloop_cache": False}  # every run does all its work
 def shape(tmp_path_factory, project):
     if shutil.which("redis-server") is None or not (shutil.which("initdb") or shutil.which("pg_ctlcluster")):
         pytest.fail("the production-shape tests need Debian's postgresql and redis-server (.ci/run installs them)")
-    from closedloop.prodlike import ProdLike
+    from closedloop.local.prodlike import ProdLike
 
     root = scratch_project(tmp_path_factory.mktemp("prodlike-project"))
     (root / "include" / "pipelines" / "acc_prod.yaml").write_text(template_text(project, **NO_REVIEW, **SAFE_DATA, **{
@@ -76,7 +77,7 @@ def finished_runs(api, dag_id: str, n: int) -> list[dict] | None:
 
 
 def test_ten_runs_at_once_periodic_and_incident(shape):
-    from closedloop.events_cli import incident_asset_id
+    from closedloop.cli.events import incident_asset_id
 
     af = shape.airflow
     af.wait_for(lambda: af.api("GET", f"/api/v2/dags/{PIPELINE}")[0] == 200
@@ -169,9 +170,9 @@ def test_a_killed_celery_worker_task_is_retried_elsewhere_with_the_same_registry
         status, run = af.api("POST", f"/api/v2/dags/{PIPELINE}/dagRuns", {"logical_date": None, "conf": NO_CACHE})
         assert status == 200, run
         pid = paused_pid(shape, mark)
-        worker = shape.worker_of(pid)
+        worker = worker_of(shape, pid)
         assert worker is not None, f"task process {pid} under no Celery worker"
-        killed = shape.kill_worker(worker)
+        killed = kill_worker(shape, worker)
         assert pid in killed and af.procs[worker].poll() is not None
     finally:
         path.unlink()

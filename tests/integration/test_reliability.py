@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from closedloop import settings
-from closedloop.localrun import load_dag, run_dag
+from closedloop.local.run import load_dag, run_dag
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
 from tests.integration.test_pipeline_run import alerts_of, states
 
@@ -81,7 +81,7 @@ def runs(drill):
     out["files"] = {sub: sorted(p.name for p in (root / sub).iterdir()) for sub in ("raw", "labelled", "jobs")}
     out["again"] = drill.run(4)  # same day, same window, same template: nothing to recompute
     # `closedloop rerun --no-cache` of the first run: what it would post to Airflow, run here
-    from closedloop.lineage import rerun_plan
+    from closedloop.records.lineage import rerun_plan
     from closedloop.spec import load_all
 
     specs, _ = load_all(drill.root / "include" / "pipelines")
@@ -158,7 +158,8 @@ def test_rerun_with_unchanged_inputs_hits_the_cache_and_registers_the_same_model
     # gates and registration judge and record this run: never from the cache
     assert found["release_gate"][0].data.tags.get("closedloop.cache") is None
     assert again["registry"]["version"] != first["registry"]["version"]
-    from closedloop.lineage import format_trace, trace
+    from closedloop.cli.render import format_trace
+    from closedloop.records.lineage import trace
 
     t = trace(f"{MODEL}/{again['registry']['version']}")
     assert t["training_run"]["cache_hit"]["source_run_key"] == f"acc_faults/{first['run_id']}"

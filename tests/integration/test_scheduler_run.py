@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from closedloop.localserver import AirflowServer
+from closedloop.local.server import AirflowServer
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
 from tests.fixtures.runs import an_undisturbed_run, registry_record, run_to_end, tries
 

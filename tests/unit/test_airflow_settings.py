@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from closedloop.airflow_settings import load_settings
 from closedloop.errors import SpecError
+from closedloop.local.airflow_settings import load_settings
 
 
 def test_shipped_settings_file_is_valid(project):

@@ -1,4 +1,4 @@
-"""Fault drills (``closedloop.faults``): which drills fire where, and the ``pause`` drill that holds a
+"""Fault drills (``closedloop.steps.faults``): which drills fire where, and the ``pause`` drill that holds a
 task at a known moment (the production-shape tests kill a worker or restart MLflow during it)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from closedloop import faults
+from closedloop.steps import faults
 
 
 @pytest.fixture

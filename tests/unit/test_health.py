@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from closedloop.health import figures
-from closedloop.health_page import render
+from closedloop.records.health import figures
+from closedloop.web.health_page import render
 
 T0 = datetime(2026, 11, 20, 8, tzinfo=UTC)
 
@@ -50,7 +50,7 @@ def test_figures_per_pipeline():
     page = render(h, 7)
     assert '<div class="card alarm" data-figure="registry"><b>Registry: unexplained alias move</b>' in page
     assert "p_model@production → version 5" in page
-    from closedloop.health import format_health
+    from closedloop.cli.render import format_health
 
     assert f"  UNEXPLAINED  {moved}" in format_health(h)
 
@@ -61,7 +61,8 @@ def test_cache_figures_count_the_step_runs_tags_in_the_window(tmp_path):
 
     from mlflow import MlflowClient
 
-    from closedloop.health import cache_figures, format_health
+    from closedloop.cli.render import format_health
+    from closedloop.records.health import cache_figures
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(uri)

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from closedloop.errors import PermanentError
-from closedloop.incidents import IncidentError, parse_incident, payload_of
 from closedloop.spec import load_spec
+from closedloop.spec.incident import IncidentError, parse_incident, payload_of
 from closedloop.steps.incidents import admit, focus_of, incident_request, origin_tags
 
 ROUTES = {"acc": ["hard_braking", "cut_in"]}

@@ -12,11 +12,11 @@ AIRFLOW_API_CONN_ID = "closedloop_airflow_api"
 
 
 def service_api(conn_id: str = AIRFLOW_API_CONN_ID):
-    """An :class:`~closedloop.airflow_api.AirflowAPI` logged in with the connection's account
+    """An :class:`~closedloop.records.airflow_api.AirflowAPI` logged in with the connection's account
     (``host`` = the API server's URL; role ``viewer`` suffices), or None when there is none."""
     from airflow.sdk import BaseHook
 
-    from closedloop.airflow_api import AirflowAPI
+    from closedloop.records.airflow_api import AirflowAPI
 
     try:
         conn = BaseHook.get_connection(conn_id)

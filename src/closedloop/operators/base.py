@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from closedloop import vocab
+
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
@@ -75,11 +77,11 @@ class ClosedLoopStepOperator(BaseOperator):
 
     def planned(self, context: Context) -> dict | None:
         """This step's result if ``generate_dataset`` already found it in the step cache
-        (:func:`closedloop.steps.cache.plan_ahead`): returned without importing MLflow."""
-        from closedloop.spec import CACHEABLE_STEPS
+        (:func:`closedloop.steps.plan.plan_ahead`): returned without importing MLflow."""
+        from closedloop import pipeline
         from closedloop.steps.cache import PLAN_KEY
 
-        if self.task_id not in CACHEABLE_STEPS[1:]:
+        if self.task_id not in pipeline.PLANNED:
             return None
         plan = pull_sealed(context, "generate_dataset", key=PLAN_KEY, required=False)
         result = plan.get(self.task_id) if isinstance(plan, dict) else None
@@ -96,12 +98,12 @@ class ClosedLoopStepOperator(BaseOperator):
         in XCom (key ``error``: alerts, summaries and the UI show it without digging in logs;
         gate and validation reports travel with it), then re-raise it for the retry policy.
 
-        ``start``/``end``: fault-drill injection points around the step (:mod:`closedloop.faults`).
+        ``start``/``end``: fault-drill injection points around the step (:mod:`closedloop.steps.faults`).
         """
         from airflow.sdk.exceptions import AirflowException
 
         from closedloop.errors import classify
-        from closedloop.faults import inject
+        from closedloop.steps.faults import inject
 
         ti = context["ti"]
         where = {"dag_id": ti.dag_id, "task_id": ti.task_id, "try_number": int(ti.try_number or 1)}
@@ -190,8 +192,8 @@ def run_context(loaded: LoadedSpec, mlflow_conn_id: str, context: Context) -> Ru
 def uses_cache(context: Context) -> bool:
     """False when the run's conf says ``closedloop_cache: false`` (or ``closedloop rerun --no-cache``)."""
     conf = getattr(context["dag_run"], "conf", None) or {}
-    rerun = conf.get("closedloop_rerun") if isinstance(conf.get("closedloop_rerun"), dict) else {}
-    return conf.get("closedloop_cache", True) is not False and not rerun.get("no_cache")
+    rerun = conf.get(vocab.CONF_RERUN) if isinstance(conf.get(vocab.CONF_RERUN), dict) else {}
+    return conf.get(vocab.CONF_CACHE, True) is not False and not rerun.get("no_cache")
 
 
 RUN_TYPES = {"scheduled": "schedule", "backfill": "backfill", "manual": "request", "asset_triggered": "asset"}
@@ -209,14 +211,14 @@ def admission(loaded: LoadedSpec, context: Context) -> dict | None:
 
 def rerun_of(context: Context) -> dict | None:
     """``closedloop rerun``'s instructions in the run's conf (None for other runs)."""
-    value = (getattr(context["dag_run"], "conf", None) or {}).get("closedloop_rerun")
+    value = (getattr(context["dag_run"], "conf", None) or {}).get(vocab.CONF_RERUN)
     return value if isinstance(value, dict) and value.get("of") else None
 
 
 def origin_of(loaded: LoadedSpec, context: Context) -> dict[str, str]:
     """Lineage tags naming what started this run."""
     rerun = rerun_of(context)
-    extra = {"closedloop.rerun_of": str(rerun["of"])} if rerun else {}
+    extra = {vocab.RERUN_OF: str(rerun["of"])} if rerun else {}
     admitted = admission(loaded, context)
     if admitted is not None:
         from closedloop.steps.incidents import origin_tags
@@ -224,13 +226,13 @@ def origin_of(loaded: LoadedSpec, context: Context) -> dict[str, str]:
         return {**origin_tags(admitted["incidents"]), **extra}
     if rerun:
         user = getattr(context["dag_run"], "triggering_user_name", None)
-        return {"closedloop.trigger": "rerun", **extra, **({"closedloop.requester": str(user)} if user else {})}
+        return {vocab.TRIGGER: "rerun", **extra, **({vocab.REQUESTER: str(user)} if user else {})}
     dag_run = context["dag_run"]
     run_type = getattr(dag_run.run_type, "value", dag_run.run_type)
-    tags = {"closedloop.trigger": RUN_TYPES.get(str(run_type), str(run_type))}
+    tags = {vocab.TRIGGER: RUN_TYPES.get(str(run_type), str(run_type))}
     user = getattr(dag_run, "triggering_user_name", None)
     if user:
-        tags["closedloop.requester"] = str(user)
+        tags[vocab.REQUESTER] = str(user)
     return tags
 
 
@@ -247,7 +249,7 @@ def requesters(loaded: LoadedSpec, context: Context) -> list[str]:
 def request_of(loaded: LoadedSpec, context: Context) -> tuple[dict, str | None]:
     """The run's model update request and requester: an incident run's comes from its incident,
     any other run's from its params (the trigger form, REST ``conf``, or the schedule's default)."""
-    from closedloop.request import FIELDS
+    from closedloop.spec.request import FIELDS
 
     admitted = admission(loaded, context)
     if admitted is not None:

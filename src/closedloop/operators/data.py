@@ -39,7 +39,8 @@ class GenerateDatasetOperator(ClosedLoopStepOperator):
         out = self._generate(ctx, context)
         if (out.get("cache") or {}).get("hit"):
             from closedloop.operators.base import seal
-            from closedloop.steps.cache import PLAN_KEY, plan_ahead
+            from closedloop.steps.cache import PLAN_KEY
+            from closedloop.steps.plan import plan_ahead
 
             context["ti"].xcom_push(key=PLAN_KEY, value=seal(context, plan_ahead(self.loaded, ctx, out), PLAN_KEY))
         return out

@@ -10,6 +10,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOper
 from airflow.sdk import Param
 from airflow.sdk.exceptions import AirflowFailException
 
+from closedloop import vocab
 from closedloop.operators.base import ClosedLoopStepOperator
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ def requester_of(context: Context) -> str | None:
     return getattr(context["dag_run"], "triggering_user_name", None) or None
 
 
-OPENED_KEY = "review_opened"
+OPENED_KEY = vocab.XCOM_REVIEW_OPENED
 
 
 def review_link(context: Context) -> str:

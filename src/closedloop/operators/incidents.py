@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowSkipException
 
+from closedloop import vocab
 from closedloop.operators.base import ClosedLoopStepOperator
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class AdmitIncidentOperator(ClosedLoopStepOperator):
         spec = self.loaded.spec
         state = context["asset_state_store"][self.asset]
         last = {k: state.get(STATE_PREFIX + k) for k in spec.incident_scenarios()}
-        rerun = "closedloop_rerun" in (getattr(context["dag_run"], "conf", None) or {})
+        rerun = vocab.CONF_RERUN in (getattr(context["dag_run"], "conf", None) or {})
         decision = admit(spec, self.events(context), {k: v for k, v in last.items() if v}, run_id=ctx.run_id,
                          rerun=rerun)
         for reason in decision["rejected"]:

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INPUTS = {"train": ("generate_dataset", "label", "validate_data"), "simulate": ("train",)}
 
 
 def pod_arguments(loaded: LoadedSpec, pod: PodSpec, step: str) -> dict[str, Any]:
@@ -80,7 +79,9 @@ class StepPodOperator(ClosedLoopStepOperator):
         from dataclasses import asdict
 
         ctx = self.run_context(context)
-        inputs = {task_id: self.upstream(context, task_id) for task_id in INPUTS[self.step]}
+        from closedloop import pipeline
+
+        inputs = {task_id: self.upstream(context, task_id) for task_id in pipeline.step(self.step).reads}
         return {"context": asdict(ctx), "inputs": inputs}
 
     def pod_operator(self, context: Context):

@@ -25,14 +25,15 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from closedloop import vocab
 from closedloop.spec import LoadedSpec
 from closedloop.steps import tracking
 from closedloop.steps.context import RunContext, code_version
 
 log = logging.getLogger(__name__)
 
-KEY_TAG = "closedloop.cache_key"
-STATE_TAG = "closedloop.cache"  # hit | miss | off
+KEY_TAG = vocab.CACHE_KEY
+STATE_TAG = vocab.CACHE  # hit | miss | off
 
 
 def key_of(step: str, **inputs: Any) -> str:
@@ -56,7 +57,7 @@ def lookup(loaded: LoadedSpec, ctx: RunContext, step: str, key: str,
                        "and attributes.status = 'FINISHED'"),
         max_results=10, order_by=["attributes.start_time DESC"])
     for run in runs:
-        if run.data.tags.get("closedloop.run_key") == ctx.run_key:
+        if run.data.tags.get(vocab.RUN_KEY) == ctx.run_key:
             continue
         result = tracking.finished_result(run)
         if result is None:
@@ -95,12 +96,12 @@ def reuse(loaded: LoadedSpec, ctx: RunContext, step: str, key: str, *, tags: dic
     if "created" in result:
         result["created"] = False  # this run wrote nothing
     result["cache"] = {"hit": True, "key": key, "source_run_id": source.info.run_id,
-                       "source_run_key": source.data.tags.get("closedloop.run_key")}
+                       "source_run_key": source.data.tags.get(vocab.RUN_KEY)}
     from mlflow.entities import Param, RunTag
 
-    tags = {STATE_TAG: "hit", "closedloop.cache.source_run_id": source.info.run_id,
-            "closedloop.cache.source_run_key": result["cache"]["source_run_key"] or "",
-            **{t: source.data.tags[t] for t in ("closedloop.model_uri",) if t in source.data.tags}}
+    tags = {STATE_TAG: "hit", vocab.CACHE_SOURCE_RUN_ID: source.info.run_id,
+            vocab.CACHE_SOURCE_RUN_KEY: result["cache"]["source_run_key"] or "",
+            **{t: source.data.tags[t] for t in (vocab.MODEL_URI,) if t in source.data.tags}}
     c.log_batch(run.info.run_id, metrics=tracking.metric_entities(dict(source.data.metrics)),  # one call, not five
                 params=[Param(k, v) for k, v in source.data.params.items()],
                 tags=[RunTag(k, v) for k, v in tags.items()])
@@ -132,45 +133,5 @@ def snapshot_exists(result: dict) -> bool:
     return fs.exists(path)
 
 
-PLAN_KEY = "cache_plan"
-"""XCom key (on ``generate_dataset``) of the results :func:`plan_ahead` found in the cache."""
-
-
-def plan_ahead(loaded: LoadedSpec, ctx: RunContext, raw: dict) -> dict[str, dict]:
-    """After ``generate_dataset`` was answered from the cache (or a pinned snapshot), follow the
-    chain: compute each next step's key from the results found so far, record each hit in its own
-    MLflow step run, and stop at the first miss or switched-off step.
-
-    The later tasks find their result here (XCom) and return it without importing MLflow, which
-    is most of what a task costs once its work is cached (``import mlflow`` takes seconds).
-    """
-    from closedloop.steps.evaluation import evaluation_key
-    from closedloop.steps.labeling import label_key, label_tags
-    from closedloop.steps.simulation import simulation_key
-    from closedloop.steps.training import dataset_tags, train_key
-    from closedloop.steps.validation import validation_key
-
-    found: dict[str, dict] = {}
-
-    def hit(step: str, key: str, tags: dict | None = None, valid=None) -> dict | None:
-        if not enabled(loaded, ctx, step):
-            return None
-        result = reuse(loaded, ctx.for_task(step), step, key, tags=tags, valid=valid)[1]
-        if result is not None and (result.get("cache") or {}).get("hit"):
-            found[step] = result
-            return result
-        return None
-
-    labelled = hit("label", label_key(loaded, ctx, raw), label_tags(raw), snapshot_exists)
-    validation = labelled and hit("validate_data", validation_key(loaded, labelled),
-                                  {"closedloop.dataset_version": labelled["digest"]})
-    trained = validation and hit("train", train_key(loaded, labelled, validation),
-                                 dataset_tags(raw, labelled, validation))
-    offline = trained and hit("offline_eval", evaluation_key(loaded, labelled, trained),
-                              {"closedloop.dataset_version": labelled["digest"]})
-    if offline:
-        hit("simulate", simulation_key(loaded, trained))
-    if found:
-        log.info("cache: %s answered from the step cache ahead of time (their tasks will only read the result)",
-                 ", ".join(found))
-    return found
+PLAN_KEY = vocab.XCOM_CACHE_PLAN
+"""XCom key (on ``generate_dataset``) of the results :func:`closedloop.steps.plan.plan_ahead` found in the cache."""

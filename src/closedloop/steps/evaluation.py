@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from closedloop import vocab
 from closedloop.spec import LoadedSpec
 from closedloop.steps import tracking
 from closedloop.steps.context import RunContext
@@ -54,7 +55,13 @@ def offline_eval(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, trained
         return {"run_id": run_id, "metrics": metrics, "test_rows": int(len(test_df))}
 
     return run_cached(loaded, ctx, "offline_eval", key, compute,
-                      tags={"closedloop.dataset_version": labelled["digest"]})
+                      tags={vocab.DATASET_VERSION: labelled["digest"]})
+
+
+def plan(loaded: LoadedSpec, ctx, results: dict):
+    """The step table's cache-plan entry of ``offline_eval``."""
+    labelled = results["label"]
+    return evaluation_key(loaded, labelled, results["train"]), {vocab.DATASET_VERSION: labelled["digest"]}, None
 
 
 def evaluation_key(loaded: LoadedSpec, labelled: dict, trained: dict) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from closedloop import vocab
 from closedloop.errors import GateFailed
 from closedloop.spec import GateSpec, LoadedSpec
 from closedloop.steps import tracking
@@ -62,8 +63,8 @@ def release_gate(loaded: LoadedSpec, ctx: RunContext, *, offline: dict, simulati
     c.log_batch(run.info.run_id, metrics=tracking.metric_entities(metrics))  # the baseline for later regressions
     c.log_dict(run.info.run_id, report, "gates/report.json")
     if production_version:
-        c.set_tag(run.info.run_id, "closedloop.compared_to_production", production_version)
-    c.set_tag(run.info.run_id, "closedloop.gates", "passed" if passed else "failed")
+        c.set_tag(run.info.run_id, vocab.COMPARED_TO_PRODUCTION, production_version)
+    c.set_tag(run.info.run_id, vocab.GATES, "passed" if passed else "failed")
     summary = {"run_id": run.info.run_id, "passed": passed, "report": report}
     if not passed:
         c.set_terminated(run.info.run_id, "FAILED")
@@ -80,7 +81,7 @@ def production_metrics(ctx: RunContext, model: str) -> tuple[dict[str, float] | 
         mv = c.get_model_version_by_alias(model, "production")
     except Exception:  # no registered model or no production alias yet
         return None, None
-    gate_run = mv.tags.get("closedloop.gate_run_id")
+    gate_run = mv.tags.get(vocab.GATE_RUN_ID)
     if not gate_run:
         return None, str(mv.version)
     return dict(c.get_run(gate_run).data.metrics), str(mv.version)

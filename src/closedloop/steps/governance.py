@@ -18,21 +18,20 @@ import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from closedloop import vocab
 from closedloop.errors import ApprovalError, EvidenceError
 from closedloop.steps import tracking
 from closedloop.steps.approvals import approval_task_ids  # noqa: F401 - part of this module's interface
 from closedloop.steps.context import RunContext
 from closedloop.steps.signing import Binding, Signer, Verifier, bound_of, digest
 
-PRODUCTION = "production"
-PREVIOUS = "previous-production"
-CANDIDATE = "candidate"
-AUDIT_PREFIX = "closedloop.audit."
+PRODUCTION, PREVIOUS, CANDIDATE = vocab.PRODUCTION, vocab.PREVIOUS, vocab.CANDIDATE
+AUDIT_PREFIX = vocab.AUDIT_PREFIX
 APPROVE, REJECT = "Approve", "Reject"
-RECORD_TAG = "closedloop.release_record"
-APPROVAL_TAG = "closedloop.approval."
-PROMOTION_TAG = "closedloop.promotion.production"
-PUBLIC_KEY_TAG = "closedloop.signing.public_key"
+RECORD_TAG = vocab.RELEASE_RECORD
+APPROVAL_TAG = vocab.APPROVAL_PREFIX
+PROMOTION_TAG = vocab.PROMOTION
+PUBLIC_KEY_TAG = vocab.PUBLIC_KEY
 
 
 @dataclass(frozen=True)
@@ -385,14 +384,14 @@ def audit_trail(ctx: RunContext, model: str, version: str) -> dict:
     c = tracking.client(ctx)
     mv = c.get_model_version(model, version)
     tags = mv.tags
-    request = {k.removeprefix("closedloop.request."): v for k, v in tags.items() if k.startswith("closedloop.request.")}
+    request = {k.removeprefix(vocab.REQUEST_PREFIX): v for k, v in tags.items() if k.startswith(vocab.REQUEST_PREFIX)}
     gates = None
-    if tags.get("closedloop.gate_run_id"):
+    if tags.get(vocab.GATE_RUN_ID):
         import mlflow
 
         gates = mlflow.artifacts.load_dict(f"runs:/{tags['closedloop.gate_run_id']}/gates/report.json")
     events = sorted((json.loads(v) for k, v in tags.items() if k.startswith(AUDIT_PREFIX)), key=lambda e: e["at"])
-    review = {k.removeprefix("closedloop.review."): v for k, v in tags.items() if k.startswith("closedloop.review.")}
+    review = {k.removeprefix(vocab.REVIEW_PREFIX): v for k, v in tags.items() if k.startswith(vocab.REVIEW_PREFIX)}
     approvals = []
     for key in sorted(k for k in tags if k.startswith(APPROVAL_TAG)):
         try:
@@ -404,7 +403,7 @@ def audit_trail(ctx: RunContext, model: str, version: str) -> dict:
                           "production_at_review": st.get("production_at_review")})
     return {"approvals": approvals, "model": model, "version": str(version), "aliases": list(mv.aliases),
             "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(),
-            "run": {"dag_id": tags.get("airflow.dag_id"), "run_id": tags.get("airflow.run_id")},
-            "request": request, "gates": gates, "gates_verdict": tags.get("closedloop.gates"),
+            "run": {"dag_id": tags.get(vocab.AIRFLOW_DAG_ID), "run_id": tags.get(vocab.AIRFLOW_RUN_ID)},
+            "request": request, "gates": gates, "gates_verdict": tags.get(vocab.GATES),
             "review": review, "events": events}
 

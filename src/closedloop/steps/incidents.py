@@ -9,9 +9,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from closedloop import vocab
 from closedloop.errors import PermanentError
-from closedloop.incidents import SEVERITIES, IncidentError, parse_incident, payload_of, summary
 from closedloop.spec import PipelineSpec
+from closedloop.spec.incident import SEVERITIES, IncidentError, parse_incident, payload_of, summary
 
 STATE_PREFIX = "admitted."
 
@@ -87,7 +88,7 @@ def origin_tags(incidents: list[dict]) -> dict[str, str]:
     """Lineage tags for the MLflow runs and the model version of an incident run."""
     first = incidents[0]
     return {
-        "closedloop.trigger": "incident",
+        vocab.TRIGGER: "incident",
         "closedloop.incident.id": ",".join(i["id"] for i in incidents)[:5000],
         "closedloop.incident.scenario_type": ",".join(sorted({i["scenario_type"] for i in incidents})),
         "closedloop.incident.severity": first["severity"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from closedloop import vocab
 from closedloop.spec import LoadedSpec
 from closedloop.steps.context import RunContext, resolve
 from closedloop.steps.storage import read_snapshot, write_snapshot
@@ -36,5 +37,13 @@ def label_key(loaded: LoadedSpec, ctx: RunContext, raw: dict) -> str:
                   upstream=raw.get("cache_key"), root=ctx.data_root)
 
 
+def plan(loaded: LoadedSpec, ctx: RunContext, results: dict):
+    """The step table's cache-plan entry: key, tags and check of ``label`` from the results so far."""
+    from closedloop.steps.cache import snapshot_exists
+
+    raw = results["generate_dataset"]
+    return label_key(loaded, ctx, raw), label_tags(raw), snapshot_exists
+
+
 def label_tags(raw: dict) -> dict[str, str]:
-    return {"closedloop.raw_dataset_version": raw["digest"]}
+    return {vocab.RAW_DATASET_VERSION: raw["digest"]}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from closedloop import settings
+from closedloop import settings, vocab
 
 PRODUCTION = "production"
 
@@ -20,20 +20,18 @@ def experiment_name(model: str) -> str:
 
 
 def _client(tracking_uri: str | None):
-    from mlflow import MlflowClient
+    from closedloop.steps.tracking import mlflow_client
 
-    from closedloop.steps.tracking import ensure_store
-
-    uri = tracking_uri or settings.tracking_uri()
-    ensure_store(uri)
-    return MlflowClient(tracking_uri=uri)
+    return mlflow_client(tracking_uri)
 
 
 def production_version(client, model: str) -> str | None:
     try:
         return str(client.get_model_version_by_alias(model, PRODUCTION).version)
     except Exception as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+        from closedloop.steps.tracking import not_found
+
+        if not_found(exc):
             return None
         raise
 
@@ -52,7 +50,7 @@ def report_kpis(model: str, metrics: dict[str, float], *, version: str | None = 
     exp_id = exp.experiment_id if exp else c.create_experiment(
         experiment_name(model), artifact_location=settings.artifact_root(c.tracking_uri))
     run = c.create_run(exp_id, run_name=f"kpis v{version}", tags={
-        "closedloop.model": model, "closedloop.model_version": str(version), "closedloop.source": source})
+        "closedloop.model": model, vocab.MODEL_VERSION: str(version), "closedloop.source": source})
     from closedloop.steps.tracking import metric_entities
 
     c.log_batch(run.info.run_id, metrics=metric_entities(metrics))

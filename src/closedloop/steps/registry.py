@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from closedloop import vocab
 from closedloop.errors import PermanentError
 from closedloop.spec import LoadedSpec
 from closedloop.steps import tracking
@@ -11,7 +12,7 @@ from closedloop.steps.context import RunContext
 
 log = logging.getLogger(__name__)
 
-CANDIDATE = "candidate"
+CANDIDATE = vocab.CANDIDATE
 
 
 def find_version(ctx: RunContext, model_name: str, model_uri: str | None = None):
@@ -25,7 +26,7 @@ def find_version(ctx: RunContext, model_name: str, model_uri: str | None = None)
         found = c.search_model_versions(
             f"name = '{model_name}' and tags.`closedloop.run_key` = '{ctx.run_key}'")
     except Exception as exc:  # the registered model does not exist yet
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc):
+        if tracking.not_found(exc):
             return None
         raise
     if model_uri is not None:
@@ -54,7 +55,7 @@ def artifact_digest(model_uri: str, tracking_uri: str | None = None) -> str:
     location = model_uri
     name, _, version = model_uri.removeprefix("models:/").rpartition("/")
     if model_uri.startswith("models:/") and name and version.isdigit():  # where the registry says the files are
-        location = mlflow.MlflowClient(tracking_uri=tracking_uri).get_model_version_download_uri(name, version)
+        location = tracking.mlflow_client(tracking_uri).get_model_version_download_uri(name, version)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
                                                          tracking_uri=tracking_uri))
@@ -87,12 +88,12 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
     version = find_version(ctx, spec.model.name, trained["model_uri"])
     if version is None:
         tags = tracking.lineage_tags(loaded, ctx, **{
-            "closedloop.dataset_version": labelled["digest"],
-            "closedloop.raw_dataset_version": labelled.get("raw_digest"),
-            "closedloop.training_run_id": trained["run_id"],
-            "closedloop.dataset.sources": trained.get("sources"),
-            "closedloop.gate_run_id": gate["run_id"],
-            "closedloop.gates": "passed",
+            vocab.DATASET_VERSION: labelled["digest"],
+            vocab.RAW_DATASET_VERSION: labelled.get("raw_digest"),
+            vocab.TRAINING_RUN_ID: trained["run_id"],
+            vocab.DATASET_SOURCES: trained.get("sources"),
+            vocab.GATE_RUN_ID: gate["run_id"],
+            vocab.GATES: "passed",
             "closedloop.request.requester": requester or "scheduler",
             **{f"closedloop.request.{k}": (", ".join(v) if isinstance(v, list) else str(v))
                for k, v in (request or {}).items()},
@@ -100,7 +101,7 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
         if not c.search_registered_models(f"name = '{spec.model.name}'"):
             try:
                 c.create_registered_model(spec.model.name, description=spec.model.description or None,
-                                          tags={"closedloop.pipeline": spec.name})
+                                          tags={vocab.PIPELINE: spec.name})
             except Exception as exc:
                 if "RESOURCE_ALREADY_EXISTS" not in str(exc):
                     raise

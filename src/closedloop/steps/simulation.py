@@ -119,6 +119,11 @@ def poll(job: str, pid: int | None, host: str | None) -> tuple[str, dict]:
     return "running", {}
 
 
+def plan(loaded: LoadedSpec, ctx, results: dict):
+    """The step table's cache-plan entry of ``simulate``."""
+    return simulation_key(loaded, results["train"]), None, None
+
+
 def simulation_key(loaded: LoadedSpec, trained: dict) -> str:
     """Cache key of ``simulate``: the model (through the training's key), the simulator and the
     scenario catalog's content."""

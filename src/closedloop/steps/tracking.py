@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import logging
 
-from closedloop import settings
+from closedloop import settings, vocab
 from closedloop.spec import LoadedSpec
 from closedloop.steps.context import RunContext, code_version
 
 log = logging.getLogger(__name__)
 
 TAG = "closedloop."
-RESULT_TAG = "closedloop.result"
+RESULT_TAG = vocab.RESULT
 
 
 _READY: set[str] = set()
@@ -43,18 +43,30 @@ def ensure_store(uri: str) -> None:
 
 
 def not_found(exc: BaseException) -> bool:
-    """Did MLflow answer "no such thing" (model, version, alias, run)?"""
-    code = getattr(exc, "error_code", "")
-    return code == "RESOURCE_DOES_NOT_EXIST" or "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower()
+    """Did MLflow answer "no such thing" (model, version, alias, run — or an id that cannot exist)?
+    The one place that decides it."""
+    text = str(exc)
+    return (getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+            or "RESOURCE_DOES_NOT_EXIST" in text or "INVALID_PARAMETER_VALUE" in text or "not found" in text.lower())
+
+
+def mlflow_client(tracking_uri: str | None = None):
+    """The one MLflow client factory: the given store (default: this process's), its tables made
+    once under a lock (:func:`ensure_store`). Credentials come from the environment MLflow reads."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or settings.tracking_uri()
+    ensure_store(uri)
+    return MlflowClient(tracking_uri=uri)
 
 
 def client(ctx: RunContext):
+    """The step's client; also points MLflow's fluent API (``mlflow.register_model``…) at the same store."""
     import mlflow
-    from mlflow import MlflowClient
 
-    ensure_store(ctx.tracking_uri)
+    c = mlflow_client(ctx.tracking_uri)
     mlflow.set_tracking_uri(ctx.tracking_uri)
-    return MlflowClient(tracking_uri=ctx.tracking_uri)
+    return c
 
 
 def experiment_id(ctx: RunContext) -> str:
@@ -65,7 +77,7 @@ def experiment_id(ctx: RunContext) -> str:
         return exp.experiment_id
     try:
         return c.create_experiment(name, artifact_location=settings.artifact_root(ctx.tracking_uri),
-                                   tags={"closedloop.pipeline": ctx.pipeline})
+                                   tags={vocab.PIPELINE: ctx.pipeline})
     except Exception:  # created concurrently by another task
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -76,16 +88,16 @@ def experiment_id(ctx: RunContext) -> str:
 def lineage_tags(loaded: LoadedSpec, ctx: RunContext, **extra: str | None) -> dict[str, str]:
     """The tags every run and model version carries."""
     tags = {
-        "closedloop.pipeline": loaded.spec.name,
-        "closedloop.template": str(loaded.path.name),
-        "closedloop.template_hash": loaded.digest,
-        "closedloop.label_policy": loaded.spec.label_policy.ref,
-        "closedloop.code_version": code_version(),
-        "closedloop.run_key": ctx.run_key,
-        "airflow.dag_id": ctx.dag_id,
-        "airflow.run_id": ctx.run_id,
-        "airflow.task_id": ctx.task_id,
-        "airflow.try_number": str(ctx.try_number),
+        vocab.PIPELINE: loaded.spec.name,
+        vocab.TEMPLATE: str(loaded.path.name),
+        vocab.TEMPLATE_HASH: loaded.digest,
+        vocab.LABEL_POLICY: loaded.spec.label_policy.ref,
+        vocab.CODE_VERSION: code_version(),
+        vocab.RUN_KEY: ctx.run_key,
+        vocab.AIRFLOW_DAG_ID: ctx.dag_id,
+        vocab.AIRFLOW_RUN_ID: ctx.run_id,
+        vocab.AIRFLOW_TASK_ID: ctx.task_id,
+        vocab.AIRFLOW_TRY_NUMBER: str(ctx.try_number),
         **ctx.origin,
     }
     tags.update({k: str(v) for k, v in extra.items() if v is not None})
@@ -117,19 +129,19 @@ def step_run(loaded: LoadedSpec, ctx: RunContext, step: str, *, step_tags: dict[
     parent = _find(ctx, exp_id, "pipeline")
     if parent is None:
         parent = c.create_run(exp_id, run_name=f"{ctx.pipeline} {ctx.run_id}",
-                              tags={**lineage_tags(loaded, ctx, **extra), "closedloop.step": "pipeline"})
+                              tags={**lineage_tags(loaded, ctx, **extra), vocab.STEP: "pipeline"})
     else:
         for k, v in extra.items():
             if v is not None and parent.data.tags.get(k) != str(v):
                 c.set_tag(parent.info.run_id, k, str(v))
     # a step cleared after its inputs changed (new cache key) gets a new run; a retry finds its own
-    run = _find(ctx, exp_id, step, (step_tags or {}).get("closedloop.cache_key"))
-    tags = {**lineage_tags(loaded, ctx, **extra), "closedloop.step": step,
+    run = _find(ctx, exp_id, step, (step_tags or {}).get(vocab.CACHE_KEY))
+    tags = {**lineage_tags(loaded, ctx, **extra), vocab.STEP: step,
             "mlflow.parentRunId": parent.info.run_id, **(step_tags or {})}
     if run is None:
         run = c.create_run(exp_id, run_name=step, tags=tags)
     else:
-        for k in ("airflow.task_id", "airflow.try_number", *(step_tags or {})):
+        for k in (vocab.AIRFLOW_TASK_ID, vocab.AIRFLOW_TRY_NUMBER, *(step_tags or {})):
             if run.data.tags.get(k) != tags[k]:
                 c.set_tag(run.info.run_id, k, tags[k])
     return run
@@ -144,7 +156,7 @@ def finished_result(run) -> dict | None:
 
 def finish(ctx: RunContext, run_id: str, result: dict) -> dict:
     """Record the step's result on its run and mark it FINISHED (the idempotency marker)."""
-    from closedloop.faults import inject
+    from closedloop.steps.faults import inject
 
     inject(dag_id=ctx.dag_id, task_id=ctx.task_id, try_number=ctx.try_number, point="before_finish")
     c = client(ctx)
@@ -189,6 +201,6 @@ def link_rerun(loaded: LoadedSpec, ctx: RunContext, *, of: str) -> None:
     if original is None:
         log.warning("rerun of %s: its MLflow pipeline run is not in this store; linking one way only", of)
         return
-    known = [k for k in original.data.tags.get("closedloop.reruns", "").split(",") if k]
+    known = [k for k in original.data.tags.get(vocab.RERUNS, "").split(",") if k]
     if ctx.run_key not in known:
-        c.set_tag(original.info.run_id, "closedloop.reruns", ",".join([*known, ctx.run_key])[:5000])
+        c.set_tag(original.info.run_id, vocab.RERUNS, ",".join([*known, ctx.run_key])[:5000])

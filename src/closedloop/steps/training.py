@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
+from closedloop import vocab
 from closedloop.spec import LoadedSpec
 from closedloop.steps import models, tracking
 from closedloop.steps.context import RunContext, resolve
@@ -35,12 +36,12 @@ def dataset_tags(raw: dict | None, labelled: dict, validation: dict | None) -> d
     """Searchable lineage of the data a model learns from (``closedloop trace`` and ``impact`` read them)."""
     import json
 
-    tags = {"closedloop.dataset_version": labelled["digest"]}
+    tags = {vocab.DATASET_VERSION: labelled["digest"]}
     if raw:
         tags.update({
-            "closedloop.raw_dataset_version": raw["digest"],
-            "closedloop.dataset.sources": "," + ",".join(raw.get("sources") or []) + ",",  # ",a,b,": exact LIKE
-            "closedloop.dataset.window": f"{raw.get('window_start')}..{raw.get('window_end')}",
+            vocab.RAW_DATASET_VERSION: raw["digest"],
+            vocab.DATASET_SOURCES: "," + ",".join(raw.get("sources") or []) + ",",  # ",a,b,": exact LIKE
+            vocab.DATASET_WINDOW: f"{raw.get('window_start')}..{raw.get('window_end')}",
         })
     manifest = {
         "raw": {k: raw.get(k) for k in ("uri", "digest", "rows", "sources", "scenarios", "window_start",
@@ -49,7 +50,7 @@ def dataset_tags(raw: dict | None, labelled: dict, validation: dict | None) -> d
         "validation": {k: validation.get(k) for k in ("suite", "success", "evaluated", "failed")}
         if validation else None,
     }
-    tags["closedloop.dataset.manifest"] = json.dumps(manifest, sort_keys=True, default=str)
+    tags[vocab.DATASET_MANIFEST] = json.dumps(manifest, sort_keys=True, default=str)
     return tags
 
 
@@ -68,6 +69,12 @@ def train(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, validation: di
                       lambda run: _fit(loaded, ctx, run, labelled, raw), tags=dataset_tags(raw, labelled, validation))
 
 
+def plan(loaded: LoadedSpec, ctx, results: dict):
+    """The step table's cache-plan entry of ``train``."""
+    raw, labelled, validation = results["generate_dataset"], results["label"], results["validate_data"]
+    return train_key(loaded, labelled, validation), dataset_tags(raw, labelled, validation), None
+
+
 def train_key(loaded: LoadedSpec, labelled: dict, validation: dict | None) -> str:
     """Cache key of ``train``: the labelled snapshot (validated) and the training section."""
     from closedloop.steps.cache import key_of
@@ -79,14 +86,14 @@ def train_key(loaded: LoadedSpec, labelled: dict, validation: dict | None) -> st
 def _fit(loaded: LoadedSpec, ctx: RunContext, run, labelled: dict, raw: dict | None) -> dict:
     import mlflow
 
-    from closedloop.faults import inject
+    from closedloop.steps.faults import inject
 
     spec = loaded.spec
     run_id = run.info.run_id
     frame = read_snapshot(labelled["uri"], labelled["digest"])
     train_df, test_df = split(frame, spec.training.test_fraction)
     client = tracking.client(ctx)
-    model_uri = run.data.tags.get("closedloop.model_uri")
+    model_uri = run.data.tags.get(vocab.MODEL_URI)
     if model_uri:  # an earlier try logged the model, then died before finishing: keep that model
         log.info("train: model %s was logged by an earlier try of this run; reusing it, not training again", model_uri)
     else:
@@ -99,7 +106,7 @@ def _fit(loaded: LoadedSpec, ctx: RunContext, run, labelled: dict, raw: dict | N
                                        name=f"{spec.name}-labelled", targets=spec.training.target)
             info = models.log_model(model, trainer=trainer, pip_requirements=pip_requirements())
         model_uri = info.model_uri
-        client.set_tag(run_id, "closedloop.model_uri", model_uri)  # the checkpoint: the model is complete
+        client.set_tag(run_id, vocab.MODEL_URI, model_uri)  # the checkpoint: the model is complete
         inject(dag_id=ctx.dag_id, task_id=ctx.task_id, try_number=ctx.try_number, point="model_logged")
     return {"run_id": run_id, "model_uri": model_uri, "train_rows": int(len(train_df)),
             "test_rows": int(len(test_df)), "dataset_digest": labelled["digest"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from closedloop import vocab
 from closedloop.errors import DataValidationError
 from closedloop.spec import LoadedSpec
 from closedloop.steps.context import RunContext
@@ -75,7 +76,13 @@ def validate_data(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict) -> dic
         return report
 
     return run_cached(loaded, ctx, "validate_data", key, compute,
-                      tags={"closedloop.dataset_version": labelled["digest"]})
+                      tags={vocab.DATASET_VERSION: labelled["digest"]})
+
+
+def plan(loaded: LoadedSpec, ctx, results: dict):
+    """The step table's cache-plan entry of ``validate_data``."""
+    labelled = results["label"]
+    return validation_key(loaded, labelled), {vocab.DATASET_VERSION: labelled["digest"]}, None
 
 
 def validation_key(loaded: LoadedSpec, labelled: dict, suite: dict | None = None) -> str:

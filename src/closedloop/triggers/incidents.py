@@ -23,7 +23,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
-from closedloop.incidents import IncidentError, parse_incident
+from closedloop.spec.incident import IncidentError, parse_incident
 
 log = logging.getLogger(__name__)
 

@@ -41,16 +41,14 @@ class AliasWatchTrigger(BaseEventTrigger):
                 {"models": self.models, "poll_interval": self.poll_interval, "mlflow_conn_id": self.mlflow_conn_id})
 
     def check(self) -> dict[str, dict]:
-        from mlflow import MlflowClient
-
         from closedloop.hooks.mlflow import MLflowHook
         from closedloop.hooks.signing import signer
         from closedloop.steps.governance import check_aliases
-        from closedloop.steps.tracking import not_found
+        from closedloop.steps.tracking import mlflow_client, not_found
 
         hook = MLflowHook(self.mlflow_conn_id)
         os.environ.update(hook.credentials_env())
-        client = MlflowClient(tracking_uri=hook.tracking_uri())
+        client = mlflow_client(hook.tracking_uri())
         verifier = signer().verifier
         out = {}
         for model in [m for m in self.models.split(",") if m]:

@@ -10,8 +10,8 @@ import pytest
 from mlflow import MlflowClient
 
 from closedloop.errors import ApprovalError
-from closedloop.request import validate_request
 from closedloop.spec import GateSpec
+from closedloop.spec.request import validate_request
 from closedloop.steps import governance as gov
 from closedloop.steps.context import RunContext
 from closedloop.steps.gates import evaluate
@@ -235,8 +235,8 @@ def test_request_schema_matches_what_airflow_validates(project):
     """The CLI's check and the DAG params are one schema: Airflow refuses what the CLI refuses."""
     from airflow.sdk.definitions.param import ParamValidationError
 
-    from closedloop.request import dag_params
     from closedloop.spec import load_spec
+    from closedloop.spec.request import dag_params
 
     params = dag_params(load_spec(project / "include" / "pipelines" / "acc_longitudinal.yaml").spec)
     with pytest.raises(ParamValidationError):

@@ -9,13 +9,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from closedloop.airflow_api import AirflowAPI, AirflowAPIError, xcom_value
+from closedloop.cli.common import arg_dir, arg_json, arg_login, exit_code
+from closedloop.records.airflow_api import AirflowAPI, AirflowAPIError, xcom_value
 
 
 def _routes(args):
-    from closedloop.cli import pipelines_dir
-    from closedloop.incidents import routes_of
+    from closedloop.cli.common import pipelines_dir
     from closedloop.spec import load_all
+    from closedloop.spec.incident import routes_of
 
     specs, _ = load_all(pipelines_dir(args))
     return specs, routes_of(specs)
@@ -43,7 +44,7 @@ def incident_from_args(args) -> dict:
 
 
 def incident_asset_id(api: AirflowAPI, model: str) -> int:
-    from closedloop.incidents import asset_uri
+    from closedloop.spec.incident import asset_uri
 
     uri = asset_uri(model)
     data = api.get(f"/assets?uri_pattern={api.q(uri)}&limit=100")
@@ -96,7 +97,7 @@ def wait_for_run(api: AirflowAPI, dag_id: str, event_id: int, timeout: float) ->
 
 def cmd_incident_report(args) -> int:
     from closedloop import settings
-    from closedloop.incidents import IncidentError, parse_incident, summary
+    from closedloop.spec.incident import IncidentError, parse_incident, summary
 
     specs, routes = _routes(args)
     try:
@@ -113,7 +114,7 @@ def cmd_incident_report(args) -> int:
         event = post_incident(api, incident)
     except AirflowAPIError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2 if exc.status in (400, 404, 422) else 1
+        return exit_code(exc.status)
     print(f"reported {summary(incident)}: asset event {event['id']} at {event['timestamp']}")
     if args.wait:
         dag_id = next(s.spec.incident_dag_id for s in specs if s.spec.model.name == incident["model"])
@@ -150,7 +151,7 @@ def cmd_kpi_report(args) -> int:
 
 def origin(api: AirflowAPI, dag_id: str, run: dict) -> str:
     """What started one run, in words."""
-    from closedloop.incidents import payload_of
+    from closedloop.spec.incident import payload_of
 
     kind = run.get("run_type")
     if kind == "scheduled":
@@ -227,12 +228,12 @@ def cmd_runs(args, find) -> int:
 def cmd_health(args) -> int:
     from datetime import timedelta
 
-    from closedloop.cli import pipelines_dir
-    from closedloop.health import (
+    from closedloop.cli.common import pipelines_dir
+    from closedloop.cli.render import format_health
+    from closedloop.records.health import (
         cache_figures,
         current_versions,
         figures,
-        format_health,
         pipelines_of,
         records_from_api,
     )
@@ -256,10 +257,6 @@ def cmd_health(args) -> int:
 
 
 def add_parsers(sub, find) -> None:
-    def creds(sp):
-        sp.add_argument("--user", help="Airflow user (default $AIRFLOW_USERNAME); password from $AIRFLOW_PASSWORD")
-        sp.add_argument("--api-url", help="Airflow API (default $AIRFLOW_API_URL or http://127.0.0.1:8080)")
-
     sp = sub.add_parser("incident", help="report a fleet incident: starts a high-priority retrain of its model")
     isub = sp.add_subparsers(dest="incident_action", required=True)
     sp = isub.add_parser("report", help="validate an incident and post it as an Airflow asset event (or to the inbox)")
@@ -276,8 +273,8 @@ def add_parsers(sub, find) -> None:
     sp.add_argument("--inbox", action="store_true", help="drop it in the incident inbox folder instead of REST")
     sp.add_argument("--inbox-dir", help="inbox folder (default $CLOSEDLOOP_INCIDENT_INBOX or .closedloop/incidents/inbox)")
     sp.add_argument("--wait", type=float, metavar="SECONDS", help="wait this long for the run the event starts")
-    sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
-    creds(sp)
+    arg_dir(sp)
+    arg_login(sp)
     sp.set_defaults(func=cmd_incident_report)
 
     sp = sub.add_parser("kpi", help="online KPIs of production models (what the KPI watcher reads)")
@@ -291,15 +288,15 @@ def add_parsers(sub, find) -> None:
     sp = sub.add_parser("health", help="per pipeline: runs, failure rate, queue wait, lead times, retries, "
                         "pending approvals, current versions (from Airflow's records)")
     sp.add_argument("--days", type=int, default=7, help="window (default 7 days)")
-    sp.add_argument("--json", action="store_true")
-    sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
-    creds(sp)
+    arg_json(sp)
+    arg_dir(sp)
+    arg_login(sp)
     sp.set_defaults(func=cmd_health)
 
     sp = sub.add_parser("runs", help="recent runs of a pipeline (periodic and incident) and what started each")
     sp.add_argument("pipeline")
     sp.add_argument("--limit", type=int, default=20)
-    sp.add_argument("--json", action="store_true")
-    sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
-    creds(sp)
+    arg_json(sp)
+    arg_dir(sp)
+    arg_login(sp)
     sp.set_defaults(func=lambda a: cmd_runs(a, find))

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from closedloop.localserver import AirflowServer, free_port
+from closedloop.local.server import AirflowServer, free_port
 
 
 def _pg_bin(name: str) -> str:
@@ -182,36 +182,6 @@ class ProdLike:
             (f"worker-{i}", ["celery", "worker", "--celery-hostname", f"worker{i}@%h", "--skip-serve-logs",
                              "--concurrency", str(concurrency)]) for i in range(1, workers + 1))
 
-    def worker_of(self, pid: int) -> str | None:
-        """The Celery worker (``worker-N``) whose process tree holds ``pid`` (a task's process)."""
-        import psutil
-
-        for name, proc in self.airflow.procs.items():
-            if name.startswith("worker-") and proc.poll() is None:
-                try:
-                    tree = {proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))}
-                except psutil.NoSuchProcess:
-                    continue
-                if pid in tree:
-                    return name
-        return None
-
-    def kill_worker(self, name: str) -> list[int]:
-        """SIGKILL a Celery worker and every process under it (the machine it runs on dies): no
-        warm shutdown, no goodbye to the broker or to Airflow. Returns the killed pids."""
-        import psutil
-
-        root = psutil.Process(self.airflow.procs[name].pid)
-        tree = [root, *root.children(recursive=True)]
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(tree, timeout=10)
-        self.airflow.procs[name].wait(10)
-        return [p.pid for p in tree]
-
     def _redis_ready(self) -> bool:
         import socket
 
@@ -265,7 +235,7 @@ def main(root: str | None = None, workers: int = 2) -> int:
     """``make prodlike``: start everything, print where, wait for Ctrl-C, stop everything."""
     import tempfile
 
-    from closedloop.localserver import default_users, template_approvers
+    from closedloop.local.server import default_users, template_approvers
 
     project = Path.cwd()
     folder = Path(root) if root else Path(tempfile.mkdtemp(prefix="closedloop-prodlike-"))

@@ -2,22 +2,8 @@
 
 from __future__ import annotations
 
+from closedloop import pipeline
 from closedloop.spec import CACHEABLE_STEPS, LoadedSpec
-
-TASKS = (
-    ("generate_dataset", "build the raw fleet-log snapshot for the run's data window (Parquet, content-addressed)"),
-    ("label", "apply the label policy; write the labelled snapshot"),
-    ("validate_data", "check the labelled snapshot with the Great Expectations suite; stop on failure"),
-    ("train", "fit the trainer; log params, dataset input and model to MLflow"),
-    ("offline_eval", "metrics on held-out episodes of the same snapshot, overall and per group"),
-    ("simulate", "closed-loop simulation as a separate job, awaited in the triggerer (no worker slot)"),
-    ("release_gate", "compare metrics with the gate thresholds; stop (no retry) if any fails"),
-    ("register_candidate", "register one model version per run and set alias 'candidate'"),
-)
-GOVERNANCE_TASKS = (
-    ("approval", "wait (no worker slot) for an approver's decision in Airflow; timeout = rejection"),
-    ("promote", "verify the sealed release record and approvals for this exact version; move alias 'production'"),
-)
 
 
 def _schedule(expr: str | None) -> str:
@@ -36,12 +22,10 @@ def describe(loaded: LoadedSpec) -> str:
     s = loaded.spec
     ds, lp = s.dataset, s.label_policy
     gates = "\n".join(f"- `{g.describe()}`" + (f": {g.description}" if g.description else "") for g in s.gates)
-    all_tasks = TASKS + (GOVERNANCE_TASKS if s.approval else ())
-    if s.hil:
-        after = [t for t, _ in all_tasks].index("simulate") + 1
-        all_tasks = all_tasks[:after] + (("await_hil", f"wait for hardware-in-the-loop results reported by "
-                                          f"`{s.hil.reporter}` (timeout {s.hil.timeout_minutes:g} min)"),) \
-            + all_tasks[after:]
+    docs = {"await_hil": f"wait for hardware-in-the-loop results reported by `{s.hil.reporter}` (timeout "
+                         f"{s.hil.timeout_minutes:g} min)" if s.hil else ""}
+    all_tasks = [(t.id, docs.get(t.id) or t.doc)
+                 for t in pipeline.steps_of(hil=s.hil is not None, approval=s.approval is not None)]
     tasks = "\n".join(f"{i}. `{t}`: {d}" for i, (t, d) in enumerate(all_tasks, 1))
     review = (f"Approvers: {', '.join(s.approval.approvers)} (never the requester); "
               + (f"{s.approval.required} distinct approvals needed; " if s.approval.required > 1 else "")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
-from closedloop.airflow_api import AirflowAPI, AirflowAPIError
-from closedloop.lineage import LineageError
+from closedloop.cli.common import arg_dir, arg_json, arg_login, exit_code
+from closedloop.records.airflow_api import AirflowAPI, AirflowAPIError
+from closedloop.records.lineage import LineageError
 
 
 def _answer(compute, fmt, as_json: bool) -> int:
@@ -20,21 +21,23 @@ def _answer(compute, fmt, as_json: bool) -> int:
 
 
 def cmd_trace(args) -> int:
-    from closedloop.lineage import format_trace, trace
+    from closedloop.cli.render import format_trace
+    from closedloop.records.lineage import trace
 
     return _answer(lambda: trace(args.ref), format_trace, args.json)
 
 
 def cmd_impact(args) -> int:
-    from closedloop.lineage import format_impact, impact
+    from closedloop.cli.render import format_impact
+    from closedloop.records.lineage import impact
 
     return _answer(lambda: impact(source=args.source, label_policy=args.label_policy, dataset=args.dataset),
                    format_impact, args.json)
 
 
 def cmd_rerun(args) -> int:
-    from closedloop.cli import pipelines_dir
-    from closedloop.lineage import rerun_plan
+    from closedloop.cli.common import pipelines_dir
+    from closedloop.records.lineage import rerun_plan
     from closedloop.spec import load_all
 
     specs, _ = load_all(pipelines_dir(args))
@@ -60,7 +63,7 @@ def cmd_rerun(args) -> int:
         return 1
     if status != 200:
         print(f"error: Airflow refused the rerun (HTTP {status}): {run.get('detail')}", file=sys.stderr)
-        return 2 if status in (400, 404, 422) else 1
+        return exit_code(status)
     what = "fresh data" if args.fresh_data else f"the pinned snapshot {plan['pinned']}"
     print(f"rerun of {plan['original']}: {plan['dag_id']} run {run['dag_run_id']} on {what}")
     return 0
@@ -70,7 +73,7 @@ def add_parsers(sub) -> None:
     sp = sub.add_parser("trace", help="the chain behind a model version or run: data, labels, template, run, gates, review")
     sp.add_argument("ref", help="models:/NAME@ALIAS, models:/NAME/VERSION, NAME/VERSION, an MLflow run id or an "
                                "Airflow dag run id")
-    sp.add_argument("--json", action="store_true")
+    arg_json(sp)
     sp.set_defaults(func=cmd_trace)
     sp = sub.add_parser("impact", help="snapshots, training runs and model versions a source, label policy or "
                                       "dataset touches (live ones flagged)")
@@ -78,7 +81,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--source", help="fleet log source, e.g. fleet-eu")
     g.add_argument("--label-policy", help="NAME or NAME@VERSION")
     g.add_argument("--dataset", help="dataset snapshot digest (raw or labelled)")
-    sp.add_argument("--json", action="store_true")
+    arg_json(sp)
     sp.set_defaults(func=cmd_impact)
     sp = sub.add_parser("rerun", help="run a pipeline run again exactly: same request, pinned snapshot, label policy")
     sp.add_argument("ref", help="the run to repeat: an Airflow dag run id, MLflow run id or model version")
@@ -88,7 +91,6 @@ def add_parsers(sub) -> None:
     sp.add_argument("--no-cache", action="store_true",
                     help="do every step again: bypass the step cache (results of identical earlier steps)")
     sp.add_argument("--dry-run", action="store_true", help="print the plan (DAG, conf, notes) and start nothing")
-    sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
-    sp.add_argument("--user", help="Airflow user (default $AIRFLOW_USERNAME); password from $AIRFLOW_PASSWORD")
-    sp.add_argument("--api-url", help="Airflow API (default $AIRFLOW_API_URL or http://127.0.0.1:8080)")
+    arg_dir(sp)
+    arg_login(sp)
     sp.set_defaults(func=cmd_rerun)

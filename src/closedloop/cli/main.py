@@ -28,8 +28,9 @@ import sys
 from pathlib import Path
 
 from closedloop import settings
+from closedloop.cli.common import arg_dir, arg_json, arg_login, find_pipeline, pipelines_dir
 
-PROJECT = Path(__file__).resolve().parents[2]
+PROJECT = settings.project_dir()
 DEMO_PIPELINE = "acc_longitudinal"
 
 
@@ -54,10 +55,6 @@ def local_defaults() -> None:
 ENV_KEYS = ("CLOSEDLOOP_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__LOAD_EXAMPLES",
             "AIRFLOW__CORE__UNIT_TEST_MODE", "GX_ANALYTICS_ENABLED", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
             "MLFLOW_TRACKING_URI")
-
-
-def pipelines_dir(args) -> Path:
-    return Path(args.dir) if getattr(args, "dir", None) else settings.include_dir() / "pipelines"
 
 
 def cmd_list(args) -> int:
@@ -94,23 +91,10 @@ def cmd_validate(args) -> int:
     return 2 if errors else 0
 
 
-def _find(args, name: str):
-    from closedloop.spec import load_all
-
-    specs, _ = load_all(pipelines_dir(args))
-    for s in specs:
-        if s.spec.name == name:
-            return s
-    known = ", ".join(s.spec.name for s in specs) or "none"
-    print(f"error: no valid pipeline named {name!r} in {pipelines_dir(args)} (known: {known}); "
-          "`closedloop pipelines validate` shows invalid templates", file=sys.stderr)
-    return None
-
-
 def cmd_describe(args) -> int:
-    from closedloop.describe import describe
+    from closedloop.spec.describe import describe
 
-    loaded = _find(args, args.name)
+    loaded = find_pipeline(args, args.name)
     if loaded is None:
         return 2
     print(describe(loaded))
@@ -119,9 +103,9 @@ def cmd_describe(args) -> int:
 
 def cmd_run(args) -> int:
     local_defaults()
-    if _find(args, args.pipeline) is None:
+    if find_pipeline(args, args.pipeline) is None:
         return 2
-    from closedloop.localrun import run_pipeline
+    from closedloop.local.run import run_pipeline
 
     try:
         summary = run_pipeline(args.pipeline, logical_date=args.date, quiet=not args.verbose)
@@ -141,7 +125,7 @@ def cmd_env(args) -> int:
 
 def cmd_summary(args) -> int:
     local_defaults()
-    from closedloop.localrun import collect_summary
+    from closedloop.local.run import collect_summary
 
     summary = collect_summary(args.pipeline, args.run_id)
     if summary is None:
@@ -152,7 +136,7 @@ def cmd_summary(args) -> int:
 
 
 def _print_summary(summary: dict, args) -> int:
-    from closedloop.report import format_summary
+    from closedloop.cli.render import format_summary
 
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
     return 0 if summary["state"] == "success" else 1
@@ -160,8 +144,8 @@ def _print_summary(summary: dict, args) -> int:
 
 def cmd_demo(args) -> int:
     local_defaults()
-    from closedloop.demo import run
-    from closedloop.localrun import ensure_db
+    from closedloop.local.demo import run
+    from closedloop.local.run import ensure_db
 
     ensure_db()
     return run()
@@ -169,8 +153,8 @@ def cmd_demo(args) -> int:
 
 def cmd_serve(args) -> int:
     local_defaults()
-    from closedloop.localrun import ensure_db
-    from closedloop.localserver import serve
+    from closedloop.local.run import ensure_db
+    from closedloop.local.server import serve
 
     ensure_db()
     return serve(args.port, args.mlflow_port)
@@ -186,7 +170,7 @@ def parser() -> argparse.ArgumentParser:
                                ("validate", cmd_validate, "validate templates (all, or the files given)"),
                                ("describe", cmd_describe, "purpose, inputs, outputs, dependencies, schedule")):
         sp = pls.add_parser(name, help=helptext)
-        sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
+        arg_dir(sp)
         sp.set_defaults(func=fn)
         if name == "validate":
             sp.add_argument("files", nargs="*", help="template files (default: every file in --dir)")
@@ -197,8 +181,8 @@ def parser() -> argparse.ArgumentParser:
                         "waits for a decision from the UI (`make airflow`) or `closedloop approve`")
     sp.add_argument("pipeline")
     sp.add_argument("--date", help="logical date YYYY-MM-DD (default: now); the data window ends there")
-    sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
-    sp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    arg_dir(sp)
+    arg_json(sp, "print the summary as JSON")
     sp.add_argument("-v", "--verbose", action="store_true", help="show Airflow's task logs")
     sp.set_defaults(func=cmd_run)
     sp = sub.add_parser("demo", help=f"the governed path of {DEMO_PIPELINE} through a local Airflow: request, "
@@ -209,17 +193,15 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--mlflow-port", type=int, default=5000)
     sp.set_defaults(func=cmd_serve)
 
-    from closedloop.governance_cli import add_parsers
+    from closedloop.cli.governance import add_parsers
 
-    add_parsers(sub, _find)
-    from closedloop.events_cli import add_parsers as add_event_parsers
+    add_parsers(sub, find_pipeline)
+    from closedloop.cli.events import add_parsers as add_event_parsers
 
-    add_event_parsers(sub, _find)
-    from closedloop.lineage_cli import add_parsers as add_lineage_parsers
+    add_event_parsers(sub, find_pipeline)
+    from closedloop.cli.lineage import add_parsers as add_lineage_parsers
 
     add_lineage_parsers(sub)
-    from closedloop.airflow_settings import add_parsers as add_settings_parsers
-
     add_settings_parsers(sub)
 
     sp = sub.add_parser("prodlike", help="the production shape on this machine: PostgreSQL, Redis, MLflow server, "
@@ -234,15 +216,44 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("summary", help="summary of an earlier run")
     sp.add_argument("pipeline")
     sp.add_argument("run_id")
-    sp.add_argument("--json", action="store_true")
+    arg_json(sp)
     sp.set_defaults(func=cmd_summary)
     return p
 
 
 def cmd_prodlike(args) -> int:
-    from closedloop.prodlike import main as prodlike
+    from closedloop.local.prodlike import main as prodlike
 
     return prodlike(args.dir, args.workers)
+
+
+def cmd_settings_apply(args) -> int:
+    from closedloop.errors import SpecError
+    from closedloop.local.airflow_settings import apply_settings, load_settings
+    from closedloop.records.airflow_api import AirflowAPI, AirflowAPIError
+
+    try:
+        settings = load_settings(args.file)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        done = apply_settings(AirflowAPI(url=args.api_url, user=args.user), settings)
+    except AirflowAPIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for kind, name, state in done:
+        print(f"{kind[:-1]:<11} {name:<32} {state}")
+    return 0
+
+
+def add_settings_parsers(sub) -> None:
+    sp = sub.add_parser("settings", help="Airflow connections, pools and variables from airflow_settings.yaml")
+    ss = sp.add_subparsers(dest="settings_command", required=True)
+    ap = ss.add_parser("apply", help="create or update them in an Airflow through its REST API (idempotent)")
+    ap.add_argument("file", nargs="?", default="airflow_settings.yaml")
+    arg_login(ap)
+    ap.set_defaults(func=cmd_settings_apply)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,7 @@ async def _login_or_redirect(request: Request):
 def health_figures(days: int) -> dict:
     from datetime import UTC, datetime, timedelta
 
-    from closedloop.health import cache_figures, current_versions, figures, pipelines_of, records_from_db
+    from closedloop.records.health import cache_figures, current_versions, figures, pipelines_of, records_from_db
     from closedloop.spec import load_all
 
     specs, _ = load_all(_pipelines_dir())
@@ -68,11 +68,11 @@ def health_figures(days: int) -> dict:
 
 def _pipelines_dir():
     """The templates next to the DAG folder Airflow reads (as the DAG file finds them)."""
-    from pathlib import Path
-
     from airflow.configuration import conf
 
-    return Path(conf.get("core", "dags_folder")).parent / "include" / "pipelines"
+    from closedloop import settings
+
+    return settings.pipelines_beside(conf.get("core", "dags_folder"))
 
 
 def _tracking_uri() -> str:
@@ -86,7 +86,7 @@ def create_app() -> FastAPI:
 
     @app.get("/api/trace")
     def api_trace(user: Reader, ref: Annotated[str, Query(min_length=1, max_length=500)]):
-        from closedloop.lineage import LineageError, trace
+        from closedloop.records.lineage import LineageError, trace
 
         try:
             return JSONResponse(trace(ref, _tracking_uri()))
@@ -96,7 +96,7 @@ def create_app() -> FastAPI:
     @app.get("/api/impact")
     def api_impact(user: Reader, source: str | None = None, label_policy: str | None = None,
                    dataset: str | None = None):
-        from closedloop.lineage import LineageError, impact
+        from closedloop.records.lineage import LineageError, impact
 
         try:
             return JSONResponse(impact(source=source, label_policy=label_policy, dataset=dataset,
@@ -113,7 +113,7 @@ def create_app() -> FastAPI:
         denied = await _login_or_redirect(request)
         if denied is not None:
             return denied
-        from closedloop.health_page import render
+        from closedloop.web.health_page import render
 
         return HTMLResponse(render(health_figures(days), days))
 

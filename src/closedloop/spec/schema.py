@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from closedloop import pipeline
 from closedloop.errors import SpecError
 
 NAME_RE = r"^[a-z][a-z0-9_]{1,62}$"
@@ -257,10 +258,10 @@ class IncidentsSpec(_Part):
     kpis: list[KpiRuleSpec] = Field(default_factory=list, description="production KPI bounds that raise incidents")
 
 
-CACHEABLE_STEPS = ("generate_dataset", "label", "validate_data", "train", "offline_eval", "simulate")
+CACHEABLE_STEPS = pipeline.CACHEABLE
 """Steps whose result the step cache may reuse. Gates, registration, review and promotion always run:
 they judge and record this run."""
-RETRYABLE_STEPS = (*CACHEABLE_STEPS, "release_gate", "register_candidate", "promote")
+RETRYABLE_STEPS = pipeline.RETRYABLE
 
 
 class StepPolicySpec(_Part):

@@ -17,8 +17,8 @@ import sys
 import time
 from datetime import datetime
 
-from closedloop.localrun import collect_summary
-from closedloop.report import format_summary
+from closedloop.cli.render import format_summary
+from closedloop.local.run import collect_summary
 
 PIPELINE = "acc_longitudinal"
 INCIDENT_DAG = f"{PIPELINE}_incident"
@@ -65,11 +65,11 @@ def _ts(value: str) -> datetime:
 
 def run() -> int:
     from closedloop import settings
-    from closedloop.events_cli import post_incident, wait_for_run
-    from closedloop.governance_cli import format_audit
-    from closedloop.incidents import parse_incident, routes_of
-    from closedloop.localserver import local_server
+    from closedloop.cli.events import post_incident, wait_for_run
+    from closedloop.cli.render import format_audit
+    from closedloop.local.server import local_server
     from closedloop.spec import load_all
+    from closedloop.spec.incident import parse_incident, routes_of
     from closedloop.steps.context import RunContext
     from closedloop.steps.governance import audit_trail
 
@@ -94,7 +94,7 @@ def run() -> int:
         print(format_summary(periodic))
 
         print(f"\n[2/3] {REPORTER} reports a hard-braking collision from the fleet (asset event, REST)", flush=True)
-        specs, _ = load_all(settings.include_dir() / "pipelines")
+        specs, _ = load_all(settings.pipelines_dir())
         incident = parse_incident({**INCIDENT, "id": f"INC-{time.strftime('%Y%m%d-%H%M%S')}",
                                    "reported_by": REPORTER}, routes_of(specs))
         event = post_incident(reporter, incident)
@@ -140,7 +140,7 @@ def run() -> int:
               + ", ".join(f"{k} after {v:.0f} s" for k, v in lead.items())
               + (" (including the reviewer's decision)" if "production" in lead else ""))
 
-        from closedloop.events_cli import origin
+        from closedloop.cli.events import origin
 
         print("\nwhat started each run (also: `closedloop runs acc_longitudinal`):")
         print(f"  {PIPELINE} {periodic_id}: {origin(admin, PIPELINE, run)} -> {periodic['state']}")

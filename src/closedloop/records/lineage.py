@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any
 
+from closedloop import vocab
 from closedloop.errors import ClosedLoopError
 
 LIVE_ALIASES = ("production", "candidate")
@@ -24,19 +25,15 @@ class LineageError(ClosedLoopError):
 
 
 def _client(tracking_uri: str | None):
-    from mlflow import MlflowClient
+    from closedloop.steps.tracking import mlflow_client
 
-    from closedloop import settings
-    from closedloop.steps.tracking import ensure_store
-
-    uri = tracking_uri or settings.tracking_uri()
-    ensure_store(uri)
-    return MlflowClient(tracking_uri=uri)
+    return mlflow_client(tracking_uri)
 
 
 def _missing(exc: Exception) -> bool:
-    text = str(exc)
-    return "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower() or "INVALID_PARAMETER_VALUE" in text
+    from closedloop.steps.tracking import not_found
+
+    return not_found(exc)
 
 
 def _experiments(c) -> list[str]:
@@ -88,7 +85,7 @@ def resolve(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
             if _missing(exc):
                 raise LineageError(f"no MLflow run {ref!r}") from None
             raise
-        key = run.data.tags.get("closedloop.run_key")
+        key = run.data.tags.get(vocab.RUN_KEY)
         if not key:
             raise LineageError(f"MLflow run {ref!r} was not made by a closedloop pipeline (no closedloop.run_key)")
         parent = _pipeline_run(c, key, [run.info.experiment_id])
@@ -99,10 +96,10 @@ def resolve(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
         raise LineageError(f"{ref!r} is no model (models:/NAME@ALIAS, NAME/VERSION), MLflow run id or Airflow dag "
                            "run id that a closedloop pipeline recorded")
     if len(runs) > 1:
-        dags = sorted({r.data.tags.get("airflow.dag_id") for r in runs})
+        dags = sorted({r.data.tags.get(vocab.AIRFLOW_DAG_ID) for r in runs})
         raise LineageError(f"Airflow run id {ref!r} exists in several DAGs {dags}; give the model version instead")
     run = runs[0]
-    return {"version": _version_of_run_key(c, run.data.tags["closedloop.run_key"]), "pipeline_run": run}
+    return {"version": _version_of_run_key(c, run.data.tags[vocab.RUN_KEY]), "pipeline_run": run}
 
 
 def _q(value: str) -> str:
@@ -116,7 +113,7 @@ def _pipeline_run(c, run_key: str, experiment_ids: list[str]):
 
 
 def _pipeline_run_of_version(c, mv):
-    key = mv.tags.get("closedloop.run_key")
+    key = mv.tags.get(vocab.RUN_KEY)
     if not key or not mv.run_id:
         return None
     try:
@@ -143,25 +140,25 @@ def _version_of_run_key(c, run_key: str):
 
 
 def _step_runs(c, parent) -> dict[str, Any]:
-    key = parent.data.tags.get("closedloop.run_key")
+    key = parent.data.tags.get(vocab.RUN_KEY)
     runs = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`closedloop.run_key` = '{_q(key)}'",
                          max_results=50, order_by=["attributes.start_time ASC"])  # a re-done step: newest wins
-    return {r.data.tags.get("closedloop.step"): r for r in runs}
+    return {r.data.tags.get(vocab.STEP): r for r in runs}
 
 
 def _result(run) -> dict | None:
-    raw = run.data.tags.get("closedloop.result") if run else None
+    raw = run.data.tags.get(vocab.RESULT) if run else None
     return json.loads(raw) if raw else None
 
 
 def _origin(tags: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"trigger": tags.get("closedloop.trigger", "unknown")}
-    if tags.get("closedloop.requester") or tags.get("closedloop.request.requester"):
-        out["requester"] = tags.get("closedloop.requester") or tags.get("closedloop.request.requester")
-    incident = {k.removeprefix("closedloop.incident."): v for k, v in tags.items() if k.startswith("closedloop.incident.")}
+    out: dict[str, Any] = {"trigger": tags.get(vocab.TRIGGER, "unknown")}
+    if tags.get(vocab.REQUESTER) or tags.get("closedloop.request.requester"):
+        out["requester"] = tags.get(vocab.REQUESTER) or tags.get("closedloop.request.requester")
+    incident = {k.removeprefix(vocab.INCIDENT_PREFIX): v for k, v in tags.items() if k.startswith(vocab.INCIDENT_PREFIX)}
     if incident:
         out["incident"] = incident
-    for key in ("closedloop.rerun_of", "closedloop.reruns"):
+    for key in (vocab.RERUN_OF, vocab.RERUNS):
         if tags.get(key):
             out[key.removeprefix("closedloop.")] = tags[key]
     return out
@@ -173,14 +170,14 @@ def trace(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
     c = _client(tracking_uri)
     found = resolve(ref, tracking_uri)
     mv, parent = found["version"], found["pipeline_run"]
-    steps = _step_runs(c, parent) if parent is not None and parent.data.tags.get("closedloop.step") == "pipeline" \
+    steps = _step_runs(c, parent) if parent is not None and parent.data.tags.get(vocab.STEP) == "pipeline" \
         else ({"train": parent} if parent is not None else {})
     train = steps.get("train")
     if train is None and mv is not None and mv.run_id:
         train = c.get_run(mv.run_id)
     tags = dict((parent or train).data.tags) if (parent or train) else dict(mv.tags)
     ttags = dict(train.data.tags) if train else {}
-    manifest = json.loads(ttags.get("closedloop.dataset.manifest") or "null") or {}
+    manifest = json.loads(ttags.get(vocab.DATASET_MANIFEST) or "null") or {}
     gate = _result(steps.get("release_gate"))
     out: dict[str, Any] = {"ref": ref}
     if mv is not None:
@@ -188,90 +185,33 @@ def trace(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
         out["model_version"] = {
             "name": mv.name, "version": str(mv.version), "aliases": aliases, "status": mv.status,
             "created": mv.creation_timestamp, "source": mv.source,
-            "request": {k.removeprefix("closedloop.request."): v for k, v in mv.tags.items()
-                        if k.startswith("closedloop.request.")},
+            "request": {k.removeprefix(vocab.REQUEST_PREFIX): v for k, v in mv.tags.items()
+                        if k.startswith(vocab.REQUEST_PREFIX)},
         }
     if train is not None:
         out["training_run"] = {
             "run_id": train.info.run_id, "status": train.info.status, "params": dict(train.data.params),
-            "metrics": dict(train.data.metrics), "code_version": ttags.get("closedloop.code_version"),
-            "model_uri": ttags.get("closedloop.model_uri"),
+            "metrics": dict(train.data.metrics), "code_version": ttags.get(vocab.CODE_VERSION),
+            "model_uri": ttags.get(vocab.MODEL_URI),
         }
-        if ttags.get("closedloop.cache") == "hit":  # the model was trained by an earlier run with identical inputs
-            out["training_run"]["cache_hit"] = {"source_run_id": ttags.get("closedloop.cache.source_run_id"),
-                                                "source_run_key": ttags.get("closedloop.cache.source_run_key")}
+        if ttags.get(vocab.CACHE) == "hit":  # the model was trained by an earlier run with identical inputs
+            out["training_run"]["cache_hit"] = {"source_run_id": ttags.get(vocab.CACHE_SOURCE_RUN_ID),
+                                                "source_run_key": ttags.get(vocab.CACHE_SOURCE_RUN_KEY)}
     out["datasets"] = [d for d in (
-        {"kind": "labelled", **(manifest.get("labelled") or {"digest": ttags.get("closedloop.dataset_version")})},
-        {"kind": "raw", **(manifest.get("raw") or {"digest": ttags.get("closedloop.raw_dataset_version")})},
+        {"kind": "labelled", **(manifest.get("labelled") or {"digest": ttags.get(vocab.DATASET_VERSION)})},
+        {"kind": "raw", **(manifest.get("raw") or {"digest": ttags.get(vocab.RAW_DATASET_VERSION)})},
     ) if d.get("digest")]
     out["validation"] = manifest.get("validation")
-    out["label_policy"] = tags.get("closedloop.label_policy")
-    out["template"] = {"pipeline": tags.get("closedloop.pipeline"), "file": tags.get("closedloop.template"),
-                       "hash": tags.get("closedloop.template_hash")}
-    out["airflow_run"] = {"dag_id": tags.get("airflow.dag_id"), "run_id": tags.get("airflow.run_id"),
+    out["label_policy"] = tags.get(vocab.LABEL_POLICY)
+    out["template"] = {"pipeline": tags.get(vocab.PIPELINE), "file": tags.get(vocab.TEMPLATE),
+                       "hash": tags.get(vocab.TEMPLATE_HASH)}
+    out["airflow_run"] = {"dag_id": tags.get(vocab.AIRFLOW_DAG_ID), "run_id": tags.get(vocab.AIRFLOW_RUN_ID),
                           "started_by": _origin({**tags, **(dict(mv.tags) if mv is not None else {})})}
     out["gates"] = {"passed": gate.get("passed"), "report": gate.get("report")} if gate else None
-    review = {k.removeprefix("closedloop.review."): v for k, v in (mv.tags.items() if mv is not None else ())
-              if k.startswith("closedloop.review.")}
+    review = {k.removeprefix(vocab.REVIEW_PREFIX): v for k, v in (mv.tags.items() if mv is not None else ())
+              if k.startswith(vocab.REVIEW_PREFIX)}
     out["review"] = review or None
     return out
-
-
-def format_trace(t: dict[str, Any]) -> str:
-    lines = [f"trace of {t['ref']} (newest first)"]
-    mv = t.get("model_version")
-    if mv:
-        lines.append(f"\nmodel version   {mv['name']} v{mv['version']}  aliases: "
-                     f"{', '.join('@' + a for a in mv['aliases']) or '-'}  ({mv['status']})")
-        if mv["request"].get("purpose"):
-            lines.append(f"  request       {mv['request'].get('purpose')}  (by {mv['request'].get('requester', '?')})")
-    tr = t.get("training_run")
-    if tr:
-        lines.append(f"training run    {tr['run_id']}  code {tr['code_version']}")
-        if tr.get("cache_hit"):
-            lines.append(f"  step cache    hit: model trained by MLflow run {tr['cache_hit']['source_run_id']} "
-                         f"(pipeline run {tr['cache_hit']['source_run_key']}) on identical inputs")
-        lines.append("  params        " + ", ".join(f"{k}={v}" for k, v in sorted(tr["params"].items())))
-        if tr["metrics"]:
-            lines.append("  metrics       " + ", ".join(f"{k}={v:g}" for k, v in sorted(tr["metrics"].items())))
-    for d in t["datasets"]:
-        extra = ""
-        if d["kind"] == "raw" and d.get("sources"):
-            extra = (f"  sources {', '.join(d['sources'])}, window {d.get('window_start')}..{d.get('window_end')}, "
-                     f"scenarios {', '.join(d.get('scenarios') or [])}"
-                     + (f", sampling {d['focus']}" if d.get("focus") else ""))
-        rows = f", {d['rows']} rows" if d.get("rows") is not None else ""
-        lines.append(f"dataset {d['kind']:<8} {d['digest']}{rows}{extra}")
-    v = t.get("validation")
-    if v:
-        lines.append(f"  validation    suite {v['suite']}: {'passed' if v['success'] else 'FAILED'} "
-                     f"({v['evaluated'] - v['failed']}/{v['evaluated']})")
-    lines.append(f"label policy    {t['label_policy']}")
-    tp = t["template"]
-    lines.append(f"template        {tp['pipeline']} ({tp['file']}, hash {tp['hash']})")
-    ar = t["airflow_run"]
-    started = ar["started_by"]
-    how = started["trigger"] + (f" by {started['requester']}" if started.get("requester")
-                                and not started.get("incident") else "")
-    if started.get("incident"):
-        inc = started["incident"]
-        how += f": incident {inc.get('id')} ({inc.get('kind')}, {inc.get('scenario_type')}, {inc.get('severity')})"
-    if started.get("rerun_of"):
-        how += f"; rerun of {started['rerun_of']}"
-    if started.get("reruns"):
-        how += f"; rerun as {started['reruns']}"
-    lines.append(f"airflow run     {ar['dag_id']} / {ar['run_id']}  started by {how}")
-    g = t.get("gates")
-    if g:
-        from closedloop.steps.gates import format_report
-
-        lines.append(f"gates           {'passed' if g['passed'] else 'FAILED'}")
-        lines.extend("  " + line for line in format_report(g["report"] or []).splitlines())
-    r = t.get("review")
-    if r:
-        lines.append(f"review          {r.get('decision')} by {r.get('reviewer') or '-'} at {r.get('at') or '-'}"
-                     + (f": {r['comment']}" if r.get("comment") else ""))
-    return "\n".join(lines)
 
 
 def _pages(search) -> list:
@@ -326,14 +266,14 @@ def impact(*, source: str | None = None, label_policy: str | None = None, datase
     training = []
     for r in runs:
         t = r.data.tags
-        for kind, key in (("raw", "closedloop.raw_dataset_version"), ("labelled", "closedloop.dataset_version")):
+        for kind, key in (("raw", vocab.RAW_DATASET_VERSION), ("labelled", vocab.DATASET_VERSION)):
             if t.get(key):
-                snapshots.setdefault(t[key], {"digest": t[key], "kind": kind, "pipeline": t.get("closedloop.pipeline"),
-                                              "label_policy": t.get("closedloop.label_policy") if kind == "labelled"
-                                              else None, "window": t.get("closedloop.dataset.window")})
-        entry = {"run_id": r.info.run_id, "pipeline": t.get("closedloop.pipeline"), "dag_id": t.get("airflow.dag_id"),
-                 "airflow_run_id": t.get("airflow.run_id"), "status": r.info.status,
-                 "dataset_version": t.get("closedloop.dataset_version"), "label_policy": t.get("closedloop.label_policy")}
+                snapshots.setdefault(t[key], {"digest": t[key], "kind": kind, "pipeline": t.get(vocab.PIPELINE),
+                                              "label_policy": t.get(vocab.LABEL_POLICY) if kind == "labelled"
+                                              else None, "window": t.get(vocab.DATASET_WINDOW)})
+        entry = {"run_id": r.info.run_id, "pipeline": t.get(vocab.PIPELINE), "dag_id": t.get(vocab.AIRFLOW_DAG_ID),
+                 "airflow_run_id": t.get(vocab.AIRFLOW_RUN_ID), "status": r.info.status,
+                 "dataset_version": t.get(vocab.DATASET_VERSION), "label_policy": t.get(vocab.LABEL_POLICY)}
         training.append(entry)
     versions = []
     aliases_of: dict[str, dict[str, list[str]]] = {}
@@ -345,7 +285,7 @@ def impact(*, source: str | None = None, label_policy: str | None = None, datase
         aliases = sorted(aliases_of[name].get(version, []))
         versions.append({"model": name, "version": version, "aliases": aliases,
                          "live": sorted(set(aliases) & set(LIVE_ALIASES)),
-                         "training_run_id": mv.tags.get("closedloop.training_run_id") or mv.run_id})
+                         "training_run_id": mv.tags.get(vocab.TRAINING_RUN_ID) or mv.run_id})
     versions.sort(key=lambda v: (v["model"], int(v["version"])))
     training.sort(key=lambda e: (e["pipeline"] or "", e["airflow_run_id"] or ""))
     return {"query": what, "snapshots": sorted(snapshots.values(), key=lambda s: (s["pipeline"] or "", s["kind"], s["digest"])),
@@ -355,27 +295,6 @@ def impact(*, source: str | None = None, label_policy: str | None = None, datase
 
 def _versions_where(c, filter_string: str) -> list:
     return _pages(lambda token: c.search_model_versions(filter_string, max_results=10_000, page_token=token))
-
-
-def format_impact(i: dict[str, Any]) -> str:
-    lines = [f"impact of {i['query']}: {len(i['snapshots'])} snapshots, {len(i['training_runs'])} training runs, "
-             f"{len(i['model_versions'])} model versions, {len(i['live'])} live"]
-    if i["live"]:
-        lines.append("\nLIVE (act here first):")
-        lines.extend(f"  {v['model']} v{v['version']}  @{', @'.join(v['live'])}" for v in i["live"])
-    if i["snapshots"]:
-        lines.append("\nsnapshots:")
-        lines.extend(f"  {s['kind']:<8} {s['digest']}  {s['pipeline']}  window {s['window'] or '-'}"
-                     + (f"  {s['label_policy']}" if s["label_policy"] else "") for s in i["snapshots"])
-    if i["training_runs"]:
-        lines.append("\ntraining runs:")
-        lines.extend(f"  {e['run_id']}  {e['dag_id']} / {e['airflow_run_id']}  ({e['status']}, {e['label_policy']})"
-                     for e in i["training_runs"])
-    if i["model_versions"]:
-        lines.append("\nmodel versions:")
-        lines.extend(f"  {v['model']} v{v['version']}" + (f"  @{', @'.join(v['aliases'])}" if v["aliases"] else "")
-                     for v in i["model_versions"])
-    return "\n".join(lines)
 
 
 def rerun_plan(ref: str, specs, *, fresh_data: bool = False, allow_template_change: bool = False,
@@ -414,10 +333,10 @@ def rerun_plan(ref: str, specs, *, fresh_data: bool = False, allow_template_chan
     if not fresh_data and pin is None:
         raise LineageError(f"{ref!r}: the original run recorded no raw snapshot to pin (use --fresh-data)")
     original = f"{ar['dag_id']}/{ar['run_id']}"
-    conf: dict[str, Any] = {"closedloop_rerun": {"of": original, "fresh_data": fresh_data,
+    conf: dict[str, Any] = {vocab.CONF_RERUN: {"of": original, "fresh_data": fresh_data,
                                                  **({"raw": pin} if not fresh_data else {})}}
     if no_cache:
-        conf["closedloop_cache"] = False
+        conf[vocab.CONF_CACHE] = False
     request = (t.get("model_version") or {}).get("request") or {}
     incident = ar["started_by"].get("incident")
     if ar["dag_id"] == loaded.spec.incident_dag_id:
@@ -430,7 +349,7 @@ def rerun_plan(ref: str, specs, *, fresh_data: bool = False, allow_template_chan
             "log_refs": [r for r in (incident.get("log_refs") or "").split(",") if r],
         }.items() if v not in (None, "")}
     else:
-        from closedloop.request import FIELDS
+        from closedloop.spec.request import FIELDS
 
         for k in FIELDS:
             if request.get(k):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from closedloop.airflow_api import AirflowAPI, AirflowAPIError, xcom_value
+from closedloop.cli.common import arg_dir, arg_json, arg_login, exit_code
+from closedloop.records.airflow_api import AirflowAPI, AirflowAPIError, xcom_value
 
 
 def _api(args) -> AirflowAPI:
@@ -20,7 +21,7 @@ def _ctx():
 
 
 def cmd_request(args, find) -> int:
-    from closedloop.request import validate_request
+    from closedloop.spec.request import validate_request
 
     if find(args, args.pipeline) is None:
         return 2
@@ -35,7 +36,7 @@ def cmd_request(args, find) -> int:
                             {"logical_date": None, "conf": conf, "note": f"model update request: {args.purpose[:200]}"})
     if status != 200:
         print(f"error: Airflow refused the request (HTTP {status}): {data.get('detail')}", file=sys.stderr)
-        return 2 if status in (400, 404, 422) else 1
+        return exit_code(status)
     print(f"requested: {args.pipeline} run {data['dag_run_id']} (state {data['state']}, requester {api.user})")
     return 0
 
@@ -52,7 +53,7 @@ def cmd_decide(args, decision: str) -> int:
             404: "no such run, or it has no approval step waiting", 409: "a decision was already recorded"}.get(status, "")
     print(f"error: Airflow refused the decision (HTTP {status}): {detail}" + (f"\n  {hint}" if hint else ""),
           file=sys.stderr)
-    return 2 if status in (404, 409, 422) else 1
+    return exit_code(status)
 
 
 def cmd_hil_report(args) -> int:
@@ -76,7 +77,7 @@ def cmd_hil_report(args) -> int:
     status, data = api.call("PATCH", path, {"chosen_options": ["Report"], "params_input": {"results": results}})
     if status != 200:
         print(f"error: Airflow refused the report (HTTP {status}): {data.get('detail')}", file=sys.stderr)
-        return 2 if status in (404, 409, 422) else 1
+        return exit_code(status)
     print(f"reported {len(results)} hardware-in-the-loop metric(s) for {args.pipeline} run {args.run_id}")
     return 0
 
@@ -93,7 +94,7 @@ def registry_action(api: AirflowAPI, conf: dict, *, timeout: float = 300) -> tup
     if status != 200:
         hint = {404: "no governed pipeline is deployed (no template with approval:)",
                 403: "your Airflow role may not trigger DAG runs"}.get(status, "")
-        return (2 if status in (400, 404, 422) else 1), {
+        return exit_code(status), {
             "error": f"Airflow refused the request (HTTP {status}): {data.get('detail') if data else ''}"
                      + (f"; {hint}" if hint else "")}
     run_path = api.run_path(REGISTRY_DAG_ID, data["dag_run_id"])
@@ -148,16 +149,14 @@ def cmd_rollback(args) -> int:
 
 def cmd_verify(args) -> int:
     """``closedloop audit --verify MODEL [--restore --reason …]``: aliases against the sealed records."""
-    from mlflow import MlflowClient
-
-    from closedloop import settings
     from closedloop.errors import EvidenceError
     from closedloop.steps.governance import check_aliases
     from closedloop.steps.signing import published_verifier
+    from closedloop.steps.tracking import mlflow_client
 
     try:
         verifier, where = published_verifier()
-        state = check_aliases(MlflowClient(settings.tracking_uri()), args.model, verifier)
+        state = check_aliases(mlflow_client(), args.model, verifier)
     except EvidenceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -232,45 +231,13 @@ def cmd_audit(args) -> int:
     if args.json:
         print(json.dumps(trail, indent=2, default=str))
         return 0
+    from closedloop.cli.render import format_audit
+
     print(format_audit(trail))
     return 0
 
 
-def format_audit(t: dict) -> str:
-    from closedloop.steps.gates import format_report
-
-    r = t["request"]
-    out = [f"audit of {t['model']} version {t['version']}  (aliases: {', '.join('@' + a for a in t['aliases']) or '-'})",
-           f"registered {t['created']} by Airflow run {t['run']['dag_id']}/{t['run']['run_id']}", "",
-           "1. request", f"   requester: {r.get('requester', '-')}", f"   purpose:   {r.get('purpose', '-')}",
-           f"   change:    {r.get('change', '-')}", f"   impact:    {r.get('expected_impact', '-')}",
-           f"   scope:     {r.get('scope') or '-'}", f"   ticket:    {r.get('ticket') or '-'}", "",
-           f"2. release gates: {t['gates_verdict'] or '-'}"]
-    if t["gates"]:
-        out.append(format_report(t["gates"]))
-    rv = t["review"]
-    out += ["", "3. review", f"   decision: {rv.get('decision', 'none yet')}" +
-            (f" by {rv['reviewer']}" if rv.get("reviewer") else "") + (f" at {rv['at']}" if rv.get("at") else ""),
-            f"   comment:  {rv.get('comment') or '-'}"]
-    for a in t.get("approvals") or []:
-        out.append(f"   {a['task']}: {a['decision']} by {a['responder'] or '-'} at {a['at']} "
-                   f"(production then: {a['production_at_review'] or 'none'})")
-    out += ["", "4. events"]
-    for e in t["events"]:
-        extra = ", ".join(f"{k}={v}" for k, v in sorted(e.items())
-                          if k not in ("event", "at", "promotion") and v not in (None, ""))
-        extra += ", sealed" if e.get("promotion") else ""
-        out.append(f"   {e['at']}  {e['event']:<28} {extra}")
-    if not t["events"]:
-        out.append("   (none)")
-    return "\n".join(out)
-
-
 def add_parsers(sub, find) -> None:
-    def creds(sp):
-        sp.add_argument("--user", help="Airflow user (default $AIRFLOW_USERNAME); password from $AIRFLOW_PASSWORD")
-        sp.add_argument("--api-url", help="Airflow API (default $AIRFLOW_API_URL or http://127.0.0.1:8080)")
-
     sp = sub.add_parser("request", help="file a model update request: start a run through Airflow's REST API")
     sp.add_argument("pipeline")
     sp.add_argument("--purpose", required=True, help="why (at least 10 characters)")
@@ -279,15 +246,15 @@ def add_parsers(sub, find) -> None:
     sp.add_argument("--impact", required=True, help="expected impact")
     sp.add_argument("--scope", help="vehicles / regions / ODD concerned")
     sp.add_argument("--ticket", help="linked incident or ticket")
-    sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
-    creds(sp)
+    arg_dir(sp)
+    arg_login(sp)
     sp.set_defaults(func=lambda a: cmd_request(a, find))
     for name, decision in (("approve", "Approve"), ("reject", "Reject")):
         sp = sub.add_parser(name, help=f"{name} a waiting release candidate (as an assigned reviewer)")
         sp.add_argument("pipeline")
         sp.add_argument("run_id")
         sp.add_argument("--comment", default="")
-        creds(sp)
+        arg_login(sp)
         sp.set_defaults(func=lambda a, d=decision: cmd_decide(a, d))
     sp = sub.add_parser("hil", help="hardware-in-the-loop rig: report results for a waiting run")
     hs = sp.add_subparsers(dest="hil_action", required=True)
@@ -296,30 +263,30 @@ def add_parsers(sub, find) -> None:
     sp.add_argument("run_id")
     sp.add_argument("--results", help="JSON file: an object of metric name -> number")
     sp.add_argument("--metric", action="append", help="name=number (repeatable)")
-    creds(sp)
+    arg_login(sp)
     sp.set_defaults(func=cmd_hil_report)
     sp = sub.add_parser("promote", help="move alias production to an approved version (through Airflow: the "
                         "deployment checks the sealed release record and approvals)")
     sp.add_argument("model")
     sp.add_argument("version")
-    creds(sp)
+    arg_login(sp)
     sp.set_defaults(func=cmd_promote)
     sp = sub.add_parser("rollback", help="give production back to the previous-production version (through "
                         "Airflow, as an approver; audited)")
     sp.add_argument("model")
     sp.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
-    creds(sp)
+    arg_login(sp)
     sp.set_defaults(func=cmd_rollback)
     sp = sub.add_parser("audit", help="request, gates, review and alias changes of one model version; "
                         "--verify MODEL checks the aliases against the sealed records")
     sp.add_argument("model")
     sp.add_argument("version", nargs="?")
-    sp.add_argument("--json", action="store_true")
+    arg_json(sp)
     sp.add_argument("--verify", action="store_true", help="exit 1 naming every alias no sealed record explains")
     sp.add_argument("--restore", action="store_true", help="with --verify: put production back on the last "
                     "governed version (through Airflow, as an approver)")
     sp.add_argument("--reason", help="with --restore: why")
-    creds(sp)
+    arg_login(sp)
     sp.set_defaults(func=cmd_audit)
     sp = sub.add_parser("keys", help="the deployment's signing key: generate one, or show the public key")
     sp.add_argument("keys_action", choices=["generate", "show"])

@@ -14,10 +14,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from closedloop import settings
+from closedloop import pipeline, settings
 
-TASK_ORDER = ("admit_incident", "generate_dataset", "label", "validate_data", "train", "offline_eval", "simulate",
-              "await_hil", "release_gate", "register_candidate", "approval", "promote")
+TASK_ORDER = pipeline.ORDER
 
 
 def ensure_db() -> None:
@@ -125,9 +124,9 @@ def collect_summary(dag_id: str, run_id: str) -> dict | None:
 def _registry_state(registered: dict | None) -> dict | None:
     if not registered:
         return None
-    from mlflow import MlflowClient
+    from closedloop.steps.tracking import mlflow_client
 
-    c = MlflowClient(tracking_uri=settings.tracking_uri())
+    c = mlflow_client()
     mv = c.get_model_version(registered["model"], registered["version"])
     return {"model": mv.name, "version": str(mv.version), "aliases": list(mv.aliases), "status": mv.status,
             "source": mv.source, "run_id": mv.run_id,

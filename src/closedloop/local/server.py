@@ -162,9 +162,10 @@ class AirflowServer:
 
     def template_pools(self) -> dict[str, int]:
         """Pools the templates next to the DAG folder name (incident pools), 4 slots each."""
+        from closedloop import settings
         from closedloop.spec import load_all
 
-        folder = Path(self.env["AIRFLOW__CORE__DAGS_FOLDER"]).parent / "include" / "pipelines"
+        folder = settings.pipelines_beside(self.env["AIRFLOW__CORE__DAGS_FOLDER"])
         specs, _ = load_all(folder) if folder.is_dir() else ([], [])
         return {s.spec.incidents.pool: 4 for s in specs if s.spec.incidents is not None}
 
@@ -196,8 +197,8 @@ class AirflowServer:
                 proc.wait(10)
 
     def client(self, user: str):
-        """An :class:`~closedloop.airflow_api.AirflowAPI` logged in as ``user``."""
-        from closedloop.airflow_api import AirflowAPI
+        """An :class:`~closedloop.records.airflow_api.AirflowAPI` logged in as ``user``."""
+        from closedloop.records.airflow_api import AirflowAPI
 
         if user not in self._tokens:
             self._tokens[user] = AirflowAPI(self.url, user, self.users[user][1])
@@ -215,7 +216,7 @@ class AirflowServer:
             if last:
                 return last
             time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}; airflow log:\n{self.tail()}")
+        raise TimeoutError(f"timed out after {timeout} s waiting for {what}; airflow log:\n{self.tail()}")
 
 
 def default_users(approvers: list[str]) -> dict[str, str]:
@@ -229,7 +230,7 @@ def template_approvers() -> list[str]:
     from closedloop import settings
     from closedloop.spec import load_all
 
-    specs, _ = load_all(settings.include_dir() / "pipelines")
+    specs, _ = load_all(settings.pipelines_dir())
     return sorted({a for s in specs if s.spec.approval for a in s.spec.approval.approvers})
 
 

@@ -12,6 +12,8 @@ import statistics
 from datetime import datetime, timedelta
 from typing import Any
 
+from closedloop import vocab
+
 RUN_FIELDS = ("dag_id", "run_id", "state", "run_type", "run_after", "queued_at", "start_date", "end_date")
 TI_FIELDS = ("dag_id", "run_id", "task_id", "state", "try_number", "queued_dttm", "start_date", "end_date")
 
@@ -124,7 +126,7 @@ def records_from_api(api, dag_ids: list[str], since: datetime) -> tuple[list[dic
 
 def current_versions(specs, tracking_uri: str | None = None) -> dict[str, dict[str, str | None]]:
     """``production`` and ``candidate`` version of each pipeline's model (None where unset)."""
-    from closedloop.lineage import _client
+    from closedloop.records.lineage import _client
 
     c = _client(tracking_uri)
     out = {}
@@ -155,7 +157,7 @@ def registry_problems(client, model: str) -> list[str]:
 def cache_figures(specs, since: datetime, tracking_uri: str | None = None) -> dict[str, dict[str, Any]]:
     """Step-cache use per pipeline since ``since``, from the step runs' ``closedloop.cache`` tags in MLflow:
     hits, misses, runs with the cache off, the hit rate and the hits per step."""
-    from closedloop.lineage import _client, _pages
+    from closedloop.records.lineage import _client, _pages
 
     c = _client(tracking_uri)
     ms = int(since.timestamp() * 1000)
@@ -172,7 +174,7 @@ def cache_figures(specs, since: datetime, tracking_uri: str | None = None) -> di
                 counts[state] = len(found)
                 if state == "hit":
                     for r in found:
-                        step = r.data.tags.get("closedloop.step", "?")
+                        step = r.data.tags.get(vocab.STEP, "?")
                         by_step[step] = by_step.get(step, 0) + 1
         looked = counts["hit"] + counts["miss"]
         out[s.spec.name] = {"hits": counts["hit"], "misses": counts["miss"], "off": counts["off"],
@@ -181,26 +183,3 @@ def cache_figures(specs, since: datetime, tracking_uri: str | None = None) -> di
     return out
 
 
-def format_health(h: dict[str, Any]) -> str:
-    lines = [f"pipeline health {h['since'][:16]} .. {h['until'][:16]} (UTC)"]
-    for name, p in h["pipelines"].items():
-        fr = f"{p['failure_rate']:.0%}" if p["failure_rate"] is not None else "-"
-        qw, lt, ip = p["queue_wait_s"], p["lead_time_to_candidate_s"], p["incident_to_production_s"]
-        v = (h.get("versions") or {}).get(name, {})
-        lines += [f"\n{name}  ({', '.join(p['dags'])})",
-                  f"  runs {p['runs']} ({', '.join(f'{k} {n}' for k, n in p['by_state'].items()) or '-'}), "
-                  f"incident runs {p['incident_runs']}, failure rate {fr}, retries {p['retries']}, "
-                  f"pending approvals {p['pending_approvals']}",
-                  f"  queue wait   median {qw['median']} s, p95 {qw['p95']} s ({qw['n']} tasks)",
-                  f"  lead time    trigger → candidate median {lt['median']} s ({lt['n']}); "
-                  f"incident → production median {ip['median']} s ({ip['n']})",
-                  f"  versions     production {v.get('production') or '-'}, candidate {v.get('candidate') or '-'}"]
-        lines += [f"  UNEXPLAINED  {problem}" for problem in v.get("registry_problems") or []]
-        cache = (h.get("cache") or {}).get(name)
-        if cache:
-            rate = f"{cache['hit_rate']:.0%}" if cache["hit_rate"] is not None else "-"
-            lines.append(f"  step cache   {cache['hits']} hits, {cache['misses']} misses ({rate} hit rate), "
-                         f"{cache['off']} with the cache off"
-                         + (f"; hits: {', '.join(f'{k} {n}' for k, n in cache['hits_by_step'].items())}"
-                            if cache["hits_by_step"] else ""))
-    return "\n".join(lines)

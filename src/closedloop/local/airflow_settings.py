@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +112,7 @@ def _differs(want: dict, have: dict, fields: list[str]) -> list[str]:
 
 def apply_settings(api, settings: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
     """Create or update each item through the REST API; returns ``(kind, name, created|updated|unchanged)``."""
-    from closedloop.airflow_api import AirflowAPIError
+    from closedloop.records.airflow_api import AirflowAPIError
 
     done = []
     kinds = (("connections", "connection_id", "/connections", ["conn_type", "host", "schema", "login", "port", "extra",
@@ -141,31 +140,3 @@ def apply_settings(api, settings: dict[str, list[dict]]) -> list[tuple[str, str,
                                       f"{(answer or {}).get('detail')}", status)
             done.append((kind, name, state))
     return done
-
-
-def cmd_settings_apply(args) -> int:
-    from closedloop.airflow_api import AirflowAPI, AirflowAPIError
-
-    try:
-        settings = load_settings(args.file)
-    except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        done = apply_settings(AirflowAPI(url=args.api_url, user=args.user), settings)
-    except AirflowAPIError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for kind, name, state in done:
-        print(f"{kind[:-1]:<11} {name:<32} {state}")
-    return 0
-
-
-def add_parsers(sub) -> None:
-    sp = sub.add_parser("settings", help="Airflow connections, pools and variables from airflow_settings.yaml")
-    ss = sp.add_subparsers(dest="settings_command", required=True)
-    ap = ss.add_parser("apply", help="create or update them in an Airflow through its REST API (idempotent)")
-    ap.add_argument("file", nargs="?", default="airflow_settings.yaml")
-    ap.add_argument("--user", help="Airflow user (default $AIRFLOW_USERNAME); password from $AIRFLOW_PASSWORD")
-    ap.add_argument("--api-url", help="Airflow API (default $AIRFLOW_API_URL or http://127.0.0.1:8080)")
-    ap.set_defaults(func=cmd_settings_apply)

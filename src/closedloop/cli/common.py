@@ -1,0 +1,56 @@
+"""What every command shares: where the templates are, finding a pipeline, exit codes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from closedloop import settings
+
+#: Exit codes: 0 success, 1 refused or failed, 2 bad input (unknown pipeline, model, version or run;
+#: invalid template or request).
+OK, REFUSED, BAD_INPUT = 0, 1, 2
+#: Airflow's answers that mean "you asked for something that does not exist or is malformed".
+_BAD_INPUT_HTTP = frozenset({400, 404, 409, 422})
+
+
+def exit_code(status: int | None) -> int:
+    """The one mapping from an HTTP status (Airflow's REST API) to an exit code."""
+    if status is not None and 200 <= status < 300:
+        return OK
+    return BAD_INPUT if status in _BAD_INPUT_HTTP else REFUSED
+
+
+def pipelines_dir(args) -> Path:
+    """``--dir`` when given, else the project's ``include/pipelines``."""
+    return Path(args.dir) if getattr(args, "dir", None) else settings.pipelines_dir()
+
+
+def find_pipeline(args, name: str):
+    """The valid template named ``name``, or None after saying which ones exist."""
+    from closedloop.spec import load_all
+
+    specs, _ = load_all(pipelines_dir(args))
+    for s in specs:
+        if s.spec.name == name:
+            return s
+    known = ", ".join(s.spec.name for s in specs) or "none"
+    print(f"error: no valid pipeline named {name!r} in {pipelines_dir(args)} (known: {known}); "
+          "`closedloop pipelines validate` shows invalid templates", file=sys.stderr)
+    return None
+
+
+# -- arguments shared by several commands: each declared here, once -----------------------------
+def arg_login(sp) -> None:
+    """``--user`` / ``--api-url``: whom Airflow's REST API sees (the password comes from $AIRFLOW_PASSWORD)."""
+    sp.add_argument("--user", help="Airflow user (default $AIRFLOW_USERNAME); password from $AIRFLOW_PASSWORD")
+    sp.add_argument("--api-url", help="Airflow API (default $AIRFLOW_API_URL or http://127.0.0.1:8080)")
+
+
+def arg_dir(sp) -> None:
+    """``--dir``: the templates folder."""
+    sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
+
+
+def arg_json(sp, help: str = "print JSON instead of text") -> None:
+    sp.add_argument("--json", action="store_true", help=help)

@@ -1,0 +1,104 @@
+"""THE step table: one row per step of the closed loop.
+
+The DAG builder (operators, edges, retries), ``describe`` and the DAG docs, the local run's
+order, the cacheable set and the cache plan, pod inputs and OpenLineage all read this table;
+adding a step is one row here (plus its operator and step function). Nothing is imported here:
+the DAG processor reads it at parse time.
+
+Columns:
+
+- ``id``: the task id.
+- ``operator``: ``module:Class`` of the Airflow operator (imported when a DAG is built).
+- ``upstream``: the steps it runs after (the DAG's edges).
+- ``reads``: the steps whose results it reads (a pod is handed these; OpenLineage's inputs).
+- ``cacheable``: found in the step cache when its inputs are identical; ``plan`` names the
+  ``module:function`` that computes its cache key and tags from the results found so far
+  (``generate_dataset``'s cache hit follows the chain through the later steps).
+- ``retry``: ``transient`` (retried with backoff on transient errors only) or ``never`` (a human
+  decision: asked once).
+- ``when``: the template section the step needs (``hil``, ``approval``, ``incidents``), else always.
+- ``lineage_in`` / ``lineage_out``: what the step consumes and makes, by kind (``sources``,
+  ``raw``, ``labelled``, ``model``, ``scenarios``, ``registered``, ``production``).
+- ``doc``: one line for ``describe`` and the DAG's docs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Step:
+    id: str
+    operator: str
+    doc: str
+    upstream: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+    cacheable: bool = False
+    plan: str | None = None
+    retry: str = "transient"
+    when: str | None = None
+    pod: bool = False
+    lineage_in: tuple[str, ...] = ()
+    lineage_out: tuple[str, ...] = ()
+
+
+OPS = "closedloop.operators"
+
+STEPS: tuple[Step, ...] = (
+    Step("admit_incident", f"{OPS}.incidents:AdmitIncidentOperator", when="incidents", retry="never",
+         doc="admit the run's incidents (malformed ones fail it), debounce repeats, say what to mine more of"),
+    Step("generate_dataset", f"{OPS}.data:GenerateDatasetOperator", upstream=("admit_incident",), cacheable=True,
+         reads=("admit_incident",), lineage_in=("sources",), lineage_out=("raw",),
+         doc="build the raw fleet-log snapshot for the run's data window (Parquet, content-addressed)"),
+    Step("label", f"{OPS}.data:LabelOperator", upstream=("generate_dataset",), reads=("generate_dataset",),
+         cacheable=True, plan="closedloop.steps.labeling:plan", lineage_in=("raw",), lineage_out=("labelled",),
+         doc="apply the label policy; write the labelled snapshot"),
+    Step("validate_data", f"{OPS}.data:ValidateDataOperator", upstream=("label",), reads=("label",), cacheable=True,
+         plan="closedloop.steps.validation:plan", lineage_in=("labelled",),
+         doc="check the labelled snapshot with the Great Expectations suite; stop on failure"),
+    Step("train", f"{OPS}.model:TrainOperator", upstream=("validate_data",),
+         reads=("generate_dataset", "label", "validate_data"), cacheable=True, plan="closedloop.steps.training:plan",
+         pod=True, lineage_in=("labelled",), lineage_out=("model",),
+         doc="fit the trainer; log params, dataset input and model to MLflow"),
+    Step("offline_eval", f"{OPS}.model:OfflineEvalOperator", upstream=("train", "label"), reads=("label", "train"),
+         cacheable=True, plan="closedloop.steps.evaluation:plan", lineage_in=("labelled", "model"),
+         doc="metrics on held-out episodes of the same snapshot, overall and per group"),
+    Step("simulate", f"{OPS}.simulation:SimulateOperator", upstream=("offline_eval",), reads=("train",),
+         cacheable=True, plan="closedloop.steps.simulation:plan", pod=True, lineage_in=("model", "scenarios"),
+         doc="closed-loop simulation as a separate job, awaited in the triggerer (no worker slot)"),
+    Step("await_hil", f"{OPS}.governance:HilResultsOperator", upstream=("simulate",), when="hil", retry="never",
+         doc="wait (no worker slot) for the hardware-in-the-loop rig's results; none in time fails the run"),
+    Step("release_gate", f"{OPS}.model:ReleaseGateOperator", upstream=("simulate", "await_hil"),
+         reads=("offline_eval", "simulate", "await_hil", "train"), lineage_in=("model",),
+         doc="compare metrics with the gate thresholds; stop (no retry) if any fails"),
+    Step("register_candidate", f"{OPS}.model:RegisterCandidateOperator", upstream=("release_gate",),
+         reads=("train", "label", "release_gate"), lineage_in=("model",), lineage_out=("registered",),
+         doc="register one model version per run, seal its release record, set alias 'candidate'"),
+    Step("approval", f"{OPS}.governance:ReviewOperator", upstream=("register_candidate",), reads=("register_candidate",),
+         when="approval", retry="never",
+         doc="wait (no worker slot) for an approver's decision in Airflow; timeout = rejection"),
+    Step("promote", f"{OPS}.governance:PromoteOperator", upstream=("approval",),
+         reads=("register_candidate", "approval"), when="approval", lineage_in=("registered",),
+         lineage_out=("production",),
+         doc="verify the sealed release record and approvals for this exact version; move alias 'production'"),
+)
+
+BY_ID: dict[str, Step] = {s.id: s for s in STEPS}
+ORDER: tuple[str, ...] = tuple(s.id for s in STEPS)
+CACHEABLE: tuple[str, ...] = tuple(s.id for s in STEPS if s.cacheable)
+"""Steps the step cache may answer, in order; the first one's hit plans the others (:mod:`closedloop.steps.plan`)."""
+PLANNED: tuple[str, ...] = CACHEABLE[1:]
+"""Cacheable steps whose result the first one's cache hit may find ahead of time."""
+RETRYABLE: tuple[str, ...] = tuple(s.id for s in STEPS if s.retry == "transient" and s.id != "admit_incident")
+POD_STEPS: tuple[str, ...] = tuple(s.id for s in STEPS if s.pod)
+
+
+def step(step_id: str) -> Step:
+    return BY_ID[step_id]
+
+
+def steps_of(*, hil: bool, approval: bool, incidents: bool = False) -> tuple[Step, ...]:
+    """The steps of one DAG: the conditional ones only where the template has their section."""
+    present = {"hil": hil, "approval": approval, "incidents": incidents}
+    return tuple(s for s in STEPS if s.when is None or present[s.when])

@@ -1,0 +1,69 @@
+"""Every shared name: registry aliases, MLflow tag names, run-conf keys, XCom keys.
+
+MLflow tags are how records find each other (a step's run by run key and step, a version's
+lineage, the cache); changing a value here orphans what earlier runs recorded.
+"""
+
+from __future__ import annotations
+
+# -- registry aliases -----------------------------------------------------------------------------
+CANDIDATE = "candidate"
+PRODUCTION = "production"
+PREVIOUS = "previous-production"
+
+# -- MLflow tags: identity and lineage of every run and model version ------------------------------
+PIPELINE = "closedloop.pipeline"
+TEMPLATE = "closedloop.template"
+TEMPLATE_HASH = "closedloop.template_hash"
+LABEL_POLICY = "closedloop.label_policy"
+CODE_VERSION = "closedloop.code_version"
+RUN_KEY = "closedloop.run_key"
+STEP = "closedloop.step"
+RESULT = "closedloop.result"
+TRIGGER = "closedloop.trigger"
+REQUESTER = "closedloop.requester"
+RERUN_OF = "closedloop.rerun_of"
+RERUNS = "closedloop.reruns"
+AIRFLOW_DAG_ID = "airflow.dag_id"
+AIRFLOW_RUN_ID = "airflow.run_id"
+AIRFLOW_TASK_ID = "airflow.task_id"
+AIRFLOW_TRY_NUMBER = "airflow.try_number"
+
+# -- MLflow tags: data and model --------------------------------------------------------------------
+DATASET_VERSION = "closedloop.dataset_version"
+RAW_DATASET_VERSION = "closedloop.raw_dataset_version"
+DATASET_SOURCES = "closedloop.dataset.sources"
+DATASET_WINDOW = "closedloop.dataset.window"
+DATASET_MANIFEST = "closedloop.dataset.manifest"
+MODEL_URI = "closedloop.model_uri"
+MODEL_VERSION = "closedloop.model_version"
+TRAINING_RUN_ID = "closedloop.training_run_id"
+GATE_RUN_ID = "closedloop.gate_run_id"
+GATES = "closedloop.gates"
+COMPARED_TO_PRODUCTION = "closedloop.compared_to_production"
+
+# -- MLflow tags: the step cache ---------------------------------------------------------------------
+CACHE = "closedloop.cache"
+CACHE_KEY = "closedloop.cache_key"
+CACHE_SOURCE_RUN_ID = "closedloop.cache.source_run_id"
+CACHE_SOURCE_RUN_KEY = "closedloop.cache.source_run_key"
+
+# -- MLflow tags: requests, incidents, governance ----------------------------------------------------
+REQUEST_PREFIX = "closedloop.request."
+INCIDENT_PREFIX = "closedloop.incident."
+REVIEW_PREFIX = "closedloop.review."
+AUDIT_PREFIX = "closedloop.audit."
+RELEASE_RECORD = "closedloop.release_record"
+APPROVAL_PREFIX = "closedloop.approval."
+PROMOTION = "closedloop.promotion.production"
+PUBLIC_KEY = "closedloop.signing.public_key"
+
+# -- run conf keys (REST ``conf``, ``closedloop rerun``) ----------------------------------------------
+CONF_RERUN = "closedloop_rerun"
+CONF_CACHE = "closedloop_cache"
+CONF_INCIDENT = "incident"
+
+# -- XCom keys ---------------------------------------------------------------------------------------
+XCOM_ERROR = "error"
+XCOM_CACHE_PLAN = "cache_plan"
+XCOM_REVIEW_OPENED = "review_opened"
