@@ -215,7 +215,7 @@ def cmd_keys(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from closedloop.steps.governance import audit_trail
+    from closedloop.records.audit import audit_trail
 
     if args.verify:
         return cmd_verify(args)

@@ -68,10 +68,10 @@ def run() -> int:
     from closedloop.cli.events import post_incident, wait_for_run
     from closedloop.cli.render import format_audit
     from closedloop.local.server import local_server
+    from closedloop.records.audit import audit_trail
     from closedloop.spec import load_all
     from closedloop.spec.incident import parse_incident, routes_of
     from closedloop.steps.context import RunContext
-    from closedloop.steps.governance import audit_trail
 
     server = local_server()
     print(f"starting a local Airflow on {server.url} (scheduler, triggerer, DAG processor, API server; "

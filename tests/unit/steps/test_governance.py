@@ -10,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from closedloop.errors import ApprovalError
+from closedloop.records.audit import audit_trail
 from closedloop.spec import GateSpec
 from closedloop.spec.request import validate_request
 from closedloop.steps import governance as gov
@@ -114,7 +115,7 @@ def test_promote_moves_aliases_seals_the_move_and_rollback_restores(registry):
     last = gov.last_promotion(c, "m", key.verifier)
     assert (last["version"], last["seq"], last["approved_by"]) == ("2", 2, ["bob"])
     assert gov.check_aliases(c, "m", key.verifier)["ok"]
-    events = [e["event"] for e in gov.audit_trail(ctx, "m", "2")["events"]]
+    events = [e["event"] for e in audit_trail(ctx, "m", "2")["events"]]
     assert events == ["alias.production"]  # the idempotent repeat recorded nothing
 
     with pytest.raises(ApprovalError, match="'mallory' may not roll back m"):
@@ -124,7 +125,7 @@ def test_promote_moves_aliases_seals_the_move_and_rollback_restores(registry):
     out = gov.rollback(ctx, "m", actor="bob", reason="brakes late on wet roads", allowed=["bob"], signer=key)
     assert out == {"model": "m", "production": "1", "previous-production": "2"}
     assert gov.check_aliases(c, "m", key.verifier)["ok"]  # a rollback is a sealed move too
-    trail = gov.audit_trail(ctx, "m", "1")
+    trail = audit_trail(ctx, "m", "1")
     assert trail["events"][-1]["event"] == "alias.production.rollback"
     assert trail["events"][-1]["by"] == "bob" and trail["events"][-1]["reason"] == "brakes late on wet roads"
 
