@@ -54,9 +54,15 @@ def pod_project(tmp_path_factory, project):
     return root
 
 
-def task_context(task, dag, results: dict) -> dict:
+def task_context(task, dag, results: dict, *, sealed: bool = True) -> dict:
     """The parts of a task's runtime context the operator reads (a stand-in: rendering a pod needs no
-    running task, and no cluster is here to run one)."""
+    running task, and no cluster is here to run one). The upstream results are sealed as the upstream
+    tasks would have sealed them (with the deployment's key: here the local one)."""
+    from closedloop.hooks.signing import signer
+    from closedloop.steps.signing import Binding
+
+    if sealed:
+        results = {t: signer().seal(v, Binding(dag.dag_id, "manual__pods", t)) for t, v in results.items()}
     ti = SimpleNamespace(dag_id=dag.dag_id, task_id=task.task_id, run_id="manual__pods", try_number=1, map_index=-1,
                          xcom_pull=lambda task_ids, key="return_value": results.get(task_ids) if key ==
                          "return_value" else None)
@@ -96,6 +102,10 @@ def test_template_renders_the_pods_the_cluster_would_run(pod_project):
     assert payload["context"]["origin"] == {"closedloop.trigger": "request", "closedloop.requester": "ml-engineer"}
     assert payload["context"]["tracking_uri"] == settings.tracking_uri()
     assert not any("PASSWORD" in e.name for e in c.env)  # credentials come from the secret, not the spec
+    from closedloop.errors import EvidenceError
+
+    with pytest.raises(EvidenceError, match="the result of task 'generate_dataset' carries no seal"):
+        train.pod_operator(task_context(train, dag, inputs, sealed=False))  # an edited XCom reaches no pod
     sim_ctx = task_context(simulate, dag, {"train": {"model_uri": "models:/m/1", "run_id": "r"}})
     sim = simulate.pod_operator(sim_ctx).build_pod_request_obj(sim_ctx, dry_run=True)
     sim_base = next(x for x in sim.spec.containers if x.name == "base")
