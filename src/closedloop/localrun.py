@@ -116,10 +116,17 @@ def collect_summary(dag_id: str, run_id: str) -> dict | None:
         summary = {"dag_id": dag_id, "run_id": run_id, "state": str(dr.state),
                    "logical_date": dr.logical_date.isoformat() if dr.logical_date else None,
                    "run_type": str(dr.run_type), "tasks": tasks,
-                   "results": {t: xcoms.get((t, "return_value")) for t in TASK_ORDER},
-                   "cache_plan": xcoms.get(("generate_dataset", "cache_plan"))}
+                   "results": {t: _unsealed(xcoms.get((t, "return_value"))) for t in TASK_ORDER},
+                   "cache_plan": _unsealed(xcoms.get(("generate_dataset", "cache_plan"))),
+                   "sealed": sorted(t for (t, k), v in xcoms.items() if isinstance(v, dict) and "_seal" in v
+                                    and k == "return_value")}
     summary["registry"] = _registry_state(summary["results"].get("register_candidate"))
     return summary
+
+
+def _unsealed(value):
+    """A result as the step made it (its seal, checked by the tasks that read it, is not for people)."""
+    return {k: v for k, v in value.items() if k != "_seal"} if isinstance(value, dict) else value
 
 
 def _registry_state(registered: dict | None) -> dict | None:

@@ -95,6 +95,10 @@ def test_periodic_pipeline_registers_one_candidate_with_lineage(periodic, period
 def test_xcom_carries_only_small_json(periodic_run):
     import json
 
+    # every step's result was sealed where it was born (the tasks that read it check the seal)
+    assert set(periodic_run["sealed"]) >= {"generate_dataset", "label", "validate_data", "train", "offline_eval",
+                                           "simulate", "release_gate", "register_candidate"}
+
     for task, value in periodic_run["results"].items():
         assert len(json.dumps(value)) < 20_000, task
     assert periodic_run["results"]["generate_dataset"]["window_end"] == "2026-11-23"
