@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from closedloop import settings
-from closedloop.localrun import load_dag, run_dag
+from closedloop.local.run import load_dag, run_dag
 from closedloop.spec import load_spec
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
 
