@@ -160,5 +160,9 @@ def test_a_dag_serialized_before_the_reshape_still_loads(airflow_db):
 
         assert callable(resolve(entry))
     assert import_string("closedloop.retry.TransientOnlyRetryPolicy")  # the retry policy's classpath
-    assert import_string("closedloop.plugin.ClosedLoopPlugin") and import_string("closedloop.cli.main")
+    assert import_string("closedloop.plugin.ClosedLoopPlugin")
+    import closedloop.cli.commands  # noqa: F401 - a submodule must not shadow the entry point's function
+
+    entry = import_string("closedloop.cli.main")  # pyproject: closedloop = "closedloop.cli:main"
+    assert callable(entry) and entry.__module__ == "closedloop.cli"
     assert import_string("closedloop.provider.get_provider_info")
