@@ -112,16 +112,23 @@ def registry_action(api: AirflowAPI, conf: dict, *, timeout: float = 300) -> tup
     return 1, {"error": error.get("message") or f"run {data['dag_run_id']} of {REGISTRY_DAG_ID} failed; see its log"}
 
 
-def cmd_promote(args) -> int:
-    api = _api(args)
+def ask_registry(args, **conf: str) -> tuple[int, dict | None]:
+    """Run one registry action as the caller (:func:`registry_action`); a refusal is printed.
+    Returns ``(exit code, result)``."""
     try:
-        code, out = registry_action(api, {"action": "promote", "model": args.model, "version": str(args.version),
-                                          "reason": ""})
+        code, out = registry_action(_api(args), {"version": "", "reason": "", **conf})
     except AirflowAPIError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 1, None
     if code:
         print(f"error: {out['error']}", file=sys.stderr)
+        return code, None
+    return 0, out
+
+
+def cmd_promote(args) -> int:
+    code, out = ask_registry(args, action="promote", model=args.model, version=str(args.version))
+    if code:
         return code
     print(f"{out['model']} version {out['version']} is production"
           + (f" (previous-production: {out['previous']})" if out["changed"] and out.get("previous") else "")
@@ -131,15 +138,8 @@ def cmd_promote(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    api = _api(args)
-    try:
-        code, out = registry_action(api, {"action": "rollback", "model": args.model, "version": "",
-                                          "reason": args.reason})
-    except AirflowAPIError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    code, out = ask_registry(args, action="rollback", model=args.model, reason=args.reason)
     if code:
-        print(f"error: {out['error']}", file=sys.stderr)
         return code
     print(f"{out['model']}: production is version {out['production']} again"
           + (f"; version {out['previous-production']} is previous-production" if out["previous-production"] else "")
@@ -180,14 +180,8 @@ def cmd_verify(args) -> int:
     if not args.reason:
         print("error: --restore needs --reason", file=sys.stderr)
         return 2
-    try:
-        code, out = registry_action(_api(args), {"action": "restore", "model": args.model, "version": "",
-                                                 "reason": args.reason})
-    except AirflowAPIError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    code, out = ask_registry(args, action="restore", model=args.model, reason=args.reason)
     if code:
-        print(f"error: {out['error']}", file=sys.stderr)
         return code
     print(f"restored: {args.model}@production is version {out['production']} again (was {out['was']})")
     return 0
