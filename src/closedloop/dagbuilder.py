@@ -44,17 +44,11 @@ def _default_args(loaded: LoadedSpec, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _operator(classpath: str):
-    import importlib
-
-    module, _, name = classpath.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def _loop(loaded: LoadedSpec):
     """The closed loop's tasks (inside an open DAG context), from the step table
     (:mod:`closedloop.pipeline`); returns the first task."""
     from closedloop.steps.approvals import approval_task_ids
+    from closedloop.steps.context import resolve
 
     spec = loaded.spec
     pods = spec.kubernetes
@@ -68,11 +62,11 @@ def _loop(loaded: LoadedSpec):
             made = [StepPodOperator(task_id=row.id, step=row.id, **kwargs)]
         elif row.id == "approval":  # one human decision per required approval, by distinct people
             ids = approval_task_ids(spec.approval.required)
-            made = [_operator(row.operator)(task_id=t, prior=ids[:i], **kwargs) for i, t in enumerate(ids)]
+            made = [resolve(row.operator)(task_id=t, prior=ids[:i], **kwargs) for i, t in enumerate(ids)]
             for earlier, later in zip(made, made[1:], strict=False):
                 earlier >> later
         else:
-            made = [_operator(row.operator)(task_id=row.id, **kwargs)]
+            made = [resolve(row.operator)(task_id=row.id, **kwargs)]
         for up in row.upstream:
             if up in tasks:
                 tasks[up] >> made[0]

@@ -98,7 +98,7 @@ class ReviewOperator(ApprovalOperator):
         from closedloop.steps.timeutil import utc_now_iso
 
         record = pull_sealed(context, "register_candidate")
-        earlier = [(pull_sealed(context, t) or {}).get("statement") or {} for t in self.prior]
+        earlier = [pull_sealed(context, t).get("statement") or {} for t in self.prior]
         excluded = {p for p in [record.get("requester_user"), *(record.get("excluded_reviewers") or [])] if p}
         taken = {s.get("responder") for s in earlier if s.get("responder")}
         reviewers = [u for u in self.approvers if u not in excluded and u not in taken]

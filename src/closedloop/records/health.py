@@ -126,9 +126,9 @@ def records_from_api(api, dag_ids: list[str], since: datetime) -> tuple[list[dic
 
 def current_versions(specs, tracking_uri: str | None = None) -> dict[str, dict[str, str | None]]:
     """``production`` and ``candidate`` version of each pipeline's model (None where unset)."""
-    from closedloop.records.lineage import _client
+    from closedloop.steps.tracking import mlflow_client
 
-    c = _client(tracking_uri)
+    c = mlflow_client(tracking_uri)
     out = {}
     for s in specs:
         try:
@@ -157,9 +157,10 @@ def registry_problems(client, model: str) -> list[str]:
 def cache_figures(specs, since: datetime, tracking_uri: str | None = None) -> dict[str, dict[str, Any]]:
     """Step-cache use per pipeline since ``since``, from the step runs' ``closedloop.cache`` tags in MLflow:
     hits, misses, runs with the cache off, the hit rate and the hits per step."""
-    from closedloop.records.lineage import _client, _pages
+    from closedloop.records.lineage import _pages
+    from closedloop.steps.tracking import mlflow_client
 
-    c = _client(tracking_uri)
+    c = mlflow_client(tracking_uri)
     ms = int(since.timestamp() * 1000)
     out: dict[str, dict[str, Any]] = {}
     for s in specs:

@@ -15,6 +15,7 @@ from typing import Any
 
 from closedloop import vocab
 from closedloop.errors import ClosedLoopError
+from closedloop.steps.tracking import mlflow_client, not_found
 
 LIVE_ALIASES = ("production", "candidate")
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -22,18 +23,6 @@ RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 class LineageError(ClosedLoopError):
     """A reference that names nothing (exit code 2 in the CLI)."""
-
-
-def _client(tracking_uri: str | None):
-    from closedloop.steps.tracking import mlflow_client
-
-    return mlflow_client(tracking_uri)
-
-
-def _missing(exc: Exception) -> bool:
-    from closedloop.steps.tracking import not_found
-
-    return not_found(exc)
 
 
 def _experiments(c) -> list[str]:
@@ -46,12 +35,12 @@ def _version(c, name: str, version: str | None = None, alias: str | None = None)
             return c.get_model_version_by_alias(name, alias)
         return c.get_model_version(name, version)
     except Exception as exc:
-        if not _missing(exc):
+        if not not_found(exc):
             raise
     try:
         c.get_registered_model(name)
     except Exception as exc:
-        if _missing(exc):
+        if not_found(exc):
             known = ", ".join(sorted(m.name for m in c.search_registered_models(max_results=50))) or "none"
             raise LineageError(f"unknown model {name!r} (registered models: {known})") from None
         raise
@@ -66,7 +55,7 @@ def resolve(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
     ``ref`` is ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``NAME/VERSION``, ``NAME@ALIAS``,
     an MLflow run id (any step of a pipeline run) or an Airflow dag run id.
     """
-    c = _client(tracking_uri)
+    c = mlflow_client(tracking_uri)
     body = ref.removeprefix("models:/")
     if "@" in body and "/" not in body:
         name, alias = body.rsplit("@", 1)
@@ -82,7 +71,7 @@ def resolve(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
         try:
             run = c.get_run(ref)
         except Exception as exc:
-            if _missing(exc):
+            if not_found(exc):
                 raise LineageError(f"no MLflow run {ref!r}") from None
             raise
         key = run.data.tags.get(vocab.RUN_KEY)
@@ -119,7 +108,7 @@ def _pipeline_run_of_version(c, mv):
     try:
         train = c.get_run(mv.run_id)
     except Exception as exc:
-        if _missing(exc):
+        if not_found(exc):
             return None
         raise
     return _pipeline_run(c, key, [train.info.experiment_id])
@@ -130,7 +119,7 @@ def _version_of_run_key(c, run_key: str):
     try:
         found = c.search_model_versions(f"tags.`closedloop.run_key` = '{_q(pipeline)}'", max_results=5)
     except Exception as exc:
-        if _missing(exc):
+        if not_found(exc):
             return None
         raise
     if not found:
@@ -167,7 +156,7 @@ def _origin(tags: dict[str, str]) -> dict[str, Any]:
 def trace(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """The chain behind ``ref``, newest first: model version → training run → dataset snapshots →
     label policy → template → Airflow run (and what started it) → gates and review."""
-    c = _client(tracking_uri)
+    c = mlflow_client(tracking_uri)
     found = resolve(ref, tracking_uri)
     mv, parent = found["version"], found["pipeline_run"]
     steps = _step_runs(c, parent) if parent is not None and parent.data.tags.get(vocab.STEP) == "pipeline" \
@@ -242,7 +231,7 @@ def impact(*, source: str | None = None, label_policy: str | None = None, datase
     given = [x for x in (source, label_policy, dataset) if x]
     if len(given) != 1:
         raise LineageError("give exactly one of --source, --label-policy, --dataset")
-    c = _client(tracking_uri)
+    c = mlflow_client(tracking_uri)
     if source:
         if "," in source or "'" in source:
             raise LineageError(f"--source {source!r}: a source name has no commas or quotes")

@@ -167,7 +167,7 @@ def record_decision(ctx: RunContext, model: str, version: str, *, decision: str,
 
 def current_production(ctx: RunContext, model: str) -> str | None:
     """The version ``production`` points at now (None: no production yet)."""
-    return _alias_version(tracking.client(ctx), model, PRODUCTION)
+    return tracking.alias_version(tracking.client(ctx), model, PRODUCTION)
 
 
 def check_reviewers(spec, requesters: str | list[str] | None) -> None:
@@ -183,15 +183,6 @@ def check_reviewers(spec, requesters: str | list[str] | None) -> None:
         raise ApprovalError(f"refusing the request of {who} before any compute: {spec.name} needs "
                             f"{a.required} approval(s) from approvers other than the requester, and only "
                             f"{others or 'nobody'} remain; add approvers to the template or ask another requester")
-
-
-def _alias_version(client, model: str, alias: str) -> str | None:
-    try:
-        return str(client.get_model_version_by_alias(model, alias).version)
-    except Exception as exc:  # no such alias
-        if tracking.not_found(exc):
-            return None
-        raise
 
 
 PROMOTION_BINDING = "registry"
@@ -244,7 +235,7 @@ def promote(ctx: RunContext, record: dict, statements: list[dict], *, model: str
     from closedloop.steps.registry import artifact_digest
 
     c = tracking.client(ctx)
-    current = _alias_version(c, model, PRODUCTION)
+    current = tracking.alias_version(c, model, PRODUCTION)
     approvers = verify_release(record, statements, model=model, policy=policy, production_now=current, now=now,
                                run=run)
     version = str(record["version"])
@@ -263,7 +254,7 @@ def promote(ctx: RunContext, record: dict, statements: list[dict], *, model: str
         raise ApprovalError(f"refusing to promote {where}: its files changed since it was judged (digest {actual}, "
                             f"the release record says {record.get('artifact_digest')})")
     if current == version:
-        return {"model": model, "version": version, "changed": False, "previous": _alias_version(c, model, PREVIOUS),
+        return {"model": model, "version": version, "changed": False, "previous": tracking.alias_version(c, model, PREVIOUS),
                 "approved_by": approvers}
     # the sealed record first, then the alias: the alias watcher never sees a move without its record
     _record_promotion(c, signer, model, version, previous=current, kind="promotion", by=actor,
@@ -287,8 +278,8 @@ def rollback(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: l
     if not (reason or "").strip():
         raise ApprovalError(f"rolling back {model} needs a reason (--reason)")
     c = tracking.client(ctx)
-    previous = _alias_version(c, model, PREVIOUS)
-    current = _alias_version(c, model, PRODUCTION)
+    previous = tracking.alias_version(c, model, PREVIOUS)
+    current = tracking.alias_version(c, model, PRODUCTION)
     if previous is None:
         raise ApprovalError(f"cannot roll back {model}: it has no {PREVIOUS!r} version")
     _record_promotion(c, signer, model, previous, previous=current, kind="rollback", by=actor, reason=reason,
@@ -310,7 +301,7 @@ def restore(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: li
     last = last_promotion(c, model, signer.verifier)
     if last is None:
         raise ApprovalError(f"cannot restore {model}: no sealed promotion record to restore")
-    current = _alias_version(c, model, PRODUCTION)
+    current = tracking.alias_version(c, model, PRODUCTION)
     if current != last["version"]:
         c.set_registered_model_alias(model, PRODUCTION, last["version"])
     _audit(c, model, last["version"], "alias.production.restore", by=actor, reason=reason, replaced=current,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from closedloop import settings, vocab
+from closedloop.steps.tracking import alias_version, mlflow_client
 
 PRODUCTION = "production"
 
@@ -19,21 +20,8 @@ def experiment_name(model: str) -> str:
     return f"closedloop-monitoring/{model}"
 
 
-def _client(tracking_uri: str | None):
-    from closedloop.steps.tracking import mlflow_client
-
-    return mlflow_client(tracking_uri)
-
-
 def production_version(client, model: str) -> str | None:
-    try:
-        return str(client.get_model_version_by_alias(model, PRODUCTION).version)
-    except Exception as exc:
-        from closedloop.steps.tracking import not_found
-
-        if not_found(exc):
-            return None
-        raise
+    return alias_version(client, model, PRODUCTION)
 
 
 def report_kpis(model: str, metrics: dict[str, float], *, version: str | None = None,
@@ -42,7 +30,7 @@ def report_kpis(model: str, metrics: dict[str, float], *, version: str | None = 
 
     :raises LookupError: when the model has no production version and none was given.
     """
-    c = _client(tracking_uri)
+    c = mlflow_client(tracking_uri)
     version = version or production_version(c, model)
     if version is None:
         raise LookupError(f"model {model!r} has no 'production' version to report KPIs for; pass a version")
@@ -60,7 +48,7 @@ def report_kpis(model: str, metrics: dict[str, float], *, version: str | None = 
 
 def latest_kpis(model: str, metrics: list[str], *, tracking_uri: str | None = None) -> dict[str, Any]:
     """The newest value of each metric for the production version: ``{"version", "values"}``."""
-    c = _client(tracking_uri)
+    c = mlflow_client(tracking_uri)
     version = production_version(c, model)
     exp = c.get_experiment_by_name(experiment_name(model))
     if version is None or exp is None:

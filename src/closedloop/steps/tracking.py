@@ -50,6 +50,16 @@ def not_found(exc: BaseException) -> bool:
             or "RESOURCE_DOES_NOT_EXIST" in text or "INVALID_PARAMETER_VALUE" in text or "not found" in text.lower())
 
 
+def alias_version(client, model: str, alias: str) -> str | None:
+    """The version ``model@alias`` points at (None: no such model or alias)."""
+    try:
+        return str(client.get_model_version_by_alias(model, alias).version)
+    except Exception as exc:
+        if not_found(exc):
+            return None
+        raise
+
+
 def mlflow_client(tracking_uri: str | None = None):
     """The one MLflow client factory: the given store (default: this process's), its tables made
     once under a lock (:func:`ensure_store`). Credentials come from the environment MLflow reads."""
