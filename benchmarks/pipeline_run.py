@@ -78,7 +78,7 @@ def log_model_costs() -> tuple[float, float]:
     from closedloop.steps.training import pip_requirements
 
     labelled = next((TMP / "home" / "data" / "acc_longitudinal" / "labelled").glob("*.parquet"))
-    model = train_policy(read_snapshot(str(labelled)).head(3000), max_iter=20)
+    model = train_policy(read_snapshot(str(labelled), labelled.stem).head(3000), max_iter=20)
     mlflow.set_experiment("bench-log-model")
     inferred, explicit = [], []
     for _ in range(3):

@@ -24,6 +24,10 @@ class TransientError(ClosedLoopError):
     """A passing condition (network, 5xx, timeout): retry with backoff."""
 
 
+class IntegrityError(PermanentError):
+    """Stored data does not match the digest it was recorded under (modified after it was written)."""
+
+
 class DataValidationError(PermanentError):
     """A dataset snapshot broke its expectation suite."""
 

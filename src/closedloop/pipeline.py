@@ -14,6 +14,9 @@ Columns:
 - ``cacheable``: found in the step cache when its inputs are identical; ``plan`` names the
   ``module:function`` that computes its cache key and tags from the results found so far
   (``generate_dataset``'s cache hit follows the chain through the later steps).
+- ``code`` / ``entry_point``: the step module and the template field naming its entry point: with
+  the library versions (and a pod's image) they are the step's code identity in its cache key
+  (:mod:`closedloop.steps.identity`).
 - ``retry``: ``transient`` (retried with backoff on transient errors only) or ``never`` (a human
   decision: asked once).
 - ``when``: the template section the step needs (``hil``, ``approval``, ``incidents``), else always.
@@ -36,6 +39,8 @@ class Step:
     reads: tuple[str, ...] = ()
     cacheable: bool = False
     plan: str | None = None
+    code: str | None = None
+    entry_point: str | None = None
     retry: str = "transient"
     when: str | None = None
     pod: bool = False
@@ -44,28 +49,34 @@ class Step:
 
 
 OPS = "closedloop.operators"
+STEPS_PKG = "closedloop.steps"
 
 STEPS: tuple[Step, ...] = (
     Step("admit_incident", f"{OPS}.incidents:AdmitIncidentOperator", when="incidents", retry="never",
          doc="admit the run's incidents (malformed ones fail it), debounce repeats, say what to mine more of"),
     Step("generate_dataset", f"{OPS}.data:GenerateDatasetOperator", upstream=("admit_incident",), cacheable=True,
-         reads=("admit_incident",), lineage_in=("sources",), lineage_out=("raw",),
+         reads=("admit_incident",), code=f"{STEPS_PKG}.dataset", entry_point="dataset.generator",
+         lineage_in=("sources",), lineage_out=("raw",),
          doc="build the raw fleet-log snapshot for the run's data window (Parquet, content-addressed)"),
     Step("label", f"{OPS}.data:LabelOperator", upstream=("generate_dataset",), reads=("generate_dataset",),
-         cacheable=True, plan="closedloop.steps.labeling:plan", lineage_in=("raw",), lineage_out=("labelled",),
+         cacheable=True, plan=f"{STEPS_PKG}.labeling:plan", code=f"{STEPS_PKG}.labeling",
+         entry_point="label_policy.entry_point", lineage_in=("raw",), lineage_out=("labelled",),
          doc="apply the label policy; write the labelled snapshot"),
     Step("validate_data", f"{OPS}.data:ValidateDataOperator", upstream=("label",), reads=("label",), cacheable=True,
-         plan="closedloop.steps.validation:plan", lineage_in=("labelled",),
+         plan=f"{STEPS_PKG}.validation:plan", code=f"{STEPS_PKG}.validation", lineage_in=("labelled",),
          doc="check the labelled snapshot with the Great Expectations suite; stop on failure"),
     Step("train", f"{OPS}.model:TrainOperator", upstream=("validate_data",),
-         reads=("generate_dataset", "label", "validate_data"), cacheable=True, plan="closedloop.steps.training:plan",
+         reads=("generate_dataset", "label", "validate_data"), cacheable=True, plan=f"{STEPS_PKG}.training:plan",
+         code=f"{STEPS_PKG}.training", entry_point="training.entry_point",
          pod=True, lineage_in=("labelled",), lineage_out=("model",),
          doc="fit the trainer; log params, dataset input and model to MLflow"),
     Step("offline_eval", f"{OPS}.model:OfflineEvalOperator", upstream=("train", "label"), reads=("label", "train"),
-         cacheable=True, plan="closedloop.steps.evaluation:plan", lineage_in=("labelled", "model"),
+         cacheable=True, plan=f"{STEPS_PKG}.evaluation:plan", code=f"{STEPS_PKG}.evaluation",
+         lineage_in=("labelled", "model"),
          doc="metrics on held-out episodes of the same snapshot, overall and per group"),
     Step("simulate", f"{OPS}.simulation:SimulateOperator", upstream=("offline_eval",), reads=("train",),
-         cacheable=True, plan="closedloop.steps.simulation:plan", pod=True, lineage_in=("model", "scenarios"),
+         cacheable=True, plan=f"{STEPS_PKG}.simulation:plan", code=f"{STEPS_PKG}.simulation",
+         entry_point="simulation.entry_point", pod=True, lineage_in=("model", "scenarios"),
          doc="closed-loop simulation as a separate job, awaited in the triggerer (no worker slot)"),
     Step("await_hil", f"{OPS}.governance:HilResultsOperator", upstream=("simulate",), when="hil", retry="never",
          doc="wait (no worker slot) for the hardware-in-the-loop rig's results; none in time fails the run"),

@@ -15,10 +15,14 @@ from typing import Any
 
 from closedloop import vocab
 from closedloop.errors import ClosedLoopError
-from closedloop.steps.tracking import mlflow_client, not_found
+from closedloop.spec.schema import NAME_RE, SOURCE_RE, VERSION_RE
+from closedloop.steps.tracking import literal, mlflow_client, not_found
 
 LIVE_ALIASES = ("production", "candidate")
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+SOURCE_NAME, NAME, VERSION = re.compile(SOURCE_RE), re.compile(NAME_RE), re.compile(VERSION_RE)
+MAX_LIMIT = 1000
+"""The most rows one answer of :func:`impact` lists (``limit``; ``offset`` pages on; totals are exact)."""
 
 
 class LineageError(ClosedLoopError):
@@ -79,7 +83,7 @@ def resolve(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
             raise LineageError(f"MLflow run {ref!r} was not made by a closedloop pipeline (no closedloop.run_key)")
         parent = _pipeline_run(c, key, [run.info.experiment_id])
         return {"version": _version_of_run_key(c, key), "pipeline_run": parent or run}
-    runs = c.search_runs(_experiments(c), filter_string=f"tags.`airflow.run_id` = '{_q(ref)}' and "
+    runs = c.search_runs(_experiments(c), filter_string=f"tags.`airflow.run_id` = {_q(ref)} and "
                          "tags.`closedloop.step` = 'pipeline'", max_results=10)
     if not runs:
         raise LineageError(f"{ref!r} is no model (models:/NAME@ALIAS, NAME/VERSION), MLflow run id or Airflow dag "
@@ -92,11 +96,15 @@ def resolve(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
 
 
 def _q(value: str) -> str:
-    return value.replace("'", "\\'")
+    """``value`` as a literal in an MLflow filter (never spliced: :func:`tracking.literal`)."""
+    try:
+        return literal(value)
+    except ValueError as exc:
+        raise LineageError(str(exc)) from None
 
 
 def _pipeline_run(c, run_key: str, experiment_ids: list[str]):
-    runs = c.search_runs(experiment_ids, filter_string=f"tags.`closedloop.run_key` = '{_q(run_key)}' and "
+    runs = c.search_runs(experiment_ids, filter_string=f"tags.`closedloop.run_key` = {_q(run_key)} and "
                          "tags.`closedloop.step` = 'pipeline'", max_results=1)
     return runs[0] if runs else None
 
@@ -117,7 +125,7 @@ def _pipeline_run_of_version(c, mv):
 def _version_of_run_key(c, run_key: str):
     pipeline = run_key  # tags on versions: closedloop.run_key = "<dag_id>/<run_id>"
     try:
-        found = c.search_model_versions(f"tags.`closedloop.run_key` = '{_q(pipeline)}'", max_results=5)
+        found = c.search_model_versions(f"tags.`closedloop.run_key` = {_q(pipeline)}", max_results=5)
     except Exception as exc:
         if not_found(exc):
             return None
@@ -130,7 +138,7 @@ def _version_of_run_key(c, run_key: str):
 
 def _step_runs(c, parent) -> dict[str, Any]:
     key = parent.data.tags.get(vocab.RUN_KEY)
-    runs = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`closedloop.run_key` = '{_q(key)}'",
+    runs = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`closedloop.run_key` = {_q(key)}",
                          max_results=50, order_by=["attributes.start_time ASC"])  # a re-done step: newest wins
     return {r.data.tags.get(vocab.STEP): r for r in runs}
 
@@ -222,28 +230,41 @@ def _all_runs(c, filter_string: str) -> list:
 
 
 def impact(*, source: str | None = None, label_policy: str | None = None, dataset: str | None = None,
-           tracking_uri: str | None = None) -> dict[str, Any]:
+           tracking_uri: str | None = None, limit: int = MAX_LIMIT, offset: int = 0) -> dict[str, Any]:
     """Everything touched by a data source, a label policy (``NAME`` or ``NAME@VERSION``) or a
     dataset digest: snapshots, training runs, model versions, aliases; live ones flagged.
 
     One indexed tag query for the training runs and one for the model versions (both carry the
-    lineage tags), so the cost grows with what is touched, not with the size of the store."""
+    lineage tags), so the cost grows with what is touched, not with the size of the store.
+
+    ``limit`` (at most :data:`MAX_LIMIT`) and ``offset`` page the training runs and model versions;
+    ``totals`` counts them all, and every live version is always listed."""
+    if not 1 <= limit <= MAX_LIMIT or offset < 0:
+        raise LineageError(f"limit must be 1..{MAX_LIMIT} and offset >= 0 (got limit {limit}, offset {offset})")
     given = [x for x in (source, label_policy, dataset) if x]
     if len(given) != 1:
         raise LineageError("give exactly one of --source, --label-policy, --dataset")
     c = mlflow_client(tracking_uri)
     if source:
-        if "," in source or "'" in source:
-            raise LineageError(f"--source {source!r}: a source name has no commas or quotes")
-        predicates = [f"tags.`closedloop.dataset.sources` LIKE '%,{source},%'"]
+        if not SOURCE_NAME.match(source):
+            raise LineageError(f"--source {source!r}: a source name is letters, digits and _ . : / @ + - "
+                               "(no wildcards, commas or quotes)")
+        predicates = [f"tags.`{vocab.DATASET_SOURCES}` LIKE {_q(f'%,{source},%')}"]
+        exact = (vocab.DATASET_SOURCES, lambda tag: f",{source}," in tag)  # '_' is a LIKE wildcard
         what = f"source {source}"
     elif label_policy:
-        op = f"= '{_q(label_policy)}'" if "@" in label_policy else f"LIKE '{_q(label_policy)}@%'"
-        predicates = [f"tags.`closedloop.label_policy` {op}"]
+        name, at, version = label_policy.partition("@")
+        if not NAME.match(name) or (at and not VERSION.match(version)):
+            raise LineageError(f"--label-policy {label_policy!r}: expected NAME or NAME@VERSION (letters, digits, "
+                               "_ . -; no wildcards)")
+        op = f"= {_q(label_policy)}" if at else f"LIKE {_q(label_policy + '@%')}"
+        predicates = [f"tags.`{vocab.LABEL_POLICY}` {op}"]
+        exact = (vocab.LABEL_POLICY, lambda tag: tag == label_policy or (not at and tag.startswith(name + "@")))
         what = f"label policy {label_policy}"
     else:
-        predicates = [f"tags.`closedloop.dataset_version` = '{_q(dataset)}'",
-                      f"tags.`closedloop.raw_dataset_version` = '{_q(dataset)}'"]
+        predicates = [f"tags.`closedloop.dataset_version` = {_q(dataset)}",
+                      f"tags.`closedloop.raw_dataset_version` = {_q(dataset)}"]
+        exact = None
         what = f"dataset {dataset}"
     runs: dict[str, Any] = {}
     found_versions: dict[tuple[str, str], Any] = {}
@@ -251,6 +272,10 @@ def impact(*, source: str | None = None, label_policy: str | None = None, datase
         runs.update((r.info.run_id, r) for r in _all_runs(c, f"tags.`closedloop.step` = 'train' and {predicate}"))
         found_versions.update(((v.name, str(v.version)), v) for v in _versions_where(c, predicate))
     runs = list(runs.values())
+    if exact is not None:
+        tag, matches = exact
+        runs = [r for r in runs if matches(r.data.tags.get(tag, ""))]
+        found_versions = {k: v for k, v in found_versions.items() if matches(v.tags.get(tag, ""))}
     snapshots: dict[str, dict] = {}
     training = []
     for r in runs:
@@ -277,9 +302,12 @@ def impact(*, source: str | None = None, label_policy: str | None = None, datase
                          "training_run_id": mv.tags.get(vocab.TRAINING_RUN_ID) or mv.run_id})
     versions.sort(key=lambda v: (v["model"], int(v["version"])))
     training.sort(key=lambda e: (e["pipeline"] or "", e["airflow_run_id"] or ""))
-    return {"query": what, "snapshots": sorted(snapshots.values(), key=lambda s: (s["pipeline"] or "", s["kind"], s["digest"])),
-            "training_runs": training, "model_versions": versions,
-            "live": [v for v in versions if v["live"]]}
+    snapshots = sorted(snapshots.values(), key=lambda s: (s["pipeline"] or "", s["kind"], s["digest"]))
+    return {"query": what, "totals": {"snapshots": len(snapshots), "training_runs": len(training),
+                                      "model_versions": len(versions)},
+            "limit": limit, "offset": offset,
+            "snapshots": snapshots[offset:offset + limit], "training_runs": training[offset:offset + limit],
+            "model_versions": versions[offset:offset + limit], "live": [v for v in versions if v["live"]]}
 
 
 def _versions_where(c, filter_string: str) -> list:

@@ -47,12 +47,47 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     }
 
 
+def rerun_schema(spec: PipelineSpec, data_root: str) -> dict[str, Any]:
+    """JSON schema of ``closedloop_rerun`` (what ``closedloop rerun`` puts in a run's conf).
+
+    Airflow validates it when the run is created (REST, UI, CLI: 400 before any run exists): a pinned
+    snapshot can only be this pipeline's raw snapshot under the configured data root, named by its
+    full sha256 — never a ``file://`` or ``http://`` URI of the caller's choosing. The step checks it
+    again at run time (:func:`closedloop.steps.dataset.check_pin`)."""
+    import re
+
+    digest = "[0-9a-f]{64}"
+    day = r"^\d{4}-\d{2}-\d{2}$"
+    return {
+        "type": ["object", "null"], "title": "Rerun (set by closedloop rerun; leave empty)",
+        "description": "Which earlier run this run repeats, and its pinned raw snapshot.",
+        "additionalProperties": False,
+        "properties": {
+            "of": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+/\S+$", "maxLength": 500},
+            "fresh_data": {"type": "boolean"},
+            "no_cache": {"type": "boolean"},
+            "raw": {"type": "object", "required": ["uri", "digest", "window_start", "window_end"], "properties": {
+                "uri": {"type": "string",
+                        "pattern": f"^{re.escape(data_root)}/{re.escape(spec.name)}/raw/{digest}\\.parquet$"},
+                "digest": {"type": "string", "pattern": f"^{digest}$"},
+                "window_start": {"type": "string", "pattern": day},
+                "window_end": {"type": "string", "pattern": day},
+            }},
+        },
+        "required": ["of"],
+    }
+
+
 def dag_params(spec: PipelineSpec) -> dict[str, Any]:
     """``Param`` objects for the DAG (imported lazily: airflow.sdk is already loaded at parse time)."""
     from airflow.sdk import Param
 
+    from closedloop import settings, vocab
+
     defaults = scheduled_request(spec)
-    return {name: Param(defaults[name], **schema) for name, schema in json_schemas().items()}
+    params = {name: Param(defaults[name], **schema) for name, schema in json_schemas().items()}
+    params[vocab.CONF_RERUN] = Param(None, **rerun_schema(spec, settings.data_root()))
+    return params
 
 
 def validate_request(data: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,9 @@ from closedloop import pipeline
 from closedloop.errors import SpecError
 
 NAME_RE = r"^[a-z][a-z0-9_]{1,62}$"
+SOURCE_RE = r"^[A-Za-z0-9_.:/@+-]{1,200}$"
+"""A fleet-log source name: no wildcards, commas, quotes or spaces (it is searched for in MLflow)."""
+VERSION_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster; parse time is sacred
 ENTRY_POINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 Scalar = str | int | float | bool
@@ -64,7 +67,8 @@ class DatasetSpec(_Part):
     """Which fleet logs make the training snapshot."""
 
     generator: EntryPoint = "closedloop.driving.logs:synthesize_drive_logs"
-    sources: list[str] = Field(min_length=1, description="fleet log sources, e.g. regions")
+    sources: list[Annotated[str, Field(pattern=SOURCE_RE)]] = Field(
+        min_length=1, description="fleet log sources, e.g. regions (letters, digits and _ . : / @ + -)")
     window_days: int = Field(ge=1, le=366, description="days of logs up to the run's data interval end")
     scenarios: list[str] = Field(min_length=1, description="scenario-type filter")
     params: dict[str, Scalar] = Field(default_factory=dict, description="extra generator arguments")
@@ -97,7 +101,7 @@ class LabelPolicySpec(_Part):
     """How labels are made; name and version are recorded on every run and model."""
 
     name: str = Field(pattern=NAME_RE)
-    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    version: str = Field(pattern=VERSION_RE)
     entry_point: EntryPoint = "closedloop.driving.labels:expert_acceleration"
     params: dict[str, Scalar] = Field(default_factory=dict)
 
@@ -281,6 +285,8 @@ class ReliabilitySpec(_Part):
     max_retry_delay_seconds: float = Field(default=600, ge=0, le=7 * 86_400)
     cache: bool = Field(default=True, description="reuse the result of an earlier finished step with "
                         "identical inputs (content-addressed step cache)")
+    cache_ttl_days: float | None = Field(default=30, gt=0, le=3650, description="a cached result older "
+                                         "than this is not reused (null: no expiry)")
     steps: dict[str, StepPolicySpec] = Field(default_factory=dict, description="per-step overrides, e.g. "
                                              "{train: {retries: 4, cache: false}}")
 

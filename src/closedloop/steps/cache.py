@@ -1,10 +1,13 @@
 """The step cache: reuse the result of an earlier finished step whose inputs were identical.
 
-A step's **cache key** is a sha256 over what decides its result: the step, the code version, its
-own template section, the content digests it reads, and the cache keys of the steps before it
-(so a change anywhere upstream misses everything downstream, like Kubeflow's and Flyte's
-caches). The key is tagged on the step's MLflow run (``closedloop.cache_key``). Looking a key up
-is one indexed tag query for a FINISHED run of the same step in the pipeline's experiment.
+A step's **cache key** is a sha256 over what decides its result: the step, its code identity (the
+content of the code it executes, its entry point's package, the computing libraries' versions and
+a pod's image: :mod:`closedloop.steps.identity`), its own template section, the content digests
+it reads, and the cache keys of the steps before it (so a change anywhere upstream misses
+everything downstream, like Kubeflow's and Flyte's caches). The key is tagged on the step's MLflow
+run (``closedloop.cache_key``, with ``closedloop.code_digest``). Looking a key up is one indexed tag
+query for a FINISHED run of the same step in the pipeline's experiment, younger than
+``reliability.cache_ttl_days``.
 
 On a hit the step still gets its own MLflow run in this pipeline run — tagged
 ``closedloop.cache=hit`` with the source run, carrying the source's params and metrics — so
@@ -27,8 +30,8 @@ from typing import Any
 
 from closedloop import vocab
 from closedloop.spec import LoadedSpec
-from closedloop.steps import tracking
-from closedloop.steps.context import RunContext, code_version
+from closedloop.steps import identity, tracking
+from closedloop.steps.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +39,11 @@ KEY_TAG = vocab.CACHE_KEY
 STATE_TAG = vocab.CACHE  # hit | miss | off
 
 
-def key_of(step: str, **inputs: Any) -> str:
-    """The content address of one step execution."""
-    payload = {"step": step, "code_version": code_version(), **inputs}
+def key_of(loaded: LoadedSpec, step: str, **inputs: Any) -> str:
+    """The content address of one step execution: its code identity and its ``inputs``."""
+    payload = {"step": step, "code": identity.of_step(loaded, step)["digest"], **inputs}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def enabled(loaded: LoadedSpec, ctx: RunContext, step: str) -> bool:
@@ -50,11 +53,15 @@ def enabled(loaded: LoadedSpec, ctx: RunContext, step: str) -> bool:
 def lookup(loaded: LoadedSpec, ctx: RunContext, step: str, key: str,
            valid: Callable[[dict], bool] | None = None):
     """The newest FINISHED run of ``step`` with ``key`` from another pipeline run, or None."""
+    import time
+
     c = tracking.client(ctx)
+    ttl = loaded.spec.reliability.cache_ttl_days
+    since = f" and attributes.start_time > {int((time.time() - ttl * 86_400) * 1000)}" if ttl else ""
     runs = c.search_runs(
         [tracking.experiment_id(ctx)],
-        filter_string=(f"tags.`{KEY_TAG}` = '{key}' and tags.`closedloop.step` = '{step}' "
-                       "and attributes.status = 'FINISHED'"),
+        filter_string=(f"tags.`{KEY_TAG}` = {tracking.literal(key)} and tags.`{vocab.STEP}` = "
+                       f"{tracking.literal(step)} and attributes.status = 'FINISHED'{since}"),
         max_results=10, order_by=["attributes.start_time DESC"])
     for run in runs:
         if run.data.tags.get(vocab.RUN_KEY) == ctx.run_key:
@@ -74,7 +81,8 @@ def reuse(loaded: LoadedSpec, ctx: RunContext, step: str, key: str, *, tags: dic
     """Get this pipeline run's ``step`` run; return ``(run, result)`` where ``result`` is what the
     step finished with earlier in this run (a retry), or a cache hit it just recorded, or None (do
     the work, then :func:`tracking.finish`)."""
-    run = tracking.step_run(loaded, ctx, step, step_tags={KEY_TAG: key}, **(tags or {}))
+    run = tracking.step_run(loaded, ctx, step, step_tags={KEY_TAG: key,
+                            vocab.CODE_DIGEST: identity.of_step(loaded, step)["digest"]}, **(tags or {}))
     done = tracking.finished_result(run)
     if done is not None:
         log.info("%s already finished in this pipeline run (MLflow run %s): returning its result, doing nothing "
@@ -126,11 +134,10 @@ def run_cached(loaded: LoadedSpec, ctx: RunContext, step: str, key: str, compute
 
 
 def snapshot_exists(result: dict) -> bool:
-    """A cached snapshot is only reusable while its file is there."""
-    import fsspec
+    """A cached snapshot is only reusable while its file is there, byte for byte as it was written."""
+    from closedloop.steps.storage import intact
 
-    fs, path = fsspec.core.url_to_fs(result["uri"])
-    return fs.exists(path)
+    return intact(result["uri"], result["digest"])
 
 
 PLAN_KEY = vocab.XCOM_CACHE_PLAN

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
-import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from closedloop import settings
 
@@ -46,20 +43,14 @@ class RunContext:
         return replace(self, task_id=task_id, try_number=try_number)
 
 
-@functools.cache
 def code_version() -> str:
-    """Package version plus the git commit of the checkout, when there is one (``0.1.0+g1a2b3c4``)."""
+    """Package version plus the content digest of the closedloop package (``0.1.0+c1a2b3c4d5e6f``):
+    the same in a checkout and in an image built without ``.git``. The git commit is recorded
+    beside it (``closedloop.git_commit``) where there is one."""
     from closedloop import __version__
+    from closedloop.steps.identity import package_digest
 
-    repo = Path(__file__).resolve().parents[3]
-    try:
-        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
-                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return __version__
-    return f"{__version__}+g{sha}{'.dirty' if dirty else ''}"
+    return f"{__version__}+c{package_digest()[:12]}"
 
 
 def resolve(entry_point: str):

@@ -20,7 +20,7 @@ def dataset_key(loaded: LoadedSpec, ctx: RunContext, *, window_start: str, windo
     snapshots live."""
     from closedloop.steps.cache import key_of
 
-    return key_of("generate_dataset", pipeline=loaded.spec.name, dataset=loaded.spec.dataset.model_dump(mode="json"),
+    return key_of(loaded, "generate_dataset", pipeline=loaded.spec.name, dataset=loaded.spec.dataset.model_dump(mode="json"),
                   window=[window_start, window_end], focus=focus or {}, root=ctx.data_root)
 
 
@@ -40,9 +40,10 @@ def generate_dataset(loaded: LoadedSpec, ctx: RunContext, *, interval_end: date,
 
     ds = loaded.spec.dataset
     if pinned is not None:
+        check_pin(pinned, root=ctx.data_root, pipeline=loaded.spec.name)  # before any lookup or read
         key = dataset_key(loaded, ctx, window_start=pinned["window_start"], window_end=pinned["window_end"],
                           focus=pinned.get("focus"))
-        out = run_cached(loaded, ctx, "generate_dataset", key, lambda run: pinned_snapshot(pinned),
+        out = run_cached(loaded, ctx, "generate_dataset", key, lambda run: pinned_snapshot(pinned, root=ctx.data_root, pipeline=loaded.spec.name),
                          valid=lambda hit: hit["digest"] == pinned["digest"] and snapshot_exists(hit))
         return {**out, "pinned": True}  # a cache hit is the same snapshot, checked
     start, end = data_window(ds.window_days, interval_end)
@@ -65,14 +66,42 @@ def _generate(loaded: LoadedSpec, ctx: RunContext, start: date, end: date, focus
             "rows_per_scenario": {str(k): int(v) for k, v in sorted(counts.items())}}
 
 
-def pinned_snapshot(raw: dict) -> dict:
+def check_pin(raw: dict, *, root: str, pipeline: str) -> None:
+    """A pinned snapshot must be this pipeline's raw snapshot under the data root, named by its sha256.
+
+    The schema Airflow checks at trigger time says the same (:func:`closedloop.spec.request.rerun_schema`);
+    here it is checked again where the file is read, with symlinks resolved for a local root.
+
+    :raises PermanentError: naming what is out of bounds.
+    """
+    import os
+
+    from closedloop.errors import PermanentError
+    from closedloop.steps.storage import DIGEST_RE, snapshot_uri
+
+    digest, uri = str(raw.get("digest") or ""), str(raw.get("uri") or "")
+    if not DIGEST_RE.match(digest):
+        raise PermanentError(f"pinned snapshot digest {digest!r} is not a sha256 (64 hex digits)")
+    expected = snapshot_uri(root, pipeline, "raw", digest)
+    if uri != expected:
+        raise PermanentError(f"pinned snapshot {uri!r} is outside this pipeline's data root: a rerun reads only "
+                             f"{expected}")
+    if "://" not in root or root.startswith("file://"):
+        real_root = os.path.realpath(root.removeprefix("file://"))
+        real = os.path.realpath(expected.removeprefix("file://"))
+        if not real.startswith(real_root + os.sep):
+            raise PermanentError(f"pinned snapshot {uri} resolves to {real}, outside the data root {real_root}")
+
+
+def pinned_snapshot(raw: dict, *, root: str, pipeline: str) -> dict:
     """An earlier run's raw snapshot, checked against its digest (``closedloop rerun``).
 
-    :raises PermanentError: when the snapshot is gone or its content changed.
+    :raises PermanentError: when the snapshot is out of bounds, gone, or its content changed.
     """
     from closedloop.errors import PermanentError
     from closedloop.steps.storage import read_snapshot
 
+    check_pin(raw, root=root, pipeline=pipeline)
     try:
         frame = read_snapshot(raw["uri"], raw["digest"])
     except FileNotFoundError:

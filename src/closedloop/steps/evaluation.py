@@ -69,6 +69,6 @@ def evaluation_key(loaded: LoadedSpec, labelled: dict, trained: dict) -> str:
     from closedloop.steps.cache import key_of
 
     spec = loaded.spec
-    return key_of("offline_eval", dataset=labelled["digest"], evaluation=spec.evaluation.model_dump(mode="json"),
+    return key_of(loaded, "offline_eval", dataset=labelled["digest"], evaluation=spec.evaluation.model_dump(mode="json"),
                   split=[spec.training.test_fraction, spec.training.target],
                   upstream=trained.get("cache_key") or trained["model_uri"])

@@ -33,7 +33,7 @@ def label_key(loaded: LoadedSpec, ctx: RunContext, raw: dict) -> str:
     """Cache key of ``label``: the raw snapshot, the whole label policy, where snapshots live."""
     from closedloop.steps.cache import key_of
 
-    return key_of("label", raw_digest=raw["digest"], label_policy=loaded.spec.label_policy.model_dump(mode="json"),
+    return key_of(loaded, "label", raw_digest=raw["digest"], label_policy=loaded.spec.label_policy.model_dump(mode="json"),
                   upstream=raw.get("cache_key"), root=ctx.data_root)
 
 

@@ -131,7 +131,7 @@ def simulation_key(loaded: LoadedSpec, trained: dict) -> str:
 
     catalog = hashlib.sha256(loaded.scenario_path.read_bytes()).hexdigest()[:16]
     sim = loaded.spec.simulation
-    return key_of("simulate", entry_point=sim.entry_point, scenario_set=sim.scenario_set, catalog=catalog,
+    return key_of(loaded, "simulate", entry_point=sim.entry_point, scenario_set=sim.scenario_set, catalog=catalog,
                   upstream=trained.get("cache_key") or trained["model_uri"])
 
 

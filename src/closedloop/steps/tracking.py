@@ -9,6 +9,7 @@ import logging
 from closedloop import settings, vocab
 from closedloop.spec import LoadedSpec
 from closedloop.steps.context import RunContext, code_version
+from closedloop.steps.identity import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,25 @@ def mlflow_client(tracking_uri: str | None = None):
     return MlflowClient(tracking_uri=uri)
 
 
+def literal(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter, whatever it holds.
+
+    MLflow's filter parser has no escape character: a value is taken verbatim between single or
+    double quotes. So a value is quoted with the quote it does not contain; one that holds both
+    (or a control character) cannot be searched for and is refused, never spliced.
+
+    :raises ValueError: naming the value.
+    """
+    value = str(value)
+    if any(ord(ch) < 32 for ch in value):
+        raise ValueError(f"{value!r}: a control character cannot be searched for in MLflow")
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r} holds both kinds of quote; MLflow's search cannot express it")
+
+
 def client(ctx: RunContext):
     """The step's client; also points MLflow's fluent API (``mlflow.register_model``…) at the same store."""
     import mlflow
@@ -103,6 +123,7 @@ def lineage_tags(loaded: LoadedSpec, ctx: RunContext, **extra: str | None) -> di
         vocab.TEMPLATE_HASH: loaded.digest,
         vocab.LABEL_POLICY: loaded.spec.label_policy.ref,
         vocab.CODE_VERSION: code_version(),
+        **({vocab.GIT_COMMIT: commit} if (commit := git_commit()) else {}),
         vocab.RUN_KEY: ctx.run_key,
         vocab.AIRFLOW_DAG_ID: ctx.dag_id,
         vocab.AIRFLOW_RUN_ID: ctx.run_id,
@@ -116,10 +137,10 @@ def lineage_tags(loaded: LoadedSpec, ctx: RunContext, **extra: str | None) -> di
 
 def _find(ctx: RunContext, exp_id: str, step: str, key: str | None = None):
     """The step's run in this pipeline run (with ``key``: the one for these exact inputs)."""
-    extra = f" and tags.`closedloop.cache_key` = '{key}'" if key else ""
+    extra = f" and tags.`{vocab.CACHE_KEY}` = {literal(key)}" if key else ""
     runs = client(ctx).search_runs(
         [exp_id],
-        filter_string=f"tags.`closedloop.run_key` = '{ctx.run_key}' and tags.`closedloop.step` = '{step}'{extra}",
+        filter_string=f"tags.`{vocab.RUN_KEY}` = {literal(ctx.run_key)} and tags.`{vocab.STEP}` = {literal(step)}{extra}",
         max_results=5, order_by=["attributes.start_time ASC"],
     )
     return runs[0] if runs else None

@@ -79,7 +79,7 @@ def train_key(loaded: LoadedSpec, labelled: dict, validation: dict | None) -> st
     """Cache key of ``train``: the labelled snapshot (validated) and the training section."""
     from closedloop.steps.cache import key_of
 
-    return key_of("train", dataset=labelled["digest"], training=loaded.spec.training.model_dump(mode="json"),
+    return key_of(loaded, "train", dataset=labelled["digest"], training=loaded.spec.training.model_dump(mode="json"),
                   upstream=(validation or {}).get("cache_key") or labelled.get("cache_key"))
 
 

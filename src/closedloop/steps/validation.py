@@ -93,4 +93,4 @@ def validation_key(loaded: LoadedSpec, labelled: dict, suite: dict | None = None
 
     suite = suite if suite is not None else load_suite(loaded.suite_path)
     suite_digest = hashlib.sha256(json.dumps(suite, sort_keys=True).encode()).hexdigest()[:16]
-    return key_of("validate_data", dataset=labelled["digest"], suite=suite_digest, upstream=labelled.get("cache_key"))
+    return key_of(loaded, "validate_data", dataset=labelled["digest"], suite=suite_digest, upstream=labelled.get("cache_key"))

@@ -6,12 +6,12 @@ from datetime import date
 
 import pytest
 
-from closedloop.errors import PermanentError
+from closedloop.errors import IntegrityError
 from closedloop.spec import load_spec
 from closedloop.steps.context import RunContext
 from closedloop.steps.dataset import generate_dataset
 from closedloop.steps.labeling import label
-from closedloop.steps.storage import read_snapshot, write_snapshot
+from closedloop.steps.storage import intact, read_snapshot, write_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +48,33 @@ def test_object_storage_uri_goes_through_the_same_code(loaded, tmp_path):
     assert len(read_snapshot(lab_remote["uri"], lab_remote["digest"])) == lab_remote["rows"]
 
 
-def test_a_modified_snapshot_is_detected(tmp_path):
+def test_a_snapshot_is_named_by_the_sha256_of_its_bytes(tmp_path):
+    import hashlib
+
     import pandas as pd
 
     ref = write_snapshot(pd.DataFrame({"x": [1.0, 2.0]}), root=str(tmp_path), pipeline="p", kind="raw")
-    pd.DataFrame({"x": [1.0, 3.0]}).to_parquet(ref["uri"], index=False)
-    with pytest.raises(PermanentError, match="does not match its digest"):
+    data = open(ref["uri"], "rb").read()
+    assert ref["digest"] == hashlib.sha256(data).hexdigest() and ref["uri"].endswith(f"/{ref['digest']}.parquet")
+    again = write_snapshot(pd.DataFrame({"x": [1.0, 2.0]}), root=str(tmp_path), pipeline="p", kind="raw")
+    assert again == {**ref, "created": False}
+
+
+def test_a_modified_snapshot_is_detected_even_when_the_row_hashes_agree(tmp_path):
+    """The old digest (pandas row hashes, 64 bits) could not tell two frames apart whose row hashes
+    collide or whose change is outside the values it hashed; sha256 over the bytes sees any change:
+    here a brake label changed and a compensating value kept every sum the same."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"episode_id": ["e1", "e1"], "brake": [0.2, 0.8], "target_accel": [-1.0, -3.0]})
+    ref = write_snapshot(frame, root=str(tmp_path), pipeline="p", kind="labelled")
+    swapped = frame.assign(brake=[0.8, 0.2])  # same column sum, same multiset of values
+    swapped.to_parquet(ref["uri"], index=False)
+    with pytest.raises(IntegrityError, match=f"snapshot {ref['uri']} failed its integrity check"):
         read_snapshot(ref["uri"], ref["digest"])
+    assert not intact(ref["uri"], ref["digest"])
+    with pytest.raises(IntegrityError, match="not a sha256 digest"):  # a short or old-style digest is refused
+        read_snapshot(ref["uri"], ref["digest"][:16])
+    # the same content computed again repairs the file under its name (and says so in the log)
+    assert write_snapshot(frame, root=str(tmp_path), pipeline="p", kind="labelled")["created"]
+    assert intact(ref["uri"], ref["digest"]) and read_snapshot(ref["uri"], ref["digest"]).equals(frame)
