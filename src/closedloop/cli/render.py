@@ -90,7 +90,8 @@ def format_trace(t: dict[str, Any]) -> str:
             lines.append(f"  request       {mv['request'].get('purpose')}  (by {mv['request'].get('requester', '?')})")
     tr = t.get("training_run")
     if tr:
-        lines.append(f"training run    {tr['run_id']}  code {tr['code_version']}")
+        lines.append(f"training run    {tr['run_id']}  code {tr['code_version']}"
+                     + (f" (git {tr['git_commit']})" if tr.get("git_commit") else ""))
         if tr.get("cache_hit"):
             lines.append(f"  step cache    hit: model trained by MLflow run {tr['cache_hit']['source_run_id']} "
                          f"(pipeline run {tr['cache_hit']['source_run_key']}) on identical inputs")

@@ -7,6 +7,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from closedloop.operators.base import ClosedLoopStepOperator
+from closedloop.steps.storage import short
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -59,14 +60,14 @@ class GenerateDatasetOperator(ClosedLoopStepOperator):
                 out = generate_dataset(self.loaded, ctx, interval_end=date.fromisoformat(rerun["raw"]["window_end"]),
                                        pinned=rerun["raw"])
                 log.info("rerun of %s: pinned snapshot %s (%d rows, window %s..%s), not regenerated", rerun["of"],
-                         out["digest"], out["rows"], out["window_start"], out["window_end"])
+                         short(out["digest"]), out["rows"], out["window_start"], out["window_end"])
                 return out
         end = (date.fromisoformat(str(self.interval_end)[:10]) if self.interval_end
                else self.default_interval_end(context))
         admitted = admission(self.loaded, context)
         focus = focus_of(self.loaded.spec, admitted["focus_types"]) if admitted else None
         out = generate_dataset(self.loaded, ctx, interval_end=end, focus=focus)
-        log.info("dataset snapshot %s: %d rows, window %s..%s, sampling %s, %s", out["digest"], out["rows"],
+        log.info("dataset snapshot %s: %d rows, window %s..%s, sampling %s, %s", short(out["digest"]), out["rows"],
                  out["window_start"], out["window_end"], out["focus"] or "uniform",
                  "from the step cache" if out.get("cache", {}).get("hit")
                  else "written" if out["created"] else "already present")
@@ -80,7 +81,7 @@ class LabelOperator(ClosedLoopStepOperator):
         from closedloop.steps.labeling import label
 
         out = label(self.loaded, ctx, raw=self.upstream(context, "generate_dataset"))
-        log.info("labelled snapshot %s with %s", out["digest"], out["label_policy"])
+        log.info("labelled snapshot %s with %s", short(out["digest"]), out["label_policy"])
         return out
 
 
@@ -91,5 +92,5 @@ class ValidateDataOperator(ClosedLoopStepOperator):
         from closedloop.steps.validation import validate_data
 
         out = validate_data(self.loaded, ctx, labelled=self.upstream(context, "label"))
-        log.info("suite %s: %d expectations passed on snapshot %s", out["suite"], out["evaluated"], out["digest"])
+        log.info("suite %s: %d expectations passed on snapshot %s", out["suite"], out["evaluated"], short(out["digest"]))
         return out

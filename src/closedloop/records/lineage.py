@@ -189,6 +189,7 @@ def trace(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
         out["training_run"] = {
             "run_id": train.info.run_id, "status": train.info.status, "params": dict(train.data.params),
             "metrics": dict(train.data.metrics), "code_version": ttags.get(vocab.CODE_VERSION),
+            "code_digest": ttags.get(vocab.CODE_DIGEST), "git_commit": ttags.get(vocab.GIT_COMMIT),
             "model_uri": ttags.get(vocab.MODEL_URI),
         }
         if ttags.get(vocab.CACHE) == "hit":  # the model was trained by an earlier run with identical inputs

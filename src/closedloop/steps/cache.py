@@ -127,7 +127,8 @@ def run_cached(loaded: LoadedSpec, ctx: RunContext, step: str, key: str, compute
         return result
     try:
         out = compute(run)
-        return tracking.finish(ctx, run.info.run_id, {**out, "cache_key": key, "cache": {"hit": False, "key": key}})
+        return tracking.finish(ctx, run.info.run_id, {**out, "cache_key": key, "cache": {"hit": False, "key": key},
+                                                      "code_digest": identity.of_step(loaded, step)["digest"]})
     except BaseException:
         tracking.fail(ctx, run.info.run_id)
         raise

@@ -91,6 +91,7 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
             vocab.DATASET_VERSION: labelled["digest"],
             vocab.RAW_DATASET_VERSION: labelled.get("raw_digest"),
             vocab.TRAINING_RUN_ID: trained["run_id"],
+            vocab.CODE_DIGEST: trained.get("code_digest"),  # the code that trained it (its identity)
             vocab.DATASET_SOURCES: trained.get("sources"),
             vocab.GATE_RUN_ID: gate["run_id"],
             vocab.GATES: "passed",
