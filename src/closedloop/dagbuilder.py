@@ -111,7 +111,8 @@ def incident_asset(loaded: LoadedSpec, routes: dict[str, list[str]] | None = Non
         from closedloop.triggers.incidents import IncidentInboxTrigger
 
         watchers.append(AssetWatcher(name=f"{spec.name}_inbox", trigger=IncidentInboxTrigger(
-            inbox=str(settings.incident_inbox()), model=spec.model.name, routes=routes)))
+            inbox=str(settings.incident_inbox()), model=spec.model.name, routes=routes,
+            max_bytes=inc.inbox_max_bytes)))
     if inc.kpis:
         from closedloop.triggers.incidents import KpiWatchTrigger
 

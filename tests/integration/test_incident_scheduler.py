@@ -155,7 +155,11 @@ def test_inbox_file_starts_a_run_and_bad_files_are_set_aside(env):
     inbox.mkdir(exist_ok=True)
     (inbox / "garbage.json").write_text("{not json")
     (inbox / "unknown.json").write_text(json.dumps({**INCIDENT, "model": "no_such_model"}))
-    time.sleep(4)  # the watcher has looked at least once since: the bad files did not stop it
+    from tests.fixtures.hostile import SECRET, plant
+
+    hostile = plant(inbox, inbox.parent / "outside")  # a FIFO, links to /dev/zero and out, deep JSON...
+    server.wait_for(lambda: all((inbox / "rejected" / f"{n}.error.txt").exists() for n in hostile), 60,
+                    "the watcher to set every hostile file aside")
     good = {**INCIDENT, "id": "INC-INBOX-1", "scenario_type": "stop_and_go", "kind": "disengagement"}
     (inbox / ".good.json.tmp").write_text(json.dumps(good))
     os.replace(inbox / ".good.json.tmp", inbox / "good.json")
@@ -164,7 +168,10 @@ def test_inbox_file_starts_a_run_and_bad_files_are_set_aside(env):
     assert d["admitted"] and d["incidents"][0]["id"] == "INC-INBOX-1"
     assert d["incidents"][0]["reported_by"] == "inbox:good.json"
     server.wait_for(lambda: (inbox / "accepted" / "good.json").exists(), 30, "good.json accepted")
-    assert "not a JSON incident" in (inbox / "rejected" / "garbage.json.error.txt").read_text()
+    assert "not JSON" in (inbox / "rejected" / "garbage.json.error.txt").read_text()
+    for name, words in hostile.items():
+        reason = (inbox / "rejected" / f"{name}.error.txt").read_text()
+        assert words in reason and SECRET not in reason, (name, reason)
     assert "unknown model 'no_such_model'" in (inbox / "rejected" / "unknown.json.error.txt").read_text()
     assert not list(inbox.glob("*.json"))
     assert len(runs(server)) == n + 1  # the bad files started nothing

@@ -47,6 +47,25 @@ def routes_of(specs) -> dict[str, list[str]]:
     return {s.spec.model.name: s.spec.incident_scenarios() for s in specs if s.spec.incidents is not None}
 
 
+_SHOWABLE = re.compile(r"^[A-Za-z0-9 _.:/@+-]{1,40}$")
+_SECRETISH = re.compile(r"[A-Za-z0-9_+/=-]{20,}|(?i:secret|token|passw|bearer|api[_-]?key|private)")
+
+
+def shown(value: Any) -> str:
+    """A value from an incident as an error message may quote it: short plain words and numbers as
+    they are; anything long, structured or secret-like only by its kind and size (an error reason
+    is logged and kept in files: it must not copy a credential someone pasted into a field)."""
+    if value is None or isinstance(value, bool | int | float):
+        return repr(value)
+    if isinstance(value, str) and _SHOWABLE.match(value) and not _SECRETISH.search(value):
+        return repr(value)
+    if isinstance(value, str | bytes):
+        return f"a text of {len(value)} characters (not shown)"
+    if isinstance(value, dict | list | tuple):
+        return f"a {type(value).__name__} of {len(value)} items (not shown)"
+    return f"a {type(value).__name__} (not shown)"
+
+
 def _text(data: dict, name: str, limit: int, problems: list[str], *, required: bool = False) -> str | None:
     value = data.get(name)
     if value is None or value == "":
@@ -54,7 +73,7 @@ def _text(data: dict, name: str, limit: int, problems: list[str], *, required: b
             problems.append(f"{name}: required")
         return None
     if not isinstance(value, str):
-        problems.append(f"{name}: expected text, got {type(value).__name__} {value!r}")
+        problems.append(f"{name}: expected text, got {shown(value)}")
         return None
     if len(value) > limit:
         problems.append(f"{name}: {len(value)} characters, at most {limit} allowed")
@@ -77,35 +96,36 @@ def parse_incident(data: Any, routes: dict[str, list[str]]) -> dict[str, Any]:
     problems: list[str] = []
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
-        problems.append(f"unknown field(s) {unknown}; expected some of {list(FIELDS)}")
+        problems.append(f"unknown field(s) [{', '.join(shown(k) for k in unknown[:10])}"
+                        f"{', …' if len(unknown) > 10 else ''}]; expected some of {list(FIELDS)}")
     model = _text(data, "model", 100, problems, required=True)
     if model is not None and model not in routes:
         known = ", ".join(sorted(routes)) or "none: no template has an 'incidents:' section"
-        problems.append(f"model: unknown model {model!r}; models that take incidents: {known}")
+        problems.append(f"model: unknown model {shown(model)}; models that take incidents: {known}")
     scenario = _text(data, "scenario_type", 100, problems, required=True)
     if scenario is not None and model in routes and scenario not in routes[model]:
-        problems.append(f"scenario_type: {scenario!r} is not a scenario type the pipeline of {model!r} answers; "
+        problems.append(f"scenario_type: {shown(scenario)} is not a scenario type the pipeline of {model!r} answers; "
                         f"expected one of {routes[model]}")
     severity = data.get("severity")
     if severity is None:
         problems.append(f"severity: required, one of {list(SEVERITIES)}")
     elif severity not in SEVERITIES:
-        problems.append(f"severity: expected one of {list(SEVERITIES)}, got {severity!r}")
+        problems.append(f"severity: expected one of {list(SEVERITIES)}, got {shown(severity)}")
     kind = data.get("kind", "other")
     if kind not in KINDS:
-        problems.append(f"kind: expected one of {list(KINDS)}, got {kind!r}")
+        problems.append(f"kind: expected one of {list(KINDS)}, got {shown(kind)}")
     incident_id = data.get("id")
     if incident_id is not None and (not isinstance(incident_id, str) or not ID_RE.match(incident_id)):
-        problems.append(f"id: expected 1-100 letters, digits, '_', '.', ':' or '-', got {incident_id!r}")
+        problems.append(f"id: expected 1-100 letters, digits, '_', '.', ':' or '-', got {shown(incident_id)}")
     occurred = data.get("occurred_at")
     if occurred is not None:
         try:
             occurred = datetime.fromisoformat(str(occurred).replace("Z", "+00:00")).isoformat()
         except ValueError:
-            problems.append(f"occurred_at: expected an ISO 8601 time like 2026-11-26T08:15:00Z, got {occurred!r}")
+            problems.append(f"occurred_at: expected an ISO 8601 time like 2026-11-26T08:15:00Z, got {shown(occurred)}")
     refs = data.get("log_refs", [])
     if not isinstance(refs, list) or not all(isinstance(r, str) and 0 < len(r) <= 500 for r in refs):
-        problems.append(f"log_refs: expected a list of log URIs (text, up to 500 characters each), got {refs!r}")
+        problems.append(f"log_refs: expected a list of log URIs (text, up to 500 characters each), got {shown(refs)}")
     elif len(refs) > MAX_LOG_REFS:
         problems.append(f"log_refs: {len(refs)} references, at most {MAX_LOG_REFS} allowed")
     vehicle = _text(data, "vehicle", 100, problems)

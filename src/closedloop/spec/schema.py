@@ -255,6 +255,8 @@ class IncidentsSpec(_Part):
     pool: str = Field(default="closedloop_incident", pattern=r"^[A-Za-z0-9_.-]{1,256}$",
                       description="Airflow pool of the incident DAG's tasks (keeps periodic runs from blocking them)")
     inbox: bool = Field(default=True, description="watch the incident inbox folder ($CLOSEDLOOP_HOME/incidents/inbox)")
+    inbox_max_bytes: int = Field(default=1_000_000, ge=1_000, le=100_000_000, description="a bigger inbox file is "
+                                 "set aside unread (rejected/)")
     queue: dict[str, Any] | None = Field(default=None, description="arguments of Airflow's MessageQueueTrigger "
                                          "(common messaging provider) for production, e.g. {scheme: kafka, "
                                          "topics: [incidents]}; each message body is one incident (JSON)")

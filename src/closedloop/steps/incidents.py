@@ -40,6 +40,9 @@ def admit(spec: PipelineSpec, events: list[dict[str, Any]], last: dict[str, dict
         except IncidentError as exc:
             rejected.append(f"event {n} ({event['timestamp'].isoformat()}): " + "; ".join(exc.problems))
             continue
+        except (RecursionError, ValueError, TypeError, OverflowError) as exc:  # hostile shape: never drops the rest
+            rejected.append(f"event {n} ({event['timestamp'].isoformat()}): unreadable ({type(exc).__name__})")
+            continue
         valid.append(({**incident, "posted_by": event.get("posted_by")}, event["timestamp"]))
     if not valid:
         raise PermanentError("rejected: no valid incident in this run's events, nothing to retrain:\n"

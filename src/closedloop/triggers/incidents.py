@@ -30,34 +30,103 @@ log = logging.getLogger(__name__)
 ACCEPTED, REJECTED = "accepted", "rejected"
 
 
-def scan_inbox(inbox: Path, model: str, routes: dict[str, list[str]]) -> list[tuple[Path, dict]]:
-    """One look at the inbox: this model's valid incidents (oldest first); bad files are moved to
-    ``rejected/`` with a ``.error.txt`` saying why. Files of other known models are left alone.
+MAX_BYTES = 1_000_000
+"""Default size cap of one inbox file (``incidents.inbox_max_bytes`` in the template)."""
+MAX_DEPTH = 20
+"""JSON nesting an incident may have (it has 2: the object and its ``log_refs`` list)."""
+
+
+class Unreadable(ValueError):
+    """An inbox entry that is not a readable, small, regular JSON file."""
+
+
+def depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def read_entry(path: Path, max_bytes: int) -> Any:
+    """The JSON of one inbox file — a regular file, not a link, at most ``max_bytes``, nested at most
+    :data:`MAX_DEPTH` deep. Opened without following links and without blocking (a FIFO never
+    hangs the watcher; a link to ``/dev/zero`` or out of the inbox is never read).
+
+    :raises Unreadable: saying which rule the entry breaks.
+    :raises FileNotFoundError: it is gone (another watcher took it).
+    """
+    import stat
+
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        raise Unreadable("a symbolic link; the inbox reads regular files only (links are never followed)")
+    if not stat.S_ISREG(st.st_mode):
+        raise Unreadable("not a regular file (a FIFO, device, socket or folder); the inbox reads regular files only")
+    if st.st_size > max_bytes:
+        raise Unreadable(f"{st.st_size} bytes, more than the inbox's limit of {max_bytes}")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between the look and the open
+            raise Unreadable("not a regular file when opened")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise Unreadable(f"more than the inbox's limit of {max_bytes} bytes")
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise Unreadable("not UTF-8 text") from None
+    except RecursionError:
+        raise Unreadable(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    except json.JSONDecodeError as exc:
+        raise Unreadable(f"not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise Unreadable(f"JSON that cannot be read safely ({str(exc)[:200]})") from None
+    if depth(value) > MAX_DEPTH:
+        raise Unreadable(f"JSON nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def scan_inbox(inbox: Path, model: str, routes: dict[str, list[str]],
+               max_bytes: int = MAX_BYTES) -> list[tuple[Path, dict]]:
+    """One look at the inbox: this model's valid incidents (oldest first); bad entries are moved to
+    ``rejected/`` with a ``.error.txt`` saying why (never quoting a long or secret-like value). Files of
+    other known models are left alone. One bad entry never stops the look.
 
     Writers should create ``name.json.tmp`` (or ``.name.json``) and rename it when complete.
     """
     inbox.mkdir(parents=True, exist_ok=True)
     found: list[tuple[float, Path, dict]] = []
-    for path in inbox.glob("*.json"):
-        if path.name.startswith("."):
-            continue
+    with os.scandir(inbox) as entries:
+        names = sorted(e.name for e in entries if e.name.endswith(".json") and not e.name.startswith("."))
+    for name in names:
+        path = inbox / name
         try:
-            stat = path.stat()
-            data = json.loads(path.read_text(encoding="utf-8"))
+            mtime = path.lstat().st_mtime
+            data = read_entry(path, max_bytes)
         except FileNotFoundError:  # taken by another watcher meanwhile
             continue
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            reject(path, f"{path.name}: not a JSON incident: {exc}")
+        except Unreadable as exc:
+            reject(path, f"{name}: {exc}")
+            continue
+        except OSError as exc:
+            reject(path, f"{name}: cannot be read ({exc.strerror or type(exc).__name__})")
             continue
         if isinstance(data, dict) and data.get("model") in routes and data.get("model") != model:
             continue  # another pipeline's watcher handles it
-        data = {"reported_by": f"inbox:{path.name}", **data} if isinstance(data, dict) else data
+        data = {"reported_by": f"inbox:{name}", **data} if isinstance(data, dict) else data
         try:
             incident = parse_incident(data, routes)
         except IncidentError as exc:
-            reject(path, f"{path.name}: {exc}")
+            reject(path, f"{name}: {exc}")
             continue
-        found.append((stat.st_mtime, path, incident))
+        found.append((mtime, path, incident))
     return [(p, i) for _, p, i in sorted(found, key=lambda f: (f[0], f[1].name))]
 
 
@@ -65,6 +134,8 @@ def _move(path: Path, folder: str) -> Path | None:
     """Move ``path`` into its sibling ``folder``; None if another watcher took it first."""
     target = path.parent / folder / path.name
     target.parent.mkdir(exist_ok=True)
+    if target.parent.is_symlink():
+        raise Unreadable(f"{target.parent} is a symbolic link; the inbox keeps its files in real folders")
     try:
         os.replace(path, target)
     except FileNotFoundError:
@@ -73,9 +144,18 @@ def _move(path: Path, folder: str) -> Path | None:
 
 
 def reject(path: Path, reason: str) -> None:
-    target = _move(path, REJECTED)
+    """Move a bad entry (the entry itself: a link is moved, never followed) to ``rejected/`` with its reason."""
+    reason = reason[:2000]
+    try:
+        target = _move(path, REJECTED)
+    except Unreadable as exc:
+        log.error("incident inbox: cannot set %s aside: %s", path.name, exc)
+        return
     if target is not None:
-        target.with_name(target.name + ".error.txt").write_text(reason + "\n", encoding="utf-8")
+        note = target.with_name(target.name + ".error.txt")
+        fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(reason + "\n")
         log.warning("incident inbox: rejected %s", reason)
 
 
@@ -96,24 +176,28 @@ class IncidentInboxTrigger(BaseEventTrigger):
     :param routes: every known model → its incident scenario types (to tell "unknown model"
         from "another pipeline's model").
     :param poll_interval: seconds between looks.
+    :param max_bytes: size cap of one file (bigger ones are rejected unread).
     """
 
-    def __init__(self, *, inbox: str, model: str, routes: dict[str, list[str]], poll_interval: float = 2.0) -> None:
+    def __init__(self, *, inbox: str, model: str, routes: dict[str, list[str]], poll_interval: float = 2.0,
+                 max_bytes: int = MAX_BYTES) -> None:
         super().__init__()
         self.inbox = inbox
         self.model = model
         self.routes = routes
         self.poll_interval = poll_interval
+        self.max_bytes = max_bytes
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return ("closedloop.triggers.incidents.IncidentInboxTrigger",
-                {"inbox": self.inbox, "model": self.model, "routes": self.routes, "poll_interval": self.poll_interval})
+                {"inbox": self.inbox, "model": self.model, "routes": self.routes, "poll_interval": self.poll_interval,
+                 "max_bytes": self.max_bytes})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         folder = Path(self.inbox)
         while True:
             try:
-                found = await asyncio.to_thread(scan_inbox, folder, self.model, self.routes)
+                found = await asyncio.to_thread(scan_inbox, folder, self.model, self.routes, self.max_bytes)
             except Exception:  # the watch must survive anything one look can throw
                 log.exception("incident inbox %s: scan failed; trying again", folder)
                 found = []

@@ -73,14 +73,27 @@ def test_admission_debounces_per_scenario_type_within_the_window(spec):
     assert retry["admitted"]  # the same run admitting again (a retry) is not a repeat
 
 
+def nested(levels: int) -> list:
+    value: list = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
 def test_coalesced_events_of_one_run(spec):
     d = admit(spec, [event(spec, T0, id="LOW", severity="low", scenario_type="cut_in"),
                      event(spec, T0 + timedelta(seconds=1), id="HIGH"),
                      event(spec, T0 + timedelta(seconds=2), id="DUP"),
-                     {"extra": {"severity": "bad"}, "timestamp": T0}], {}, run_id="r1")
-    # events the scheduler put in one run are all answered by it, most severe first
+                     {"extra": {"severity": "bad"}, "timestamp": T0},
+                     {"extra": {**event(spec, T0)["extra"], "occurred_at": nested(5_000), "id": "DEEP"},
+                      "timestamp": T0},
+                     {"extra": {"from_rest_api": True, "model": "sk-" + "x" * 40, "severity": nested(10)},
+                      "timestamp": T0}], {}, run_id="r1")
+    # events the scheduler put in one run are all answered by it, most severe first; malformed or
+    # hostile ones (a shape that breaks Python's recursion, a pasted secret) never drop the others
     assert [i["id"] for i in d["incidents"]] == ["HIGH", "DUP", "LOW"]
-    assert d["merged_into"] == {} and len(d["rejected"]) == 1
+    assert d["merged_into"] == {} and len(d["rejected"]) == 3
+    assert "unreadable (RecursionError)" in d["rejected"][1] and "x" * 40 not in d["rejected"][2]
     assert d["focus_types"] == ["cut_in", "hard_braking"]
     assert focus_of(spec, d["focus_types"]) == {"hard_braking": 2.0, "cut_in": 20.0}
     request = incident_request(spec, d["incidents"])

@@ -29,8 +29,35 @@ def test_inbox_scan_takes_own_files_leaves_others_and_rejects_bad_ones(tmp_path)
     # a.json moves after its event was handed over; another model's file stays for its own watcher
     assert sorted(p.name for p in tmp_path.glob("*.json")) == [".partial.json", "a.json", "other.json"]
     assert "severity: expected one of" in (tmp_path / "rejected" / "bad.json.error.txt").read_text()
-    assert "not a JSON incident" in (tmp_path / "rejected" / "broken.json.error.txt").read_text()
+    assert "not JSON" in (tmp_path / "rejected" / "broken.json.error.txt").read_text()
     assert (tmp_path / ".partial.json").exists()
+
+
+def test_hostile_files_are_set_aside_unread_and_a_good_one_in_the_same_look_still_counts(tmp_path):
+    """A FIFO, a link to /dev/zero or out of the inbox, deep nesting, an oversized file, a huge
+    number, a pasted credential: each is moved to rejected/ with its reason, nothing is read through
+    a link, no reason copies the credential, and the valid incident beside them is taken."""
+    import signal
+
+    from tests.fixtures.hostile import SECRET, plant
+
+    inbox = tmp_path / "inbox"
+    expected = plant(inbox, tmp_path / "outside", max_bytes=10_000)
+    (inbox / "good.json").write_text(json.dumps({**GOOD, "id": "G"}))
+    signal.alarm(60)  # a FIFO read would block forever: fail the test instead of hanging it
+    try:
+        found = scan_inbox(inbox, "m1", ROUTES, max_bytes=10_000)
+    finally:
+        signal.alarm(0)
+    assert [i["id"] for _, i in found] == ["G"]
+    rejected = inbox / "rejected"
+    for name, words in expected.items():
+        reason = (rejected / f"{name}.error.txt").read_text()
+        assert words in reason, (name, reason)
+        assert SECRET not in reason
+        assert (rejected / name).is_symlink() == (name in ("zero.json", "escape.json"))  # moved, not followed
+    assert (tmp_path / "outside" / "incident.json").exists()  # the link's target was not touched
+    assert sorted(p.name for p in inbox.iterdir()) == ["good.json", "rejected"]
 
 
 def test_inbox_trigger_yields_then_accepts(tmp_path):
