@@ -22,7 +22,8 @@ from tests.conftest import NO_REVIEW, scratch_project, template_text
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 PIPELINE, DAG, MODEL = "acc_evt", "acc_evt_incident", "acc_evt_model"
-USERS = {"admin": "admin", "fleet-monitor": "op", "viewer1": "viewer"}
+OTHER = "acc_other"  # a second pipeline (no runs): the one user "scoped" may read
+USERS = {"admin": "admin", "fleet-monitor": "op", "viewer1": "viewer", "scoped": "viewer"}
 INCIDENT = {"model": MODEL, "scenario_type": "hard_braking", "severity": "high", "kind": "collision",
             "log_refs": ["s3://fleet/eu/veh-7/clip-1.mcap"]}
 
@@ -34,10 +35,20 @@ def env(tmp_path_factory, project):
         'schedule: "0 3 * * 1"': "schedule: null", "name: acc_longitudinal": f"name: {PIPELINE}",
         "name: acc_longitudinal_policy": f"name: {MODEL}", "window_days: 14": "window_days: 3",
         "kpi_poll_seconds: 60": "kpi_poll_seconds: 2", "debounce_minutes: 30": "debounce_minutes: 1"}))
+    (root / "include" / "pipelines" / f"{OTHER}.yaml").write_text(template_text(project, incidents=False, **NO_REVIEW, **{
+        'schedule: "0 3 * * 1"': "schedule: null", "name: acc_longitudinal": f"name: {OTHER}",
+        "name: acc_longitudinal_policy": "name: acc_other_model"}))
     work = tmp_path_factory.mktemp("events-airflow")
     inbox = work / "inbox"
+    # per-DAG rights as a deployment's auth manager gives them (tests/fixtures/auth.py: Airflow's
+    # SimpleAuthManager plus a DAG list for "scoped"); fault drills the test may write (none at start)
     server = AirflowServer(work, root / "dags", {u: (r, f"{u}-pw") for u, r in USERS.items()},
-                           env={"CLOSEDLOOP_INCIDENT_INBOX": str(inbox)})
+                           env={"CLOSEDLOOP_INCIDENT_INBOX": str(inbox),
+                                "AIRFLOW__CORE__AUTH_MANAGER": "tests.fixtures.auth.DagScopedAuthManager",
+                                "PYTHONPATH": os.pathsep.join(filter(None, [str(project),
+                                                                            os.environ.get("PYTHONPATH")])),
+                                "CLOSEDLOOP_TEST_DAG_SCOPE": json.dumps({"scoped": [OTHER]}),
+                                "CLOSEDLOOP_FAULTS": str(work / "faults.json")})
     server.start()
     try:
         server.wait_for(lambda: server.api("GET", f"/api/v2/dags/{DAG}")[0] == 200, 120, "incident DAG parsed")
@@ -294,6 +305,105 @@ def test_lineage_endpoints_and_page_answer_behind_airflow_login(env):
     ours = next(p for p in plugins["plugins"] if p["name"] == "closedloop")
     assert ours["fastapi_apps"][0]["url_prefix"] == "/closedloop"
     assert ours["external_views"][0]["href"] == "/closedloop/lineage"
+
+
+def first_incident_run(server) -> str:
+    """The run INC-1 started, once it has trained (its lineage exists either way its gates go)."""
+    first = server.wait_for(lambda: next((r["dag_run_id"] for r in runs(server)
+                                          if (d := admission(server, r["dag_run_id"])) and d.get("admitted")
+                                          and d["incidents"][0]["id"] == "INC-1"), None), 300, "INC-1's run")
+    server.wait_for(lambda: server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{first}/taskInstances/train")
+                    [1].get("state") in ("success", "failed"), 600, "INC-1's run to train")
+    return first
+
+
+def http_get(server, path: str, user: str | None, timeout: float = 60) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    token = server.client(user).token() if user else None
+    req = urllib.request.Request(server.url + path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_a_viewer_limited_to_another_pipeline_reads_nothing_of_this_one(env):
+    """Per-DAG rights hold on every plugin endpoint, whatever the query says: "scoped" may read only
+    the other pipeline's DAG, so this pipeline's trace is not found, its impact rows and health
+    section are left out — also with ?dag_id= naming a DAG they may read, or this one."""
+    from urllib.parse import quote
+
+    server, _, _ = env
+    first = first_incident_run(server)
+    assert server.api("GET", f"/api/v2/dags/{DAG}", user="scoped")[0] == 403  # Airflow agrees
+    assert server.api("GET", f"/api/v2/dags/{OTHER}", user="scoped")[0] == 200
+    status, body = http_get(server, "/closedloop/api/impact?source=fleet-eu", "viewer1")
+    everyone = json.loads(body)
+    assert status == 200 and everyone["totals"]["training_runs"] >= 1 and everyone["model_versions"] is not None
+    for steer in ("", f"&dag_id={OTHER}", f"&dag_id={DAG}", "&dag_id=~", f"&dag_id={OTHER}&dag_id={DAG}"):
+        status, body = http_get(server, f"/closedloop/api/trace?ref={quote(first)}{steer}", "scoped")
+        assert status == 404 and first not in body.replace(f"{first!r}", ""), (steer, body)
+        status, body = http_get(server, f"/closedloop/api/trace?ref={quote(f'models:/{MODEL}/1')}{steer}", "scoped")
+        assert status == 404, (steer, body)
+        status, body = http_get(server, f"/closedloop/api/impact?source=fleet-eu{steer}", "scoped")
+        seen = json.loads(body)
+        assert status == 200 and seen["training_runs"] == [] and seen["model_versions"] == [] and \
+            seen["snapshots"] == [] and seen["live"] == [], (steer, body)
+        assert seen["totals"] == {"snapshots": 0, "training_runs": 0, "model_versions": 0}
+        status, body = http_get(server, f"/closedloop/api/health?days=7{steer}", "scoped")
+        h = json.loads(body)
+        assert status == 200 and set(h["pipelines"]) == {OTHER} and set(h["versions"]) == {OTHER}, (steer, body)
+        assert set(h["cache"]) <= {OTHER} and h["total_pipelines"] == 1
+        status, body = http_get(server, f"/closedloop/health?days=7{steer}", "scoped")
+        assert status == 200 and OTHER in body and PIPELINE not in body.replace(OTHER, "")
+    status, body = http_get(server, "/closedloop/api/impact?source=fleet-eu&limit=100000", "viewer1")
+    assert status == 422  # the page size has a maximum
+    status, body = http_get(server, "/closedloop/api/impact?source=%25", "viewer1")
+    assert status == 400 and "wildcards" in body  # '%' is refused, not "everything"
+
+
+def test_a_slow_health_request_does_not_hold_other_requests(env):
+    """The health page's work runs in a worker thread: while a fault drill holds one health request
+    inside its work, other requests to the API server (ours and Airflow's) are answered."""
+    import threading
+
+    server, _, _ = env
+    drills, release, mark = server.root / "faults.json", server.root / "health.release", server.root / "health.mark"
+    drills.write_text(json.dumps([{"task": "health", "dag": "closedloop_web", "point": "start", "fault": "pause",
+                                   "seconds": 300, "until": str(release), "mark": str(mark)}]))
+    held: dict = {}
+    slow = threading.Thread(target=lambda: held.update(answer=http_get(server, "/closedloop/health?days=7",
+                                                                       "viewer1", timeout=400)))
+    try:
+        slow.start()
+        server.wait_for(mark.exists, 60, "the health request to be held in its work")
+        drills.unlink()  # the requests below are not held
+        assert http_get(server, "/closedloop/api/impact?source=fleet-eu", "viewer1")[0] == 200
+        assert http_get(server, f"/api/v2/dags/{DAG}", "viewer1")[0] == 200
+        assert http_get(server, "/closedloop/lineage", "viewer1")[0] == 200
+        assert slow.is_alive() and "answer" not in held  # all of that while the health request was held
+    finally:
+        drills.unlink(missing_ok=True)
+        release.touch()
+        slow.join(120)
+    assert held["answer"][0] == 200 and PIPELINE in held["answer"][1]
+
+
+def test_a_rerun_conf_naming_data_outside_the_root_is_refused_before_a_run_exists(env):
+    server, _, _ = env
+    before = len(runs(server))
+    digest = "0" * 64
+    for uri in ("http://attacker.example/logs.parquet", f"file:///etc/{digest}.parquet", f"/tmp/{digest}.parquet"):
+        conf = {"closedloop_rerun": {"of": f"{DAG}/x", "raw": {"uri": uri, "digest": digest,
+                                                              "window_start": "2026-11-01", "window_end": "2026-11-04"}}}
+        status, body = server.api("POST", f"/api/v2/dags/{DAG}/dagRuns", {"logical_date": None, "conf": conf})
+        assert status == 400 and "closedloop_rerun" in json.dumps(body), (uri, body)
+        status, body = server.api("POST", f"/api/v2/dags/{PIPELINE}/dagRuns", {"logical_date": None, "conf": conf})
+        assert status == 400 and "closedloop_rerun" in json.dumps(body), (uri, body)
+    assert len(runs(server)) == before
 
 
 def test_rerun_of_an_incident_run_through_the_cli(env):

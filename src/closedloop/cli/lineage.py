@@ -31,7 +31,8 @@ def cmd_impact(args) -> int:
     from closedloop.cli.render import format_impact
     from closedloop.records.lineage import impact
 
-    return _answer(lambda: impact(source=args.source, label_policy=args.label_policy, dataset=args.dataset),
+    return _answer(lambda: impact(source=args.source, label_policy=args.label_policy, dataset=args.dataset,
+                                  limit=args.limit, offset=args.offset),
                    format_impact, args.json)
 
 
@@ -80,7 +81,9 @@ def add_parsers(sub) -> None:
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--source", help="fleet log source, e.g. fleet-eu")
     g.add_argument("--label-policy", help="NAME or NAME@VERSION")
-    g.add_argument("--dataset", help="dataset snapshot digest (raw or labelled)")
+    g.add_argument("--dataset", help="dataset snapshot digest (raw or labelled; its first 8+ hex digits will do)")
+    sp.add_argument("--limit", type=int, default=1000, help="list at most this many of each (max 1000)")
+    sp.add_argument("--offset", type=int, default=0, help="skip this many of each (paging)")
     arg_json(sp)
     sp.set_defaults(func=cmd_impact)
     sp = sub.add_parser("rerun", help="run a pipeline run again exactly: same request, pinned snapshot, label policy")

@@ -139,8 +139,12 @@ def format_trace(t: dict[str, Any]) -> str:
 
 
 def format_impact(i: dict[str, Any]) -> str:
-    lines = [f"impact of {i['query']}: {len(i['snapshots'])} snapshots, {len(i['training_runs'])} training runs, "
-             f"{len(i['model_versions'])} model versions, {len(i['live'])} live"]
+    n = i.get("totals") or {k: len(i[k]) for k in ("snapshots", "training_runs", "model_versions")}
+    lines = [f"impact of {i['query']}: {n['snapshots']} snapshots, {n['training_runs']} training runs, "
+             f"{n['model_versions']} model versions, {len(i['live'])} live"]
+    shown = max(len(i["snapshots"]), len(i["training_runs"]), len(i["model_versions"]))
+    if shown < max(n.values()):
+        lines.append(f"(listing {i.get('offset', 0) + 1}..{i.get('offset', 0) + shown} of each; --offset to page on)")
     if i["live"]:
         lines.append("\nLIVE (act here first):")
         lines.extend(f"  {v['model']} v{v['version']}  @{', @'.join(v['live'])}" for v in i["live"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from typing import Any
 
 from closedloop import vocab
@@ -231,7 +232,8 @@ def _all_runs(c, filter_string: str) -> list:
 
 
 def impact(*, source: str | None = None, label_policy: str | None = None, dataset: str | None = None,
-           tracking_uri: str | None = None, limit: int = MAX_LIMIT, offset: int = 0) -> dict[str, Any]:
+           tracking_uri: str | None = None, limit: int = MAX_LIMIT, offset: int = 0,
+           dag_ids: Collection[str] | None = None) -> dict[str, Any]:
     """Everything touched by a data source, a label policy (``NAME`` or ``NAME@VERSION``) or a
     dataset digest: snapshots, training runs, model versions, aliases; live ones flagged.
 
@@ -239,7 +241,8 @@ def impact(*, source: str | None = None, label_policy: str | None = None, datase
     lineage tags), so the cost grows with what is touched, not with the size of the store.
 
     ``limit`` (at most :data:`MAX_LIMIT`) and ``offset`` page the training runs and model versions;
-    ``totals`` counts them all, and every live version is always listed."""
+    ``totals`` counts them all, and every live version is always listed. ``dag_ids``: only records of
+    runs in these DAGs (what the caller may read); None: all."""
     if not 1 <= limit <= MAX_LIMIT or offset < 0:
         raise LineageError(f"limit must be 1..{MAX_LIMIT} and offset >= 0 (got limit {limit}, offset {offset})")
     given = [x for x in (source, label_policy, dataset) if x]
@@ -263,8 +266,11 @@ def impact(*, source: str | None = None, label_policy: str | None = None, datase
         exact = (vocab.LABEL_POLICY, lambda tag: tag == label_policy or (not at and tag.startswith(name + "@")))
         what = f"label policy {label_policy}"
     else:
-        predicates = [f"tags.`closedloop.dataset_version` = {_q(dataset)}",
-                      f"tags.`closedloop.raw_dataset_version` = {_q(dataset)}"]
+        if not re.fullmatch(r"[0-9a-f]{8,64}", dataset):
+            raise LineageError(f"--dataset {dataset!r}: expected a snapshot's sha256, or its first 8 or more hex "
+                               "digits")
+        op = f"= {_q(dataset)}" if len(dataset) == 64 else f"LIKE {_q(dataset + '%')}"  # a short form: its prefix
+        predicates = [f"tags.`{vocab.DATASET_VERSION}` {op}", f"tags.`{vocab.RAW_DATASET_VERSION}` {op}"]
         exact = None
         what = f"dataset {dataset}"
     runs: dict[str, Any] = {}
@@ -273,6 +279,9 @@ def impact(*, source: str | None = None, label_policy: str | None = None, datase
         runs.update((r.info.run_id, r) for r in _all_runs(c, f"tags.`closedloop.step` = 'train' and {predicate}"))
         found_versions.update(((v.name, str(v.version)), v) for v in _versions_where(c, predicate))
     runs = list(runs.values())
+    if dag_ids is not None:
+        runs = [r for r in runs if r.data.tags.get(vocab.AIRFLOW_DAG_ID) in dag_ids]
+        found_versions = {k: v for k, v in found_versions.items() if v.tags.get(vocab.AIRFLOW_DAG_ID) in dag_ids}
     if exact is not None:
         tag, matches = exact
         runs = [r for r in runs if matches(r.data.tags.get(tag, ""))]

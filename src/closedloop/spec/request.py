@@ -82,12 +82,18 @@ def dag_params(spec: PipelineSpec) -> dict[str, Any]:
     """``Param`` objects for the DAG (imported lazily: airflow.sdk is already loaded at parse time)."""
     from airflow.sdk import Param
 
-    from closedloop import settings, vocab
-
     defaults = scheduled_request(spec)
     params = {name: Param(defaults[name], **schema) for name, schema in json_schemas().items()}
-    params[vocab.CONF_RERUN] = Param(None, **rerun_schema(spec, settings.data_root()))
-    return params
+    return {**params, **rerun_params(spec)}
+
+
+def rerun_params(spec: PipelineSpec) -> dict[str, Any]:
+    """The ``closedloop_rerun`` param (both DAGs of a pipeline: a rerun's conf is checked on creation)."""
+    from airflow.sdk import Param
+
+    from closedloop import settings, vocab
+
+    return {vocab.CONF_RERUN: Param(None, **rerun_schema(spec, settings.data_root()))}
 
 
 def validate_request(data: dict[str, Any]) -> dict[str, Any]:

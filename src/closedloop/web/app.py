@@ -9,63 +9,113 @@
   versions per pipeline, as JSON and as a page with charts.
 
 Behind Airflow's authentication: the caller's Airflow token (the UI's session cookie or an
-``Authorization: Bearer`` header), and the right to read DAGs. MLflow is found the way tasks
-find it (connection ``mlflow_default``, else ``MLFLOW_TRACKING_URI``, else the local store).
+``Authorization: Bearer`` header). Every answer holds only what the caller may read: the
+pipelines' DAGs are checked one by one with Airflow's auth manager (never steered by a query
+parameter such as ``?dag_id=``), and a trace, an impact row or a health section of a DAG the
+caller may not read is left out (a trace of one is "not found"). Lists page with ``limit`` /
+``offset`` and say their totals. The work (MLflow, the metadata database) runs in worker threads,
+never on the API server's event loop. MLflow is found the way tasks find it (connection
+``mlflow_default``, else ``MLFLOW_TRACKING_URI``, else the local store).
 """
 
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
 
 from closedloop.web import template as page
 
+MAX_HEALTH_PIPELINES = 100
 
-async def reader(request: Request):
-    """The Airflow user, who must be allowed to read DAGs (401 without a login, 403 without the right)."""
-    from airflow.api_fastapi.core_api.security import requires_access_dag, resolve_user_from_token
+
+@dataclass(frozen=True)
+class Caller:
+    user: object
+    dags: frozenset[str]
+    """The closedloop DAG ids this user may read (Airflow's auth manager, DAG by DAG)."""
+
+    def pipelines(self, specs) -> list:
+        """The templates whose periodic DAG the caller may read."""
+        return [s for s in specs if s.spec.name in self.dags]
+
+
+def readable_dags(user) -> frozenset[str]:
+    """Of every DAG the templates define, those ``user`` may read (asked of Airflow's auth manager)."""
+    from airflow.api_fastapi.app import get_auth_manager
+
+    from closedloop.records.health import pipelines_of
+    from closedloop.spec import load_all
+
+    specs, _ = load_all(_pipelines_dir())
+    every = {d for ids in pipelines_of(specs).values() for d in ids}
+    return frozenset(get_auth_manager().filter_authorized_dag_ids(dag_ids=every, user=user, method="GET"))
+
+
+async def reader(request: Request) -> Caller:
+    """The Airflow user and the closedloop DAGs they may read (401 without a login, 403 with none)."""
+    from airflow.api_fastapi.core_api.security import resolve_user_from_token
 
     header = request.headers.get("authorization", "")
     token = header[7:] if header.lower().startswith("bearer ") else request.cookies.get("_token")
     user = await resolve_user_from_token(token)
-    requires_access_dag("GET")(request, user)
-    return user
+    dags = await run_in_threadpool(readable_dags, user)
+    if not dags:
+        raise HTTPException(status_code=403, detail="you may read none of the closedloop pipelines' DAGs")
+    return Caller(user, dags)
 
 
-Reader = Annotated[object, Depends(reader)]
+Reader = Annotated[Caller, Depends(reader)]
 
 
-async def _login_or_redirect(request: Request):
-    """None for a reader; a redirect to Airflow's login page (then back) for a browser without a login."""
+async def _caller_or_redirect(request: Request) -> Caller | RedirectResponse:
+    """The reader; or, for a browser without a login, a redirect to Airflow's login page (then back)."""
     try:
-        await reader(request)
+        return await reader(request)
     except HTTPException as exc:
         if exc.status_code == 401:
             from airflow.api_fastapi.app import get_auth_manager
 
             return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)), status_code=303)
         raise
-    return None
 
 
-def health_figures(days: int) -> dict:
+def health_figures(days: int, caller: Caller, *, limit: int = MAX_HEALTH_PIPELINES, offset: int = 0) -> dict:
+    """Health of the pipelines the caller may read (``limit`` of them from ``offset``, by name); an
+    incident DAG the caller may not read is left out of its pipeline's figures."""
     from datetime import UTC, datetime, timedelta
 
     from closedloop.records.health import cache_figures, current_versions, figures, pipelines_of, records_from_db
     from closedloop.spec import load_all
+    from closedloop.steps.faults import inject
 
+    inject(dag_id="closedloop_web", task_id="health", try_number=1, point="start")  # a drill can hold it here
     specs, _ = load_all(_pipelines_dir())
+    visible = sorted(caller.pipelines(specs), key=lambda s: s.spec.name)
+    page_specs = visible[offset:offset + limit]
     until = datetime.now(UTC)
     since = until - timedelta(days=days)
-    pipelines = pipelines_of(specs)
+    pipelines = {name: [d for d in ids if d in caller.dags] for name, ids in pipelines_of(page_specs).items()}
     runs, tis = records_from_db([d for ids in pipelines.values() for d in ids], since)
     out = figures(pipelines, runs, tis, since=since, until=until)
-    out["versions"] = current_versions(specs, _tracking_uri())
-    out["cache"] = cache_figures(specs, since, _tracking_uri())
+    out["versions"] = current_versions(page_specs, _tracking_uri())
+    out["cache"] = cache_figures(page_specs, since, _tracking_uri())
+    out.update(total_pipelines=len(visible), limit=limit, offset=offset)
     return out
+
+
+def visible_trace(t: dict, caller: Caller, specs) -> bool:
+    """A trace is the caller's to read when the run behind it is in a DAG they may read (a version
+    registered outside a pipeline run: when they may read a pipeline of its model)."""
+    dag_id = (t.get("airflow_run") or {}).get("dag_id")
+    if dag_id:
+        return dag_id in caller.dags
+    model = (t.get("model_version") or {}).get("name")
+    return any(s.spec.model.name == model for s in caller.pipelines(specs))
 
 
 def _pipelines_dir():
@@ -86,44 +136,60 @@ def _tracking_uri() -> str:
 def create_app() -> FastAPI:
     app = FastAPI(title="airflow-closedloop", description="Lineage of closed-loop models: trace and impact.")
 
+    from closedloop.records.lineage import MAX_LIMIT
+
+    Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+    Offset = Annotated[int, Query(ge=0, le=1_000_000)]
+
     @app.get("/api/trace")
-    def api_trace(user: Reader, ref: Annotated[str, Query(min_length=1, max_length=500)]):
+    def api_trace(caller: Reader, ref: Annotated[str, Query(min_length=1, max_length=500)]):
+        """One model's chain (a single record, nothing to page)."""
         from closedloop.records.lineage import LineageError, trace
+        from closedloop.spec import load_all
 
         try:
-            return JSONResponse(trace(ref, _tracking_uri()))
+            t = trace(ref, _tracking_uri())
         except LineageError as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from None
+        if not visible_trace(t, caller, load_all(_pipelines_dir())[0]):
+            raise HTTPException(status_code=404, detail=f"{ref!r}: nothing you may read")  # no hint it exists
+        return JSONResponse(t)
 
     @app.get("/api/impact")
-    def api_impact(user: Reader, source: str | None = None, label_policy: str | None = None,
-                   dataset: str | None = None):
+    def api_impact(caller: Reader, source: Annotated[str | None, Query(max_length=200)] = None,
+                   label_policy: Annotated[str | None, Query(max_length=200)] = None,
+                   dataset: Annotated[str | None, Query(max_length=64)] = None,
+                   limit: Limit = 100, offset: Offset = 0):
         from closedloop.records.lineage import LineageError, impact
 
         try:
             return JSONResponse(impact(source=source, label_policy=label_policy, dataset=dataset,
-                                       tracking_uri=_tracking_uri()))
+                                       tracking_uri=_tracking_uri(), limit=limit, offset=offset,
+                                       dag_ids=caller.dags))
         except LineageError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
 
     @app.get("/api/health")
-    def api_health(user: Reader, days: Annotated[int, Query(ge=1, le=366)] = 7):
-        return JSONResponse(health_figures(days))
+    def api_health(caller: Reader, days: Annotated[int, Query(ge=1, le=366)] = 7,
+                   limit: Annotated[int, Query(ge=1, le=MAX_HEALTH_PIPELINES)] = MAX_HEALTH_PIPELINES,
+                   offset: Offset = 0):
+        return JSONResponse(health_figures(days, caller, limit=limit, offset=offset))
 
     @app.get("/health", response_class=HTMLResponse)
     async def health_page(request: Request, days: Annotated[int, Query(ge=1, le=366)] = 7):
-        denied = await _login_or_redirect(request)
-        if denied is not None:
-            return denied
+        caller = await _caller_or_redirect(request)
+        if isinstance(caller, RedirectResponse):
+            return caller
         from closedloop.web.health_page import render
 
-        return HTMLResponse(render(health_figures(days), days))
+        figures = await run_in_threadpool(health_figures, days, caller)  # off the event loop
+        return HTMLResponse(render(figures, days))
 
     @app.get("/lineage", response_class=HTMLResponse)
     async def lineage_page(request: Request):
-        denied = await _login_or_redirect(request)
-        if denied is not None:
-            return denied
+        caller = await _caller_or_redirect(request)
+        if isinstance(caller, RedirectResponse):
+            return caller
         return HTMLResponse(page("lineage.html").replace(
             "{{ref}}", html.escape(request.query_params.get("ref", ""), quote=True)))
 
