@@ -29,6 +29,28 @@ os.environ.pop("CLOSEDLOOP_DATA_ROOT", None)
 (_TMP / "airflow").mkdir()
 
 
+REQUIRE_ALL = os.environ.get("CLOSEDLOOP_CI") == "1"
+"""Set by ``.ci/run``: every component (Chromium, docker-compose, PostgreSQL, Redis, optional
+providers) must be there, so a test that would skip for a missing one fails instead."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} would skip ({reason}); under CI (CLOSEDLOOP_CI=1) every component "
+                           "must be installed, so a skip is a failure")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = len(terminalreporter.stats.get("skipped", []))
+    terminalreporter.write_line(f"closedloop: {skipped} test(s) skipped"
+                                + (" (under CI a skip counts as a failure)" if REQUIRE_ALL else ""))
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_TMP, ignore_errors=True)
 
