@@ -94,12 +94,11 @@ def read_bytes(uri: str, digest: str) -> bytes:
 
 
 def read_snapshot(uri: str, digest: str):
-    """Read a snapshot back, verified byte for byte (:func:`read_bytes`)."""
-    import io
+    """Read a snapshot back, verified byte for byte (:func:`read_bytes`), parsed from those same bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    import pandas as pd
-
-    return pd.read_parquet(io.BytesIO(read_bytes(uri, digest)))
+    return pq.read_table(pa.BufferReader(read_bytes(uri, digest))).to_pandas()
 
 
 def intact(uri: str, digest: str) -> bool:
