@@ -82,7 +82,8 @@ def test_periodic_pipeline_registers_one_candidate_with_lineage(periodic, period
         assert train_run.data.tags.get(key), key
     assert train_run.data.tags["airflow.task_id"] == "train"
     inputs = train_run.inputs.dataset_inputs
-    assert [(i.dataset.digest, i.tags[0].value) for i in inputs] == [(labelled["digest"], "training")]
+    assert [(i.dataset.digest, {t.key: t.value for t in i.tags}) for i in inputs] == [
+        (labelled["digest"][:32], {"mlflow.data.context": "training", "closedloop.sha256": labelled["digest"]})]
     assert inputs[0].dataset.source and labelled["uri"] in inputs[0].dataset.source
 
     # the step runs hang under one parent run for this pipeline run

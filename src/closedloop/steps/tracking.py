@@ -205,13 +205,17 @@ def fail(ctx: RunContext, run_id: str) -> None:
 
 def log_dataset_input(ctx: RunContext, run_id: str, frame, ref: dict, *, context: str, name: str,
                       targets: str | None = None) -> None:
-    """Log a snapshot as an MLflow dataset input, keyed by our content digest."""
+    """Log a snapshot as an MLflow dataset input, keyed by our content digest (MLflow keeps at most 36
+    characters of a dataset digest: the first 32 hex digits; the full sha256 is in the source URI
+    and in an input tag)."""
     import mlflow
     from mlflow.entities import InputTag
 
-    dataset = mlflow.data.from_pandas(frame, source=ref["uri"], name=name, digest=ref["digest"], targets=targets)
+    dataset = mlflow.data.from_pandas(frame, source=ref["uri"], name=name, digest=ref["digest"][:32],
+                                      targets=targets)
     client(ctx).log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(
-        dataset._to_mlflow_entity(), tags=[InputTag(key="mlflow.data.context", value=context)])])
+        dataset._to_mlflow_entity(), tags=[InputTag(key="mlflow.data.context", value=context),
+                                           InputTag(key="closedloop.sha256", value=ref["digest"])])])
 
 
 def metric_entities(metrics: dict[str, float]):
