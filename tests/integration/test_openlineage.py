@@ -56,4 +56,4 @@ def test_pipeline_tasks_report_datasets_and_models_to_openlineage(airflow_db, tm
     (registered,) = done["register_candidate"]["outputs"]
     assert registered["name"].startswith("models:/acc_ol_model/")
     version = done["generate_dataset"]["outputs"][0]["facets"]["version"]["datasetVersion"]
-    assert len(version) == 16  # the snapshot's content digest
+    assert len(version) == 64  # the snapshot's content digest (sha256 of its bytes)

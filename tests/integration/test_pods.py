@@ -174,12 +174,12 @@ def test_the_pods_command_runs_the_same_steps(pod_project, tmp_path):
     assert simulated["metrics"]["sim.collision_rate"] == 0.0 and simulated["episodes"] > 0
 
     # a step that fails in the pod says whether to retry; the operator turns it into that verdict
-    broken = {**payload, "inputs": {**payload["inputs"], "label": {**lab, "digest": "0" * 16}},
+    broken = {**payload, "inputs": {**payload["inputs"], "label": {**lab, "digest": "0" * 64}},
               "context": asdict(ctx.for_key("acc_pods/manual__pods2").for_task("train"))}
     proc, note = podstep("train", template, broken, tmp_path)
     assert proc.returncode != 0 and note["closedloop_error"]["transient"] is False
     failure = AirflowException(f"Pod acc-pods-train-x returned a failure.\n{json.dumps(note)}")
-    assert isinstance(pod_failure(failure), PermanentError) and "does not match its digest" in str(pod_failure(failure))
+    assert isinstance(pod_failure(failure), PermanentError) and "failed its integrity check" in str(pod_failure(failure))
     proc, note = podstep("train", template, {**broken, "context": {**broken["context"],
                          "tracking_uri": "http://127.0.0.1:9"}}, tmp_path, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
                          MLFLOW_HTTP_REQUEST_TIMEOUT="5")

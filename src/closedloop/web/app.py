@@ -28,9 +28,12 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
+from closedloop.records.lineage import MAX_LIMIT
 from closedloop.web import template as page
 
 MAX_HEALTH_PIPELINES = 100
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+Offset = Annotated[int, Query(ge=0, le=1_000_000)]
 
 
 @dataclass(frozen=True)
@@ -135,11 +138,6 @@ def _tracking_uri() -> str:
 
 def create_app() -> FastAPI:
     app = FastAPI(title="airflow-closedloop", description="Lineage of closed-loop models: trace and impact.")
-
-    from closedloop.records.lineage import MAX_LIMIT
-
-    Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
-    Offset = Annotated[int, Query(ge=0, le=1_000_000)]
 
     @app.get("/api/trace")
     def api_trace(caller: Reader, ref: Annotated[str, Query(min_length=1, max_length=500)]):
