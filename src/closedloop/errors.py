@@ -58,10 +58,26 @@ TRANSIENT_CLASSES = frozenset({
     "requests.exceptions.ConnectionError", "requests.exceptions.Timeout", "requests.exceptions.ChunkedEncodingError",
     "urllib3.exceptions.ProtocolError", "urllib3.exceptions.MaxRetryError", "urllib3.exceptions.NewConnectionError",
     "urllib3.exceptions.TimeoutError", "http.client.RemoteDisconnected", "http.client.IncompleteRead",
-    "sqlalchemy.exc.OperationalError", "sqlalchemy.exc.TimeoutError", "sqlalchemy.exc.DisconnectionError",
-    "psycopg2.OperationalError", "redis.exceptions.ConnectionError", "redis.exceptions.TimeoutError",
+    "sqlalchemy.exc.TimeoutError", "sqlalchemy.exc.DisconnectionError",
+    "redis.exceptions.ConnectionError", "redis.exceptions.TimeoutError",
     "airflow.sdk.exceptions.AirflowTaskTimeout", "airflow.sdk.exceptions.TaskDeferralTimeout",
 })
+#: Database errors that are transient only when their message says so (a locked or busy database, a
+#: lost or refused connection, a timeout, a deadlock or serialization conflict): the same classes
+#: also carry "no such table" and syntax errors, which no retry fixes.
+DATABASE_ERRORS = frozenset({"sqlalchemy.exc.OperationalError", "sqlite3.OperationalError",
+                             "psycopg2.OperationalError", "psycopg2.errors.OperationalError",
+                             "asyncpg.exceptions.PostgresConnectionError"})
+TRANSIENT_DB_MESSAGES = ("database is locked", "database table is locked", "database is busy", "could not connect",
+                         "connection refused", "connection reset", "connection timed out", "timeout expired",
+                         "server closed the connection", "terminating connection", "lost connection",
+                         "connection already closed", "too many connections", "deadlock detected",
+                         "could not serialize access", "the database system is starting up",
+                         "the database system is shutting down", "ssl syscall error", "disk i/o error")
+#: Exceptions that are bugs wherever they are raised: one raised while handling a connection error
+#: is still a bug (its context is what it was handling, not its cause).
+BUGS = (TypeError, NameError, AttributeError, AssertionError, ImportError, LookupError, ArithmeticError,
+        NotImplementedError, SyntaxError)
 #: errno values of resource exhaustion and interrupted calls.
 TRANSIENT_ERRNOS = frozenset({11, 12, 16, 23, 24, 4})  # EAGAIN, ENOMEM, EBUSY, ENFILE, EMFILE, EINTR
 #: MLflow REST answers worth retrying: server errors and rate limiting.
@@ -94,6 +110,12 @@ def classify(exc: BaseException) -> tuple[bool, str]:
     transient — also when they are the cause of another exception (MLflow wraps them) — and
     everything else (template and data errors, gate failures, ``TypeError`` and other bugs) is
     permanent: retrying cannot fix it.
+
+    The chain is followed as Python prints it: the explicit cause (``raise … from err``), else
+    the context (the exception being handled) unless it was suppressed (``raise … from None``).
+    A bug (:data:`BUGS`) ends the walk: a ``KeyError`` raised while handling a dropped connection
+    is a bug, not a network problem. A database error is transient only when it says so
+    (:data:`TRANSIENT_DB_MESSAGES`), never for a missing table or bad SQL.
     """
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -104,16 +126,29 @@ def classify(exc: BaseException) -> tuple[bool, str]:
             return False, f"permanent: {name}"
         if isinstance(current, TransientError):
             return True, f"transient: {name}"
+        if isinstance(current, BUGS):
+            return False, f"permanent: {name} (a bug: retrying cannot fix it)"
         if isinstance(current, ConnectionError | TimeoutError):
             return True, f"transient: {name} (connection/timeout)"
         if isinstance(current, MemoryError):
             return True, "transient: MemoryError (resource exhaustion)"
         if isinstance(current, OSError) and current.errno in TRANSIENT_ERRNOS:
             return True, f"transient: {name} errno {current.errno} (resource exhaustion)"
-        if _qualnames(current) & TRANSIENT_CLASSES:
+        names = _qualnames(current)
+        if names & TRANSIENT_CLASSES:
             return True, f"transient: {name}"
+        if names & DATABASE_ERRORS:
+            message = str(current).lower()
+            if getattr(current, "connection_invalidated", False) or any(m in message for m in TRANSIENT_DB_MESSAGES):
+                return True, f"transient: {name} (database busy or unreachable)"
+            return False, f"permanent: {name} ({str(current).splitlines()[0][:120]})"
         mlflow_reason = _mlflow_transient(current)
         if mlflow_reason:
             return True, f"transient: {mlflow_reason}"
-        current = current.__cause__ or current.__context__
+        if current.__cause__ is not None:
+            current = current.__cause__
+        elif current.__suppress_context__:
+            break
+        else:
+            current = current.__context__
     return False, f"permanent: {type(exc).__name__} (retrying cannot fix it)"

@@ -101,6 +101,59 @@ def test_the_cause_decides_unless_we_said_so():
     assert classify(_raised(PermanentError("pinned snapshot is gone"), ConnectionRefusedError()))[0] is False
 
 
+def _while_handling(outer: type[BaseException], *, suppress: bool) -> BaseException:
+    """``outer`` raised inside ``except ConnectionResetError`` (``from None`` when ``suppress``)."""
+    try:
+        try:
+            raise ConnectionResetError("peer reset")
+        except ConnectionResetError:
+            if suppress:
+                raise outer("while handling") from None
+            raise outer("while handling")  # noqa: B904 - the implicit context is the point
+    except BaseException as caught:  # noqa: B036
+        return caught
+
+
+def test_the_chain_is_followed_as_python_prints_it():
+    # a library wrapping a connection error without `from` is still transient (the context is shown)...
+    assert classify(_while_handling(RuntimeError, suppress=False))[0] is True
+    # ... but `raise ... from None` suppresses the context: it is not this error's cause
+    assert classify(_while_handling(RuntimeError, suppress=True))[0] is False
+    # ... and a bug raised while handling a connection error is a bug, context or not
+    for bug in (KeyError, TypeError, AttributeError, NameError):
+        transient, reason = classify(_while_handling(bug, suppress=False))
+        assert transient is False and "bug" in reason, bug
+
+
+@pytest.mark.parametrize(("sql", "transient"), [
+    ("select * from no_such_table", False),       # a missing table: no retry creates it
+    ("selec x frm t", False),                     # bad SQL
+    ("insert into t values (1)", True),           # the database is locked by another writer
+])
+def test_database_errors_are_transient_only_when_they_say_so(tmp_path, sql, transient):
+    """Real SQLAlchemy and sqlite3 errors: the same OperationalError class for all three."""
+    import sqlalchemy
+
+    db = tmp_path / "db.sqlite"
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}", connect_args={"timeout": 0.1})
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("create table t (x int)"))
+    holder = sqlite3.connect(db)
+    if transient:
+        holder.execute("begin exclusive")  # another writer holds the database
+    try:
+        with pytest.raises(sqlalchemy.exc.OperationalError) as wrapped, engine.begin() as conn:
+            conn.execute(sqlalchemy.text(sql))
+        raw = sqlite3.connect(db, timeout=0.1)
+        with pytest.raises(sqlite3.OperationalError) as plain:
+            raw.execute(sql)
+    finally:
+        holder.rollback()
+    assert ("locked" in str(wrapped.value)) is transient
+    assert classify(wrapped.value)[0] is transient, str(wrapped.value)
+    assert classify(plain.value)[0] is transient, str(plain.value)
+
+
 def test_policy_retries_transient_and_fails_the_rest():
     policy = TransientOnlyRetryPolicy()
     retry = policy.evaluate(ConnectionResetError("x"), try_number=1, max_tries=2)
