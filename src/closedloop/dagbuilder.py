@@ -55,7 +55,7 @@ def _loop(loaded: LoadedSpec):
     tasks: dict[str, Any] = {}
     for row in pipeline.steps_of(hil=spec.hil is not None, approval=spec.approval is not None):
         kwargs: dict[str, Any] = {"loaded": loaded, "retries": spec.reliability.retries_of(row.id)
-                                  if row.retry == "transient" else 0}
+                                  if row.retry in ("transient", "decision") else 0}
         if row.pod and pods is not None and getattr(pods, row.id, None):
             from closedloop.operators.pod import StepPodOperator
 

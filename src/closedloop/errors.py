@@ -152,3 +152,22 @@ def classify(exc: BaseException) -> tuple[bool, str]:
         else:
             current = current.__context__
     return False, f"permanent: {type(exc).__name__} (retrying cannot fix it)"
+
+
+def with_retries(fn, *, attempts: int = 4, first_delay: float = 1.0, what: str = "call"):
+    """``fn()``, tried again (1 s, 2 s, 4 s … apart) while it fails with a transient error
+    (:func:`classify`); the last error is raised. For a side effect that must not wait for a task retry."""
+    import logging
+    import time
+
+    for n in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            transient, reason = classify(exc)
+            if not transient or n == attempts:
+                raise
+            logging.getLogger(__name__).warning("%s failed (%s), try %d of %d; again in %g s", what, reason, n,
+                                                attempts, first_delay * 2 ** (n - 1))
+            time.sleep(first_delay * 2 ** (n - 1))
+    raise AssertionError("unreachable")

@@ -17,8 +17,9 @@ Columns:
 - ``code`` / ``entry_point``: the step module and the template field naming its entry point: with
   the library versions (and a pod's image) they are the step's code identity in its cache key
   (:mod:`closedloop.steps.identity`).
-- ``retry``: ``transient`` (retried with backoff on transient errors only) or ``never`` (a human
-  decision: asked once).
+- ``retry``: ``transient`` (retried with backoff on transient errors only), ``decision`` (a human
+  decision: asked once; recording it is retried on transient errors, and a retry records the answer
+  already given instead of asking again) or ``never``.
 - ``when``: the template section the step needs (``hil``, ``approval``, ``incidents``), else always.
 - ``lineage_in`` / ``lineage_out``: what the step consumes and makes, by kind (``sources``,
   ``raw``, ``labelled``, ``model``, ``scenarios``, ``registered``, ``production``).
@@ -87,7 +88,7 @@ STEPS: tuple[Step, ...] = (
          reads=("train", "label", "release_gate"), lineage_in=("model",), lineage_out=("registered",),
          doc="register one model version per run, seal its release record, set alias 'candidate'"),
     Step("approval", f"{OPS}.governance:ReviewOperator", upstream=("register_candidate",), reads=("register_candidate",),
-         when="approval", retry="never",
+         when="approval", retry="decision",
          doc="wait (no worker slot) for an approver's decision in Airflow; timeout = rejection"),
     Step("promote", f"{OPS}.governance:PromoteOperator", upstream=("approval",),
          reads=("register_candidate", "approval"), when="approval", lineage_in=("registered",),

@@ -76,7 +76,8 @@ def test_dag_settings_come_from_the_template(project):
         assert type(task.retry_policy).__name__ == "TransientOnlyRetryPolicy"
         assert task.retries == (3 if step == "train" else 2)  # reliability.steps.train.retries
         assert task.retry_exponential_backoff == 2.0 and task.retry_delay.total_seconds() == 20
-    assert dag.get_task("approval").retries == 0
+    assert dag.get_task("approval").retries == 2  # recording the decision; the answer is never asked again
+    assert type(dag.get_task("approval").retry_policy).__name__ == "TransientOnlyRetryPolicy"
     assert "sim.hard_braking.collision_rate <= 0" in dag.doc_md
     assert dag.start_date is None  # no start date + catchup off: unpausing waits for the next tick
     review = dag.get_task("approval")

@@ -50,3 +50,19 @@ def poster_of(api, extra: dict[str, Any], at: datetime) -> str | None:
         if posted == body:
             return entry.get("owner")
     return None
+
+
+def earlier_review(api, dag_id: str, run_id: str, task_id: str, try_number: int) -> dict | None:
+    """The human-in-the-loop detail of the newest earlier try of an approval task that has one (its
+    request, and the answer if one was given), from Airflow's REST API; None when no earlier try opened
+    a review or the API cannot tell."""
+    from urllib.parse import quote
+
+    for t in range(try_number - 1, 0, -1):
+        status, data = api.call("GET", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances/"
+                                       f"{quote(task_id)}/-1/hitlDetails/tries/{t}")
+        if status == 200 and isinstance(data, dict):
+            return data
+        if status not in (404,):
+            log.warning("cannot read the review of %s try %s (HTTP %s)", task_id, t, status)
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,12 @@ class ReviewOperator(ApprovalOperator):
     responder, time, the release record's digest, the ``production`` version when the review
     opened) — the only approval ``promote`` believes — and mirrors it onto the model version.
 
+    A decision is never lost and never asked twice: mirroring it is tried again in place for a
+    passing error (:func:`closedloop.errors.with_retries`), then by Airflow's retries (transient
+    errors only); a retried task finds the answer the reviewer gave to the earlier try in Airflow
+    (its human-in-the-loop record, through the REST API) and records that answer instead of opening
+    a new review. The mirror is idempotent: one audit entry per answer.
+
     :param prior: the approval tasks before this one in the run (their approvers may not approve again).
     """
 
@@ -80,6 +87,10 @@ class ReviewOperator(ApprovalOperator):
         # Airflow hands the DAG's params (the request) to every task; the review form asks only
         # for a comment, the request itself is shown in the body. They stay in the run's params.
         kwargs.pop("params", None)
+        if kwargs.get("retry_policy") is None:  # recording a decision is retried for transient errors only
+            from closedloop.retry import TransientOnlyRetryPolicy
+
+            kwargs["retry_policy"] = TransientOnlyRetryPolicy()
         super().__init__(
             subject=f"Release {loaded.spec.model.name}? ({loaded.spec.name})",
             body="Review the release candidate of this run.",
@@ -97,6 +108,9 @@ class ReviewOperator(ApprovalOperator):
         from closedloop.steps.signing import digest
         from closedloop.steps.timeutil import utc_now_iso
 
+        answered = self.earlier_answer(context)
+        if answered is not None:
+            return self.execute_complete(context, answered)
         record = pull_sealed(context, "register_candidate")
         earlier = [pull_sealed(context, t).get("statement") or {} for t in self.prior]
         excluded = {p for p in [record.get("requester_user"), *(record.get("excluded_reviewers") or [])] if p}
@@ -140,6 +154,53 @@ class ReviewOperator(ApprovalOperator):
                  version=version, reviewers=reviewers, link=review_link(context))
         return super().execute(context)
 
+    def earlier_answer(self, context: Context) -> dict[str, Any] | None:
+        """On a retry: the event of the review an earlier try opened and a reviewer answered (or that
+        timed out), after re-sealing what the review showed; None: open the review (first try, or no
+        earlier review, or no service account to read it with)."""
+        from datetime import datetime
+
+        from closedloop.errors import EvidenceError
+        from closedloop.hooks.airflow_api import earlier_review, service_api
+        from closedloop.operators.base import pull_sealed, seal
+        from closedloop.steps.signing import digest
+
+        ti = context["ti"]
+        if int(ti.try_number or 1) <= 1:
+            return None
+        api = service_api()
+        if api is None:
+            log.warning("retry of %s: no Airflow API connection to read the earlier try's review; asking again",
+                        self.task_id)
+            return None
+        detail = earlier_review(api, ti.dag_id, ti.run_id, self.task_id, int(ti.try_number))
+        if detail is None:
+            return None
+        created = datetime.fromisoformat(str(detail["created_at"]).replace("Z", "+00:00"))
+        expired = self.response_timeout is not None and datetime.now(created.tzinfo) >= created + self.response_timeout
+        if not detail.get("response_received") and not expired:
+            return None  # the earlier try died before anyone answered: ask again
+        record = pull_sealed(context, "register_candidate")
+        record_digest = digest(record)
+        body = detail.get("body") or ""
+        if f"Release record: `{record_digest}`" not in body:
+            raise EvidenceError(f"the review an earlier try of {self.task_id} opened is not about this run's release "
+                                f"record {record_digest}; not recording its answer")
+        production = re.search(r"Production now: version (\S+)", body)
+        context["ti"].xcom_push(key=OPENED_KEY, value=seal(context, {
+            "model": record["model"], "version": record["version"], "record_digest": record_digest,
+            "production": production.group(1) if production else None, "opened_at": created.isoformat(),
+            "reviewers": [u.get("id") for u in detail.get("assigned_users") or []]}, OPENED_KEY))
+        if not detail.get("response_received"):
+            log.info("retry of %s: the review opened at %s timed out unanswered", self.task_id, created)
+            return {"timedout": True, "error": "timeout", "error_type": "timeout"}
+        user = detail.get("responded_by_user") or {}
+        log.info("retry of %s: %s already answered %s at %s in an earlier try; recording that answer, not asking "
+                 "again", self.task_id, user.get("id"), detail.get("chosen_options"), detail.get("responded_at"))
+        return {"chosen_options": detail.get("chosen_options") or [], "params_input": detail.get("params_input") or {},
+                "responded_at": datetime.fromisoformat(str(detail["responded_at"]).replace("Z", "+00:00")),
+                "responded_by_user": user}
+
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         import json
 
@@ -174,10 +235,17 @@ class ReviewOperator(ApprovalOperator):
         sealed = seal(context, {"chosen_options": chosen, "params_input": event.get("params_input") or {},
                                 "responded_at": at_text, "responded_by_user": user or None, "statement": statement})
         # recorded before Airflow's own handling: a rejection skips downstream by raising
+        from closedloop.errors import with_retries
+        from closedloop.steps.faults import inject
+
+        ti = context["ti"]
+        inject(dag_id=ti.dag_id, task_id=self.task_id, try_number=int(ti.try_number or 1), point="decision_received")
         ctx = run_context(self.loaded, self.mlflow_conn_id, context)
-        record_decision(ctx, opened["model"], opened["version"], decision=decision, reviewer=reviewer,
-                        at=at_text, comment=comment, run_id=context["ti"].run_id,
-                        statement_tag=(APPROVAL_TAG + self.task_id, json.dumps(sealed, sort_keys=True)))
+        with_retries(lambda: record_decision(
+            ctx, opened["model"], opened["version"], decision=decision, reviewer=reviewer, at=at_text,
+            comment=comment, run_id=ti.run_id, task_id=self.task_id,
+            statement_tag=(APPROVAL_TAG + self.task_id, json.dumps(sealed, sort_keys=True))),
+            what=f"recording the review decision of {self.task_id}")
         super().execute_complete(context, event)
         return sealed
 

@@ -144,17 +144,25 @@ def unseal_statement(verifier: Verifier, value: dict, record: dict, *, what: str
     return body.get("statement") or {}
 
 
-def _audit(client, model: str, version: str, event: str, **details) -> None:
-    now = datetime.now(UTC)
-    key = f"{AUDIT_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%f')}.{event}"
-    client.set_model_version_tag(model, version, key, json.dumps({"event": event, "at": now.isoformat(), **details},
+def _audit(client, model: str, version: str, event: str, *, when: datetime | None = None, key: str = "",
+           **details) -> None:
+    """Append an audit event to a version's trail. With ``when`` (the time the event happened, e.g. a
+    reviewer's answer) and ``key`` (what makes it unique), writing it again — a retry — rewrites the
+    same entry instead of adding one."""
+    now = when or datetime.now(UTC)
+    tag = f"{AUDIT_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%f')}.{event}" + (f".{key}" if key else "")
+    client.set_model_version_tag(model, version, tag, json.dumps({"event": event, "at": now.isoformat(), **details},
                                                                   sort_keys=True))
 
 
 def record_decision(ctx: RunContext, model: str, version: str, *, decision: str, reviewer: str | None,
-                    at: str, comment: str, run_id: str, statement_tag: tuple[str, str] | None = None) -> None:
+                    at: str, comment: str, run_id: str, statement_tag: tuple[str, str] | None = None,
+                    task_id: str = "approval") -> None:
     """Mirror Airflow's review decision on the model version (tags and audit event); with
-    ``statement_tag``, also the sealed approval statement (what ``closedloop promote`` reads)."""
+    ``statement_tag``, also the sealed approval statement (what ``closedloop promote`` reads).
+
+    Idempotent: recording the same decision again (a retry) writes the same tags and the same audit
+    entry (keyed by the answer's time and the approval task), never a second one."""
     c = tracking.client(ctx)
     if statement_tag is not None:
         c.set_model_version_tag(model, version, *statement_tag)
@@ -162,7 +170,12 @@ def record_decision(ctx: RunContext, model: str, version: str, *, decision: str,
                        "closedloop.review.at": at, "closedloop.review.comment": comment,
                        "closedloop.review.run_id": run_id}.items():
         c.set_model_version_tag(model, version, key, value)
-    _audit(c, model, version, f"review.{decision}", reviewer=reviewer, comment=comment, run_id=run_id)
+    try:
+        when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+    except ValueError:
+        when = None
+    _audit(c, model, version, f"review.{decision}", when=when, key=task_id, reviewer=reviewer, comment=comment,
+           run_id=run_id, task_id=task_id)
 
 
 def current_production(ctx: RunContext, model: str) -> str | None:
