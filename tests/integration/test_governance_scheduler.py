@@ -45,8 +45,13 @@ def env(tmp_path_factory, project):
     (root / "include" / "pipelines" / "acc_gov_timeout.yaml").write_text(template_text(project, incidents=False, **TIMEOUT))
     (root / "include" / "pipelines" / "acc_gov_hil.yaml").write_text(template_text(project, incidents=False, **HIL))
     (root / "include" / "pipelines" / "acc_gov_solo.yaml").write_text(template_text(project, incidents=False, **SOLO))
-    server = AirflowServer(tmp_path_factory.mktemp("gov-airflow"), root / "dags",
-                           {u: (r, f"{u}-pw-{i}") for i, (u, r) in enumerate(USERS.items())})
+    work = tmp_path_factory.mktemp("gov-airflow")
+    # run D's second approval fails once while it records the reviewer's answer (as if MLflow dropped
+    # the connection): the retry must record that answer, not ask again
+    (work / "faults.json").write_text(json.dumps([{"task": "approval_2", "dag": "acc_gov_hil", "fault": "transient",
+                                                   "point": "decision_received", "tries": [1]}]))
+    server = AirflowServer(work, root / "dags", {u: (r, f"{u}-pw-{i}") for i, (u, r) in enumerate(USERS.items())},
+                           env={"CLOSEDLOOP_FAULTS": str(work / "faults.json")})
     server.start()
     yield server, root
     server.stop()
@@ -231,6 +236,16 @@ def test_governed_path(env):
         "acc_hil_model", "production").version) == vd
     audit_d = cli(server, root, "admin", "audit", "acc_hil_model", vd).stdout
     assert "approval: approved by safety-lead" in audit_d and "approval_2: approved by safety-deputy" in audit_d
+    # ... the second although recording it failed once: try 2 opened no review (nobody was asked
+    # again) and recorded the answer given to try 1, once
+    _, ti2 = server.api("GET", f"/api/v2/dags/acc_gov_hil/dagRuns/{run_d}/taskInstances/approval_2")
+    assert ti2["try_number"] == 2 and ti2["state"] == "success"
+    assert server.api("GET", second)[0] == 404  # the current (second) try has no review of its own
+    _, first_try = server.api("GET", second + "/tries/1")
+    assert first_try["responded_by_user"]["id"] == "safety-deputy"
+    decided = [k for k in MlflowClient(server.env["MLFLOW_TRACKING_URI"]).get_model_version("acc_hil_model", vd).tags
+               if k.startswith("closedloop.audit.") and ".review.approved" in k]
+    assert len(decided) == 2, decided  # one entry per answer: approval and approval_2
 
     # -- HIL: D's report went through the gates; E got no report and stopped before the gates ----
     gate_d = xcom(server, "acc_gov_hil", run_d, "release_gate")

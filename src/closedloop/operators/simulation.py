@@ -40,7 +40,8 @@ class SimulateOperator(ClosedLoopStepOperator):
         job = launch(self.loaded, ctx, trained=trained)
         self.defer(
             trigger=SimulationJobTrigger(job_dir=job["job_dir"], pid=job["pid"], host=job["host"],
-                                         poll_interval=self.poll_interval),
+                                         poll_interval=self.poll_interval,
+                                         dead_after=self.loaded.spec.simulation.dead_after_seconds),
             method_name="execute_complete",
             timeout=timedelta(minutes=self.loaded.spec.simulation.timeout_minutes),
         )

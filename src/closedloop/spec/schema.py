@@ -146,6 +146,8 @@ class SimulationSpec(_Part):
     scenario_set: str = Field(pattern=r"^[A-Za-z0-9_.-]+$",
                               description="file name (without .yaml) under include/scenarios/")
     timeout_minutes: int = Field(default=60, ge=1, le=24 * 60)
+    dead_after_seconds: float = Field(default=60, ge=3, le=3600, description="a job silent this long (no "
+                                      "heartbeat in its job folder, seen from any host) is declared dead")
 
     _ep = field_validator("entry_point")(lambda cls, v: _check_entry_point(v))
 

@@ -6,6 +6,13 @@ the Airflow layer then defers to a trigger that calls ``poll`` until the job is 
 ``python -m closedloop.steps.simulation JOB_DIR``: it needs only the job folder.
 Everything is keyed by the pipeline run, so a retry re-attaches to a running or finished job
 instead of starting a second one.
+
+Liveness works across hosts: the job writes ``heartbeat.json`` into its job folder (where every
+host can read it: the data root) every :data:`HEARTBEAT_SECONDS`; a job with no result whose
+heartbeat is older than ``simulation.dead_after_seconds`` (or that never beat within that time of
+its launch) is declared dead — an ``error.json`` says so, so a retry launches it again — whether
+the poller runs on the job's host or not. On the job's own host a vanished process is noticed at
+once (pid check).
 """
 
 from __future__ import annotations
@@ -60,6 +67,26 @@ def _write_json(fs, path: str, data: dict) -> None:
     fs.mv(tmp, path)
 
 
+HEARTBEAT_SECONDS = float(os.environ.get("CLOSEDLOOP_JOB_HEARTBEAT_SECONDS", "5"))
+DEAD_AFTER_SECONDS = 60.0
+
+
+def _beat(job: str, stop) -> None:
+    """The job's heartbeat (a thread of the job process): its host, pid and the time, every few seconds."""
+    import time
+
+    fs, path = _fs(job)
+    n = 0
+    while not stop.is_set():
+        n += 1
+        try:
+            _write_json(fs, f"{path}/heartbeat.json", {"at": time.time(), "n": n, "pid": os.getpid(),
+                                                       "host": socket.gethostname()})
+        except OSError as exc:  # a missed beat is not fatal; a long silence is
+            log.warning("heartbeat not written: %s", exc)
+        stop.wait(HEARTBEAT_SECONDS)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -80,7 +107,7 @@ def launch(loaded: LoadedSpec, ctx: RunContext, *, trained: dict) -> dict:
             "scenario_set": loaded.spec.simulation.scenario_set}
     existing = _read_json(fs, f"{path}/job.json")
     if existing and existing.get("spec") == spec:
-        state, _ = poll(job, existing.get("pid"), existing.get("host"))
+        state, _ = poll(job, existing.get("pid"), existing.get("host"), loaded.spec.simulation.dead_after_seconds)
         if state in ("running", "success"):
             log.info("simulation job %s is already %s: attaching to it", job, state)
             return {"job_dir": job, "pid": existing["pid"], "host": existing["host"], "attached": True}
@@ -90,19 +117,32 @@ def launch(loaded: LoadedSpec, ctx: RunContext, *, trained: dict) -> dict:
             fs.rm(f"{path}/{stale}")
     logfile = local_log_path(job)
     logfile.parent.mkdir(parents=True, exist_ok=True)
+    for old in ("heartbeat.json",):
+        if fs.exists(f"{path}/{old}"):
+            fs.rm(f"{path}/{old}")
     _write_json(fs, f"{path}/job.json", {"spec": spec})
+    import time
+
+    launched_at = time.time()
     with open(logfile, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "closedloop.steps.simulation", job],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env={**os.environ, "MLFLOW_TRACKING_URI": ctx.tracking_uri})
-    record = {"spec": spec, "pid": proc.pid, "host": socket.gethostname(), "log": str(logfile)}
+    record = {"spec": spec, "pid": proc.pid, "host": socket.gethostname(), "log": str(logfile),
+              "launched_at": launched_at}
     _write_json(fs, f"{path}/job.json", record)
     log.info("started simulation job pid %s in %s (log: %s)", proc.pid, job, logfile)
     return {"job_dir": job, "pid": proc.pid, "host": record["host"], "attached": False}
 
 
-def poll(job: str, pid: int | None, host: str | None) -> tuple[str, dict]:
-    """One look at a job: ``("running"|"success"|"failed", details)``. Cheap; safe to call often."""
+def poll(job: str, pid: int | None, host: str | None, dead_after: float = DEAD_AFTER_SECONDS) -> tuple[str, dict]:
+    """One look at a job: ``("running"|"success"|"failed", details)``. Cheap; safe to call often.
+
+    A job with neither result nor error is dead when its process is gone (on its own host), or when
+    its heartbeat is older than ``dead_after`` seconds (from anywhere); then ``error.json`` records
+    why, so every later look — and a retry's launch — agrees."""
+    import time
+
     fs, path = _fs(job)
     result = _read_json(fs, f"{path}/result.json")
     if result is not None:
@@ -110,13 +150,26 @@ def poll(job: str, pid: int | None, host: str | None) -> tuple[str, dict]:
     error = _read_json(fs, f"{path}/error.json")
     if error is not None:
         return "failed", error
+    dead = None
     if pid and host == socket.gethostname() and not _pid_alive(int(pid)):
-        tail = ""
-        logfile = local_log_path(job)
-        if logfile.exists():
-            tail = logfile.read_text(errors="replace")[-2000:]
-        return "failed", {"error": f"simulation process {pid} exited without a result", "log_tail": tail}
-    return "running", {}
+        dead = f"simulation process {pid} exited without a result"
+    else:
+        beat = _read_json(fs, f"{path}/heartbeat.json")
+        record = _read_json(fs, f"{path}/job.json") or {}
+        since = beat["at"] if beat else record.get("launched_at")
+        if since is not None and time.time() - float(since) > dead_after:
+            who = f"host {beat['host']} pid {beat['pid']}" if beat else f"host {host} pid {pid}"
+            dead = (f"simulation job ({who}) silent for {time.time() - float(since):.0f} s: no heartbeat "
+                    f"{'since its last one' if beat else 'since its launch'} (dead after {dead_after:g} s)")
+    if dead is None:
+        return "running", {}
+    tail = ""
+    logfile = local_log_path(job)
+    if logfile.exists():
+        tail = logfile.read_text(errors="replace")[-2000:]
+    error = {"error": dead, "log_tail": tail, "declared_dead": True}
+    _write_json(fs, f"{path}/error.json", error)
+    return "failed", error
 
 
 def plan(loaded: LoadedSpec, ctx, results: dict):
@@ -182,6 +235,10 @@ def main(job: str) -> int:
     from closedloop.steps.context import resolve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    import threading
+
+    stop = threading.Event()
+    threading.Thread(target=_beat, args=(job, stop), daemon=True, name="heartbeat").start()  # before any import
     fs, path = _fs(job)
     spec = _read_json(fs, f"{path}/job.json")["spec"]
     try:
@@ -200,6 +257,8 @@ def main(job: str) -> int:
         _write_json(fs, f"{path}/error.json", {"error": f"{type(exc).__name__}: {exc}",
                                                "log_tail": traceback.format_exc()[-2000:]})
         raise
+    finally:
+        stop.set()
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ from closedloop.triggers.simulation import SimulationJobTrigger
 
 
 def test_serialize_round_trips_exactly():
-    trigger = SimulationJobTrigger(job_dir="s3://bucket/p/jobs/abc/simulate", pid=42, host="worker-1", poll_interval=0.5)
+    trigger = SimulationJobTrigger(job_dir="s3://bucket/p/jobs/abc/simulate", pid=42, host="worker-1", poll_interval=0.5,
+                                   dead_after=30.0)
     classpath, kwargs = trigger.serialize()
     assert classpath == "closedloop.triggers.simulation.SimulationJobTrigger"
-    assert kwargs == {"job_dir": "s3://bucket/p/jobs/abc/simulate", "pid": 42, "host": "worker-1", "poll_interval": 0.5}
+    assert kwargs == {"job_dir": "s3://bucket/p/jobs/abc/simulate", "pid": 42, "host": "worker-1", "poll_interval": 0.5,
+                      "dead_after": 30.0}
     module, _, name = classpath.rpartition(".")
     rebuilt = getattr(importlib.import_module(module), name)(**kwargs)  # what the triggerer does
     assert rebuilt.serialize() == (classpath, kwargs)
@@ -57,3 +59,51 @@ def test_reports_the_job_error_file(tmp_path):
     (job / "error.json").write_text(json.dumps({"error": "ValueError: bad catalog", "log_tail": "..."}))
     event = first_event(SimulationJobTrigger(job_dir=str(job), pid=None, host=None, poll_interval=0.1))
     assert event["status"] == "failed" and event["error"] == "ValueError: bad catalog"
+
+
+BEATING = "import sys, threading; from closedloop.steps.simulation import _beat; _beat(sys.argv[1], threading.Event())"
+
+
+def test_a_silent_job_is_declared_dead_from_another_host(tmp_path):
+    """The triggerer on another host (a host name other than the job's: the pid means nothing there)
+    sees a job alive while its real process writes heartbeats, and dead a bounded time after a
+    SIGKILL silences it — not after the whole simulation timeout."""
+    import os
+    import time
+
+    from closedloop.steps.simulation import poll
+
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "job.json").write_text(json.dumps({"spec": {}, "launched_at": time.time()}))
+    proc = subprocess.Popen([sys.executable, "-c", BEATING, str(job)],
+                            env={**os.environ, "CLOSEDLOOP_JOB_HEARTBEAT_SECONDS": "0.3"})
+    try:
+        deadline = time.monotonic() + 60
+        while not (job / "heartbeat.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        beat = json.loads((job / "heartbeat.json").read_text())
+        assert beat["pid"] == proc.pid
+        time.sleep(2.5)  # alive for longer than dead_after: the beats keep it so
+        assert poll(str(job), proc.pid, "another-host", dead_after=2.0) == ("running", {})
+    finally:
+        proc.kill()
+        proc.wait()
+    killed = time.monotonic()
+    event = first_event(SimulationJobTrigger(job_dir=str(job), pid=proc.pid, host="another-host", poll_interval=0.2,
+                                             dead_after=2.0))
+    assert time.monotonic() - killed < 30  # bounded by the silence, not by a timeout
+    assert event["status"] == "failed" and "silent for" in event["error"] and f"pid {proc.pid}" in event["error"]
+    assert json.loads((job / "error.json").read_text())["declared_dead"] is True  # a retry relaunches it
+
+
+def test_a_job_that_never_beats_is_dead_after_the_same_time(tmp_path):
+    import time
+
+    from closedloop.steps.simulation import poll
+
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "job.json").write_text(json.dumps({"spec": {}, "launched_at": time.time() - 10}))
+    state, details = poll(str(job), 999999, "another-host", dead_after=5.0)
+    assert state == "failed" and "since its launch" in details["error"]
