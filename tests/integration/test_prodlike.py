@@ -185,7 +185,8 @@ def test_a_killed_celery_worker_task_is_retried_elsewhere_with_the_same_registry
     assert record["train_run"].data.tags["airflow.try_number"] == "2"  # the retry finished what try 1 began
     assert record["candidate_is_it"] is True
     assert comparable(record) == undisturbed == {
-        "steps": {s: ["FINISHED"] for s in STEPS} | {"pipeline": ["RUNNING"]}, "logged_models": 1, "versions": 1}
+        "steps": {s: ["FINISHED"] for s in STEPS} | {"pipeline": ["RUNNING"]}, "logged_models": 1, "versions": 1,
+        "described": [True]}
     af.start_component(worker)  # back to two workers for what follows
 
 

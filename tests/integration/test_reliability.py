@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from closedloop import settings
 from closedloop.local.run import load_dag, run_dag
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
+from tests.fixtures.runs import crash_points, registry_record
 from tests.integration.test_pipeline_run import alerts_of, states
 
 pytestmark = pytest.mark.integration
@@ -29,8 +30,9 @@ STEPS = ("generate_dataset", "label", "validate_data", "train", "offline_eval", 
 CACHED = STEPS[:6]
 MODEL = "acc_faults_model"
 DAY = datetime(2026, 11, 23, tzinfo=UTC)
+# quick retries, and enough of them for the crash-point matrix (a step's k-th point struck on its k-th try)
 FAST_RETRIES = {"retry_delay_seconds: 20": "retry_delay_seconds: 1", "max_retry_delay_seconds: 600":
-                "max_retry_delay_seconds: 2", "train: {retries: 3}": "train: {retries: 2}"}
+                "max_retry_delay_seconds: 2", "retries: 2": "retries: 6", "train: {retries: 3}": "train: {retries: 6}"}
 
 
 class Drill:
@@ -87,6 +89,12 @@ def runs(drill):
     specs, _ = load_all(drill.root / "include" / "pipelines")
     out["no_cache_plan"] = rerun_plan(out["transient"]["run_id"], specs, no_cache=True)
     out["no_cache"] = drill.run(5, conf=out["no_cache_plan"]["conf"])
+    # the crash-point matrix in one run: a transient error at every point between two side effects
+    # of every step, the k-th point on the k-th try (the cache off: every step does its work)
+    out["marks"] = drill.root / "marks"
+    out["marks"].mkdir()
+    out["matrix_drills"] = crash_points("transient", out["marks"])
+    out["matrix"] = drill.run(7, out["matrix_drills"], conf={"closedloop_cache": False})
     drill.write_template(policy_version='"3"')
     out["new_policy"] = drill.run(6)
     return out
@@ -132,6 +140,34 @@ def test_a_transient_fault_in_every_step_is_retried_and_leaves_one_of_each_artif
     assert files["raw"] == [f"{s['results']['generate_dataset']['digest']}.parquet"]
     assert files["labelled"] == [f"{s['results']['label']['digest']}.parquet"]
     assert len(files["jobs"]) == 1  # one simulation job: the retry attached to it
+
+
+def test_a_transient_error_at_every_crash_point_leaves_what_an_undisturbed_run_leaves(runs):
+    """Every point of the crash-point matrix struck in one run (dag.test, Airflow's retry handling):
+    each retry finishes what the failed try began; the registry record equals the undisturbed
+    no-cache run's, and the data root holds one snapshot per content."""
+    from closedloop.steps.faults import MATRIX
+
+    s = runs["matrix"]
+    assert s["state"] == "success", states(s)
+    struck = sorted(p.name for p in runs["marks"].iterdir())
+    assert struck == sorted(f"{d['task']}.{d['point']}" for d in runs["matrix_drills"])  # every point fired
+    tries = {t["task_id"]: t["try_number"] for t in s["tasks"]}
+    assert tries == {step: len(MATRIX[step]) + 1 for step in STEPS}
+    assert alerts_of(s) == []
+    calm = registry_record(client(), runs["no_cache"]["run_id"], "acc_faults", MODEL)
+    hit = registry_record(client(), s["run_id"], "acc_faults", MODEL)
+    for record in (calm, hit):
+        record.pop("train_run")
+        record.pop("candidate_is_it")
+    assert hit == calm == {"steps": {step: ["FINISHED"] for step in CACHED + ("release_gate",)}
+                           | {"pipeline": ["RUNNING"]}, "logged_models": 1, "versions": 1, "described": [True]}
+    root = Path(settings.data_root()) / "acc_faults"
+    for kind, step in (("raw", "generate_dataset"), ("labelled", "label")):
+        assert (root / kind / f"{s['results'][step]['digest']}.parquet").exists()
+    assert not list(root.rglob("*.tmp"))
+    assert s["results"]["register_candidate"]["version"] == \
+        str(client().get_model_version_by_alias(MODEL, "candidate").version)
 
 
 def test_rerun_with_unchanged_inputs_hits_the_cache_and_registers_the_same_model(runs):

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from closedloop.local.server import AirflowServer
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
-from tests.fixtures.runs import an_undisturbed_run, registry_record, run_to_end, tries
+from tests.fixtures.runs import an_undisturbed_run, registry_record, run_to_end
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -22,8 +22,10 @@ def airflow(tmp_path_factory, project):
     # without review (test_governance_scheduler covers it)
     root = scratch_project(tmp_path_factory.mktemp("project"))
     (root / "include" / "pipelines" / "acc_longitudinal.yaml").write_text(template_text(project, incidents=False, **{
-        'schedule: "0 3 * * 1"': "schedule: null", "retry_delay_seconds: 20": "retry_delay_seconds: 2",
-        **NO_REVIEW, **SAFE_DATA}))
+        'schedule: "0 3 * * 1"': "schedule: null", "retry_delay_seconds: 20": "retry_delay_seconds: 1",
+        "max_retry_delay_seconds: 600": "max_retry_delay_seconds: 2",
+        # enough tries for the crash-point matrix: a step's k-th point is struck on its k-th try
+        "retries: 2": "retries: 6", "train: {retries: 3}": "train: {retries: 6}", **NO_REVIEW, **SAFE_DATA}))
     # a daily pipeline for backfills: each interval must train on its own window's data
     (root / "include" / "pipelines" / "acc_daily.yaml").write_text(template_text(project, incidents=False, **SAFE_DATA, **{
         'schedule: "0 3 * * 1"': 'schedule: "0 3 * * *"', "name: acc_longitudinal": "name: acc_daily",
@@ -116,31 +118,58 @@ def test_backfill_of_three_intervals_trains_on_three_snapshots(airflow):
     assert len({r.data.tags["closedloop.dataset_version"] for r in trained}) == 3
 
 
-def test_sigkill_mid_train_is_retried_and_leaves_the_registry_as_an_undisturbed_run(airflow):
-    """The train task process is killed with SIGKILL after its model is logged, before its MLflow run
-    is marked finished: Airflow retries it; the retry keeps that model (no second training, no second
-    logged model, run or version), and the registry looks exactly like an undisturbed run's."""
+def test_sigkill_at_every_crash_point_leaves_the_registry_as_an_undisturbed_run(airflow, tmp_path):
+    """The crash-point matrix under the scheduler, in one run: every step's process is SIGKILLed at
+    each point between two of its side effects, one point per try (train: after its run is created,
+    after its model is logged but before its run says so, after the checkpoint, before it is marked
+    finished, before the task reports success; register_candidate: after registering, describing,
+    sealing, moving the alias; ...). Airflow retries each; every retry finishes what the dead try
+    began, and the registry and data root look exactly like an undisturbed run's: one run per step,
+    one logged model, one described and sealed version, one snapshot per kind, one simulation job."""
+    from closedloop import pipeline
+    from closedloop.steps.faults import MATRIX
+    from tests.fixtures.runs import PIPELINE_STEPS, crash_points
+
     faults = Path(airflow.env["CLOSEDLOOP_FAULTS"])
     client = MlflowClient(airflow.env["MLFLOW_TRACKING_URI"])
     no_cache = {"closedloop_cache": False}  # the first test trained on the same data: make this one train
     undisturbed = an_undisturbed_run(airflow, "acc_longitudinal", no_cache)  # the first test's run
-    faults.write_text(json.dumps([{"task": "train", "point": "model_logged", "fault": "kill", "tries": [1]}]))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    drills = crash_points("kill", marks)
+    faults.write_text(json.dumps(drills))
     try:
-        killed, tis = run_to_end(airflow, "acc_longitudinal", no_cache)
+        killed, tis = run_to_end(airflow, "acc_longitudinal", no_cache, timeout=1200)
     finally:
         faults.unlink()
     assert killed["state"] == "success", {k: t["state"] for k, t in tis.items()}
-    assert tis["train"]["try_number"] == 2  # the killed try, then the retry
-    assert [t["try_number"] for t in tries(airflow, "acc_longitudinal", killed["dag_run_id"], "train")] == [1, 2]
+    assert sorted(p.name for p in marks.iterdir()) == sorted(f"{d['task']}.{d['point']}" for d in drills)  # all struck
+    for step in PIPELINE_STEPS:  # k points killed k tries; the next one finished
+        assert tis[step]["try_number"] == len(MATRIX[step]) + 1, (step, tis[step]["try_number"])
     calm, hit = registry_record(client, undisturbed["dag_run_id"]), registry_record(client, killed["dag_run_id"])
-    assert hit["train_run"].data.tags["airflow.try_number"] == "2"
+    assert hit["train_run"].data.tags["airflow.try_number"] == str(len(MATRIX["train"]) + 1)
     for record in (calm, hit):
         record.pop("train_run")
     assert hit.pop("candidate_is_it") is True
     calm.pop("candidate_is_it")
-    assert hit == calm == {"steps": {s: ["FINISHED"] for s in (
-        "generate_dataset", "label", "validate_data", "train", "offline_eval", "simulate", "release_gate")}
-        | {"pipeline": ["RUNNING"]}, "logged_models": 1, "versions": 1}
+    assert hit == calm == {"steps": {s: ["FINISHED"] for s in pipeline.CACHEABLE + ("release_gate",)}
+                           | {"pipeline": ["RUNNING"]}, "logged_models": 1, "versions": 1, "described": [True]}
+    data = Path(airflow.env["CLOSEDLOOP_HOME"]) / "data" / "acc_longitudinal"
+    assert not list(data.rglob("*.tmp"))  # no half-written snapshot or job file
+    _, entry = airflow.api("GET", f"/api/v2/dags/acc_longitudinal/dagRuns/{killed['dag_run_id']}/taskInstances/"
+                                  "generate_dataset/xcomEntries/return_value")
+    raw = entry["value"] if isinstance(entry["value"], dict) else json.loads(entry["value"])
+    assert (data / "raw" / f"{raw['digest']}.parquet").exists()
+    from closedloop.steps.context import RunContext
+    from closedloop.steps.simulation import job_dir
+
+    job = Path(job_dir(RunContext(pipeline="acc_longitudinal", template_digest="", dag_id="acc_longitudinal",
+                                  run_id=killed["dag_run_id"], data_root=str(data.parent))))
+    assert (job / "result.json").exists()  # the job launched by the killed try, attached to by the retry
+    simulate_logs = sorted(Path(airflow.env["AIRFLOW_HOME"]).rglob(
+        f"dag_id=acc_longitudinal/run_id={killed['dag_run_id']}/task_id=simulate/attempt=*.log"))
+    started = [p for p in simulate_logs if "started simulation job" in p.read_text(errors="replace")]
+    assert len(started) == 1, started  # one job for the run, whatever died around it
 
 
 def test_settings_apply_creates_updates_and_leaves_alone(airflow, tmp_path):

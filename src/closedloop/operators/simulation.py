@@ -38,6 +38,9 @@ class SimulateOperator(ClosedLoopStepOperator):
         if done is not None:  # finished earlier in this run, or the step cache has it: no job, no deferral
             return done
         job = launch(self.loaded, ctx, trained=trained)
+        from closedloop.steps.faults import strike
+
+        strike(ctx, "job_launched")
         self.defer(
             trigger=SimulationJobTrigger(job_dir=job["job_dir"], pid=job["pid"], host=job["host"],
                                          poll_interval=self.poll_interval,

@@ -60,6 +60,9 @@ def _generate(loaded: LoadedSpec, ctx: RunContext, start: date, end: date, focus
     frame = generator(sources=list(ds.sources), window_start=start, window_end=end,
                       scenarios=list(ds.scenarios), seed=ds.seed, **ds.params, **extra)
     ref = write_snapshot(frame, root=ctx.data_root, pipeline=loaded.spec.name, kind="raw")
+    from closedloop.steps.faults import strike
+
+    strike(ctx, "snapshot_written")
     counts = frame["scenario"].value_counts().to_dict() if "scenario" in frame else {}
     return {**ref, "sources": list(ds.sources), "scenarios": list(ds.scenarios),
             "window_start": start.isoformat(), "window_end": end.isoformat(), "focus": focus,

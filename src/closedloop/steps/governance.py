@@ -226,15 +226,22 @@ def _record_promotion(client, signer: Signer, model: str, version: str, *, previ
         last = last_promotion(client, model, signer.verifier)
     except EvidenceError:
         last = None
-    now = datetime.now(UTC).isoformat()
-    record = {"kind": kind, "model": model, "alias": PRODUCTION, "version": str(version), "previous": previous,
-              "at": now, "by": by, "seq": int((last or {}).get("seq", 0)) + 1, **details}
-    sealed = signer.seal(record, _promotion_binding(model))
-    client.set_registered_model_tag(model, PROMOTION_TAG, json.dumps(sealed, sort_keys=True))
+    same = {"kind": kind, "version": str(version), "previous": previous, **{k: details.get(k) for k in
+                                                                           ("record_digest", "run_id")}}
+    raw = client.get_registered_model(model).tags.get(PROMOTION_TAG) if last is not None else None
+    if last is not None and kind == "promotion" and all(last.get(k) == v for k, v in same.items()):
+        # written by a try that died before it moved the alias: finish that move, do not record it twice
+        record, sealed = last, json.loads(raw)
+    else:
+        record = {"kind": kind, "model": model, "alias": PRODUCTION, "version": str(version), "previous": previous,
+                  "at": datetime.now(UTC).isoformat(), "by": by, "seq": int((last or {}).get("seq", 0)) + 1,
+                  **details}
+        sealed = signer.seal(record, _promotion_binding(model))
+        client.set_registered_model_tag(model, PROMOTION_TAG, json.dumps(sealed, sort_keys=True))
     client.set_registered_model_tag(model, PUBLIC_KEY_TAG, signer.verifier.published())
-    _audit(client, model, str(version), f"alias.production{'' if kind == 'promotion' else '.' + kind}", by=by,
-           previous=previous, seq=record["seq"], **{k: v for k, v in details.items() if k != "approvals"},
-           promotion=sealed)
+    _audit(client, model, str(version), f"alias.production{'' if kind == 'promotion' else '.' + kind}",
+           when=datetime.fromisoformat(record["at"]), key=f"seq{record['seq']}", by=record["by"], previous=previous,
+           seq=record["seq"], **{k: v for k, v in details.items() if k != "approvals"}, promotion=sealed)
     return record
 
 
@@ -269,15 +276,26 @@ def promote(ctx: RunContext, record: dict, statements: list[dict], *, model: str
     if current == version:
         return {"model": model, "version": version, "changed": False, "previous": tracking.alias_version(c, model, PREVIOUS),
                 "approved_by": approvers}
-    # the sealed record first, then the alias: the alias watcher never sees a move without its record
-    _record_promotion(c, signer, model, version, previous=current, kind="promotion", by=actor,
-                      approved_by=approvers, record_digest=digest(record),
-                      run_id=f"{record.get('dag_id')}/{record.get('run_id')}")
+    # write-ahead: the sealed record first, then the aliases; the alias watcher never sees a move
+    # without its record, and a retry after a crash in between finds the record and finishes the move
+    run_key = f"{record.get('dag_id')}/{record.get('run_id')}"
+    promotion = _record_promotion(c, signer, model, version, previous=current, kind="promotion", by=actor,
+                               approved_by=approvers, record_digest=digest(record), run_id=run_key)
+    strike_at(ctx, "promotion_recorded")
     if current is not None:
         c.set_registered_model_alias(model, PREVIOUS, current)
-        _audit(c, model, current, "alias.previous-production", by=actor, replaced_by=version)
+        _audit(c, model, current, "alias.previous-production", when=datetime.fromisoformat(promotion["at"]),
+               key=f"seq{promotion['seq']}", by=actor, replaced_by=version)
+        strike_at(ctx, "previous_moved")
     c.set_registered_model_alias(model, PRODUCTION, version)
+    strike_at(ctx, "production_moved")
     return {"model": model, "version": version, "changed": True, "previous": current, "approved_by": approvers}
+
+
+def strike_at(ctx: RunContext, point: str) -> None:
+    from closedloop.steps.faults import strike
+
+    strike(ctx, point)
 
 
 def rollback(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: list[str], signer: Signer) -> dict:

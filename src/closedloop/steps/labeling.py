@@ -24,6 +24,9 @@ def label(loaded: LoadedSpec, ctx: RunContext, *, raw: dict) -> dict:
         frame = read_snapshot(raw["uri"], raw["digest"])
         labelled = resolve(policy.entry_point)(frame, version=policy.version, **policy.params)
         ref = write_snapshot(labelled, root=ctx.data_root, pipeline=loaded.spec.name, kind="labelled")
+        from closedloop.steps.faults import strike
+
+        strike(ctx, "snapshot_written")
         return {**ref, "label_policy": policy.ref, "raw_digest": raw["digest"]}
 
     return run_cached(loaded, ctx, "label", key, compute, valid=snapshot_exists, tags=label_tags(raw))

@@ -9,6 +9,7 @@ from closedloop.errors import PermanentError
 from closedloop.spec import LoadedSpec
 from closedloop.steps import tracking
 from closedloop.steps.context import RunContext
+from closedloop.steps.faults import strike
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +108,23 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
                 if "RESOURCE_ALREADY_EXISTS" not in str(exc):
                     raise
         version = mlflow.register_model(trained["model_uri"], spec.model.name, tags=tags)
-        purpose = (request or {}).get("purpose")
-        c.update_model_version(spec.model.name, version.version, description=(
-            (f"Request by {requester or 'scheduler'}: {purpose}\n\n" if purpose else "")
-            + f"Release candidate from pipeline {spec.name} run {ctx.run_id}; dataset {labelled['digest']}, "
-            f"label policy {spec.label_policy.ref}, template {loaded.path.name}@{loaded.digest}."))
         log.info("registered %s version %s", spec.model.name, version.version)
     else:
         log.info("%s version %s was already registered by this run: reusing it", spec.model.name, version.version)
+    strike(ctx, "version_registered")
+    purpose = (request or {}).get("purpose")
+    description = ((f"Request by {requester or 'scheduler'}: {purpose}\n\n" if purpose else "")
+                   + f"Release candidate from pipeline {spec.name} run {ctx.run_id}; dataset {labelled['digest']}, "
+                   f"label policy {spec.label_policy.ref}, template {loaded.path.name}@{loaded.digest}.")
+    if (getattr(version, "description", None) or "") != description:  # also when a dead try left it bare
+        c.update_model_version(spec.model.name, version.version, description=description)
+    strike(ctx, "version_described")
     record = release_record(loaded, ctx, version, trained=trained, labelled=labelled, gate=gate, requester=requester)
     if keep is not None:
         record = keep(record)
+    strike(ctx, "record_sealed")
     c.set_registered_model_alias(spec.model.name, CANDIDATE, version.version)
+    strike(ctx, "alias_moved")
     return record
 
 

@@ -171,6 +171,9 @@ def step_run(loaded: LoadedSpec, ctx: RunContext, step: str, *, step_tags: dict[
             "mlflow.parentRunId": parent.info.run_id, **(step_tags or {})}
     if run is None:
         run = c.create_run(exp_id, run_name=step, tags=tags)
+        from closedloop.steps.faults import strike
+
+        strike(ctx, "run_created")
     else:
         for k in (vocab.AIRFLOW_TASK_ID, vocab.AIRFLOW_TRY_NUMBER, *(step_tags or {})):
             if run.data.tags.get(k) != tags[k]:

@@ -69,6 +69,14 @@ def train(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, validation: di
                       lambda run: _fit(loaded, ctx, run, labelled, raw), tags=dataset_tags(raw, labelled, validation))
 
 
+def logged_model(client, run) -> str | None:
+    """The model an earlier try of this run logged completely (status READY) before it died, if any."""
+    found = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                        filter_string=f"source_run_id = '{run.info.run_id}'", max_results=10)
+    ready = [m for m in found if str(getattr(m.status, "name", m.status)).upper().endswith("READY")]
+    return ready[0].model_uri if ready else None
+
+
 def plan(loaded: LoadedSpec, ctx, results: dict):
     """The step table's cache-plan entry of ``train``."""
     raw, labelled, validation = results["generate_dataset"], results["label"], results["validate_data"]
@@ -93,7 +101,7 @@ def _fit(loaded: LoadedSpec, ctx: RunContext, run, labelled: dict, raw: dict | N
     frame = read_snapshot(labelled["uri"], labelled["digest"])
     train_df, test_df = split(frame, spec.training.test_fraction)
     client = tracking.client(ctx)
-    model_uri = run.data.tags.get(vocab.MODEL_URI)
+    model_uri = run.data.tags.get(vocab.MODEL_URI) or logged_model(client, run)
     if model_uri:  # an earlier try logged the model, then died before finishing: keep that model
         log.info("train: model %s was logged by an earlier try of this run; reusing it, not training again", model_uri)
     else:
@@ -106,8 +114,9 @@ def _fit(loaded: LoadedSpec, ctx: RunContext, run, labelled: dict, raw: dict | N
                                        name=f"{spec.name}-labelled", targets=spec.training.target)
             info = models.log_model(model, trainer=trainer, pip_requirements=pip_requirements())
         model_uri = info.model_uri
-        client.set_tag(run_id, vocab.MODEL_URI, model_uri)  # the checkpoint: the model is complete
-        inject(dag_id=ctx.dag_id, task_id=ctx.task_id, try_number=ctx.try_number, point="model_logged")
+    inject(dag_id=ctx.dag_id, task_id=ctx.task_id, try_number=ctx.try_number, point="before_checkpoint")
+    client.set_tag(run_id, vocab.MODEL_URI, model_uri)  # the checkpoint: the model is complete
+    inject(dag_id=ctx.dag_id, task_id=ctx.task_id, try_number=ctx.try_number, point="model_logged")
     return {"run_id": run_id, "model_uri": model_uri, "train_rows": int(len(train_df)),
             "test_rows": int(len(test_df)), "dataset_digest": labelled["digest"],
             "sources": "," + ",".join((raw or {}).get("sources") or []) + ","}

@@ -130,6 +130,38 @@ def test_promote_moves_aliases_seals_the_move_and_rollback_restores(registry):
     assert trail["events"][-1]["by"] == "bob" and trail["events"][-1]["reason"] == "brakes late on wet roads"
 
 
+@pytest.mark.parametrize("point", [p for p, _ in __import__("closedloop.steps.faults", fromlist=["MATRIX"])
+                                   .MATRIX["promote"] if p != "end"])
+def test_promote_crashing_at_each_point_finishes_on_retry_with_one_record_and_its_audit(registry, tmp_path,
+                                                                                      monkeypatch, point):
+    """A connection error at every point between promote's side effects (record sealed, previous
+    moved, production moved), then the retry: the registry ends exactly as an undisturbed promotion
+    leaves it — aliases, one sealed record more, one audit entry per move, none missing."""
+    from dataclasses import replace
+
+    ctx, c, versions = registry
+    key = Signer.generate()
+    r1, r2 = record_for(ctx, versions[0], "r1", key), record_for(ctx, versions[1], "r2", key)
+    gov.promote(ctx, r1, [approval(r1, production_at_review=None)], model="m", policy=POLICY, signer=key,
+                actor="t", now=NOW)
+    drills = tmp_path / "faults.json"
+    drills.write_text(json.dumps([{"task": "promote", "point": point, "fault": "transient", "tries": [1]}]))
+    monkeypatch.setenv("CLOSEDLOOP_FAULTS", str(drills))
+    first_try, retry = replace(ctx, task_id="promote", try_number=1), replace(ctx, task_id="promote", try_number=2)
+    with pytest.raises(ConnectionResetError, match=point):
+        gov.promote(first_try, r2, [approval(r2)], model="m", policy=POLICY, signer=key, actor="t", now=NOW)
+    out = gov.promote(retry, r2, [approval(r2)], model="m", policy=POLICY, signer=key, actor="t", now=NOW)
+    assert out["version"] == "2" and out["changed"] is (point != "production_moved")
+    assert str(c.get_model_version_by_alias("m", "production").version) == "2"
+    assert str(c.get_model_version_by_alias("m", "previous-production").version) == "1"
+    last = gov.last_promotion(c, "m", key.verifier)
+    assert (last["version"], last["previous"], last["seq"]) == ("2", "1", 2)  # one record for this move
+    assert gov.check_aliases(c, "m", key.verifier)["ok"]
+    assert [e["event"] for e in audit_trail(ctx, "m", "2")["events"]] == ["alias.production"]
+    assert [e["event"] for e in audit_trail(ctx, "m", "1")["events"]] == ["alias.production",
+                                                                          "alias.previous-production"]
+
+
 def test_promote_refuses_a_version_whose_files_or_source_changed(registry, tmp_path):
     ctx, c, versions = registry
     key = Signer.generate()
