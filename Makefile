@@ -1,6 +1,7 @@
 # airflow-closedloop: the README's commands.
 #   make demo     set up (locked deps, local Airflow + MLflow under .closedloop/) and run the periodic pipeline
-#   make test     the whole test suite (what CI runs); make test-fast skips the real-scheduler tests
+#   make test     the whole test suite (what CI runs); make test-fast skips the real-scheduler tests;
+#                 make test-alone runs each test module by itself
 #   make airflow  Airflow UI (127.0.0.1:8080) + MLflow UI (127.0.0.1:5000) on these DAGs
 #   make bench    benchmarks/ (prints figures)
 #   make prodlike the production shape without Docker: PostgreSQL, Redis, MLflow server, Airflow + Celery
@@ -11,7 +12,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .closedloop/tools/bin/uv)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast airflow prodlike bench lint validate clean
+.PHONY: demo test test-fast test-alone airflow prodlike bench lint validate clean
 
 $(UV):
 	@echo "uv not found: installing it into .closedloop/tools with pip"
@@ -30,6 +31,11 @@ test: $(BIN)/closedloop
 
 test-fast: $(BIN)/closedloop
 	$(BIN)/pytest -m "not slow"
+
+# each test module on its own, in its own process: no module leans on another's leftovers
+test-alone: $(BIN)/closedloop
+	@set -e; for f in tests/unit/test_*.py tests/unit/*/test_*.py tests/integration/test_*.py; do \
+	  echo "== $$f"; $(BIN)/pytest -q "$$f"; done
 
 validate: $(BIN)/closedloop
 	$(BIN)/closedloop pipelines validate

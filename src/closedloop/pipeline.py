@@ -79,7 +79,7 @@ STEPS: tuple[Step, ...] = (
          cacheable=True, plan=f"{STEPS_PKG}.simulation:plan", code=f"{STEPS_PKG}.simulation",
          entry_point="simulation.entry_point", pod=True, lineage_in=("model", "scenarios"),
          doc="closed-loop simulation as a separate job, awaited in the triggerer (no worker slot)"),
-    Step("await_hil", f"{OPS}.governance:HilResultsOperator", upstream=("simulate",), when="hil", retry="never",
+    Step("await_hil", f"{OPS}.governance:HilResultsOperator", upstream=("simulate",), when="hil", retry="decision",
          doc="wait (no worker slot) for the hardware-in-the-loop rig's results; none in time fails the run"),
     Step("release_gate", f"{OPS}.model:ReleaseGateOperator", upstream=("simulate", "await_hil"),
          reads=("offline_eval", "simulate", "await_hil", "train"), lineage_in=("model",),

@@ -166,8 +166,6 @@ def test_a_transient_error_at_every_crash_point_leaves_what_an_undisturbed_run_l
     for kind, step in (("raw", "generate_dataset"), ("labelled", "label")):
         assert (root / kind / f"{s['results'][step]['digest']}.parquet").exists()
     assert not list(root.rglob("*.tmp"))
-    assert s["results"]["register_candidate"]["version"] == \
-        str(client().get_model_version_by_alias(MODEL, "candidate").version)
 
 
 def test_rerun_with_unchanged_inputs_hits_the_cache_and_registers_the_same_model(runs):

@@ -41,12 +41,38 @@ def cmd_request(args, find) -> int:
     return 0
 
 
+def parked_review(api, pipeline: str, run_id: str, wait: float, prefix: str = "approval") -> str | None:
+    """The approval task of the run that waits for a decision now (``approval``, or ``approval_2`` …
+    of a quorum), waiting up to ``wait`` seconds for the review to open — an answer sent before the
+    task is parked would race Airflow. None when none opened in time."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        status, data = api.call("GET", f"{api.run_path(pipeline, run_id)}/taskInstances?limit=100")
+        if status != 200:
+            return None
+        waiting = sorted(t["task_id"] for t in data.get("task_instances", [])
+                         if t["task_id"].startswith(prefix) and t.get("state") == "awaiting_input")
+        if waiting:
+            return waiting[0]
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(1.0)
+
+
 def cmd_decide(args, decision: str) -> int:
     api = _api(args)
-    path = f"{api.run_path(args.pipeline, args.run_id)}/taskInstances/approval/-1/hitlDetails"
+    task = parked_review(api, args.pipeline, args.run_id, args.wait)
+    if task is None:
+        print(f"error: no review of {args.pipeline} run {args.run_id} is open (waited {args.wait:g} s); a run "
+              "waits for review once its candidate is registered", file=sys.stderr)
+        return 2
+    path = f"{api.run_path(args.pipeline, args.run_id)}/taskInstances/{task}/-1/hitlDetails"
     status, data = api.call("PATCH", path, {"chosen_options": [decision], "params_input": {"comment": args.comment or ""}})
     if status == 200:
-        print(f"{decision.lower()}d: {args.pipeline} run {args.run_id} by {data['responded_by']['name']}")
+        print(f"{'approved' if decision == 'Approve' else 'rejected'}: {args.pipeline} run {args.run_id} ({task}) by "
+              f"{data['responded_by']['name']}")
         return 0
     detail = data.get("detail") if isinstance(data, dict) else data
     hint = {403: "you are not an assigned reviewer of this run (requesters cannot review their own request)",
@@ -73,6 +99,10 @@ def cmd_hil_report(args) -> int:
         print("error: no results given (--results FILE.json or --metric name=number)", file=sys.stderr)
         return 2
     api = _api(args)
+    if parked_review(api, args.pipeline, args.run_id, args.wait, prefix="await_hil") is None:
+        print(f"error: {args.pipeline} run {args.run_id} does not wait for hardware-in-the-loop results (waited "
+              f"{args.wait:g} s)", file=sys.stderr)
+        return 2
     path = f"{api.run_path(args.pipeline, args.run_id)}/taskInstances/await_hil/-1/hitlDetails"
     status, data = api.call("PATCH", path, {"chosen_options": ["Report"], "params_input": {"results": results}})
     if status != 200:
@@ -248,6 +278,7 @@ def add_parsers(sub, find) -> None:
         sp.add_argument("pipeline")
         sp.add_argument("run_id")
         sp.add_argument("--comment", default="")
+        sp.add_argument("--wait", type=float, default=60, help="seconds to wait for the review to open (default 60)")
         arg_login(sp)
         sp.set_defaults(func=lambda a, d=decision: cmd_decide(a, d))
     sp = sub.add_parser("hil", help="hardware-in-the-loop rig: report results for a waiting run")
@@ -257,6 +288,7 @@ def add_parsers(sub, find) -> None:
     sp.add_argument("run_id")
     sp.add_argument("--results", help="JSON file: an object of metric name -> number")
     sp.add_argument("--metric", action="append", help="name=number (repeatable)")
+    sp.add_argument("--wait", type=float, default=60, help="seconds to wait for the run to ask (default 60)")
     arg_login(sp)
     sp.set_defaults(func=cmd_hil_report)
     sp = sub.add_parser("promote", help="move alias production to an approved version (through Airflow: the "

@@ -49,6 +49,42 @@ def gate_summary(record: dict) -> str:
     return f"{passed}/{len(rows)} gates passed"
 
 
+def earlier_hitl(op: HITLOperator, context: Context) -> tuple[dict, dict[str, Any]] | None:
+    """On a retry of a human-in-the-loop task: the request an earlier try opened and the event its
+    answer (or its timeout) makes, read from Airflow's record of that try through the REST API; None
+    on a first try, when no earlier try opened a request or nobody answered it before it died (ask
+    again), or when no service account can read it (then asking again is all there is)."""
+    from datetime import datetime
+
+    from closedloop.hooks.airflow_api import earlier_review, service_api
+
+    ti = context["ti"]
+    if int(ti.try_number or 1) <= 1:
+        return None
+    api = service_api()
+    if api is None:
+        log.warning("retry of %s: no Airflow API connection to read the earlier try's request; asking again",
+                    op.task_id)
+        return None
+    detail = earlier_review(api, ti.dag_id, ti.run_id, op.task_id, int(ti.try_number))
+    if detail is None:
+        return None
+    created = datetime.fromisoformat(str(detail["created_at"]).replace("Z", "+00:00"))
+    expired = op.response_timeout is not None and datetime.now(created.tzinfo) >= created + op.response_timeout
+    if detail.get("response_received"):
+        user = detail.get("responded_by_user") or {}
+        log.info("retry of %s: %s already answered %s at %s in an earlier try; taking that answer, not asking "
+                 "again", op.task_id, user.get("id"), detail.get("chosen_options"), detail.get("responded_at"))
+        return detail, {"chosen_options": detail.get("chosen_options") or [],
+                        "params_input": detail.get("params_input") or {},
+                        "responded_at": datetime.fromisoformat(str(detail["responded_at"]).replace("Z", "+00:00")),
+                        "responded_by_user": user}
+    if expired:
+        log.info("retry of %s: the request opened at %s timed out unanswered", op.task_id, created)
+        return detail, {"timedout": True, "error": "timeout", "error_type": "timeout"}
+    return None
+
+
 class ReviewOperator(ApprovalOperator):
     """Hold the run until an assigned reviewer approves or rejects the candidate (``approval``,
     and ``approval_2`` … when the template requires several distinct approvals).
@@ -161,25 +197,13 @@ class ReviewOperator(ApprovalOperator):
         from datetime import datetime
 
         from closedloop.errors import EvidenceError
-        from closedloop.hooks.airflow_api import earlier_review, service_api
         from closedloop.operators.base import pull_sealed, seal
         from closedloop.steps.signing import digest
 
-        ti = context["ti"]
-        if int(ti.try_number or 1) <= 1:
+        found = earlier_hitl(self, context)
+        if found is None:
             return None
-        api = service_api()
-        if api is None:
-            log.warning("retry of %s: no Airflow API connection to read the earlier try's review; asking again",
-                        self.task_id)
-            return None
-        detail = earlier_review(api, ti.dag_id, ti.run_id, self.task_id, int(ti.try_number))
-        if detail is None:
-            return None
-        created = datetime.fromisoformat(str(detail["created_at"]).replace("Z", "+00:00"))
-        expired = self.response_timeout is not None and datetime.now(created.tzinfo) >= created + self.response_timeout
-        if not detail.get("response_received") and not expired:
-            return None  # the earlier try died before anyone answered: ask again
+        detail, event = found
         record = pull_sealed(context, "register_candidate")
         record_digest = digest(record)
         body = detail.get("body") or ""
@@ -187,19 +211,12 @@ class ReviewOperator(ApprovalOperator):
             raise EvidenceError(f"the review an earlier try of {self.task_id} opened is not about this run's release "
                                 f"record {record_digest}; not recording its answer")
         production = re.search(r"Production now: version (\S+)", body)
+        created = datetime.fromisoformat(str(detail["created_at"]).replace("Z", "+00:00"))
         context["ti"].xcom_push(key=OPENED_KEY, value=seal(context, {
             "model": record["model"], "version": record["version"], "record_digest": record_digest,
             "production": production.group(1) if production else None, "opened_at": created.isoformat(),
             "reviewers": [u.get("id") for u in detail.get("assigned_users") or []]}, OPENED_KEY))
-        if not detail.get("response_received"):
-            log.info("retry of %s: the review opened at %s timed out unanswered", self.task_id, created)
-            return {"timedout": True, "error": "timeout", "error_type": "timeout"}
-        user = detail.get("responded_by_user") or {}
-        log.info("retry of %s: %s already answered %s at %s in an earlier try; recording that answer, not asking "
-                 "again", self.task_id, user.get("id"), detail.get("chosen_options"), detail.get("responded_at"))
-        return {"chosen_options": detail.get("chosen_options") or [], "params_input": detail.get("params_input") or {},
-                "responded_at": datetime.fromisoformat(str(detail["responded_at"]).replace("Z", "+00:00")),
-                "responded_by_user": user}
+        return event
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         import json
@@ -282,7 +299,9 @@ class HilResultsOperator(HITLOperator):
     The rig is an Airflow user (the template's ``hil.reporter``) and reports through Airflow's
     REST API (``closedloop hil report`` does it): option ``Report`` with ``params_input``
     ``{"results": {"metric": value, ...}}``. No report within ``hil.timeout_minutes`` fails the
-    run before the gates, without retry. The results become ``hil.<metric>`` for the gates.
+    run before the gates, without retry. The results become ``hil.<metric>`` for the gates. A retry
+    (after a transient error, or Airflow's race with an instant report) takes the report the rig
+    gave the earlier try instead of asking again.
     """
 
     REPORT = "Report"
@@ -291,6 +310,10 @@ class HilResultsOperator(HITLOperator):
         hil = loaded.spec.hil
         assert hil is not None
         kwargs.pop("params", None)  # the DAG's request params do not belong in the rig's form
+        if kwargs.get("retry_policy") is None:
+            from closedloop.retry import TransientOnlyRetryPolicy
+
+            kwargs["retry_policy"] = TransientOnlyRetryPolicy()
         self.loaded = loaded
         super().__init__(
             subject=f"Hardware-in-the-loop results for {loaded.spec.model.name} ({loaded.spec.name})",
@@ -301,6 +324,12 @@ class HilResultsOperator(HITLOperator):
             response_timeout=timedelta(minutes=hil.timeout_minutes),
             **kwargs,
         )
+
+    def execute(self, context: Context):
+        found = earlier_hitl(self, context)  # a retry takes the rig's earlier report, never asks again
+        if found is not None:
+            return self.execute_complete(context, found[1])
+        return super().execute(context)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict:
         if "error" in event:
