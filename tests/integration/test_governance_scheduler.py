@@ -238,9 +238,13 @@ def test_governed_path(env):
     # again) and recorded the answer given to try 1, once
     _, ti2 = server.api("GET", f"/api/v2/dags/acc_gov_hil/dagRuns/{run_d}/taskInstances/approval_2")
     assert ti2["try_number"] == 2 and ti2["state"] == "success"
-    assert server.api("GET", second)[0] == 404  # the current (second) try has no review of its own
     _, first_try = server.api("GET", second + "/tries/1")
     assert first_try["responded_by_user"]["id"] == "safety-deputy"
+    _, current = server.api("GET", second)
+    assert current["responded_at"] == first_try["responded_at"]  # the one answer there is: the one given to try 1
+    _, log2 = server.api("GET", f"/api/v2/dags/acc_gov_hil/dagRuns/{run_d}/taskInstances/approval_2/logs/2"
+                                "?full_content=true")
+    assert "already answered ['Approve']" in json.dumps(log2) and "not asking again" in json.dumps(log2)
     decided = [k for k in MlflowClient(server.env["MLFLOW_TRACKING_URI"]).get_model_version("acc_hil_model", vd).tags
                if k.startswith("closedloop.audit.") and ".review.approved" in k]
     assert len(decided) == 2, decided  # one entry per answer: approval and approval_2
