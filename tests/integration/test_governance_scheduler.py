@@ -48,8 +48,10 @@ def env(tmp_path_factory, project):
     work = tmp_path_factory.mktemp("gov-airflow")
     # run D's second approval fails once while it records the reviewer's answer (as if MLflow dropped
     # the connection): the retry must record that answer, not ask again
-    (work / "faults.json").write_text(json.dumps([{"task": "approval_2", "dag": "acc_gov_hil", "fault": "transient",
-                                                   "point": "decision_received", "tries": [1]}]))
+    # (transient); its first approval's process is SIGKILLed at the same point (a lost worker)
+    (work / "faults.json").write_text(json.dumps([
+        {"task": "approval_2", "dag": "acc_gov_hil", "fault": "transient", "point": "decision_received", "tries": [1]},
+        {"task": "approval", "dag": "acc_gov_hil", "fault": "kill", "point": "decision_received", "tries": [1]}]))
     server = AirflowServer(work, root / "dags", {u: (r, f"{u}-pw-{i}") for i, (u, r) in enumerate(USERS.items())},
                            env={"CLOSEDLOOP_FAULTS": str(work / "faults.json")})
     server.start()
@@ -245,6 +247,11 @@ def test_governed_path(env):
     _, log2 = server.api("GET", f"/api/v2/dags/acc_gov_hil/dagRuns/{run_d}/taskInstances/approval_2/logs/2"
                                 "?full_content=true")
     assert "already answered ['Approve']" in json.dumps(log2) and "not asking again" in json.dumps(log2)
+    _, ti1 = server.api("GET", f"/api/v2/dags/acc_gov_hil/dagRuns/{run_d}/taskInstances/approval")
+    assert ti1["try_number"] == 2 and ti1["state"] == "success"  # killed while recording, then retried
+    _, log1 = server.api("GET", f"/api/v2/dags/acc_gov_hil/dagRuns/{run_d}/taskInstances/approval/logs/2"
+                                "?full_content=true")
+    assert "safety-lead already answered ['Approve']" in json.dumps(log1)
     decided = [k for k in MlflowClient(server.env["MLFLOW_TRACKING_URI"]).get_model_version("acc_hil_model", vd).tags
                if k.startswith("closedloop.audit.") and ".review.approved" in k]
     assert len(decided) == 2, decided  # one entry per answer: approval and approval_2

@@ -130,13 +130,34 @@ def test_promote_moves_aliases_seals_the_move_and_rollback_restores(registry):
     assert trail["events"][-1]["by"] == "bob" and trail["events"][-1]["reason"] == "brakes late on wet roads"
 
 
+PROMOTE_TRY = """
+import base64, json, sys
+from dataclasses import replace
+from datetime import datetime
+from closedloop.steps import governance as gov
+from closedloop.steps.context import RunContext
+from closedloop.steps.signing import Signer
+args = json.loads(sys.argv[1])
+policy = gov.ApprovalPolicy(**args["policy"])
+ctx = RunContext(**args["ctx"])
+gov.promote(ctx, args["record"], args["statements"], model="m", policy=policy,
+            signer=Signer(base64.b64decode(args["seed"])), actor="t", now=datetime.fromisoformat(args["now"]))
+"""
+
+
+@pytest.mark.parametrize("fault", ["transient", "kill"])
 @pytest.mark.parametrize("point", [p for p, _ in __import__("closedloop.steps.faults", fromlist=["MATRIX"])
                                    .MATRIX["promote"] if p != "end"])
 def test_promote_crashing_at_each_point_finishes_on_retry_with_one_record_and_its_audit(registry, tmp_path,
-                                                                                      monkeypatch, point):
-    """A connection error at every point between promote's side effects (record sealed, previous
-    moved, production moved), then the retry: the registry ends exactly as an undisturbed promotion
-    leaves it — aliases, one sealed record more, one audit entry per move, none missing."""
+                                                                                      monkeypatch, point, fault):
+    """A connection error, or a SIGKILL of the promoting process, at every point between promote's
+    side effects (record sealed, previous moved, production moved), then the retry: the registry ends
+    exactly as an undisturbed promotion leaves it — aliases, one sealed record more, one audit entry
+    per move, none missing."""
+    import os
+    import signal
+    import subprocess
+    import sys
     from dataclasses import replace
 
     ctx, c, versions = registry
@@ -145,11 +166,18 @@ def test_promote_crashing_at_each_point_finishes_on_retry_with_one_record_and_it
     gov.promote(ctx, r1, [approval(r1, production_at_review=None)], model="m", policy=POLICY, signer=key,
                 actor="t", now=NOW)
     drills = tmp_path / "faults.json"
-    drills.write_text(json.dumps([{"task": "promote", "point": point, "fault": "transient", "tries": [1]}]))
+    drills.write_text(json.dumps([{"task": "promote", "point": point, "fault": fault, "tries": [1]}]))
     monkeypatch.setenv("CLOSEDLOOP_FAULTS", str(drills))
     first_try, retry = replace(ctx, task_id="promote", try_number=1), replace(ctx, task_id="promote", try_number=2)
-    with pytest.raises(ConnectionResetError, match=point):
-        gov.promote(first_try, r2, [approval(r2)], model="m", policy=POLICY, signer=key, actor="t", now=NOW)
+    if fault == "transient":
+        with pytest.raises(ConnectionResetError, match=point):
+            gov.promote(first_try, r2, [approval(r2)], model="m", policy=POLICY, signer=key, actor="t", now=NOW)
+    else:  # the promoting process dies on the spot (its own SIGKILL), as a lost worker would
+        args = {"policy": dataclasses.asdict(POLICY), "ctx": dataclasses.asdict(first_try), "record": r2,
+                "statements": [approval(r2)], "seed": key.seed_b64(), "now": NOW.isoformat()}
+        died = subprocess.run([sys.executable, "-c", PROMOTE_TRY, json.dumps(args)], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "CLOSEDLOOP_FAULTS": str(drills)})
+        assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
     out = gov.promote(retry, r2, [approval(r2)], model="m", policy=POLICY, signer=key, actor="t", now=NOW)
     assert out["version"] == "2" and out["changed"] is (point != "production_moved")
     assert str(c.get_model_version_by_alias("m", "production").version) == "2"
