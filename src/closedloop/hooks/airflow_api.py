@@ -53,14 +53,21 @@ def poster_of(api, extra: dict[str, Any], at: datetime) -> str | None:
 
 
 def earlier_review(api, dag_id: str, run_id: str, task_id: str, try_number: int) -> dict | None:
-    """The human-in-the-loop detail of the newest earlier try of an approval task that has one (its
-    request, and the answer if one was given), from Airflow's REST API; None when no earlier try opened
-    a review or the API cannot tell."""
+    """The human-in-the-loop detail an earlier try of a task opened (its request, and the answer if one
+    was given), from Airflow's REST API; None when no earlier try opened one or the API cannot tell.
+
+    Called before this try opens its own request, so a detail still attached to the task instance is
+    an earlier try's: Airflow keeps it there when a try ends without being archived (an answer that
+    raced the task's own parking is recorded there, then the try is failed "externally"). Archived
+    tries are read from ``…/hitlDetails/tries/N``."""
     from urllib.parse import quote
 
+    base = f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances/{quote(task_id)}/-1/hitlDetails"
+    status, data = api.call("GET", base)
+    if status == 200 and isinstance(data, dict):
+        return data
     for t in range(try_number - 1, 0, -1):
-        status, data = api.call("GET", f"/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances/"
-                                       f"{quote(task_id)}/-1/hitlDetails/tries/{t}")
+        status, data = api.call("GET", f"{base}/tries/{t}")
         if status == 200 and isinstance(data, dict):
             return data
         if status not in (404,):
