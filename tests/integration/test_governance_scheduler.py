@@ -240,13 +240,13 @@ def test_governed_path(env):
     # again) and recorded the answer given to try 1, once
     _, ti2 = server.api("GET", f"/api/v2/dags/acc_gov_hil/dagRuns/{run_d}/taskInstances/approval_2")
     assert ti2["try_number"] == 2 and ti2["state"] == "success"
-    _, first_try = server.api("GET", second + "/tries/1")
-    assert first_try["responded_by_user"]["id"] == "safety-deputy"
+    # (try 1 ended either in the drill or, answered at once, in Airflow's race with its parking: either
+    # way the answer stays on the task instance and try 2 took it)
     _, current = server.api("GET", second)
-    assert current["responded_at"] == first_try["responded_at"]  # the one answer there is: the one given to try 1
+    assert current["responded_by_user"]["id"] == "safety-deputy" and current["response_received"]
     _, log2 = server.api("GET", f"/api/v2/dags/acc_gov_hil/dagRuns/{run_d}/taskInstances/approval_2/logs/2"
                                 "?full_content=true")
-    assert "already answered ['Approve']" in json.dumps(log2) and "not asking again" in json.dumps(log2)
+    assert "safety-deputy already answered ['Approve']" in json.dumps(log2) and "not asking again" in json.dumps(log2)
     _, ti1 = server.api("GET", f"/api/v2/dags/acc_gov_hil/dagRuns/{run_d}/taskInstances/approval")
     assert ti1["try_number"] == 2 and ti1["state"] == "success"  # killed while recording, then retried
     _, log1 = server.api("GET", f"/api/v2/dags/acc_gov_hil/dagRuns/{run_d}/taskInstances/approval/logs/2"
