@@ -81,13 +81,14 @@ def test_filter_values_are_quoted_never_spliced(tmp_path):
             literal(bad)
 
 
-def test_impact_refuses_wildcards_and_pages_with_totals():
+def test_impact_refuses_wildcards_and_pages_with_totals(tmp_path):
     from closedloop.records.lineage import MAX_LIMIT, LineageError, impact
 
+    store = f"sqlite:///{tmp_path / 'empty.db'}"  # its own store: other tests' runs are not counted
     for kwargs in ({"source": "%"}, {"source": "fleet,eu"}, {"label_policy": "%"}, {"label_policy": "a@%"}):
         with pytest.raises(LineageError, match="wildcards"):
-            impact(**kwargs)
+            impact(**kwargs, tracking_uri=store)
     with pytest.raises(LineageError, match="limit must be"):
-        impact(source="fleet-eu", limit=MAX_LIMIT + 1)
-    out = impact(source="fleet-eu", limit=5)
+        impact(source="fleet-eu", limit=MAX_LIMIT + 1, tracking_uri=store)
+    out = impact(source="fleet-eu", limit=5, tracking_uri=store)
     assert out["totals"] == {"snapshots": 0, "training_runs": 0, "model_versions": 0} and out["limit"] == 5
