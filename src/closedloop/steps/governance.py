@@ -23,6 +23,7 @@ from closedloop.errors import ApprovalError, EvidenceError
 from closedloop.steps import tracking
 from closedloop.steps.approvals import approval_task_ids  # noqa: F401 - part of this module's interface
 from closedloop.steps.context import RunContext
+from closedloop.steps.faults import strike
 from closedloop.steps.signing import Binding, Signer, Verifier, bound_of, digest
 
 PRODUCTION, PREVIOUS, CANDIDATE = vocab.PRODUCTION, vocab.PREVIOUS, vocab.CANDIDATE
@@ -228,10 +229,9 @@ def _record_promotion(client, signer: Signer, model: str, version: str, *, previ
         last = None
     same = {"kind": kind, "version": str(version), "previous": previous, **{k: details.get(k) for k in
                                                                            ("record_digest", "run_id")}}
-    raw = client.get_registered_model(model).tags.get(PROMOTION_TAG) if last is not None else None
     if last is not None and kind == "promotion" and all(last.get(k) == v for k, v in same.items()):
         # written by a try that died before it moved the alias: finish that move, do not record it twice
-        record, sealed = last, json.loads(raw)
+        record, sealed = last, json.loads(client.get_registered_model(model).tags[PROMOTION_TAG])
     else:
         record = {"kind": kind, "model": model, "alias": PRODUCTION, "version": str(version), "previous": previous,
                   "at": datetime.now(UTC).isoformat(), "by": by, "seq": int((last or {}).get("seq", 0)) + 1,
@@ -281,21 +281,15 @@ def promote(ctx: RunContext, record: dict, statements: list[dict], *, model: str
     run_key = f"{record.get('dag_id')}/{record.get('run_id')}"
     promotion = _record_promotion(c, signer, model, version, previous=current, kind="promotion", by=actor,
                                approved_by=approvers, record_digest=digest(record), run_id=run_key)
-    strike_at(ctx, "promotion_recorded")
+    strike(ctx, "promotion_recorded")
     if current is not None:
         c.set_registered_model_alias(model, PREVIOUS, current)
         _audit(c, model, current, "alias.previous-production", when=datetime.fromisoformat(promotion["at"]),
                key=f"seq{promotion['seq']}", by=actor, replaced_by=version)
-        strike_at(ctx, "previous_moved")
+        strike(ctx, "previous_moved")
     c.set_registered_model_alias(model, PRODUCTION, version)
-    strike_at(ctx, "production_moved")
+    strike(ctx, "production_moved")
     return {"model": model, "version": version, "changed": True, "previous": current, "approved_by": approvers}
-
-
-def strike_at(ctx: RunContext, point: str) -> None:
-    from closedloop.steps.faults import strike
-
-    strike(ctx, point)
 
 
 def rollback(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: list[str], signer: Signer) -> dict:

@@ -25,7 +25,7 @@ def find_version(ctx: RunContext, model_name: str, model_uri: str | None = None)
     c = tracking.client(ctx)
     try:
         found = c.search_model_versions(
-            f"name = '{model_name}' and tags.`closedloop.run_key` = '{ctx.run_key}'")
+            f"name = {tracking.literal(model_name)} and tags.`{vocab.RUN_KEY}` = {tracking.literal(ctx.run_key)}")
     except Exception as exc:  # the registered model does not exist yet
         if tracking.not_found(exc):
             return None

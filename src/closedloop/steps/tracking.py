@@ -190,9 +190,9 @@ def finished_result(run) -> dict | None:
 
 def finish(ctx: RunContext, run_id: str, result: dict) -> dict:
     """Record the step's result on its run and mark it FINISHED (the idempotency marker)."""
-    from closedloop.steps.faults import inject
+    from closedloop.steps.faults import strike
 
-    inject(dag_id=ctx.dag_id, task_id=ctx.task_id, try_number=ctx.try_number, point="before_finish")
+    strike(ctx, "before_finish")
     c = client(ctx)
     c.set_tag(run_id, RESULT_TAG, json.dumps(result, sort_keys=True, default=str))
     c.set_terminated(run_id, "FINISHED")

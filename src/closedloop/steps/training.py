@@ -94,7 +94,7 @@ def train_key(loaded: LoadedSpec, labelled: dict, validation: dict | None) -> st
 def _fit(loaded: LoadedSpec, ctx: RunContext, run, labelled: dict, raw: dict | None) -> dict:
     import mlflow
 
-    from closedloop.steps.faults import inject
+    from closedloop.steps.faults import strike
 
     spec = loaded.spec
     run_id = run.info.run_id
@@ -114,9 +114,9 @@ def _fit(loaded: LoadedSpec, ctx: RunContext, run, labelled: dict, raw: dict | N
                                        name=f"{spec.name}-labelled", targets=spec.training.target)
             info = models.log_model(model, trainer=trainer, pip_requirements=pip_requirements())
         model_uri = info.model_uri
-    inject(dag_id=ctx.dag_id, task_id=ctx.task_id, try_number=ctx.try_number, point="before_checkpoint")
+    strike(ctx, "before_checkpoint")
     client.set_tag(run_id, vocab.MODEL_URI, model_uri)  # the checkpoint: the model is complete
-    inject(dag_id=ctx.dag_id, task_id=ctx.task_id, try_number=ctx.try_number, point="model_logged")
+    strike(ctx, "model_logged")
     return {"run_id": run_id, "model_uri": model_uri, "train_rows": int(len(train_df)),
             "test_rows": int(len(test_df)), "dataset_digest": labelled["digest"],
             "sources": "," + ",".join((raw or {}).get("sources") or []) + ","}
