@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from closedloop.cli.common import arg_dir, arg_json, arg_login, exit_code
 from closedloop.records.airflow_api import AirflowAPI, AirflowAPIError, xcom_value
@@ -45,8 +46,6 @@ def parked_review(api, pipeline: str, run_id: str, wait: float, prefix: str = "a
     """The approval task of the run that waits for a decision now (``approval``, or ``approval_2`` …
     of a quorum), waiting up to ``wait`` seconds for the review to open — an answer sent before the
     task is parked would race Airflow. None when none opened in time."""
-    import time
-
     deadline = time.monotonic() + wait
     while True:
         status, data = api.call("GET", f"{api.run_path(pipeline, run_id)}/taskInstances?limit=100")
@@ -69,7 +68,13 @@ def cmd_decide(args, decision: str) -> int:
               "waits for review once its candidate is registered", file=sys.stderr)
         return 2
     path = f"{api.run_path(args.pipeline, args.run_id)}/taskInstances/{task}/-1/hitlDetails"
-    status, data = api.call("PATCH", path, {"chosen_options": [decision], "params_input": {"comment": args.comment or ""}})
+    body = {"chosen_options": [decision], "params_input": {"comment": args.comment or ""}}
+    status, data = api.call("PATCH", path, body)
+    for wait in (1, 2, 4):  # Airflow's own database busy (5xx): nothing was recorded, say it again
+        if status < 500:
+            break
+        time.sleep(wait)
+        status, data = api.call("PATCH", path, body)
     if status == 200:
         print(f"{'approved' if decision == 'Approve' else 'rejected'}: {args.pipeline} run {args.run_id} ({task}) by "
               f"{data['responded_by']['name']}")
@@ -115,8 +120,6 @@ def cmd_hil_report(args) -> int:
 def registry_action(api: AirflowAPI, conf: dict, *, timeout: float = 300) -> tuple[int, dict]:
     """Ask the deployment to act on the registry (DAG ``closedloop_registry``) as ``api.user`` and wait
     for its answer: ``(0, result)``, or ``(exit code, {"error": reason})``."""
-    import time
-
     from closedloop.operators.registry import REGISTRY_DAG_ID
 
     status, data = api.call("POST", f"/dags/{REGISTRY_DAG_ID}/dagRuns",
