@@ -354,6 +354,22 @@ def test_governed_path(env):
     assert "approvals are valid for 0.05 h" in refusal("acc_gov", run_a)
     assert str(client.get_model_version_by_alias("acc_gov_model", "production").version) == va
 
+    # -- reviewer shopping: the requester clears B's rejected approval (and promote) to be asked again:
+    #    the cleared task takes the answer already given (Reject), asks nobody, promotes nothing ---
+    status, body = server.api("POST", "/api/v2/dags/acc_gov/clearTaskInstances", {
+        "dry_run": False, "dag_run_id": run_b, "task_ids": ["approval"], "include_downstream": True,
+        "only_failed": False, "reset_dag_runs": True}, user="ml-engineer")
+    assert status == 200, (status, body)
+    server.wait_for(lambda: states(server, "acc_gov", run_b)["approval"] in ("success", "failed")
+                    and server.api("GET", f"/api/v2/dags/acc_gov/dagRuns/{run_b}")[1]["state"] in ("success", "failed"),
+                    600, "B's cleared approval to run again")
+    _, again_b = server.api("GET", f"/api/v2/dags/acc_gov/dagRuns/{run_b}/taskInstances/approval")
+    assert again_b["try_number"] >= 2 and states(server, "acc_gov", run_b)["promote"] == "skipped"
+    _, log_b = server.api("GET", f"/api/v2/dags/acc_gov/dagRuns/{run_b}/taskInstances/approval/logs/"
+                                 f"{again_b['try_number']}?full_content=true")
+    assert "safety-deputy already answered ['Reject']" in json.dumps(log_b)
+    assert str(client.get_model_version_by_alias("acc_gov_model", "production").version) == va
+
     # -- audit: request, gates, decision, alias changes, in order ---------------------------------
     out = cli(server, root, "admin", "audit", "acc_gov_model", va)
     assert out.returncode == 0, out.stderr
