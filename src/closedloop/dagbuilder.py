@@ -53,7 +53,8 @@ def _loop(loaded: LoadedSpec):
     spec = loaded.spec
     pods = spec.kubernetes
     tasks: dict[str, Any] = {}
-    for row in pipeline.steps_of(hil=spec.hil is not None, approval=spec.approval is not None):
+    for row in pipeline.steps_of(hil=spec.hil is not None, approval=spec.approval is not None,
+                                 shards=spec.simulation.shards is not None):
         kwargs: dict[str, Any] = {"loaded": loaded, "retries": spec.reliability.retries_of(row.id)
                                   if row.retry in ("transient", "decision") else 0}
         if row.pod and pods is not None and getattr(pods, row.id, None):
@@ -65,6 +66,12 @@ def _loop(loaded: LoadedSpec):
             made = [resolve(row.operator)(task_id=t, prior=ids[:i], **kwargs) for i, t in enumerate(ids)]
             for earlier, later in zip(made, made[1:], strict=False):
                 earlier >> later
+        elif row.id == "simulate" and spec.simulation.shards is not None:  # one mapped task instance per shard
+            from closedloop.steps.simulation import shard_names
+
+            shards = shard_names(loaded)
+            made = [resolve(row.operator).partial(task_id=row.id, shards=shards, **kwargs)
+                    .expand(shard=list(range(len(shards))))]
         else:
             made = [resolve(row.operator)(task_id=row.id, **kwargs)]
         for up in row.upstream:

@@ -20,7 +20,8 @@ Columns:
 - ``retry``: ``transient`` (retried with backoff on transient errors only), ``decision`` (a human
   decision: asked once; recording it is retried on transient errors, and a retry records the answer
   already given instead of asking again) or ``never``.
-- ``when``: the template section the step needs (``hil``, ``approval``, ``incidents``), else always.
+- ``when``: the template section the step needs (``hil``, ``approval``, ``incidents``, ``shards``:
+  ``simulation.shards``), else always.
 - ``lineage_in`` / ``lineage_out``: what the step consumes and makes, by kind (``sources``,
   ``raw``, ``labelled``, ``model``, ``scenarios``, ``registered``, ``production``).
 - ``doc``: one line for ``describe`` and the DAG's docs.
@@ -79,10 +80,15 @@ STEPS: tuple[Step, ...] = (
          cacheable=True, plan=f"{STEPS_PKG}.simulation:plan", code=f"{STEPS_PKG}.simulation",
          entry_point="simulation.entry_point", pod=True, lineage_in=("model", "scenarios"),
          doc="closed-loop simulation as a separate job, awaited in the triggerer (no worker slot)"),
-    Step("await_hil", f"{OPS}.governance:HilResultsOperator", upstream=("simulate",), when="hil", retry="decision",
+    Step("merge_simulation", f"{OPS}.simulation:MergeSimulationOperator", upstream=("simulate",),
+         reads=("train", "simulate"), when="shards", code=f"{STEPS_PKG}.simulation", entry_point="simulation.summarize",
+         lineage_in=("scenarios",),
+         doc="merge the simulation shards' episodes (catalog order) into the run's simulation metrics"),
+    Step("await_hil", f"{OPS}.governance:HilResultsOperator", upstream=("simulate", "merge_simulation"), when="hil",
+         retry="decision",
          doc="wait (no worker slot) for the hardware-in-the-loop rig's results; none in time fails the run"),
-    Step("release_gate", f"{OPS}.model:ReleaseGateOperator", upstream=("simulate", "await_hil"),
-         reads=("offline_eval", "simulate", "await_hil", "train"), lineage_in=("model",),
+    Step("release_gate", f"{OPS}.model:ReleaseGateOperator", upstream=("simulate", "merge_simulation", "await_hil"),
+         reads=("offline_eval", "simulate", "merge_simulation", "await_hil", "train"), lineage_in=("model",),
          doc="compare metrics with the gate thresholds; stop (no retry) if any fails"),
     Step("register_candidate", f"{OPS}.model:RegisterCandidateOperator", upstream=("release_gate",),
          reads=("train", "label", "release_gate"), lineage_in=("model",), lineage_out=("registered",),
@@ -103,6 +109,8 @@ CACHEABLE: tuple[str, ...] = tuple(s.id for s in STEPS if s.cacheable)
 PLANNED: tuple[str, ...] = CACHEABLE[1:]
 """Cacheable steps whose result the first one's cache hit may find ahead of time."""
 RETRYABLE: tuple[str, ...] = tuple(s.id for s in STEPS if s.retry == "transient" and s.id != "admit_incident")
+SIMULATION_RESULT = ("merge_simulation", "simulate")
+"""Where a run's simulation metrics are: the merge of the shards when ``simulate`` is sharded, else ``simulate``."""
 POD_STEPS: tuple[str, ...] = tuple(s.id for s in STEPS if s.pod)
 
 
@@ -110,7 +118,7 @@ def step(step_id: str) -> Step:
     return BY_ID[step_id]
 
 
-def steps_of(*, hil: bool, approval: bool, incidents: bool = False) -> tuple[Step, ...]:
+def steps_of(*, hil: bool, approval: bool, incidents: bool = False, shards: bool = False) -> tuple[Step, ...]:
     """The steps of one DAG: the conditional ones only where the template has their section."""
-    present = {"hil": hil, "approval": approval, "incidents": incidents}
+    present = {"hil": hil, "approval": approval, "incidents": incidents, "shards": shards}
     return tuple(s for s in STEPS if s.when is None or present[s.when])

@@ -49,6 +49,8 @@ CACHE = "closedloop.cache"
 CACHE_KEY = "closedloop.cache_key"
 CACHE_SOURCE_RUN_ID = "closedloop.cache.source_run_id"
 CACHE_SOURCE_RUN_KEY = "closedloop.cache.source_run_key"
+SHARD = "closedloop.simulation.shard"
+REGRESSION_CATALOG = "closedloop.simulation.regression_catalog"
 
 # -- MLflow tags: requests, incidents, governance ----------------------------------------------------
 REQUEST_PREFIX = "closedloop.request."

@@ -128,10 +128,12 @@ def test_broken_template_is_an_import_error_and_others_still_load(make_project, 
 
 @pytest.mark.parametrize("templates", [1, 100])
 def test_parse_imports_nothing_heavy(make_project, project, templates):
-    """Loading dags/ must not import mlflow, great_expectations, sklearn, pandas or numpy."""
+    """Loading dags/ must not import mlflow, great_expectations, sklearn, pandas or numpy (a sharded
+    simulation's mapped task included)."""
     for i in range(templates):
         make_project(f"p{i:03d}.yaml", template_text(project, **{
-            "name: acc_longitudinal": f"name: acc_p{i:03d}", "name: acc_longitudinal_policy": f"name: model_{i:03d}"}))
+            "name: acc_longitudinal": f"name: acc_p{i:03d}", "name: acc_longitudinal_policy": f"name: model_{i:03d}",
+            **({"scenario_set: standard": "scenario_set: standard\n  shards: {count: 3}"} if i % 2 == 0 else {})}))
     code = (
         "import sys, json\n"
         "from airflow.dag_processing.dagbag import DagBag\n"

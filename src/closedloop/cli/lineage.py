@@ -70,6 +70,14 @@ def cmd_rerun(args) -> int:
     return 0
 
 
+def cmd_scenarios_list(args) -> int:
+    from closedloop import settings
+    from closedloop.cli.render import format_scenarios
+    from closedloop.steps.regression import catalog
+
+    return _answer(lambda: catalog(settings.data_root(), args.model), format_scenarios, args.json)
+
+
 def add_parsers(sub) -> None:
     sp = sub.add_parser("trace", help="the chain behind a model version or run: data, labels, template, run, gates, review")
     sp.add_argument("ref", help="models:/NAME@ALIAS, models:/NAME/VERSION, NAME/VERSION, an MLflow run id or an "
@@ -86,6 +94,12 @@ def add_parsers(sub) -> None:
     sp.add_argument("--offset", type=int, default=0, help="skip this many of each (paging)")
     arg_json(sp)
     sp.set_defaults(func=cmd_impact)
+    sc = sub.add_parser("scenarios", help="a model's regression scenarios (one per admitted incident)")
+    scs = sc.add_subparsers(dest="action", required=True)
+    sp = scs.add_parser("list", help="the model's regression catalog: version, and each scenario by incident")
+    sp.add_argument("model", help="registered model name, e.g. acc_longitudinal_policy")
+    arg_json(sp)
+    sp.set_defaults(func=cmd_scenarios_list)
     sp = sub.add_parser("rerun", help="run a pipeline run again exactly: same request, pinned snapshot, label policy")
     sp.add_argument("ref", help="the run to repeat: an Airflow dag run id, MLflow run id or model version")
     sp.add_argument("--fresh-data", action="store_true", help="build a new snapshot instead of the pinned one")

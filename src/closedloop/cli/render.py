@@ -125,6 +125,14 @@ def format_trace(t: dict[str, Any]) -> str:
     if started.get("reruns"):
         how += f"; rerun as {started['reruns']}"
     lines.append(f"airflow run     {ar['dag_id']} / {ar['run_id']}  started by {how}")
+    sim = t.get("simulation")
+    if sim:
+        lines.append(f"simulation      {sim['episodes']} episodes of {sim.get('scenario_set') or '-'}"
+                     + (f" in {sim['shards']} shards" if (sim.get("shards") or 1) > 1 else "")
+                     + f", regression catalog {sim.get('regression_catalog') or '-'}  (MLflow run {sim['run_id']})")
+        for i in sim.get("regression") or []:
+            lines.append(f"  incident {i['incident']}: {i['collisions']} collision(s) in {i['episodes']} episode(s) "
+                         f"of {i['type']}")
     g = t.get("gates")
     if g:
         from closedloop.steps.gates import format_report
@@ -216,3 +224,19 @@ def format_audit(t: dict) -> str:
     if not t["events"]:
         out.append("   (none)")
     return "\n".join(out)
+
+
+def format_scenarios(c: dict) -> str:
+    """``closedloop scenarios list``: the regression catalog of a model."""
+    entries = c["entries"]
+    if not entries:
+        return f"{c['model']}: no regression scenarios yet (catalog {c['version']}): no incident has been admitted"
+    lines = [f"{c['model']}: regression catalog {c['version']} (sha256 {c['digest']}), {len(entries)} scenario(s); "
+             "every candidate simulates them all (gate sim.regression.collision_rate)"]
+    for e in entries:
+        sc, inc, lin = e["scenario"], e["incident"], e["lineage"]
+        params = ", ".join(f"{k}={v:g}" for k, v in sorted(sc["params"].items())) or "drawn from the type"
+        lines.append(f"  {inc['id']:<20} {sc['type']:<13} {inc.get('kind') or '-'} ({inc.get('severity') or '-'}): "
+                     f"{sc['repeats']} episode(s), seed {sc['seed']}, params {params}; added {lin['added_at']} by "
+                     f"{lin['dag_id']} / {lin['run_id']}")
+    return "\n".join(lines)

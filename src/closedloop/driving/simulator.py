@@ -8,14 +8,21 @@ TTC_CAP = 99.0  # seconds; "no conflict" is reported as this value
 
 
 def expand_catalog(catalog: dict) -> list[dict]:
-    """Turn a catalog (``scenarios`` with ``repeats``) into one entry per simulated episode."""
+    """Turn a catalog (``scenarios`` with ``repeats``) into one entry per simulated episode.
+
+    Episode ``i`` of an entry is ``<id>#<i>`` with seed ``seed + i``; an entry with ``first: k``
+    (a shard's slice of a larger entry) numbers its episodes from ``k``, so a slice simulates
+    exactly the episodes it has in the whole catalog. ``incident`` marks a regression scenario
+    (built from that incident)."""
     episodes = []
     for entry in catalog["scenarios"]:
-        for i in range(int(entry.get("repeats", 1))):
+        first = int(entry.get("first", 0))
+        for i in range(first, first + int(entry.get("repeats", 1))):
             episodes.append({
                 "id": f"{entry['id']}#{i}", "type": entry["type"], "seed": int(entry.get("seed", 0)) + i,
                 "params": dict(entry.get("params") or {}),
                 "safety_critical": bool(entry.get("safety_critical", False)),
+                "incident": entry.get("incident"),
             })
     return episodes
 
@@ -74,6 +81,7 @@ def run_catalog(model, catalog: dict) -> dict:
     for k, ep in enumerate(episodes):
         results.append({
             "id": ep["id"], "type": ep["type"], "safety_critical": ep["safety_critical"],
+            **({"incident": ep["incident"]} if ep.get("incident") else {}),
             "collision": bool(collided[k]), "min_ttc_s": round(float(min_ttc[k]), 3),
             "p95_abs_jerk": round(float(np.percentile(jerk[k], 95)), 3),
             "mean_time_headway_s": round(float(np.mean(headways[k])) if headways[k] else 0.0, 3),
@@ -82,14 +90,26 @@ def run_catalog(model, catalog: dict) -> dict:
 
 
 def summarize(results: list[dict]) -> dict[str, float]:
-    """Aggregate per-episode results overall, per scenario type and for the safety-critical subset."""
-    groups: dict[str, list[dict]] = {"": results}
+    """Aggregate per-episode results of the scenario set overall, per scenario type and for the
+    safety-critical subset; the regression scenarios built from incidents on their own
+    (``regression.``; ``regression.episodes`` is 0 while a model has none), so the scenario set's
+    metrics stay comparable with production's whatever the regression catalog holds. Each group's ``collisions`` and ``episodes`` are the counts behind
+    its ``collision_rate`` (what a gate with a ``confidence`` needs).
+
+    The same function aggregates a whole catalog and the union of a sharded simulation's episodes
+    (in catalog order), so the two give the same metrics."""
+    groups: dict[str, list[dict]] = {}
     for r in results:
+        if r.get("incident"):  # its own group: the scenario set's metrics stay comparable across catalog versions
+            groups.setdefault("regression.", []).append(r)
+            continue
+        groups.setdefault("", []).append(r)
         groups.setdefault(f"{r['type']}.", []).append(r)
         if r["safety_critical"]:
             groups.setdefault("safety_critical.", []).append(r)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {"regression.episodes": 0}
     for prefix, rows in groups.items():
+        metrics[f"{prefix}collisions"] = sum(r["collision"] for r in rows)
         metrics[f"{prefix}collision_rate"] = round(sum(r["collision"] for r in rows) / len(rows), 4)
         metrics[f"{prefix}min_ttc_s"] = min(r["min_ttc_s"] for r in rows)
         metrics[f"{prefix}p95_abs_jerk"] = round(max(r["p95_abs_jerk"] for r in rows), 3)

@@ -101,24 +101,30 @@ def collect_summary(dag_id: str, run_id: str) -> dict | None:
         dr = session.scalar(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id))
         if dr is None:
             return None
-        tis = {ti.task_id: ti for ti in dr.get_task_instances(session=session)}
+        tis = sorted(dr.get_task_instances(session=session),
+                     key=lambda ti: (TASK_ORDER.index(ti.task_id) if ti.task_id in TASK_ORDER else 99, ti.map_index))
         xcoms: dict[tuple[str, str], object] = {}
+        shards: dict[str, dict[int, object]] = {}  # a mapped task's (sharded simulate's) results by map index
         for row in session.scalars(select(XComModel).where(XComModel.dag_id == dag_id, XComModel.run_id == run_id)):
-            xcoms[(row.task_id, row.key)] = XComModel.deserialize_value(row)
+            xcoms[(row.task_id, row.key, row.map_index)] = XComModel.deserialize_value(row)
+            if row.map_index >= 0 and row.key == "return_value":
+                shards.setdefault(row.task_id, {})[row.map_index] = _unsealed(XComModel.deserialize_value(row))
         tasks = []
-        for task_id in sorted(tis, key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else 99):
-            ti = tis[task_id]
+        for ti in tis:
             dur = (ti.end_date - ti.start_date).total_seconds() if ti.end_date and ti.start_date else None
-            tasks.append({"task_id": task_id, "state": str(ti.state or "none"), "try_number": ti.try_number,
+            tasks.append({"task_id": ti.task_id, "state": str(ti.state or "none"), "try_number": ti.try_number,
                           "duration_s": round(dur, 2) if dur is not None else None,
-                          "error": xcoms.get((task_id, "error"))})
+                          "error": xcoms.get((ti.task_id, "error", ti.map_index)),
+                          **({"map_index": ti.map_index} if ti.map_index >= 0 else {})})
+        results = {t: _unsealed(xcoms.get((t, "return_value", -1))) for t in TASK_ORDER}
+        results |= {t: [found[i] for i in sorted(found)] for t, found in shards.items()}
         summary = {"dag_id": dag_id, "run_id": run_id, "state": str(dr.state),
                    "logical_date": dr.logical_date.isoformat() if dr.logical_date else None,
                    "run_type": str(dr.run_type), "tasks": tasks,
-                   "results": {t: _unsealed(xcoms.get((t, "return_value"))) for t in TASK_ORDER},
-                   "cache_plan": _unsealed(xcoms.get(("generate_dataset", "cache_plan"))),
-                   "sealed": sorted(t for (t, k), v in xcoms.items() if isinstance(v, dict) and "_seal" in v
-                                    and k == "return_value")}
+                   "results": results,
+                   "cache_plan": _unsealed(xcoms.get(("generate_dataset", "cache_plan", -1))),
+                   "sealed": sorted({t for (t, k, _), v in xcoms.items() if isinstance(v, dict) and "_seal" in v
+                                     and k == "return_value"})}
     summary["registry"] = _registry_state(summary["results"].get("register_candidate"))
     return summary
 

@@ -52,6 +52,10 @@ class ClosedLoopStepOperator(BaseOperator):
         self.seen[task_id] = value
         return value
 
+    def simulation(self, context: Context) -> dict:
+        """The run's simulation result: ``merge_simulation``'s when ``simulate`` is sharded."""
+        return self.upstream(context, "merge_simulation" if self.loaded.spec.simulation.shards else "simulate")
+
     def finish(self, context: Context, out: Any) -> Any:
         """Seal a step's result where it is born (what XCom then holds; consumers check the seal)."""
         if not isinstance(out, dict):
@@ -106,7 +110,8 @@ class ClosedLoopStepOperator(BaseOperator):
         from closedloop.steps.faults import inject
 
         ti = context["ti"]
-        where = {"dag_id": ti.dag_id, "task_id": ti.task_id, "try_number": int(ti.try_number or 1)}
+        where = {"dag_id": ti.dag_id, "task_id": ti.task_id, "try_number": int(ti.try_number or 1),
+                 "map_index": map_index_of(ti) if map_index_of(ti) >= 0 else None}
         try:
             if start:
                 inject(**where, point="start")
@@ -149,10 +154,23 @@ def seal(context: Context, value: dict, key: str = "return_value") -> dict:
     from closedloop.steps.signing import Binding
 
     ti = context["ti"]
-    return signer().seal(value, Binding(ti.dag_id, ti.run_id, ti.task_id, key))
+    return signer().seal(value, Binding(ti.dag_id, ti.run_id, ti.task_id, _mapped(key, map_index_of(ti))))
 
 
-def pull_sealed(context: Context, task_id: str, key: str = "return_value", *, required: bool = True) -> dict | None:
+def map_index_of(ti) -> int:
+    """A task instance's map index (a shard of ``simulate``); -1 for an unmapped one."""
+    value = getattr(ti, "map_index", None)
+    return -1 if value is None else int(value)
+
+
+def _mapped(key: str, map_index: int | None) -> str:
+    """The XCom key a seal binds to: a mapped task instance's (one per shard) names its map index,
+    so one shard's sealed result cannot stand in for another's."""
+    return key if map_index is None or int(map_index) < 0 else f"{key}[{int(map_index)}]"
+
+
+def pull_sealed(context: Context, task_id: str, key: str = "return_value", *, required: bool = True,
+                map_index: int | None = None) -> dict | None:
     """Task ``task_id``'s XCom ``key`` in this run, once its seal proves the pipeline wrote it there.
 
     XCom is editable by any user with role ``user`` (``PATCH …/xcomEntries``): an unsealed value,
@@ -164,13 +182,18 @@ def pull_sealed(context: Context, task_id: str, key: str = "return_value", *, re
     from closedloop.steps.signing import Binding
 
     ti = context["ti"]
-    value = ti.xcom_pull(task_ids=task_id, key=key)
+    if map_index is None:
+        value = ti.xcom_pull(task_ids=task_id, key=key)
+    else:
+        value = ti.xcom_pull(task_ids=task_id, key=key, map_indexes=map_index)
     if value is None and not required:
         return None
+    where = task_id if map_index is None else f"{task_id}[{map_index}]"
     if not isinstance(value, dict):
-        raise AirflowFailException(f"expected the result of upstream task {task_id!r} in XCom, got {value!r}")
-    what = f"the result of task {task_id!r}" + ("" if key == "return_value" else f" (XCom {key!r})")
-    return signer().verifier.unseal(value, Binding(ti.dag_id, ti.run_id, task_id, key), what=what)
+        raise AirflowFailException(f"expected the result of upstream task {where!r} in XCom, got {value!r}")
+    what = f"the result of task {where!r}" + ("" if key == "return_value" else f" (XCom {key!r})")
+    return signer().verifier.unseal(value, Binding(ti.dag_id, ti.run_id, task_id, _mapped(key, map_index)),
+                                    what=what)
 
 
 def run_context(loaded: LoadedSpec, mlflow_conn_id: str, context: Context) -> RunContext:
@@ -186,7 +209,8 @@ def run_context(loaded: LoadedSpec, mlflow_conn_id: str, context: Context) -> Ru
     return RunContext(pipeline=loaded.spec.name, template_digest=loaded.digest,
                       dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
                       try_number=int(ti.try_number or 1), tracking_uri=hook.tracking_uri(),
-                      origin=origin_of(loaded, context), use_cache=uses_cache(context))
+                      origin=origin_of(loaded, context), use_cache=uses_cache(context),
+                      map_index=map_index_of(ti))
 
 
 def uses_cache(context: Context) -> bool:

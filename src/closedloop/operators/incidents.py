@@ -87,6 +87,13 @@ class AdmitIncidentOperator(ClosedLoopStepOperator):
             context["ti"].xcom_push(key="return_value", value=seal(context, decision))
             raise AirflowSkipException(f"debounced: every incident of this run repeats one admitted less than "
                                        f"{spec.incidents.debounce_minutes:g} min earlier ({joined}); no second run")
+        from closedloop.steps import regression
+
+        for i in decision["incidents"]:  # every admitted incident: a permanent regression scenario of its model
+            entry = regression.add(ctx.data_root, spec.model.name, i, repeats=spec.incidents.regression_repeats,
+                                   dag_id=ctx.dag_id, run_id=ctx.run_id)
+            log.info("regression scenario %s of %s %s", entry["scenario"]["id"], spec.model.name,
+                     "added" if entry["added"] else "already in the catalog")
         from closedloop.steps.governance import check_reviewers
 
         check_reviewers(spec, [p for i in decision["incidents"] for p in [i.get("posted_by")]

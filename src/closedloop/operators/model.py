@@ -48,7 +48,7 @@ class ReleaseGateOperator(ClosedLoopStepOperator):
         hil = self.upstream(context, "await_hil") if self.loaded.spec.hil else None
         self.upstream(context, "train")  # the model judged (for lineage)
         out = release_gate(self.loaded, ctx, offline=self.upstream(context, "offline_eval"),
-                           simulation=self.upstream(context, "simulate"), hil=hil)
+                           simulation=self.simulation(context), hil=hil)
         log.info("all release gates passed:\n%s", format_report(out["report"]))
         return out
 

@@ -22,24 +22,38 @@ class SimulateOperator(ClosedLoopStepOperator):
     While the job runs the task is ``deferred``: it holds no worker slot. A retry re-attaches to
     a job that is still running or already finished instead of starting another one.
 
+    With ``simulation.shards`` the DAG maps this task over the shards (``shard``: its index in
+    ``shards``, the shard names): each shard is its own job, cached and retried on its own, and
+    ``merge_simulation`` combines them.
+
     :param poll_interval: seconds between the trigger's looks at the job.
     """
 
-    def __init__(self, *, poll_interval: float = 2.0, **kwargs: Any) -> None:
+    def __init__(self, *, poll_interval: float = 2.0, shard: int | None = None, shards: list[str] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.poll_interval = poll_interval
+        self.shard = shard
+        self.shards = shards
+
+    def _shard(self):
+        from closedloop.steps.simulation import Shard
+
+        return None if self.shard is None else Shard(int(self.shard), len(self.shards or ()))
 
     def run_step(self, ctx: RunContext, context: Context) -> dict:
+        from closedloop.steps.faults import strike
         from closedloop.steps.simulation import launch, reuse
         from closedloop.triggers.simulation import SimulationJobTrigger
 
         trained = self.upstream(context, "train")
-        done = reuse(self.loaded, ctx, trained=trained)
+        shard = self._shard()
+        if shard is not None:
+            log.info("simulation shard %s (%s)", shard.label, self.shards[shard.index])
+        done = reuse(self.loaded, ctx, trained=trained, shard=shard)
         if done is not None:  # finished earlier in this run, or the step cache has it: no job, no deferral
             return done
-        job = launch(self.loaded, ctx, trained=trained)
-        from closedloop.steps.faults import strike
-
+        job = launch(self.loaded, ctx, trained=trained, shard=shard)
         strike(ctx, "job_launched")
         self.defer(
             trigger=SimulationJobTrigger(job_dir=job["job_dir"], pid=job["pid"], host=job["host"],
@@ -66,4 +80,24 @@ class SimulateOperator(ClosedLoopStepOperator):
             # a job that died without a word (killed, out of memory) may pass; a job that raised will raise again
             raise (TransientError if "exited without a result" in str(event.get("error")) else PermanentError)(message)
         return collect(self.loaded, self.run_context(context), job=event["job_dir"],
-                       trained=self.upstream(context, "train"))
+                       trained=self.upstream(context, "train"), shard=self._shard())
+
+
+class MergeSimulationOperator(ClosedLoopStepOperator):
+    """Combine the shards of a sharded ``simulate`` into the run's simulation result (``merge_simulation``).
+
+    Each shard's result is believed only with its seal (bound to its map index); the episodes come
+    from the shards' MLflow runs, so the gates, the trace and the review read one merged result
+    exactly as they read an unsharded simulation's."""
+
+    def run_step(self, ctx: RunContext, context: Context) -> dict:
+        from closedloop.operators.base import pull_sealed
+        from closedloop.steps.simulation import merge, shard_names
+
+        names = shard_names(self.loaded)
+        shards = [pull_sealed(context, "simulate", map_index=i) for i in range(len(names))]
+        for i, shard in enumerate(shards):
+            self.seen[f"simulate[{i}]"] = shard
+        out = merge(self.loaded, ctx, trained=self.upstream(context, "train"), shards=shards)
+        log.info("merged %d simulation shards (%s): %d episodes", len(names), ", ".join(names), out["episodes"])
+        return out

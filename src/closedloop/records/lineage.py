@@ -206,6 +206,14 @@ def trace(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
                        "hash": tags.get(vocab.TEMPLATE_HASH)}
     out["airflow_run"] = {"dag_id": tags.get(vocab.AIRFLOW_DAG_ID), "run_id": tags.get(vocab.AIRFLOW_RUN_ID),
                           "started_by": _origin({**tags, **(dict(mv.tags) if mv is not None else {})})}
+    sim_run = steps.get("merge_simulation") or steps.get("simulate")
+    sim = _result(sim_run)
+    out["simulation"] = {
+        "run_id": sim_run.info.run_id, "episodes": sim.get("episodes"), "shards": sim.get("shards", 1),
+        "scenario_set": sim_run.data.params.get("scenario_set"),
+        "regression_catalog": sim.get("regression_catalog") or sim_run.data.tags.get(vocab.REGRESSION_CATALOG),
+        "regression": sim.get("regression") or [],
+    } if sim_run is not None and sim else None
     out["gates"] = {"passed": gate.get("passed"), "report": gate.get("report")} if gate else None
     review = {k.removeprefix(vocab.REVIEW_PREFIX): v for k, v in (mv.tags.items() if mv is not None else ())
               if k.startswith(vocab.REVIEW_PREFIX)}

@@ -22,10 +22,14 @@ def describe(loaded: LoadedSpec) -> str:
     s = loaded.spec
     ds, lp = s.dataset, s.label_policy
     gates = "\n".join(f"- `{g.describe()}`" + (f": {g.description}" if g.description else "") for g in s.gates)
-    docs = {"await_hil": f"wait for hardware-in-the-loop results reported by `{s.hil.reporter}` (timeout "
+    sh = s.simulation.shards
+    docs = {"simulate": (f"closed-loop simulation in shards ({'one per scenario type' if sh.by == 'scenario_type' else f'{sh.count} slices of the catalog'}; Airflow dynamic task mapping), each a separate job awaited in the triggerer"
+                         if sh else ""),
+            "await_hil": f"wait for hardware-in-the-loop results reported by `{s.hil.reporter}` (timeout "
                          f"{s.hil.timeout_minutes:g} min)" if s.hil else ""}
     all_tasks = [(t.id, docs.get(t.id) or t.doc)
-                 for t in pipeline.steps_of(hil=s.hil is not None, approval=s.approval is not None)]
+                 for t in pipeline.steps_of(hil=s.hil is not None, approval=s.approval is not None,
+                                            shards=s.simulation.shards is not None)]
     tasks = "\n".join(f"{i}. `{t}`: {d}" for i, (t, d) in enumerate(all_tasks, 1))
     review = (f"Approvers: {', '.join(s.approval.approvers)} (never the requester); "
               + (f"{s.approval.required} distinct approvals needed; " if s.approval.required > 1 else "")

@@ -21,7 +21,9 @@ from typing import Any
 SEVERITIES = ("low", "medium", "high", "critical")
 KINDS = ("collision", "disengagement", "near_miss", "kpi_degradation", "other")
 FIELDS = ("id", "model", "scenario_type", "severity", "kind", "occurred_at", "log_refs", "vehicle",
-          "description", "reported_by")
+          "description", "reported_by", "scenario")
+PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
+MAX_PARAMS = 20
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
 MAX_LOG_REFS = 100
 
@@ -128,6 +130,7 @@ def parse_incident(data: Any, routes: dict[str, list[str]]) -> dict[str, Any]:
         problems.append(f"log_refs: expected a list of log URIs (text, up to 500 characters each), got {shown(refs)}")
     elif len(refs) > MAX_LOG_REFS:
         problems.append(f"log_refs: {len(refs)} references, at most {MAX_LOG_REFS} allowed")
+    replay = _scenario(data.get("scenario"), problems)
     vehicle = _text(data, "vehicle", 100, problems)
     description = _text(data, "description", 2000, problems)
     reported_by = _text(data, "reported_by", 100, problems)
@@ -136,10 +139,41 @@ def parse_incident(data: Any, routes: dict[str, list[str]]) -> dict[str, Any]:
     incident = {"model": model, "scenario_type": scenario, "severity": severity, "kind": kind,
                 "occurred_at": occurred, "log_refs": list(refs), "vehicle": vehicle,
                 "description": description, "reported_by": reported_by}
+    if replay:
+        incident["scenario"] = replay
     if incident_id is None:
         canonical = json.dumps(incident, sort_keys=True, separators=(",", ":"))
         incident_id = "inc-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
     return {"id": incident_id, **incident}
+
+
+def _scenario(value: Any, problems: list[str]) -> dict[str, Any] | None:
+    """``scenario``: what the incident's regression scenario replays — ``params`` (name → number, the
+    values the simulator would otherwise draw, e.g. ``{"decel": 9.5, "gap": 14}``) and ``seed``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"params", "seed"}:
+        problems.append(f"scenario: expected an object with 'params' (name -> number) and/or 'seed' (integer), "
+                        f"got {shown(value)}")
+        return None
+    out: dict[str, Any] = {}
+    params = value.get("params", {})
+    if not isinstance(params, dict) or len(params) > MAX_PARAMS:
+        problems.append(f"scenario.params: expected up to {MAX_PARAMS} names with numbers, got {shown(params)}")
+    else:
+        for k, v in params.items():
+            if not isinstance(k, str) or not PARAM_RE.match(k):
+                problems.append(f"scenario.params: {shown(k)} is not a parameter name (letters, digits, '_')")
+            elif isinstance(v, bool) or not isinstance(v, int | float) or v != v or v in (float("inf"), float("-inf")):
+                problems.append(f"scenario.params.{k}: expected a finite number, got {shown(v)}")
+        out["params"] = {k: float(v) for k, v in params.items()}
+    seed = value.get("seed")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+            problems.append(f"scenario.seed: expected an integer from 0 to 2147483647, got {shown(seed)}")
+        else:
+            out["seed"] = seed
+    return out
 
 
 def payload_of(extra: Any) -> Any:

@@ -141,6 +141,23 @@ class EvaluationSpec(_Part):
     group_by: str = Field(default="scenario", description="column whose values get per-group metrics")
 
 
+class ShardsSpec(_Part):
+    """How ``simulate`` is split: ``by: scenario_type`` (one shard per scenario type of the scenario
+    set) or ``count: N`` (the catalog's episodes in N contiguous slices)."""
+
+    by: Literal["scenario_type", "episodes"] = "episodes"
+    count: int | None = Field(default=None, ge=1, le=256, description="number of shards (by: episodes)")
+
+    @model_validator(mode="after")
+    def _count(self) -> ShardsSpec:
+        if self.by == "episodes" and self.count is None:
+            raise ValueError("shards by episodes need 'count: N' (1 to 256), e.g. shards: {count: 4}")
+        if self.by == "scenario_type" and self.count is not None:
+            raise ValueError("shards by scenario_type are one per scenario type: remove 'count', or use "
+                             "'by: episodes' with it")
+        return self
+
+
 class SimulationSpec(_Part):
     entry_point: EntryPoint = "closedloop.driving.simulator:run_catalog"
     scenario_set: str = Field(pattern=r"^[A-Za-z0-9_.-]+$",
@@ -148,8 +165,12 @@ class SimulationSpec(_Part):
     timeout_minutes: int = Field(default=60, ge=1, le=24 * 60)
     dead_after_seconds: float = Field(default=60, ge=3, le=3600, description="a job silent this long (no "
                                       "heartbeat in its job folder, seen from any host) is declared dead")
+    shards: ShardsSpec | None = Field(default=None, description="fan simulate out over shards (Airflow dynamic "
+                                      "task mapping), merged by merge_simulation; none: one job")
+    summarize: EntryPoint = Field(default="closedloop.driving.simulator:summarize", description="aggregation of "
+                                  "per-episode records into metrics (the merge of shards uses the same one)")
 
-    _ep = field_validator("entry_point")(lambda cls, v: _check_entry_point(v))
+    _ep = field_validator("entry_point", "summarize")(lambda cls, v: _check_entry_point(v))
 
 
 class GateSpec(_Part):
@@ -164,6 +185,12 @@ class GateSpec(_Part):
     max_regression: float | None = Field(default=None, ge=0,
                                          description="allowed worsening vs production (absolute)")
     higher_is_better: bool = Field(default=False, description="direction, for max_regression")
+    confidence: float | None = Field(default=None, ge=0.5, lt=1.0, description="judge a rate by its confidence "
+                                     "bound at this level, not its point estimate: the upper bound must be <= max "
+                                     "(the lower bound >= min); needs the counts behind the rate (e.g. "
+                                     "sim.collisions and sim.episodes for sim.collision_rate)")
+    method: Literal["clopper_pearson", "wilson"] = Field(default="clopper_pearson", description="confidence "
+                                                         "interval of a rate gate with 'confidence'")
     description: str = ""
 
     @model_validator(mode="after")
@@ -173,6 +200,13 @@ class GateSpec(_Part):
                              "'max_regression:', got none")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"gate on {self.metric!r} can never pass: min {self.min} > max {self.max}")
+        if self.confidence is not None:
+            if not self.metric.endswith("_rate"):
+                raise ValueError(f"gate on {self.metric!r}: 'confidence' applies to a rate (a metric named "
+                                 "'<prefix>.<event>_rate' with '<prefix>.<event>s' and '<prefix>.episodes' beside it)")
+            if self.max == 0.0:
+                raise ValueError(f"gate on {self.metric!r} can never pass: with 'confidence' the upper bound of a "
+                                 "rate is above 0 however many episodes pass; give a max above 0 (e.g. 0.01)")
         return self
 
     def describe(self) -> str:
@@ -180,7 +214,9 @@ class GateSpec(_Part):
                  (f"no worse than production by > {self.max_regression:g} "
                   f"({'higher' if self.higher_is_better else 'lower'} is better)")
                  if self.max_regression is not None else ""]
-        return f"{self.metric} " + " and ".join(p for p in parts if p)
+        bound = (f" (its {self.confidence:.0%} {self.method.replace('_', '-').title()} bound)"
+                 if self.confidence is not None else "")
+        return f"{self.metric}{bound} " + " and ".join(p for p in parts if p)
 
 
 class HilSpec(_Part):
@@ -254,6 +290,8 @@ class IncidentsSpec(_Part):
     debounce_minutes: float = Field(default=30, ge=0, le=7 * 24 * 60, description="a second incident of the "
                                     "same scenario type within this time joins the first run instead of starting one")
     priority_weight: int = Field(default=100, ge=1, le=10_000)
+    regression_repeats: int = Field(default=3, ge=1, le=1000, description="episodes of the regression scenario "
+                                    "each admitted incident adds to the model's catalog (seeds seed..seed+N-1)")
     pool: str = Field(default="closedloop_incident", pattern=r"^[A-Za-z0-9_.-]{1,256}$",
                       description="Airflow pool of the incident DAG's tasks (keeps periodic runs from blocking them)")
     inbox: bool = Field(default=True, description="watch the incident inbox folder ($CLOSEDLOOP_HOME/incidents/inbox)")

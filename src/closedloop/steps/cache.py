@@ -77,11 +77,11 @@ def lookup(loaded: LoadedSpec, ctx: RunContext, step: str, key: str,
 
 
 def reuse(loaded: LoadedSpec, ctx: RunContext, step: str, key: str, *, tags: dict[str, str | None] | None = None,
-          valid: Callable[[dict], bool] | None = None) -> tuple[Any, dict | None]:
+          valid: Callable[[dict], bool] | None = None, step_tags: dict[str, str] | None = None) -> tuple[Any, dict | None]:
     """Get this pipeline run's ``step`` run; return ``(run, result)`` where ``result`` is what the
     step finished with earlier in this run (a retry), or a cache hit it just recorded, or None (do
     the work, then :func:`tracking.finish`)."""
-    run = tracking.step_run(loaded, ctx, step, step_tags={KEY_TAG: key,
+    run = tracking.step_run(loaded, ctx, step, step_tags={KEY_TAG: key, **(step_tags or {}),
                             vocab.CODE_DIGEST: identity.of_step(loaded, step)["digest"]}, **(tags or {}))
     done = tracking.finished_result(run)
     if done is not None:

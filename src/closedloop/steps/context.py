@@ -25,6 +25,8 @@ class RunContext:
     requester; the incident): tags on every MLflow run and model version of the run."""
     use_cache: bool = field(default=True, compare=False)
     """False when the run was started with ``closedloop_cache: false`` (``closedloop rerun --no-cache``)."""
+    map_index: int = field(default=-1, compare=False)
+    """The mapped task instance's index (a shard of ``simulate``); -1 for an unmapped task."""
 
     @property
     def run_key(self) -> str:

@@ -16,7 +16,10 @@ not say so yet). ``fault``: ``transient`` (a ``ConnectionResetError``: retried),
 (hold the task right there — to kill its worker or restart a server at a known moment — for
 ``seconds`` (default 600) or until the file ``until`` exists; then go on as if nothing happened).
 ``tries``: the try numbers that fail (default ``[1]``); ``dag``: only this DAG (default: any);
-``mark``: a file created when the drill fires (so an operator or a test knows it has).
+``map_index``: only this mapped task instance (a shard of ``simulate``);
+``mark``: a file created when the drill fires (so an operator or a test knows it has);
+``once``: fire on the first try that reaches the point, whatever its number (needs ``mark``): a
+drill that must strike even when an earlier try failed for another reason.
 """
 
 from __future__ import annotations
@@ -46,14 +49,21 @@ def _faults() -> list[dict]:
     return data if isinstance(data, list) else [data]
 
 
-def inject(*, dag_id: str, task_id: str, try_number: int, point: str) -> None:
+def inject(*, dag_id: str, task_id: str, try_number: int, point: str, map_index: int | None = None) -> None:
     """Raise (or die) here if a drill asks for it; otherwise return at once."""
     if ENV not in os.environ:
         return
     for f in _faults():
         if f.get("task", "*") not in ("*", task_id) or f.get("point", "start") != point:
             continue
-        if f.get("dag") not in (None, dag_id) or try_number not in f.get("tries", [1]):
+        if "map_index" in f and f["map_index"] != map_index:
+            continue
+        if f.get("dag") not in (None, dag_id):
+            continue
+        if f.get("once"):  # the first try that gets here, whichever it is (the mark says it has fired)
+            if not f.get("mark") or Path(f["mark"]).exists():
+                continue
+        elif try_number not in f.get("tries", [1]):
             continue
         kind = f.get("fault", "transient")
         where = f"{dag_id}.{task_id} try {try_number} at {point!r}"
@@ -72,7 +82,8 @@ def inject(*, dag_id: str, task_id: str, try_number: int, point: str) -> None:
 
 def strike(ctx, point: str) -> None:
     """:func:`inject` at ``point`` of the step run ``ctx`` (a :class:`~closedloop.steps.context.RunContext`)."""
-    inject(dag_id=ctx.dag_id, task_id=ctx.task_id, try_number=ctx.try_number, point=point)
+    inject(dag_id=ctx.dag_id, task_id=ctx.task_id, try_number=ctx.try_number, point=point,
+           map_index=ctx.map_index if ctx.map_index >= 0 else None)
 
 
 #: The crash-point matrix: for each step, every point between two of its side effects (in order),
@@ -109,6 +120,10 @@ MATRIX: dict[str, tuple[tuple[str, str], ...]] = {
         ("run_created", "carries on in the same MLflow run"),
         ("job_launched", "attaches to the running (or finished) job of this run: no second job"),
         ("before_finish", "collects the same job's result into the same run"),
+        ("end", "returns the recorded result")),
+    "merge_simulation": (
+        ("run_created", "carries on in the same MLflow run"),
+        ("before_finish", "merges the same shards' episodes again into the same run"),
         ("end", "returns the recorded result")),
     "release_gate": (
         ("run_created", "carries on in the same MLflow run"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from closedloop import vocab
 from closedloop.errors import GateFailed
 from closedloop.spec import GateSpec, LoadedSpec
@@ -9,9 +11,75 @@ from closedloop.steps import tracking
 from closedloop.steps.context import RunContext
 
 
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space (exact enough for any n a catalog has)."""
+    if p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 1.0 if k >= n else 0.0
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+             for i in range(k + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def _solve(f, target: float) -> float:
+    """The p in [0, 1] where the decreasing function ``f`` crosses ``target`` (bisection)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if f(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def rate_bounds(events: int, trials: int, confidence: float, method: str = "clopper_pearson") -> tuple[float, float]:
+    """One-sided (lower, upper) confidence bounds of a rate: ``events`` in ``trials`` at ``confidence``.
+
+    ``clopper_pearson``: exact (from the binomial distribution, never below the nominal coverage);
+    ``wilson``: the Wilson score interval (narrower, approximate). E.g. 0 in 1,200 at 0.95:
+    upper bound 0.0025 (Clopper–Pearson)."""
+    if trials <= 0:
+        return 0.0, 1.0
+    alpha = 1.0 - confidence
+    if method == "wilson":
+        from statistics import NormalDist
+
+        z = NormalDist().inv_cdf(confidence)
+        phat = events / trials
+        centre = (phat + z * z / (2 * trials)) / (1 + z * z / trials)
+        half = z * math.sqrt(phat * (1 - phat) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+        return max(0.0, centre - half), min(1.0, centre + half)
+    upper = 1.0 if events >= trials else _solve(lambda p: _binom_cdf(events, trials, p), alpha)
+    lower = 0.0 if events <= 0 else 1.0 - _solve(lambda q: _binom_cdf(trials - events, trials, q), alpha)
+    return lower, upper
+
+
+def counts_of(metric: str, metrics: dict[str, float]) -> tuple[int, int] | None:
+    """The (events, trials) behind a rate metric ``<prefix>.<event>_rate``: ``<prefix>.<event>s`` and
+    ``<prefix>.episodes``; None when either is missing."""
+    prefix, _, name = metric.rpartition(".")
+    events, trials = metrics.get(f"{prefix}.{name[:-len('_rate')]}s"), metrics.get(f"{prefix}.episodes")
+    if events is None or trials is None:
+        return None
+    return int(events), int(trials)
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.3g} %"
+
+
 def evaluate(gates: list[GateSpec], metrics: dict[str, float],
              production: dict[str, float] | None = None) -> list[dict]:
-    """One verdict per gate: ``{metric, min, max, value, passed, reason, ...}``. Missing metrics fail.
+    """One verdict per gate: ``{metric, min, max, value, passed, reason, ...}``. Missing metrics fail,
+    except a metric of a group that has no episodes (``<prefix>.episodes`` is 0, e.g. the regression
+    scenarios of a model no incident has been admitted for): nothing to judge, it passes and says so.
+
+    A gate with ``confidence`` judges the rate's one-sided confidence bound (``upper``/``lower``,
+    with ``events`` and ``trials``) instead of the point estimate, and says so in ``evidence``.
 
     :param production: the current production version's metrics, for ``max_regression`` gates;
         with no production version yet, those gates compare against nothing and pass on that part.
@@ -20,21 +88,48 @@ def evaluate(gates: list[GateSpec], metrics: dict[str, float],
     for gate in gates:
         value = metrics.get(gate.metric)
         baseline = (production or {}).get(gate.metric)
-        reasons = []
-        if value is None:
+        reasons: list[str] = []
+        extra: dict = {}
+        prefix = gate.metric.rpartition(".")[0]
+        if value is None and metrics.get(f"{prefix}.episodes") == 0:
+            extra["evidence"] = f"no {prefix.partition('.')[2] or 'simulated'} episodes: nothing to judge"
+        elif value is None:
             reasons.append("metric was not produced by evaluation, simulation or the HIL rig")
+        elif gate.confidence is not None:
+            counts = counts_of(gate.metric, metrics)
+            if counts is None:
+                event = gate.metric.rpartition(".")[2][:-len("_rate")]
+                reasons.append(f"confidence bound needs the counts behind {gate.metric} "
+                               f"({prefix}.{event}s and {prefix}.episodes), not produced")
+            else:
+                events, trials = counts
+                lower, upper = rate_bounds(events, trials, gate.confidence, gate.method)
+                method = "Clopper-Pearson" if gate.method == "clopper_pearson" else "Wilson"
+                extra = {"events": events, "trials": trials, "lower": lower, "upper": upper,
+                         "confidence": gate.confidence, "method": gate.method,
+                         "evidence": f"{events:,} {gate.metric.rpartition('.')[2][:-5]}s in {trials:,} episodes: "
+                                     + ", ".join(x for x in (f"upper bound {_pct(upper)}" if gate.max is not None
+                                                             else "", f"lower bound {_pct(lower)}"
+                                                             if gate.min is not None else "") if x)
+                                     + f" at {gate.confidence * 100:g} % ({method})"}
+                if gate.max is not None and upper > gate.max:
+                    reasons.append(f"upper bound {_pct(upper)} > max {_pct(gate.max)} at {gate.confidence * 100:g} % "
+                                   f"({events} in {trials}: more episodes or fewer events needed)")
+                if gate.min is not None and lower < gate.min:
+                    reasons.append(f"lower bound {_pct(lower)} < min {_pct(gate.min)} at {gate.confidence * 100:g} %")
         else:
             if gate.min is not None and value < gate.min:
                 reasons.append(f"{value:g} < min {gate.min:g}")
             if gate.max is not None and value > gate.max:
                 reasons.append(f"{value:g} > max {gate.max:g}")
-            if gate.max_regression is not None and baseline is not None:
-                worse = (baseline - value) if gate.higher_is_better else (value - baseline)
-                if worse > gate.max_regression:
-                    reasons.append(f"{worse:g} worse than production ({baseline:g}), tolerance {gate.max_regression:g}")
+        if value is not None and gate.max_regression is not None and baseline is not None:
+            worse = (baseline - value) if gate.higher_is_better else (value - baseline)
+            if worse > gate.max_regression:
+                reasons.append(f"{worse:g} worse than production ({baseline:g}), tolerance {gate.max_regression:g}")
         report.append({"metric": gate.metric, "min": gate.min, "max": gate.max,
                        "max_regression": gate.max_regression, "production": baseline, "value": value,
-                       "passed": not reasons, "reason": "; ".join(reasons), "description": gate.description})
+                       "passed": not reasons, "reason": "; ".join(reasons), "description": gate.description,
+                       **extra})
     return report
 
 
@@ -47,7 +142,10 @@ def format_report(report: list[dict]) -> str:
                                           else "") if x)
         value = "missing" if r["value"] is None else f"{r['value']:g}"
         rows.append(f"  {'PASS' if r['passed'] else 'FAIL'}  {r['metric']:<40} {bound:<14} value {value}"
-                    + (f"  ({r['reason']})" if r["reason"] else ""))
+                    + (f"  ({r['reason']})" if r["reason"] else "")
+                    + (f"\n        {r['evidence']}" if r.get("evidence") else "")
+                    + "".join(f"\n        incident {i['incident']}: {i['collisions']} collision(s) in "
+                              f"{i['episodes']} episode(s) of {i['type']}" for i in r.get("incidents", [])))
     return "\n".join(rows)
 
 
@@ -57,6 +155,9 @@ def release_gate(loaded: LoadedSpec, ctx: RunContext, *, offline: dict, simulati
     metrics = {**offline["metrics"], **simulation["metrics"], **((hil or {}).get("metrics") or {})}
     production, production_version = production_metrics(ctx, loaded.spec.model.name)
     report = evaluate(list(loaded.spec.gates), metrics, production)
+    for r in report:  # the regression scenarios' outcomes, each by the incident it came from
+        if r["metric"].startswith("sim.regression."):
+            r["incidents"] = list(simulation.get("regression") or [])
     passed = all(r["passed"] for r in report)
     run = tracking.step_run(loaded, ctx, "release_gate")
     c = tracking.client(ctx)

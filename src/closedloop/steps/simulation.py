@@ -42,9 +42,81 @@ def _fs(uri: str):
     return fsspec.core.url_to_fs(uri)
 
 
-def job_dir(ctx: RunContext) -> str:
+def job_dir(ctx: RunContext, shard: Shard | None = None) -> str:
     key = hashlib.sha256(ctx.run_key.encode()).hexdigest()[:16]
-    return f"{ctx.data_root}/{ctx.pipeline}/jobs/{key}/simulate"
+    return f"{ctx.data_root}/{ctx.pipeline}/jobs/{key}/simulate" + (shard.suffix if shard else "")
+
+
+class Shard(tuple):
+    """Shard ``index`` of ``count`` (the mapped ``simulate`` task's ``map_index`` and its length)."""
+
+    __slots__ = ()
+
+    def __new__(cls, index: int, count: int):
+        if not 0 <= index < count:
+            raise ValueError(f"shard {index} of {count} does not exist")
+        return super().__new__(cls, (int(index), int(count)))
+
+    index = property(lambda self: self[0])
+    count = property(lambda self: self[1])
+    suffix = property(lambda self: "" if self.count == 1 else f"-{self.index}-of-{self.count}")
+    label = property(lambda self: f"{self.index + 1}/{self.count}")
+
+
+def whole_catalog(loaded: LoadedSpec, ctx: RunContext) -> dict:
+    """What this run simulates: the template's scenario set and the model's regression scenarios
+    (one per admitted incident, :mod:`closedloop.steps.regression`), with the regression catalog's
+    version under ``regression``."""
+    from closedloop.steps import regression
+
+    base = yaml.safe_load(loaded.scenario_path.read_text())
+    reg = regression.catalog(ctx.data_root, loaded.spec.model.name)
+    return {**base, "scenarios": [*base["scenarios"], *(e["scenario"] for e in reg["entries"])],
+            "regression": {"version": reg["version"], "digest": reg["digest"],
+                           "incidents": [e["incident"]["id"] for e in reg["entries"]]}}
+
+
+def shard_names(loaded: LoadedSpec) -> list[str]:
+    """The shards of ``simulate`` (what its mapped task expands over, known when the DAG is built):
+    one per scenario type of the template's scenario set (``by: scenario_type``), else ``count``."""
+    sh = loaded.spec.simulation.shards
+    if sh is None:
+        return []
+    if sh.by == "scenario_type":
+        return sorted({e["type"] for e in yaml.safe_load(loaded.scenario_path.read_text())["scenarios"]})
+    return [f"part-{i + 1}" for i in range(sh.count)]
+
+
+def shard_catalog(loaded: LoadedSpec, catalog: dict, shard: Shard | None) -> dict:
+    """The part of ``catalog`` that ``shard`` simulates (the whole catalog without shards).
+
+    ``by: scenario_type``: the entries of the shard's type (a regression scenario of a type the
+    scenario set does not have goes to the last shard); ``count``: the catalog's episodes in
+    order, cut in ``count`` contiguous, balanced slices (entries cut with ``first``/``repeats``,
+    so each episode keeps its id and seed)."""
+    if shard is None or shard.count == 1 and loaded.spec.simulation.shards is None:
+        return {k: v for k, v in catalog.items() if k != "regression"}
+    names = shard_names(loaded)
+    if len(names) != shard.count:
+        from closedloop.errors import PermanentError
+
+        raise PermanentError(f"simulate shard {shard.label}: the template now has {len(names)} shards "
+                             f"({', '.join(names)}); clear the run's simulate tasks to re-map them")
+    if loaded.spec.simulation.shards.by == "scenario_type":
+        mine = names[shard.index]
+        picked = [e for e in catalog["scenarios"]
+                  if e["type"] == mine or (e["type"] not in names and shard.index == shard.count - 1)]
+    else:
+        sizes = [int(e.get("repeats", 1)) for e in catalog["scenarios"]]
+        total = sum(sizes)
+        lo, hi = total * shard.index // shard.count, total * (shard.index + 1) // shard.count
+        picked, start = [], 0
+        for entry, size in zip(catalog["scenarios"], sizes, strict=True):
+            a, b = max(lo, start), min(hi, start + size)
+            if a < b:
+                picked.append({**entry, "first": int(entry.get("first", 0)) + a - start, "repeats": b - a})
+            start += size
+    return {**{k: v for k, v in catalog.items() if k not in ("scenarios", "regression")}, "scenarios": picked}
 
 
 def local_log_path(job: str) -> Path:
@@ -98,13 +170,18 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def launch(loaded: LoadedSpec, ctx: RunContext, *, trained: dict) -> dict:
-    """Start the simulation job for this pipeline run unless it is already running or done."""
-    job = job_dir(ctx)
-    fs, path = _fs(job)
-    spec = {"model_uri": trained["model_uri"], "entry_point": loaded.spec.simulation.entry_point,
-            "catalog": yaml.safe_load(loaded.scenario_path.read_text()), "tracking_uri": ctx.tracking_uri,
+def job_spec(loaded: LoadedSpec, ctx: RunContext, trained: dict, shard: Shard | None = None) -> dict:
+    """What the job needs (``job.json``): the model, the simulator and the shard's catalog."""
+    return {"model_uri": trained["model_uri"], "entry_point": loaded.spec.simulation.entry_point,
+            "catalog": shard_catalog(loaded, whole_catalog(loaded, ctx), shard), "tracking_uri": ctx.tracking_uri,
             "scenario_set": loaded.spec.simulation.scenario_set}
+
+
+def launch(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, shard: Shard | None = None) -> dict:
+    """Start the simulation job (of ``shard``) for this pipeline run unless it is already running or done."""
+    job = job_dir(ctx, shard)
+    fs, path = _fs(job)
+    spec = job_spec(loaded, ctx, trained, shard)
     existing = _read_json(fs, f"{path}/job.json")
     if existing and existing.get("spec") == spec:
         state, _ = poll(job, existing.get("pid"), existing.get("host"), loaded.spec.simulation.dead_after_seconds)
@@ -173,35 +250,50 @@ def poll(job: str, pid: int | None, host: str | None, dead_after: float = DEAD_A
 
 
 def plan(loaded: LoadedSpec, ctx, results: dict):
-    """The step table's cache-plan entry of ``simulate``."""
-    return simulation_key(loaded, results["train"]), None, None
+    """The step table's cache-plan entry of ``simulate`` (sharded: each shard looks for itself)."""
+    if loaded.spec.simulation.shards is not None:
+        return None, None, None
+    return simulation_key(loaded, ctx, results["train"]), None, None
 
 
-def simulation_key(loaded: LoadedSpec, trained: dict) -> str:
-    """Cache key of ``simulate``: the model (through the training's key), the simulator and the
-    scenario catalog's content."""
+def simulation_key(loaded: LoadedSpec, ctx: RunContext, trained: dict, shard: Shard | None = None) -> str:
+    """Cache key of ``simulate`` (or one shard): the model (through the training's key), the
+    simulator, and the exact scenarios simulated — the scenario set's and the regression catalog's
+    entries in this shard."""
     from closedloop.steps.cache import key_of
 
-    catalog = hashlib.sha256(loaded.scenario_path.read_bytes()).hexdigest()[:16]
+    whole = whole_catalog(loaded, ctx)
+    part = shard_catalog(loaded, whole, shard)
+    catalog = hashlib.sha256(json.dumps(part, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     sim = loaded.spec.simulation
     return key_of(loaded, "simulate", entry_point=sim.entry_point, scenario_set=sim.scenario_set, catalog=catalog,
+                  regression=whole["regression"]["version"], shard=shard.label if shard else "",
                   upstream=trained.get("cache_key") or trained["model_uri"])
 
 
-def reuse(loaded: LoadedSpec, ctx: RunContext, *, trained: dict) -> dict | None:
+def _shard_tags(loaded: LoadedSpec, ctx: RunContext, shard: Shard | None) -> dict[str, str]:
+    """Step-run tags of a simulation: the regression catalog's version and the shard."""
+    from closedloop import vocab
+
+    tags = {vocab.REGRESSION_CATALOG: whole_catalog(loaded, ctx)["regression"]["version"]}
+    return {**tags, vocab.SHARD: shard.label} if shard else tags
+
+
+def reuse(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, shard: Shard | None = None) -> dict | None:
     """The simulation result this run already has (a retry) or the step cache holds; None: launch."""
     from closedloop.steps import cache
 
-    _, result = cache.reuse(loaded, ctx, "simulate", simulation_key(loaded, trained))
+    _, result = cache.reuse(loaded, ctx, "simulate", simulation_key(loaded, ctx, trained, shard),
+                            step_tags=_shard_tags(loaded, ctx, shard))
     return result
 
 
-def collect(loaded: LoadedSpec, ctx: RunContext, *, job: str, trained: dict) -> dict:
-    """Log the finished job's metrics and per-episode results into the ``simulate`` MLflow run."""
+def collect(loaded: LoadedSpec, ctx: RunContext, *, job: str, trained: dict, shard: Shard | None = None) -> dict:
+    """Log the finished job's metrics and per-episode results into the ``simulate`` MLflow run (of the shard)."""
     from closedloop.steps.cache import KEY_TAG
 
-    key = simulation_key(loaded, trained)
-    run = tracking.step_run(loaded, ctx, "simulate", step_tags={KEY_TAG: key})
+    key = simulation_key(loaded, ctx, trained, shard)
+    run = tracking.step_run(loaded, ctx, "simulate", step_tags={KEY_TAG: key, **_shard_tags(loaded, ctx, shard)})
     done = tracking.finished_result(run)
     if done:
         return done
@@ -211,15 +303,91 @@ def collect(loaded: LoadedSpec, ctx: RunContext, *, job: str, trained: dict) -> 
         from closedloop.errors import TransientError
 
         raise TransientError(f"simulation job {job} reported success but has no result.json yet")
+    return _record(loaded, ctx, run, result, key=key, trained=trained,
+                   extra={"shard": shard.label} if shard else {})
+
+
+def _record(loaded: LoadedSpec, ctx: RunContext, run, result: dict, *, key: str, trained: dict, extra: dict) -> dict:
+    """Log a simulation result (metrics, per-episode records, per-incident outcomes) and finish its run."""
     metrics = {f"sim.{k}": v for k, v in result["metrics"].items()}
     c = tracking.client(ctx)
     c.log_batch(run.info.run_id, metrics=tracking.metric_entities(metrics),
                 params=[_param("scenario_set", loaded.spec.simulation.scenario_set),
                         _param("model_uri", trained["model_uri"])])
-    c.log_dict(run.info.run_id, result["episodes"], "simulation/episodes.json")
-    return tracking.finish(ctx, run.info.run_id, {"run_id": run.info.run_id, "metrics": metrics,
-                                                   "episodes": len(result["episodes"]), "cache_key": key,
-                                                   "cache": {"hit": False, "key": key}})
+    c.log_dict(run.info.run_id, result["episodes"], EPISODES_ARTIFACT)
+    regression = whole_catalog(loaded, ctx)["regression"]
+    return tracking.finish(ctx, run.info.run_id, {
+        "run_id": run.info.run_id, "metrics": metrics, "episodes": len(result["episodes"]), "cache_key": key,
+        "cache": {"hit": False, "key": key}, "regression_catalog": regression["version"],
+        "regression": incident_outcomes(result["episodes"]), **extra})
+
+
+EPISODES_ARTIFACT = "simulation/episodes.json"
+
+
+def incident_outcomes(episodes: list[dict]) -> list[dict]:
+    """Per regression scenario (by incident id): episodes, collisions and the smallest time to collision."""
+    out: dict[str, dict] = {}
+    for e in episodes:
+        if e.get("incident"):
+            o = out.setdefault(e["incident"], {"incident": e["incident"], "type": e["type"], "episodes": 0,
+                                               "collisions": 0, "min_ttc_s": None})
+            o["episodes"] += 1
+            o["collisions"] += int(bool(e["collision"]))
+            if e.get("min_ttc_s") is not None:
+                o["min_ttc_s"] = e["min_ttc_s"] if o["min_ttc_s"] is None else min(o["min_ttc_s"], e["min_ttc_s"])
+    return [out[k] for k in sorted(out)]
+
+
+def merge(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, shards: list[dict]) -> dict:
+    """Step ``merge_simulation``: the shards' per-episode records, read back from their MLflow runs
+    (a cached shard's from the run that computed it), put in catalog order and aggregated by the
+    template's ``simulation.summarize`` — the same aggregation as an unsharded simulation's, so the
+    metrics are the same for the same seeds. Every episode of the catalog must be there exactly
+    once; a shard missing some, or one with a record of another run's catalog, fails the step."""
+    from closedloop.errors import PermanentError
+    from closedloop.steps import cache
+    from closedloop.steps.context import resolve
+
+    whole = whole_catalog(loaded, ctx)
+    key = hashlib.sha256("|".join(sorted(s["cache_key"] for s in shards)).encode()).hexdigest()
+    run, done = cache.reuse(loaded, ctx, "merge_simulation", key)
+    if done is not None:
+        return done
+    expected = [e["id"] for e in _expand(whole)]
+    c = tracking.client(ctx)
+    records: dict[str, dict] = {}
+    for n, shard in enumerate(shards, 1):
+        source = (shard.get("cache") or {}).get("source_run_id") or shard["run_id"]
+        for rec in _load(c, source):
+            if rec["id"] in records:
+                raise PermanentError(f"merge_simulation: episode {rec['id']!r} comes from two shards (shard {n}, "
+                                     f"MLflow run {source}); the shards do not partition the catalog")
+            records[rec["id"]] = rec
+    missing = [i for i in expected if i not in records]
+    extra = sorted(set(records) - set(expected))
+    if missing or extra:
+        raise PermanentError(f"merge_simulation: the shards' episodes do not match this run's catalog "
+                             f"(regression catalog {whole['regression']['version']}): missing {missing[:10]}, "
+                             f"unexpected {extra[:10]}")
+    episodes = [records[i] for i in expected]
+    result = {"metrics": resolve(loaded.spec.simulation.summarize)(episodes), "episodes": episodes}
+    c.set_tag(run.info.run_id, "closedloop.shards", str(len(shards)))
+    return _record(loaded, ctx, run, result, key=key, trained=trained, extra={"shards": len(shards)})
+
+
+def _expand(catalog: dict) -> list[dict]:
+    from closedloop.driving.simulator import expand_catalog
+
+    return expand_catalog(catalog)
+
+
+def _load(c, run_id: str) -> list[dict]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(c.download_artifacts(run_id, EPISODES_ARTIFACT, tmp), encoding="utf-8") as fh:
+            return json.load(fh)
 
 
 def _param(key: str, value: str):
@@ -265,19 +433,17 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1]))
 
 
-def simulate_inline(loaded: LoadedSpec, ctx: RunContext, *, trained: dict) -> dict:
-    """The whole step in this process (a Kubernetes pod): the cache or this run's earlier result,
-    else the same job code as a local job (:func:`main`) and :func:`collect`."""
-    done = reuse(loaded, ctx, trained=trained)
+def simulate_inline(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, shard: Shard | None = None) -> dict:
+    """The whole step (or shard) in this process (a Kubernetes pod): the cache or this run's earlier
+    result, else the same job code as a local job (:func:`main`) and :func:`collect`."""
+    done = reuse(loaded, ctx, trained=trained, shard=shard)
     if done is not None:
         return done
-    job = job_dir(ctx)
+    job = job_dir(ctx, shard)
     fs, path = _fs(job)
-    spec = {"model_uri": trained["model_uri"], "entry_point": loaded.spec.simulation.entry_point,
-            "catalog": yaml.safe_load(loaded.scenario_path.read_text()), "tracking_uri": ctx.tracking_uri,
-            "scenario_set": loaded.spec.simulation.scenario_set}
+    spec = job_spec(loaded, ctx, trained, shard)
     if poll(job, None, None)[0] != "success":
         fs.makedirs(path, exist_ok=True)
         _write_json(fs, f"{path}/job.json", {"spec": spec, "pid": os.getpid(), "host": socket.gethostname()})
         main(job)
-    return collect(loaded, ctx, job=job, trained=trained)
+    return collect(loaded, ctx, job=job, trained=trained, shard=shard)
