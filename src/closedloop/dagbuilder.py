@@ -57,23 +57,23 @@ def _loop(loaded: LoadedSpec):
                                  shards=spec.simulation.shards is not None):
         kwargs: dict[str, Any] = {"loaded": loaded, "retries": spec.reliability.retries_of(row.id)
                                   if row.retry in ("transient", "decision") else 0}
+        operator = resolve(row.operator)
         if row.pod and pods is not None and getattr(pods, row.id, None):
             from closedloop.operators.pod import StepPodOperator
 
-            made = [StepPodOperator(task_id=row.id, step=row.id, **kwargs)]
-        elif row.id == "approval":  # one human decision per required approval, by distinct people
+            operator, kwargs = StepPodOperator, {**kwargs, "step": row.id}
+        if row.id == "approval":  # one human decision per required approval, by distinct people
             ids = approval_task_ids(spec.approval.required)
-            made = [resolve(row.operator)(task_id=t, prior=ids[:i], **kwargs) for i, t in enumerate(ids)]
+            made = [operator(task_id=t, prior=ids[:i], **kwargs) for i, t in enumerate(ids)]
             for earlier, later in zip(made, made[1:], strict=False):
                 earlier >> later
         elif row.id == "simulate" and spec.simulation.shards is not None:  # one mapped task instance per shard
             from closedloop.steps.simulation import shard_names
 
             shards = shard_names(loaded)
-            made = [resolve(row.operator).partial(task_id=row.id, shards=shards, **kwargs)
-                    .expand(shard=list(range(len(shards))))]
+            made = [operator.partial(task_id=row.id, shards=shards, **kwargs).expand(shard=list(range(len(shards))))]
         else:
-            made = [resolve(row.operator)(task_id=row.id, **kwargs)]
+            made = [operator(task_id=row.id, **kwargs)]
         for up in row.upstream:
             if up in tasks:
                 tasks[up] >> made[0]

@@ -32,9 +32,10 @@ def run(step: str, template: str, payload: dict) -> dict:
 
         return train(loaded, ctx, labelled=inputs["label"], validation=inputs.get("validate_data"),
                      raw=inputs.get("generate_dataset"))
-    from closedloop.steps.simulation import simulate_inline
+    from closedloop.steps.simulation import Shard, simulate_inline
 
-    return simulate_inline(loaded, ctx, trained=inputs["train"])
+    shard = Shard(*payload["shard"]) if payload.get("shard") else None
+    return simulate_inline(loaded, ctx, trained=inputs["train"], shard=shard)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,6 +173,27 @@ def test_the_pods_command_runs_the_same_steps(pod_project, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert simulated["metrics"]["sim.collision_rate"] == 0.0 and simulated["episodes"] > 0
 
+    # sharded: one pod per shard (the mapped task's index in the payload), the same episodes between them
+    from tests.conftest import scratch_project
+
+    sharded = scratch_project(tmp_path / "sharded") / "include" / "pipelines" / "acc_pods.yaml"
+    sharded.write_text(template.read_text().replace("scenario_set: standard",
+                                                    "scenario_set: standard\n  shards: {count: 2}"))
+    parts = []
+    for i in range(2):
+        proc, part = podstep("simulate", sharded, {**sim_payload, "shard": [i, 2]}, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        parts.append(part)
+    assert [p["shard"] for p in parts] == ["1/2", "2/2"] and sum(p["episodes"] for p in parts) == simulated["episodes"]
+    assert len({p["run_id"] for p in parts} | {simulated["run_id"]}) == 3  # each shard its own MLflow run
+    from closedloop.dagbuilder import build_dags
+    from closedloop.operators.pod import StepPodOperator, pod_arguments
+
+    mapped = build_dags(sharded.parent)["acc_pods"].get_task("simulate")
+    assert mapped.operator_class is StepPodOperator or mapped.operator_class.__name__ == "StepPodOperator"
+    assert pod_arguments(load_spec(sharded), load_spec(sharded).spec.kubernetes.simulate, "simulate", 1)["name"] \
+        == "acc-pods-simulate-1"
+
     # a step that fails in the pod says whether to retry; the operator turns it into that verdict
     broken = {**payload, "inputs": {**payload["inputs"], "label": {**lab, "digest": "0" * 64}},
               "context": asdict(ctx.for_key("acc_pods/manual__pods2").for_task("train"))}

@@ -31,6 +31,12 @@ def airflow(tmp_path_factory, project):
     (root / "include" / "pipelines" / "acc_daily.yaml").write_text(template_text(project, incidents=False, **SAFE_DATA, **{
         'schedule: "0 3 * * 1"': 'schedule: "0 3 * * *"', "name: acc_longitudinal": "name: acc_daily",
         "name: acc_longitudinal_policy": "name: acc_daily_model", "window_days: 14": "window_days: 3", **NO_REVIEW}))
+    # simulation in two shards (Airflow task mapping)
+    (root / "include" / "pipelines" / "acc_shards.yaml").write_text(template_text(project, incidents=False, **{
+        'schedule: "0 3 * * 1"': "schedule: null", "retry_delay_seconds: 20": "retry_delay_seconds: 1",
+        "max_retry_delay_seconds: 600": "max_retry_delay_seconds: 2", "name: acc_longitudinal": "name: acc_shards",
+        "name: acc_longitudinal_policy": "name: acc_shards_model", "window_days: 14": "window_days: 7",
+        "scenario_set: standard": "scenario_set: standard\n  shards: {count: 2}", **NO_REVIEW, **SAFE_DATA}))
     base = tmp_path_factory.mktemp("standalone")
     # fault drills: off until a test writes this file
     server = AirflowServer(base, root / "dags", env={"CLOSEDLOOP_FAULTS": str(base / "faults.json")},
@@ -175,6 +181,41 @@ def test_sigkill_at_every_crash_point_leaves_the_registry_as_an_undisturbed_run(
         f"dag_id=acc_longitudinal/run_id={killed['dag_run_id']}/task_id=simulate/attempt=*.log"))
     started = [p for p in simulate_logs if "started simulation job" in p.read_text(errors="replace")]
     assert len(started) == 1, started  # one job for the run, whatever died around it
+
+
+def test_a_killed_shard_is_retried_alone_and_the_merge_waits_for_it(airflow, tmp_path):
+    """Simulation in two shards under the scheduler: shard 2's task process is SIGKILLed right after it
+    launched its job. Airflow retries that shard only; the retry attaches to the job the dead try
+    started; shard 1 is untouched; merge_simulation runs once both are done."""
+    from closedloop.steps.context import RunContext
+    from closedloop.steps.simulation import Shard, job_dir, local_log_path
+
+    airflow.wait_for(lambda: airflow.api("GET", "/api/v2/dags/acc_shards")[0] == 200, 120, "DAG parsed")
+    faults = Path(airflow.env["CLOSEDLOOP_FAULTS"])
+    mark = tmp_path / "killed"
+    faults.write_text(json.dumps([{"task": "simulate", "map_index": 1, "point": "job_launched", "fault": "kill",
+                                   "once": True, "mark": str(mark)}]))
+    try:
+        run, _ = run_to_end(airflow, "acc_shards", {}, timeout=900)
+    finally:
+        faults.unlink()
+    _, tis = airflow.api("GET", f"/api/v2/dags/acc_shards/dagRuns/{run['dag_run_id']}/taskInstances")
+    by = {(t["task_id"], t["map_index"]): t for t in tis["task_instances"]}
+    assert run["state"] == "success", {k: t["state"] for k, t in by.items()}
+    assert mark.exists()
+    assert (by[("simulate", 0)]["try_number"], by[("simulate", 1)]["try_number"]) == (1, 2)  # only the killed one
+    assert by[("merge_simulation", -1)]["try_number"] == 1 and by[("merge_simulation", -1)]["state"] == "success"
+    home = Path(airflow.env["CLOSEDLOOP_HOME"])
+    ctx = RunContext(pipeline="acc_shards", template_digest="", dag_id="acc_shards", run_id=run["dag_run_id"],
+                     data_root=str(home / "data"))
+    for i in range(2):  # one job per shard: the retry attached to the job its dead try launched
+        job = job_dir(ctx, Shard(i, 2))
+        log = home / local_log_path(job).relative_to(local_log_path(job).parents[2])
+        assert log.read_text().count("simulating ") == 1, (i, log.read_text()[-2000:])
+    _, merged = airflow.api("GET", f"/api/v2/dags/acc_shards/dagRuns/{run['dag_run_id']}/taskInstances/"
+                                   "merge_simulation/xcomEntries/return_value")
+    value = merged["value"] if isinstance(merged["value"], dict) else json.loads(merged["value"])
+    assert value["shards"] == 2 and value["episodes"] == 26
 
 
 def test_settings_apply_creates_updates_and_leaves_alone(airflow, tmp_path):

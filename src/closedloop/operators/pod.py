@@ -28,15 +28,15 @@ log = logging.getLogger(__name__)
 
 
 
-def pod_arguments(loaded: LoadedSpec, pod: PodSpec, step: str) -> dict[str, Any]:
-    """KubernetesPodOperator arguments for ``step`` from the template's pod spec."""
+def pod_arguments(loaded: LoadedSpec, pod: PodSpec, step: str, shard: int | None = None) -> dict[str, Any]:
+    """KubernetesPodOperator arguments for ``step`` (its shard ``shard``) from the template's pod spec."""
     from kubernetes.client import models as k8s
 
     requests = {k: v for k, v in {"cpu": pod.cpu, "memory": pod.memory}.items() if v}
     limits = {k: v for k, v in {"memory": pod.memory, pod.gpu_resource: str(pod.gpu) if pod.gpu else None}.items()
               if v}
     return {
-        "name": f"{loaded.spec.name}-{step}".replace("_", "-"),
+        "name": f"{loaded.spec.name}-{step}{'' if shard is None else f'-{shard}'}".replace("_", "-"),
         "namespace": pod.namespace,
         "image": pod.image,
         "cmds": ["python", "-m", "closedloop.podstep"],
@@ -49,7 +49,7 @@ def pod_arguments(loaded: LoadedSpec, pod: PodSpec, step: str) -> dict[str, Any]
         "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=s)) for s in pod.env_from_secrets]
         or None,
         "labels": {"app.kubernetes.io/part-of": "closedloop", "closedloop/pipeline": loaded.spec.name,
-                   "closedloop/step": step},
+                   "closedloop/step": step, **({} if shard is None else {"closedloop/shard": str(shard)})},
         "startup_timeout_seconds": pod.startup_timeout_seconds,
         "do_xcom_push": True,
         "reattach_on_restart": True,  # a retried task finds its pod again instead of starting a second one
@@ -70,9 +70,11 @@ class StepPodOperator(ClosedLoopStepOperator):
 
     ui_color = "#e3ecfa"
 
-    def __init__(self, *, step: str, **kwargs: Any) -> None:
+    def __init__(self, *, step: str, shard: int | None = None, shards: list[str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.step = step
+        self.shard = shard
+        self.shards = shards
 
     def step_payload(self, context: Context) -> dict:
         """What the pod needs: the run's identity and lineage (as a local step would have it) and the inputs."""
@@ -82,7 +84,8 @@ class StepPodOperator(ClosedLoopStepOperator):
         from closedloop import pipeline
 
         inputs = {task_id: self.upstream(context, task_id) for task_id in pipeline.step(self.step).reads}
-        return {"context": asdict(ctx), "inputs": inputs}
+        shard = {} if self.shard is None else {"shard": [int(self.shard), len(self.shards or ())]}
+        return {"context": asdict(ctx), "inputs": inputs, **shard}
 
     def pod_operator(self, context: Context):
         """The KubernetesPodOperator that runs this step for this task instance."""
@@ -92,7 +95,7 @@ class StepPodOperator(ClosedLoopStepOperator):
         payload = json.dumps(self.step_payload(context), default=str)
         return KubernetesPodOperator(
             task_id=self.task_id, **pod_arguments(self.loaded, getattr(self.loaded.spec.kubernetes, self.step),
-                                                  self.step),
+                                                  self.step, shard=self.shard),
             env_vars=[k8s.V1EnvVar(name="CLOSEDLOOP_STEP", value=payload),
                       k8s.V1EnvVar(name="GX_ANALYTICS_ENABLED", value="False")])
 
