@@ -111,8 +111,8 @@ def measure(workers: int, root: Path) -> list[dict]:
                                      f"return_value?map_index={t['map_index']}")[1]["value"]
                 value = xcom if isinstance(xcom, dict) else json.loads(xcom)
                 job = Path(str(TMP / f"shape-{workers}"))  # the shape's data root
-                found = list(job.rglob(f"jobs/*/simulate{'' if n == 1 else f'-{max(t['map_index'], 0)}-of-{n}'}"
-                                       "/job.json"))
+                suffix = "" if n == 1 else f"-{max(t['map_index'], 0)}-of-{n}"
+                found = list(job.rglob(f"jobs/*/simulate{suffix}/job.json"))
                 record = [json.loads(p.read_text()) for p in found]
                 launched = max((r.get("launched_at") or 0) for r in record) if record else None
                 result = [p.parent / "result.json" for p in found if (p.parent / "result.json").exists()]
