@@ -19,4 +19,6 @@ class ClosedLoopPlugin(AirflowPlugin):
          "url_route": "closedloop-lineage"},
         {"name": "Pipeline health", "href": "/closedloop/health", "destination": "nav", "category": "browse",
          "url_route": "closedloop-health"},
+        {"name": "Review card", "href": "/closedloop/review?dag_id={DAG_ID}&run_id={RUN_ID}", "destination": "dag_run",
+         "url_route": "closedloop-review"},
     ]

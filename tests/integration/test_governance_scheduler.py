@@ -38,6 +38,18 @@ REQUEST = {"purpose": "Retrain on the latest fleet logs for the test.", "change"
            "expected_impact": "No regression in any gate.", "scope": "test fleet", "ticket": "T-1"}
 
 
+DEPLOY_DAG = """
+from airflow.sdk import DAG, Asset, task
+
+with DAG("deploy_acc_gov", schedule=[Asset("closedloop://models/acc_gov_model/production")], catchup=False):
+    @task
+    def deploy(triggering_asset_events=None):
+        return [dict(e.extra) for events in triggering_asset_events.values() for e in events]
+
+    deploy()
+"""
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, project):
     root = scratch_project(tmp_path_factory.mktemp("gov-project"))
@@ -45,6 +57,9 @@ def env(tmp_path_factory, project):
     (root / "include" / "pipelines" / "acc_gov_timeout.yaml").write_text(template_text(project, incidents=False, **TIMEOUT))
     (root / "include" / "pipelines" / "acc_gov_hil.yaml").write_text(template_text(project, incidents=False, **HIL))
     (root / "include" / "pipelines" / "acc_gov_solo.yaml").write_text(template_text(project, incidents=False, **SOLO))
+    # a deployment DAG of the release process, scheduled on the model's production asset: it keeps
+    # the events that started it (what it would deploy)
+    (root / "dags" / "deploy_acc_gov.py").write_text(DEPLOY_DAG)
     work = tmp_path_factory.mktemp("gov-airflow")
     # run D's second approval fails once while it records the reviewer's answer (as if MLflow dropped
     # the connection): the retry must record that answer, not ask again
@@ -380,3 +395,68 @@ def test_governed_path(env):
                                      "review.approved", "alias.production")]
     assert order == sorted(order)
     assert cli(server, root, "admin", "audit", "acc_gov_model", "99").returncode == 2
+
+
+def test_the_hand_off_to_release_review_card_and_model_card(env):
+    """After the governed path: the promotion's asset event started the deployment DAG with the signed
+    release record; the review card of a later candidate, read in a real browser, shows the numbers
+    MLflow holds for it and for production; the production version's model card names its data,
+    metrics and approver."""
+    from closedloop.steps.signing import Binding, Verifier
+    from tests.browser import Browser, chromium_path
+
+    server, root = env
+    client = MlflowClient(server.env["MLFLOW_TRACKING_URI"])
+    prod = client.get_model_version_by_alias("acc_gov_model", "production")
+    # -- the production asset event started the deployment DAG under the scheduler ---------------
+    runs = server.wait_for(lambda: server.api("GET", "/api/v2/dags/deploy_acc_gov/dagRuns?state=success")[1]
+                           .get("dag_runs"), 300, "the deployment DAG to run on the promotion")
+    events = [e for r in runs for e in xcom(server, "deploy_acc_gov", r["dag_run_id"], "deploy")]
+    first = events[0]
+    assert first["model"] == "acc_gov_model" and first["version"] == str(prod.version)
+    verifier = Verifier.from_text(client.get_registered_model("acc_gov_model").tags[gov.PUBLIC_KEY_TAG])
+    record = verifier.unseal(first["release_record"], Binding("acc_gov", prod.tags["airflow.run_id"],
+                                                              "register_candidate"), what="the release record")
+    assert record["version"] == str(prod.version) and record["artifact_digest"] == first["release_record"]["artifact_digest"]
+    from closedloop.errors import EvidenceError
+
+    forged = {**first["release_record"], "version": "999"}
+    with pytest.raises(EvidenceError):  # a consumer refuses an event whose record was edited
+        verifier.unseal(forged, None, what="the release record")
+    # -- the review card of a candidate that is not production, compared with production ---------
+    other = next(v for v in client.search_model_versions("name = 'acc_gov_model'") if v.version != prod.version
+                 and v.tags.get("airflow.dag_id") == "acc_gov")
+    gate_of = {v: client.get_run(client.get_model_version("acc_gov_model", v).tags["closedloop.gate_run_id"]).data.metrics
+               for v in (other.version, prod.version)}
+    _, plugins = server.api("GET", "/api/v2/plugins")
+    views = [v for p in plugins["plugins"] if p["name"] == "closedloop" for v in p["external_views"]]
+    assert any(v["destination"] == "dag_run" and "{RUN_ID}" in v["href"] for v in views)  # the DAG-run tab
+    import urllib.request
+    from urllib.parse import urlencode
+
+    req = urllib.request.Request(server.url + "/closedloop/api/review?" + urlencode(
+        {"dag_id": "acc_gov", "run_id": other.tags["airflow.run_id"]}))
+    req.add_header("Authorization", f"Bearer {server.client('safety-deputy').token()}")
+    with urllib.request.urlopen(req, timeout=120) as r:
+        card = json.load(r)
+    assert card["compared_with"]["version"] == str(prod.version)
+    if chromium_path() is None:
+        pytest.skip("needs Debian's chromium (.ci/run installs it)")
+    from urllib.parse import quote
+
+    with Browser() as b:
+        b.set_cookie(server.url, "_token", server.client("safety-deputy").token())
+        b.goto(f"{server.url}/closedloop/review?dag_id=acc_gov&run_id={quote(other.tags['airflow.run_id'], safe='')}")
+        assert b.eval("document.getElementById('version').textContent") == str(other.version)
+        assert f"production version {prod.version}" in b.eval("document.getElementById('compared').textContent")
+        for metric in ("sim.collision_rate", "sim.hard_braking.min_ttc_s", "offline.rmse"):
+            row = f"document.querySelector('#metrics tr[data-metric=\"{metric}\"]')"
+            shown = [float(b.eval(f"{row}.querySelector('.{c}').textContent")) for c in ("c", "p")]
+            assert shown == pytest.approx([gate_of[other.version][metric], gate_of[prod.version][metric]], rel=1e-3)
+        assert b.eval("document.querySelectorAll('#charts svg rect').length") > 0  # per-scenario bars drawn
+        assert b.eval("document.querySelectorAll('#gates tr.pass').length") == len(card["gates"])
+    # -- the model card of the production version, in the registry --------------------------------
+    text = client.get_model_version("acc_gov_model", prod.version).description
+    assert f"# acc_gov_model version {prod.version}\n" in text and "written: production" in text
+    assert prod.tags["closedloop.dataset_version"] in text and "## Metrics per scenario" in text
+    assert f"approved by {prod.tags['closedloop.review.reviewer']}" in text

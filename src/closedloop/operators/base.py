@@ -39,6 +39,8 @@ class ClosedLoopStepOperator(BaseOperator):
             from closedloop.retry import TransientOnlyRetryPolicy
 
             kwargs["retry_policy"] = TransientOnlyRetryPolicy()
+        if "outlets" not in kwargs and kwargs.get("task_id"):
+            kwargs["outlets"] = step_assets(loaded, kwargs["task_id"])
         super().__init__(**kwargs)
         self.loaded = loaded
         self.mlflow_conn_id = mlflow_conn_id
@@ -61,7 +63,12 @@ class ClosedLoopStepOperator(BaseOperator):
         if not isinstance(out, dict):
             return out
         self.seen[self.task_id] = out
-        return seal(context, out)
+        sealed = seal(context, out)
+        for asset in self.outlets or ():  # the hand-off: an asset event per snapshot / alias, digests in extra
+            extra = asset_extra(asset.uri, out, self.seen)
+            if extra:
+                context["outlet_events"][asset].extra = extra
+        return sealed
 
     @property
     def seen(self) -> dict[str, dict]:
@@ -135,6 +142,42 @@ class ClosedLoopStepOperator(BaseOperator):
         from closedloop.openlineage import operator_lineage
 
         return operator_lineage(self, task_instance)
+
+
+def step_assets(loaded: LoadedSpec, task_id: str) -> list:
+    """The Airflow assets a step makes (the step table's ``lineage_out``): the raw and labelled
+    snapshots (``closedloop://data/<pipeline>/raw|labelled``) and the model's ``candidate`` and
+    ``production`` (``closedloop://models/<model>/candidate|production``), so Airflow's asset graph
+    shows data → model across DAGs and a deployment DAG can be scheduled on a promotion."""
+    from airflow.sdk import Asset
+
+    from closedloop import pipeline
+
+    if task_id not in pipeline.BY_ID:
+        return []
+    spec = loaded.spec
+    uris = {"raw": f"closedloop://data/{spec.name}/raw", "labelled": f"closedloop://data/{spec.name}/labelled",
+            "registered": f"closedloop://models/{spec.model.name}/candidate",
+            "production": f"closedloop://models/{spec.model.name}/production"}
+    return [Asset(name=uris[k], uri=uris[k], group="closedloop") for k in pipeline.step(task_id).lineage_out
+            if k in uris]
+
+
+def asset_extra(uri: str, out: dict, seen: dict[str, dict]) -> dict | None:
+    """What an asset event of ``uri`` carries: the snapshot's digest and URI, or the model version
+    with its signed release record (a consumer verifies it with the published public key before it
+    deploys: anyone with role ``op`` can post an asset event)."""
+    if uri.startswith("closedloop://data/"):
+        return {k: out.get(k) for k in ("digest", "uri", "rows", "label_policy") if out.get(k) is not None}
+    if uri.endswith("/candidate"):
+        return {"model": out.get("model"), "version": str(out.get("version")),
+                "artifact_digest": out.get("artifact_digest"), "release_record": out}
+    if uri.endswith("/production"):
+        if not out.get("changed", True):
+            return None  # nothing moved: no event
+        return {"model": out.get("model"), "version": str(out.get("version")), "previous": out.get("previous"),
+                "approved_by": out.get("approved_by"), "release_record": out.get("release_record")}
+    return None
 
 
 #: the tasks that start a run: what Airflow's trigger form cannot refuse, they refuse before any compute

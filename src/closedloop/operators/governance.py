@@ -43,6 +43,15 @@ def review_link(context: Context) -> str:
     return f"{base.rstrip('/')}/dags/{ti.dag_id}/runs/{ti.run_id}/tasks/{ti.task_id}/required_actions"
 
 
+def card_link(context: Context) -> str:
+    """The review card of the run's candidate (against production), served by the plugin."""
+    from urllib.parse import urlencode
+
+    ti = context["ti"]
+    base = review_link(context).split("/dags/")[0]
+    return f"{base}/closedloop/review?{urlencode({'dag_id': ti.dag_id, 'run_id': ti.run_id})}"
+
+
 def gate_summary(record: dict) -> str:
     rows = record.get("gate_summary") or []
     passed = sum(1 for r in rows if r.get("passed"))
@@ -175,6 +184,7 @@ class ReviewOperator(ApprovalOperator):
             f"**{model} version {version}** from run `{context['run_id']}`\n\n"
             f"- Release record: `{record_digest}`\n- Model files: `{record['artifact_digest']}`\n"
             f"- Production now: {'version ' + production if production else 'none yet'}\n"
+            f"- Review card (candidate vs production, shift, charts): [{model} v{version}]({card_link(context)})\n"
             f"- Requested by: {requested_by or 'the schedule'}\n- Purpose: {params.get('purpose')}\n"
             f"- Change: {', '.join(params.get('change') or [])}\n- Expected impact: {params.get('expected_impact')}\n"
             f"- Scope: {params.get('scope') or '-'}\n- Ticket: {params.get('ticket') or '-'}\n"
@@ -288,9 +298,21 @@ class PromoteOperator(ClosedLoopStepOperator):
         statements = [self.upstream(context, t).get("statement") or {} for t in approval_task_ids(policy.required)]
         out = promote(ctx, record, statements, model=spec.model.name, policy=policy, signer=signer(),
                       actor=f"airflow:{ti.dag_id}/{ti.run_id}", run=(ti.dag_id, ti.run_id))
+        out["release_record"] = sealed_record_of(ctx, spec.model.name, out["version"])  # for the asset event
         log.info("%s version %s is production%s (approved by %s)", out["model"], out["version"],
                  "" if out["changed"] else " already (nothing changed)", ", ".join(out["approved_by"]))
         return out
+
+
+def sealed_record_of(ctx: RunContext, model: str, version: str) -> dict | None:
+    """The sealed release record kept on a version (what the ``production`` asset event hands on)."""
+    import json
+
+    from closedloop.steps import tracking
+    from closedloop.steps.governance import RECORD_TAG
+
+    raw = tracking.client(ctx).get_model_version(model, str(version)).tags.get(RECORD_TAG)
+    return json.loads(raw) if raw else None
 
 
 class HilResultsOperator(HITLOperator):

@@ -46,9 +46,9 @@ class ReleaseGateOperator(ClosedLoopStepOperator):
         from closedloop.steps.gates import format_report, release_gate
 
         hil = self.upstream(context, "await_hil") if self.loaded.spec.hil else None
-        self.upstream(context, "train")  # the model judged (for lineage)
+        trained = self.upstream(context, "train")  # the model judged (its training data: the shift report)
         out = release_gate(self.loaded, ctx, offline=self.upstream(context, "offline_eval"),
-                           simulation=self.simulation(context), hil=hil)
+                           simulation=self.simulation(context), hil=hil, trained=trained)
         log.info("all release gates passed:\n%s", format_report(out["report"]))
         return out
 

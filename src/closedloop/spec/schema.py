@@ -177,9 +177,10 @@ class GateSpec(_Part):
     """One automatic release gate: a metric and a bound (``min``, ``max``) and/or no regression
     against the current ``production`` version beyond ``max_regression``."""
 
-    metric: str = Field(pattern=r"^(offline|sim|hil)\.[a-z0-9_.]+$",
-                        description="'offline.<metric>', 'sim.<metric>' or 'hil.<metric>', "
-                                    "e.g. sim.hard_braking.collision_rate")
+    metric: str = Field(pattern=r"^(offline|sim|hil|shift)\.[a-z0-9_.]+$",
+                        description="'offline.<metric>', 'sim.<metric>', 'hil.<metric>' or 'shift.<feature>.psi|ks' "
+                                    "(distribution shift from production's training data), e.g. "
+                                    "sim.hard_braking.collision_rate, shift.ego_speed.psi")
     min: float | None = None
     max: float | None = None
     max_regression: float | None = Field(default=None, ge=0,

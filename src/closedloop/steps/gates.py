@@ -73,7 +73,7 @@ def _pct(x: float) -> str:
 
 
 def evaluate(gates: list[GateSpec], metrics: dict[str, float],
-             production: dict[str, float] | None = None) -> list[dict]:
+             production: dict[str, float] | None = None, *, nothing_to_judge: dict[str, str] | None = None) -> list[dict]:
     """One verdict per gate: ``{metric, min, max, value, passed, reason, ...}``. Missing metrics fail,
     except a metric of a group that has no episodes (``<prefix>.episodes`` is 0, e.g. the regression
     scenarios of a model no incident has been admitted for): nothing to judge, it passes and says so.
@@ -83,6 +83,8 @@ def evaluate(gates: list[GateSpec], metrics: dict[str, float],
 
     :param production: the current production version's metrics, for ``max_regression`` gates;
         with no production version yet, those gates compare against nothing and pass on that part.
+    :param nothing_to_judge: metric prefix → why its metrics are absent and that is fine (e.g.
+        ``shift.``: no production version to compare the data with): such a gate passes and says why.
     """
     report = []
     for gate in gates:
@@ -91,8 +93,11 @@ def evaluate(gates: list[GateSpec], metrics: dict[str, float],
         reasons: list[str] = []
         extra: dict = {}
         prefix = gate.metric.rpartition(".")[0]
+        excuse = next((why for p, why in (nothing_to_judge or {}).items() if gate.metric.startswith(p)), None)
         if value is None and metrics.get(f"{prefix}.episodes") == 0:
             extra["evidence"] = f"no {prefix.partition('.')[2] or 'simulated'} episodes: nothing to judge"
+        elif value is None and excuse:
+            extra["evidence"] = excuse
         elif value is None:
             reasons.append("metric was not produced by evaluation, simulation or the HIL rig")
         elif gate.confidence is not None:
@@ -149,20 +154,31 @@ def format_report(report: list[dict]) -> str:
     return "\n".join(rows)
 
 
+SHIFT_ARTIFACT = "shift/report.json"
+
+
 def release_gate(loaded: LoadedSpec, ctx: RunContext, *, offline: dict, simulation: dict,
-                 hil: dict | None = None) -> dict:
+                 hil: dict | None = None, trained: dict | None = None) -> dict:
     """Decide; record the report on the pipeline's MLflow run tree; raise :class:`GateFailed` on any FAIL."""
-    metrics = {**offline["metrics"], **simulation["metrics"], **((hil or {}).get("metrics") or {})}
+    from closedloop.steps import shift as drift
+
+    c = tracking.client(ctx)
+    shifted, _ = drift.against_production(c, loaded.spec.model.name, trained["run_id"],
+                                          loaded.spec.evaluation.group_by) if trained else (None, None)
+    metrics = {**offline["metrics"], **simulation["metrics"], **((hil or {}).get("metrics") or {}),
+               **(drift.metrics_of(shifted) if shifted else {})}
     production, production_version = production_metrics(ctx, loaded.spec.model.name)
-    report = evaluate(list(loaded.spec.gates), metrics, production)
+    report = evaluate(list(loaded.spec.gates), metrics, production, nothing_to_judge={} if shifted else {
+        "shift.": "no production version (or its training data) to compare with: nothing to judge"})
     for r in report:  # the regression scenarios' outcomes, each by the incident it came from
         if r["metric"].startswith("sim.regression."):
             r["incidents"] = list(simulation.get("regression") or [])
     passed = all(r["passed"] for r in report)
     run = tracking.step_run(loaded, ctx, "release_gate")
-    c = tracking.client(ctx)
     c.log_batch(run.info.run_id, metrics=tracking.metric_entities(metrics))  # the baseline for later regressions
     c.log_dict(run.info.run_id, report, "gates/report.json")
+    if shifted:
+        c.log_dict(run.info.run_id, shifted, SHIFT_ARTIFACT)
     if production_version:
         c.set_tag(run.info.run_id, vocab.COMPARED_TO_PRODUCTION, production_version)
     c.set_tag(run.info.run_id, vocab.GATES, "passed" if passed else "failed")

@@ -177,6 +177,9 @@ def record_decision(ctx: RunContext, model: str, version: str, *, decision: str,
         when = None
     _audit(c, model, version, f"review.{decision}", when=when, key=task_id, reviewer=reviewer, comment=comment,
            run_id=run_id, task_id=task_id)
+    from closedloop.steps import cards
+
+    cards.refresh(c, model, version)  # the model card names the decision
 
 
 def current_production(ctx: RunContext, model: str) -> str | None:
@@ -289,6 +292,11 @@ def promote(ctx: RunContext, record: dict, statements: list[dict], *, model: str
         strike(ctx, "previous_moved")
     c.set_registered_model_alias(model, PRODUCTION, version)
     strike(ctx, "production_moved")
+    from closedloop.steps import cards
+
+    cards.refresh(c, model, version)
+    if current is not None:
+        cards.refresh(c, model, current)
     return {"model": model, "version": version, "changed": True, "previous": current, "approved_by": approvers}
 
 

@@ -112,12 +112,10 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
     else:
         log.info("%s version %s was already registered by this run: reusing it", spec.model.name, version.version)
     strike(ctx, "version_registered")
-    purpose = (request or {}).get("purpose")
-    description = ((f"Request by {requester or 'scheduler'}: {purpose}\n\n" if purpose else "")
-                   + f"Release candidate from pipeline {spec.name} run {ctx.run_id}; dataset {labelled['digest']}, "
-                   f"label policy {spec.label_policy.ref}, template {loaded.path.name}@{loaded.digest}.")
-    if (getattr(version, "description", None) or "") != description:  # also when a dead try left it bare
-        c.update_model_version(spec.model.name, version.version, description=description)
+    from closedloop.steps import cards
+
+    cards.describe(c, spec.model.name, str(version.version))  # the model card; also when a dead try left it bare
+    cards.log_review_card(c, spec.model.name, str(version.version))
     strike(ctx, "version_described")
     record = release_record(loaded, ctx, version, trained=trained, labelled=labelled, gate=gate, requester=requester)
     if keep is not None:
@@ -125,6 +123,7 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
     strike(ctx, "record_sealed")
     c.set_registered_model_alias(spec.model.name, CANDIDATE, version.version)
     strike(ctx, "alias_moved")
+    cards.describe(c, spec.model.name, str(version.version))  # now it says it is the candidate
     return record
 
 

@@ -121,6 +121,27 @@ def visible_trace(t: dict, caller: Caller, specs) -> bool:
     return any(s.spec.model.name == model for s in caller.pipelines(specs))
 
 
+def review_of(caller: Caller, dag_id: str, run_id: str) -> dict:
+    """The review card of the version ``dag_id``/``run_id`` registered (404: a DAG the caller may
+    not read — said the same way as a run that registered nothing)."""
+    from closedloop.records.health import pipelines_of
+    from closedloop.spec import load_all
+    from closedloop.steps.cards import review_card
+    from closedloop.steps.tracking import literal, mlflow_client
+
+    specs, _ = load_all(_pipelines_dir())
+    spec = next((s.spec for s in specs if dag_id in pipelines_of([s]).get(s.spec.name, ())), None)
+    nothing = HTTPException(status_code=404, detail=f"no candidate registered by {dag_id} run {run_id} that you may read")
+    if spec is None or dag_id not in caller.dags:
+        raise nothing
+    client = mlflow_client(_tracking_uri())
+    versions = client.search_model_versions(f"name = {literal(spec.model.name)} and tags.`airflow.run_id` = "
+                                            f"{literal(run_id)} and tags.`airflow.dag_id` = {literal(dag_id)}")
+    if not versions:
+        raise nothing
+    return review_card(client, spec.model.name, str(versions[0].version))
+
+
 def _pipelines_dir():
     """The templates next to the DAG folder Airflow reads (as the DAG file finds them)."""
     from airflow.configuration import conf
@@ -182,6 +203,23 @@ def create_app() -> FastAPI:
 
         figures = await run_in_threadpool(health_figures, days, caller)  # off the event loop
         return HTMLResponse(render(figures, days))
+
+    @app.get("/api/review")
+    def api_review(caller: Reader, dag_id: Annotated[str, Query(min_length=1, max_length=250)],
+                   run_id: Annotated[str, Query(min_length=1, max_length=250)]):
+        """The review card of the candidate a pipeline run registered, against the current production."""
+        return JSONResponse(review_of(caller, dag_id, run_id))
+
+    @app.get("/review", response_class=HTMLResponse)
+    async def review_page(request: Request, dag_id: Annotated[str, Query(min_length=1, max_length=250)],
+                          run_id: Annotated[str, Query(min_length=1, max_length=250)]):
+        caller = await _caller_or_redirect(request)
+        if isinstance(caller, RedirectResponse):
+            return caller
+        from closedloop.steps.cards import render_html
+
+        card = await run_in_threadpool(review_of, caller, dag_id, run_id)
+        return HTMLResponse(render_html(card))
 
     @app.get("/lineage", response_class=HTMLResponse)
     async def lineage_page(request: Request):

@@ -21,5 +21,23 @@ def test_every_route_wants_a_login_and_says_its_limits():
 
     assert param("/api/impact", "limit")["maximum"] == MAX_LIMIT and param("/api/impact", "offset")["minimum"] == 0
     assert param("/api/health", "limit")["maximum"] == MAX_HEALTH_PIPELINES
-    names = {p["name"] for route in schema["paths"].values() for p in route["get"].get("parameters", [])}
-    assert "dag_id" not in names  # no parameter steers whose records are read
+    steering = {path for path, route in schema["paths"].items()
+                if "dag_id" in {p["name"] for p in route["get"].get("parameters", [])}}
+    # only the review card names a run by its DAG, and that DAG is checked against what the caller may read
+    assert steering == {"/api/review", "/review"}
+    assert client.get("/api/review?dag_id=acc_longitudinal&run_id=r").status_code == 401
+
+
+def test_a_review_card_of_a_dag_the_caller_may_not_read_is_not_found(project, monkeypatch):
+    """Checked before any record is read: the same 404 as a run that registered nothing."""
+    import pytest
+    from fastapi import HTTPException
+
+    from closedloop.web import app
+
+    monkeypatch.setattr(app, "_pipelines_dir", lambda: project / "include" / "pipelines")
+    monkeypatch.setattr(app, "_tracking_uri", lambda: pytest.fail("read MLflow for a DAG the caller may not read"))
+    for dag_id in ("acc_longitudinal", "acc_longitudinal_incident", "not_a_pipeline"):
+        with pytest.raises(HTTPException) as err:
+            app.review_of(app.Caller(user=None, dags=frozenset({"some_other_dag"})), dag_id, "manual__1")
+        assert err.value.status_code == 404 and "that you may read" in err.value.detail

@@ -1,0 +1,301 @@
+"""What a reviewer and a reader of the registry see: the review card and the model card.
+
+Both are generated from the records only (the model version's tags, its training run's dataset
+manifest, its gate run's metrics, report and shift report, the review tags) — never written by hand.
+
+- The **review card** compares a candidate with the version behind ``production`` (with no
+  production yet it compares with nothing and says so): offline and simulation metrics per scenario
+  type with deltas and each gate's verdict, the datasets (rows per scenario and source, window,
+  label policy), the distribution-shift report, the request or incident, the lineage, and charts
+  (per-scenario bars, feature distributions). JSON and HTML, logged on the version's training run
+  (``review/card.json``, ``review/card.html``), served by the plugin, linked from the approval.
+- The **model card** is the version's description in the MLflow registry (Markdown): intended use,
+  data, metrics per scenario, known limitations (what the gates and incidents found, thin evidence),
+  approvals. Written at registration, rewritten at promotion and at each review decision.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from closedloop import vocab
+
+CARD_JSON = "review/card.json"
+CARD_HTML = "review/card.html"
+SHIFTED_PSI = 0.25
+
+
+def _artifact(client, run_id: str | None, path: str) -> Any:
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+        except Exception:  # not logged (an older run, a step that did not get there)
+            return None
+        return json.loads(Path(local).read_text())
+
+
+def _version_record(client, model: str, version: str | None) -> dict | None:
+    """What the records say about one version: tags, training manifest, gate metrics and report."""
+    if version is None:
+        return None
+    mv = client.get_model_version(model, str(version))
+    tags = dict(mv.tags)
+    train = client.get_run(mv.run_id) if mv.run_id else None
+    manifest = json.loads((train.data.tags.get(vocab.DATASET_MANIFEST) if train else None) or "null") or {}
+    gate_id = tags.get(vocab.GATE_RUN_ID)
+    gate = client.get_run(gate_id) if gate_id else None
+    return {"version": str(mv.version), "aliases": list(mv.aliases), "tags": tags, "run_id": mv.run_id,
+            "manifest": manifest, "metrics": dict(gate.data.metrics) if gate else {},
+            "gate_run_id": gate_id, "report": _artifact(client, gate_id, "gates/report.json") or [],
+            "shift": _artifact(client, gate_id, "shift/report.json"),
+            "label_policy": tags.get(vocab.LABEL_POLICY), "code_digest": tags.get(vocab.CODE_DIGEST),
+            "template": tags.get(vocab.TEMPLATE), "template_hash": tags.get(vocab.TEMPLATE_HASH),
+            "pipeline": tags.get(vocab.PIPELINE), "dag_id": tags.get(vocab.AIRFLOW_DAG_ID),
+            "run": tags.get(vocab.AIRFLOW_RUN_ID)}
+
+
+def _per_scenario(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``sim.<type>.<metric>`` (and ``offline.<group>.<metric>``) → {type: {metric: value}}."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split(".")
+        if parts[0] in ("sim", "offline") and len(parts) == 3:
+            out.setdefault(parts[1], {})[f"{parts[0]}.{parts[2]}"] = value
+    return out
+
+
+def review_card(client, model: str, version: str) -> dict[str, Any]:
+    """The review card of ``version`` against the current ``production`` (JSON-ready)."""
+    cand = _version_record(client, model, version)
+    try:
+        prod_version = str(client.get_model_version_by_alias(model, vocab.PRODUCTION).version)
+    except Exception:
+        prod_version = None
+    prod = _version_record(client, model, prod_version) if prod_version not in (None, str(version)) else None
+    keys = sorted(k for k in set(cand["metrics"]) | set((prod or {}).get("metrics", {}))
+                  if k.split(".")[0] in ("offline", "sim", "hil", "shift"))
+    metrics = []
+    for k in keys:
+        a, b = cand["metrics"].get(k), (prod or {}).get("metrics", {}).get(k)
+        metrics.append({"metric": k, "candidate": a, "production": b,
+                        "delta": round(a - b, 6) if a is not None and b is not None else None})
+    scen_c, scen_p = _per_scenario(cand["metrics"]), _per_scenario((prod or {}).get("metrics", {}))
+    tags = cand["tags"]
+    return {
+        "model": model, "version": str(version),
+        "compared_with": {"version": prod["version"], "note": None} if prod else
+        {"version": None, "note": ("no production version yet: nothing to compare with" if prod_version is None
+                                   else "this version is production")},
+        "metrics": metrics,
+        "per_scenario": {t: {"candidate": scen_c.get(t, {}), "production": scen_p.get(t, {})}
+                         for t in sorted(set(scen_c) | set(scen_p))},
+        "gates": cand["report"],
+        "datasets": {"candidate": cand["manifest"], "production": (prod or {}).get("manifest"),
+                     "label_policy": {"candidate": cand["label_policy"], "production": (prod or {}).get("label_policy")}},
+        "shift": cand["shift"],
+        "request": {k.removeprefix(vocab.REQUEST_PREFIX): v for k, v in tags.items()
+                    if k.startswith(vocab.REQUEST_PREFIX)},
+        "incident": {k.removeprefix(vocab.INCIDENT_PREFIX): v for k, v in tags.items()
+                     if k.startswith(vocab.INCIDENT_PREFIX)} or None,
+        "lineage": {"pipeline": cand["pipeline"], "airflow_run": f"{cand['dag_id']}/{cand['run']}",
+                    "training_run": cand["run_id"], "gate_run": cand["gate_run_id"],
+                    "template": f"{cand['template']}@{cand['template_hash']}", "code_digest": cand["code_digest"],
+                    "dataset": tags.get(vocab.DATASET_VERSION), "raw_dataset": tags.get(vocab.RAW_DATASET_VERSION)},
+        "review": {k.removeprefix(vocab.REVIEW_PREFIX): v for k, v in tags.items()
+                   if k.startswith(vocab.REVIEW_PREFIX)} or None,
+    }
+
+
+# ---------------------------------------------------------------- HTML (self-contained, no script)
+
+def _e(x: Any) -> str:
+    return html.escape("-" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x)))
+
+
+def _bars(title: str, rows: list[tuple[str, float | None, float | None]], unit: str = "") -> str:
+    """Grouped horizontal bars (candidate blue, production grey), as inline SVG."""
+    values = [v for _, a, b in rows for v in (a, b) if v is not None]
+    top = max(values + [1e-9])
+    h, out = 22 * len(rows) * 2 + 30, []
+    for i, (label, a, b) in enumerate(rows):
+        y = 20 + i * 44
+        out.append(f'<text x="0" y="{y + 13}" font-size="12">{_e(label)}</text>')
+        for j, (val, color, who) in enumerate(((a, "#1f77b4", "candidate"), (b, "#aaaaaa", "production"))):
+            if val is None:
+                continue
+            w = max(1.0, 300 * val / top)
+            out.append(f'<rect x="150" y="{y + j * 18}" width="{w:.1f}" height="14" fill="{color}">'
+                       f'<title>{who} {_e(val)}{unit}</title></rect>'
+                       f'<text x="{155 + w:.1f}" y="{y + j * 18 + 12}" font-size="11" class="v" '
+                       f'data-series="{who}" data-label="{_e(label)}">{_e(val)}</text>')
+    return (f'<figure><figcaption>{_e(title)}</figcaption><svg width="560" height="{h}" role="img">'
+            + "".join(out) + "</svg></figure>")
+
+
+def _hist(name: str, f: dict) -> str:
+    """Feature distribution, production vs candidate, over production's decile bins."""
+    n, out = len(f["production"]), []
+    top = max(f["production"] + f["candidate"] + [1e-9])
+    for i in range(n):
+        x = 10 + i * 26
+        for j, (series, color) in enumerate((("production", "#aaaaaa"), ("candidate", "#1f77b4"))):
+            hgt = 80 * f[series][i] / top
+            out.append(f'<rect x="{x + j * 12}" y="{90 - hgt:.1f}" width="11" height="{hgt:.1f}" fill="{color}">'
+                       f'<title>{series} {f[series][i]:.3f} in [{f["edges"][i]:g}, {f["edges"][i + 1]:g}]</title></rect>')
+    return (f'<figure><figcaption>{_e(name)}: PSI {f["psi"]:.3f}, KS {f["ks"]:.3f}; mean {f["mean"]["production"]:g} '
+            f'→ {f["mean"]["candidate"]:g}</figcaption><svg width="{20 + n * 26}" height="100" role="img">'
+            + "".join(out) + "</svg></figure>")
+
+
+def render_html(card: dict[str, Any]) -> str:
+    """The review card as one self-contained HTML page."""
+    cmp = card["compared_with"]
+    vs = f"production version {cmp['version']}" if cmp["version"] else cmp["note"]
+    rows = "".join(
+        f'<tr data-metric="{_e(m["metric"])}"><td>{_e(m["metric"])}</td><td class="c">{_e(m["candidate"])}</td>'
+        f'<td class="p">{_e(m["production"])}</td><td>{_e(m["delta"])}</td></tr>' for m in card["metrics"]
+        if not m["metric"].startswith("shift."))
+    gates = "".join(
+        f'<tr class="{"pass" if g["passed"] else "fail"}"><td>{"PASS" if g["passed"] else "FAIL"}</td>'
+        f'<td>{_e(g["metric"])}</td><td>{_e(g.get("value"))}</td><td>{_e(g.get("evidence") or g.get("reason") or "")}'
+        + "".join(f'<br>incident {_e(i["incident"])}: {i["collisions"]} collision(s) in {i["episodes"]}'
+                  for i in g.get("incidents", [])) + "</td></tr>" for g in card["gates"])
+    per = card["per_scenario"]
+    charts = [_bars(f"{metric} per scenario type", [(t, per[t]["candidate"].get(metric), per[t]["production"].get(metric))
+                                                    for t in per if metric in per[t]["candidate"]])
+              for metric in ("sim.collision_rate", "sim.min_ttc_s", "offline.rmse")]
+    shift = card.get("shift") or {}
+    hists = "".join(_hist(k, f) for k, f in (shift.get("features") or {}).items())
+    mix = shift.get("scenario_mix")
+    ds = card["datasets"]
+
+    def data(m: dict | None) -> str:
+        if not m:
+            return "-"
+        raw, lab = m.get("raw") or {}, m.get("labelled") or {}
+        per_scen = ", ".join(f"{k}: {v}" for k, v in sorted((raw.get("rows_per_scenario") or {}).items()))
+        return (f"labelled {_e(lab.get('digest'))[:16]} ({_e(lab.get('rows'))} rows), raw {_e(raw.get('digest'))[:16]}; "
+                f"sources {_e(', '.join(raw.get('sources') or []))}; window {_e(raw.get('window_start'))}.."
+                f"{_e(raw.get('window_end'))}; rows per scenario {_e(per_scen)}")
+    req = card.get("incident") or card.get("request") or {}
+    lin = card["lineage"]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Review card: {_e(card['model'])} v{_e(card['version'])}</title>
+<style>body{{font:14px system-ui,sans-serif;margin:24px;max-width:1100px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ddd;padding:3px 8px;text-align:left}}tr.fail td{{background:#fde2e2}}tr.pass td:first-child{{color:#186a3b}}
+figure{{display:inline-block;margin:8px 16px 8px 0}}figcaption{{font-weight:600}}</style></head><body>
+<h1>Review card: <span id="model">{_e(card['model'])}</span> version <span id="version">{_e(card['version'])}</span></h1>
+<p id="compared">Compared with {_e(vs)}.</p>
+<h2>Request</h2><p id="request">{'; '.join(f'{_e(k)}: {_e(v)}' for k, v in sorted(req.items())) or '-'}</p>
+<h2>Gates</h2><table id="gates"><tr><th></th><th>gate</th><th>value</th><th>evidence</th></tr>{gates}</table>
+<h2>Metrics</h2><div id="charts">{''.join(charts)}</div>
+<table id="metrics"><tr><th>metric</th><th>candidate</th><th>production</th><th>delta</th></tr>{rows}</table>
+<h2>Data</h2><p id="data-candidate">candidate: {data(ds.get('candidate'))}; label policy {_e(ds['label_policy']['candidate'])}</p>
+<p id="data-production">production: {data(ds.get('production'))}; label policy {_e(ds['label_policy']['production'])}</p>
+<h2>Distribution shift</h2><p id="shift">{('scenario mix PSI ' + f"{mix['psi']:.3f}") if mix else ('no shift report: ' + _e(cmp['note'] or 'not computed'))}</p>
+<div id="hists">{hists}</div>
+<h2>Lineage</h2><p id="lineage">{'; '.join(f'{_e(k)}: {_e(v)}' for k, v in lin.items())}</p>
+</body></html>"""
+
+
+def log_review_card(client, model: str, version: str) -> dict[str, Any]:
+    """Build the review card of ``version`` and log it (JSON + HTML) on its training run."""
+    card = review_card(client, model, version)
+    run_id = card["lineage"]["training_run"]
+    client.log_dict(run_id, card, CARD_JSON)
+    client.log_text(run_id, render_html(card), CARD_HTML)
+    return card
+
+
+# ---------------------------------------------------------------- the model card (registry description)
+
+def model_card(client, model: str, version: str) -> str:
+    """The version's model card (Markdown, the registry description), from the records."""
+    from closedloop.steps.gates import rate_bounds
+
+    r = _version_record(client, model, version)
+    tags, m = r["tags"], r["metrics"]
+    raw, lab = (r["manifest"].get("raw") or {}), (r["manifest"].get("labelled") or {})
+    purpose = tags.get("closedloop.request.purpose")
+    lines = ([f"Request by {tags.get('closedloop.request.requester') or 'scheduler'}: {purpose}", ""] if purpose else [])
+    lines += [f"Release candidate from pipeline {r['pipeline']} run {r['run']}; dataset {tags.get(vocab.DATASET_VERSION)}, "
+              f"label policy {r['label_policy']}, template {r['template']}@{r['template_hash']}.", ""]
+    lines += [f"# {model} version {version}", "",
+              f"Aliases when this card was written: {', '.join(sorted(r['aliases'])) or 'none'}", "",
+              "## Intended use", tags.get("closedloop.request.purpose") or "Release candidate of pipeline "
+              f"`{r['pipeline']}`; see the template's description.", "",
+              "## Data",
+              f"- labelled snapshot `{lab.get('digest')}` ({lab.get('rows')} rows), label policy `{r['label_policy']}`",
+              f"- raw snapshot `{raw.get('digest')}`: sources {', '.join(raw.get('sources') or []) or '-'}, window "
+              f"{raw.get('window_start')}..{raw.get('window_end')}",
+              "- rows per scenario: " + (", ".join(f"{k} {v}" for k, v in sorted((raw.get("rows_per_scenario") or {})
+                                                                                    .items())) or "-"), "",
+              "## Metrics per scenario", "| scenario | collision rate | collisions / episodes | min TTC (s) |",
+              "|---|---|---|---|"]
+    limits = []
+    for t, vals in sorted(_per_scenario(m).items()):
+        if "sim.collision_rate" not in vals:
+            continue
+        k, n = m.get(f"sim.{t}.collisions"), m.get(f"sim.{t}.episodes")
+        lines.append(f"| {t} | {vals['sim.collision_rate']:g} | {_n(k)} / {_n(n)} | {vals.get('sim.min_ttc_s', '-')} |")
+        if n:
+            upper = rate_bounds(int(k or 0), int(n), 0.95)[1]
+            if upper > 0.05:
+                limits.append(f"- {t}: {int(k or 0)} collision(s) in {int(n)} simulated episodes: the collision rate "
+                              f"could be as high as {upper:.1%} (95 % upper bound); thin evidence")
+    lines += ["", "Offline: " + ", ".join(f"{k.removeprefix('offline.')} {v:g}" for k, v in sorted(m.items())
+                                           if k.startswith("offline.") and k.count(".") == 1), ""]
+    for g in r["report"]:
+        if not g.get("passed"):
+            limits.append(f"- gate `{g['metric']}` failed: {g.get('reason')}")
+        for i in g.get("incidents", []):
+            limits.append(f"- incident {i['incident']} ({i['type']}): {i['collisions']} collision(s) in "
+                          f"{i['episodes']} regression episode(s)")
+    for name, f in ((r["shift"] or {}).get("features") or {}).items():
+        if f["psi"] > SHIFTED_PSI:
+            limits.append(f"- training data shifted from production's in `{name}` (PSI {f['psi']:.2f})")
+    if tags.get(vocab.INCIDENT_PREFIX + "id"):
+        limits.append(f"- trained in answer to incident {tags[vocab.INCIDENT_PREFIX + 'id']} "
+                      f"({tags.get(vocab.INCIDENT_PREFIX + 'scenario_type', '-')})")
+    lines += ["## Known limitations", *(limits or ["- none found by the gates, incidents or the shift report"]), "",
+              "## Approvals"]
+    if tags.get("closedloop.review.decision"):
+        lines.append(f"- {tags['closedloop.review.decision']} by {tags.get('closedloop.review.reviewer') or '-'} at "
+                     f"{tags.get('closedloop.review.at')}" + (f": {tags['closedloop.review.comment']}"
+                                                            if tags.get("closedloop.review.comment") else ""))
+    else:
+        lines.append("- not reviewed yet")
+    lines += ["", "## Lineage", f"- pipeline `{r['pipeline']}`, Airflow run `{r['dag_id']}/{r['run']}`",
+              f"- training run `{r['run_id']}`, gate run `{r['gate_run_id']}`, code `{r['code_digest']}`",
+              f"- template `{r['template']}@{r['template_hash']}`", "",
+              "_Generated from the registry's records by closedloop; rewritten at registration, review and promotion._"]
+    return "\n".join(lines)
+
+
+def _n(x) -> str:
+    return "-" if x is None else f"{int(x)}"
+
+
+def describe(client, model: str, version: str) -> str:
+    """Write the model card as the version's description (what the MLflow UI shows for it), if it changed."""
+    text = model_card(client, model, version)
+    if (client.get_model_version(model, str(version)).description or "") != text:
+        client.update_model_version(model, str(version), description=text)
+    return text
+
+
+def refresh(client, model: str, version: str) -> None:
+    """Rewrite the model card and the review card after a review decision or a promotion. A card is
+    for people, not evidence: a failure here is logged, never undoes what was recorded."""
+    import logging
+
+    try:
+        describe(client, model, version)
+        log_review_card(client, model, version)
+    except Exception as exc:  # noqa: BLE001 - the decision or promotion stands; say the card is stale
+        logging.getLogger(__name__).warning("model card of %s version %s not rewritten: %s", model, version, exc)
