@@ -108,9 +108,6 @@ def measure(workers: int, root: Path) -> list[dict]:
             end = ts((merge or max(sims, key=lambda t: t["end_date"]))["end_date"])
             jobs = []
             for t in sims:
-                xcom = af.api("GET", f"/api/v2/dags/{dag}/dagRuns/{rid}/taskInstances/simulate/xcomEntries/"
-                                     f"return_value?map_index={t['map_index']}")[1]["value"]
-                value = xcom if isinstance(xcom, dict) else json.loads(xcom)
                 job = Path(str(TMP / f"shape-{workers}"))  # the shape's data root
                 suffix = "" if n == 1 else f"-{max(t['map_index'], 0)}-of-{n}"
                 found = list(job.rglob(f"jobs/*/simulate{suffix}/job.json"))
@@ -118,9 +115,9 @@ def measure(workers: int, root: Path) -> list[dict]:
                 launched = max((r.get("launched_at") or 0) for r in record) if record else None
                 result = [p.parent / "result.json" for p in found if (p.parent / "result.json").exists()]
                 work = (max(p.stat().st_mtime for p in result) - launched) if result and launched else None
+                episodes = len(json.loads(result[0].read_text())["episodes"]) if result else None
                 jobs.append({"queued": ts(t["start_date"]) - ts(t["queued_when"]) if t.get("queued_when") else None,
-                             "task": ts(t["end_date"]) - ts(t["start_date"]), "job": work,
-                             "episodes": value.get("episodes")})
+                             "task": ts(t["end_date"]) - ts(t["start_date"]), "job": work, "episodes": episodes})
             out.append({"shards": n, "workers": workers, "state": finished["state"], "wall": end - start,
                         "merge": ts(merge["end_date"]) - ts(merge["start_date"]) if merge else 0.0, "jobs": jobs})
     finally:

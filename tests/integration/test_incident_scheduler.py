@@ -455,6 +455,24 @@ def test_lineage_page_in_a_real_browser(env):
         assert b.eval("document.getElementById('policy').textContent") == "expert_idm_smoothed@2"
         assert b.eval("document.querySelectorAll('.digest').length") == 2
         assert "INC-1" in b.eval("document.getElementById('out').textContent")
+        # the same chain as a graph, every node from the trace MLflow and Airflow hold; its nodes click
+        from closedloop.records.lineage import trace
+
+        t = trace(first, server.env["MLFLOW_TRACKING_URI"])
+        shown = b.eval("[...document.querySelectorAll('#graph g[data-kind=snapshot] a')].map(a => a.dataset.impact)")
+        assert sorted(shown) == sorted(d["digest"] for d in t["datasets"])
+        assert b.eval("document.querySelector('#graph g[data-node=origin] text').textContent") == "incident INC-1"
+        assert b.eval("document.querySelectorAll('#graph line').length") >= 8
+        assert b.eval("document.querySelector('#graph').getBoundingClientRect().width") > 600
+        labelled = next(d["digest"] for d in t["datasets"] if d["kind"] == "labelled")
+        b.eval(f"document.querySelector('#graph a[data-impact=\"{labelled}\"]').dispatchEvent("
+               "new MouseEvent('click', {bubbles: true})); true")
+        b.wait_for("document.getElementById('counts') !== null")
+        assert b.eval("document.getElementById('what').value") == labelled
+        assert int(b.eval("document.getElementById('counts').textContent").split()[0]) >= 1
+        b.eval(f"document.getElementById('ref').value = {json.dumps(first)}; "
+               "document.getElementById('trace-form').requestSubmit(); true")
+        b.wait_for("document.getElementById('graph') !== null")
         b.eval("document.getElementById('kind').value = 'source'; document.getElementById('what').value = 'fleet-eu';"
                "document.getElementById('impact-form').requestSubmit(); true")
         b.wait_for("document.getElementById('counts') !== null")

@@ -152,9 +152,24 @@ def run() -> int:
                              tracking_uri=settings.tracking_uri())
             print("\n" + format_audit(audit_trail(ctx, reg["model"], reg["version"])))
         promoted = (summary["results"] or {}).get("promote")
+        card_ok = True
+        if promoted:  # the model card in the registry, written from the records (data, metrics, incident, approver)
+            from closedloop.steps.tracking import mlflow_client
+
+            mv = mlflow_client(settings.tracking_uri()).get_model_version(promoted["model"], promoted["version"])
+            card = mv.description or ""
+            wanted = [mv.tags.get("closedloop.dataset_version", "?"), "## Metrics per scenario",
+                      f"incident {incident['id']}", f"approved by {REVIEWER}"]
+            card_ok = all(w in card for w in wanted)
+            keep = [line for line in card.splitlines() if line.startswith(("# ", "- labelled", "| hard_braking",
+                                                                           "- trained in answer", "- approved"))]
+            print(f"
+model card of {promoted['model']} version {promoted['version']} (its MLflow registry description):"
+                  + "".join(f"\n  {line}" for line in keep) + ("" if card_ok else "\n  (INCOMPLETE: " + ", ".join(
+                      w for w in wanted if w not in card) + " missing)"))
         gate_failed = periodic["state"] == "failed" and any(
             t["task_id"] == "release_gate" and t["state"] == "failed" for t in periodic["tasks"])
-        ok = gate_failed and summary["state"] == "success" and bool(promoted)
+        ok = gate_failed and summary["state"] == "success" and bool(promoted) and card_ok
         print(f"\n{'OK' if ok else 'FAILED'}: " + (
             f"the weekly model was stopped by the hard-braking gate; the incident retrain made {MODEL} "
             f"version {promoted['version']}, now in production." if ok else "the loop did not close as expected."))
