@@ -163,10 +163,10 @@ def run() -> int:
             card_ok = all(w in card for w in wanted)
             keep = [line for line in card.splitlines() if line.startswith(("# ", "- labelled", "| hard_braking",
                                                                            "- trained in answer", "- approved"))]
-            print(f"
-model card of {promoted['model']} version {promoted['version']} (its MLflow registry description):"
-                  + "".join(f"\n  {line}" for line in keep) + ("" if card_ok else "\n  (INCOMPLETE: " + ", ".join(
-                      w for w in wanted if w not in card) + " missing)"))
+            print(f"\nmodel card of {promoted['model']} version {promoted['version']} (its MLflow registry "
+                  "description):" + "".join(f"\n  {line}" for line in keep)
+                  + ("" if card_ok else "\n  (INCOMPLETE: " + ", ".join(w for w in wanted if w not in card)
+                     + " missing)"))
         gate_failed = periodic["state"] == "failed" and any(
             t["task_id"] == "release_gate" and t["state"] == "failed" for t in periodic["tasks"])
         ok = gate_failed and summary["state"] == "success" and bool(promoted) and card_ok
