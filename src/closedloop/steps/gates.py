@@ -173,6 +173,8 @@ def release_gate(loaded: LoadedSpec, ctx: RunContext, *, offline: dict, simulati
     for r in report:  # the regression scenarios' outcomes, each by the incident it came from
         if r["metric"].startswith("sim.regression."):
             r["incidents"] = list(simulation.get("regression") or [])
+        if r["metric"].startswith("shift.") and shifted and shifted.get("error"):
+            r["reason"] = f"{r['reason']}: {shifted['error']}"
     passed = all(r["passed"] for r in report)
     run = tracking.step_run(loaded, ctx, "release_gate")
     c.log_batch(run.info.run_id, metrics=tracking.metric_entities(metrics))  # the baseline for later regressions
@@ -182,7 +184,8 @@ def release_gate(loaded: LoadedSpec, ctx: RunContext, *, offline: dict, simulati
     if production_version:
         c.set_tag(run.info.run_id, vocab.COMPARED_TO_PRODUCTION, production_version)
     c.set_tag(run.info.run_id, vocab.GATES, "passed" if passed else "failed")
-    summary = {"run_id": run.info.run_id, "passed": passed, "report": report}
+    summary = {"run_id": run.info.run_id, "passed": passed, "report": report,
+               **({"shift_error": shifted["error"]} if shifted and shifted.get("error") else {})}
     if not passed:
         c.set_terminated(run.info.run_id, "FAILED")
         failed = [r for r in report if not r["passed"]]

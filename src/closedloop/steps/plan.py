@@ -27,6 +27,8 @@ def plan_ahead(loaded: LoadedSpec, ctx: RunContext, raw: dict) -> dict[str, dict
         if not enabled(loaded, ctx, step_id):
             break
         key, tags, valid = resolve(pipeline.step(step_id).plan)(loaded, ctx, results)
+        if key is None:  # a step that looks itself up (each shard of a sharded simulation)
+            break
         result = reuse(loaded, ctx.for_task(step_id), step_id, key, tags=tags, valid=valid)[1]
         if result is None or not (result.get("cache") or {}).get("hit"):
             break

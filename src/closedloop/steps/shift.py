@@ -103,7 +103,13 @@ def against_production(client, model: str, training_run_id: str, group_by: str) 
     ref, cand = labelled_of_run(client, prod.run_id), labelled_of_run(client, training_run_id)
     if ref is None or cand is None:
         return None, str(prod.version)
-    shifted = report(read_snapshot(ref["uri"], ref["digest"]), read_snapshot(cand["uri"], cand["digest"]),
-                     group_by=group_by)
+    from closedloop.errors import IntegrityError
+
+    try:
+        reference = read_snapshot(ref["uri"], ref["digest"])
+    except (OSError, IntegrityError) as exc:  # gone (retention) or altered: no report, and shift gates fail
+        return {"error": f"production's training snapshot {ref['digest'][:12]} is not readable: {exc}",
+                "features": {}}, str(prod.version)
+    shifted = report(reference, read_snapshot(cand["uri"], cand["digest"]), group_by=group_by)
     shifted["snapshots"] = {"production": ref["digest"], "candidate": cand["digest"]}
     return shifted, str(prod.version)

@@ -67,13 +67,36 @@ def whole_catalog(loaded: LoadedSpec, ctx: RunContext) -> dict:
     """What this run simulates: the template's scenario set and the model's regression scenarios
     (one per admitted incident, :mod:`closedloop.steps.regression`), with the regression catalog's
     version under ``regression``."""
-    from closedloop.steps import regression
-
     base = yaml.safe_load(loaded.scenario_path.read_text())
-    reg = regression.catalog(ctx.data_root, loaded.spec.model.name)
+    reg = pinned_regression(loaded, ctx)
     return {**base, "scenarios": [*base["scenarios"], *(e["scenario"] for e in reg["entries"])],
             "regression": {"version": reg["version"], "digest": reg["digest"],
                            "incidents": [e["incident"]["id"] for e in reg["entries"]]}}
+
+
+def pinned_regression(loaded: LoadedSpec, ctx: RunContext) -> dict:
+    """The model's regression catalog as this pipeline run first read it, kept beside the run's jobs
+    (written once: the first reader wins). Every shard, the merge and every retry of the run see the
+    same scenarios even when an incident is admitted while the run simulates; the next run sees it."""
+    import uuid
+
+    from closedloop.steps import regression
+
+    fs, path = _fs(job_dir(ctx))
+    pin = f"{path.rsplit('/', 1)[0]}/regression.json"
+    found = _read_json(fs, pin)
+    if found is not None:
+        return found
+    current = regression.catalog(ctx.data_root, loaded.spec.model.name)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{pin}.{uuid.uuid4().hex}.tmp"
+    with fs.open(tmp, "w") as fh:
+        json.dump(current, fh, sort_keys=True)
+    if fs.exists(pin):  # another task of the run pinned it first
+        fs.rm(tmp)
+        return _read_json(fs, pin)
+    fs.mv(tmp, pin)
+    return current
 
 
 def shard_names(loaded: LoadedSpec) -> list[str]:

@@ -89,3 +89,23 @@ def test_the_cli_lists_a_models_scenarios(tmp_path, monkeypatch, capsys):
     assert "acc_incident / manual__1" in out
     assert main(["scenarios", "list", "acc_policy", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["entries"][0]["scenario"]["seed"] > 0
+
+
+def test_a_run_keeps_the_catalog_it_first_read(tmp_path, project):
+    """An incident admitted while a run simulates joins the next run, not the shards or the merge of this one."""
+    from closedloop.spec import load_spec
+    from closedloop.steps.context import RunContext
+    from closedloop.steps.simulation import pinned_regression, whole_catalog
+
+    loaded = load_spec(project / "include" / "pipelines" / "acc_longitudinal.yaml")
+    model = loaded.spec.model.name
+    routes = {model: ["hard_braking", "cut_in"]}
+    ctx = RunContext(pipeline=loaded.spec.name, template_digest="", dag_id="d", run_id="r1", data_root=str(tmp_path))
+    regression.add(str(tmp_path), model, parse_incident({"id": "INC-1", "model": model, "scenario_type": "cut_in",
+                                                         "severity": "low"}, routes), repeats=2, dag_id="i", run_id="a")
+    first = pinned_regression(loaded, ctx)
+    regression.add(str(tmp_path), model, parse_incident({"id": "INC-2", "model": model, "scenario_type": "cut_in",
+                                                         "severity": "low"}, routes), repeats=2, dag_id="i", run_id="b")
+    assert pinned_regression(loaded, ctx) == first and whole_catalog(loaded, ctx)["regression"]["incidents"] == ["INC-1"]
+    later = RunContext(pipeline=loaded.spec.name, template_digest="", dag_id="d", run_id="r2", data_root=str(tmp_path))
+    assert whole_catalog(loaded, later)["regression"]["incidents"] == ["INC-1", "INC-2"]
