@@ -29,7 +29,9 @@ INCIDENT = {
     "model": MODEL, "scenario_type": "hard_braking", "severity": "high", "kind": "collision",
     "vehicle": "veh-0042", "occurred_at": "2026-11-25T17:42:10Z",
     "log_refs": ["s3://fleet-logs/eu/2026-11-25/veh-0042/clip-0193.mcap"],
-    "description": "Rear-end collision at 48 km/h: the lead vehicle braked hard, ACC reacted too late.",
+    "description": "Rear-end collision: the lead vehicle braked at 8 m/s², ACC reacted too late.",
+    # what the fleet's logs say happened: it becomes a regression scenario every later candidate must pass
+    "scenario": {"params": {"decel": 8.0}, "seed": 500},
 }
 
 
