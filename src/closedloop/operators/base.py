@@ -172,11 +172,10 @@ def asset_extra(uri: str, out: dict, seen: dict[str, dict]) -> dict | None:
     if uri.endswith("/candidate"):
         return {"model": out.get("model"), "version": str(out.get("version")),
                 "artifact_digest": out.get("artifact_digest"), "release_record": out}
-    if uri.endswith("/production"):
-        if not out.get("changed", True):
-            return None  # nothing moved: no event
+    if uri.endswith("/production"):  # ``changed`` False: a retried promote found it already done
         return {"model": out.get("model"), "version": str(out.get("version")), "previous": out.get("previous"),
-                "approved_by": out.get("approved_by"), "release_record": out.get("release_record")}
+                "changed": bool(out.get("changed")), "approved_by": out.get("approved_by"),
+                "release_record": out.get("release_record")}
     return None
 
 
