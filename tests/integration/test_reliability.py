@@ -93,7 +93,7 @@ def runs(drill):
     # of every step, the k-th point on the k-th try (the cache off: every step does its work)
     out["marks"] = drill.root / "marks"
     out["marks"].mkdir()
-    out["matrix_drills"] = crash_points("transient", out["marks"])
+    out["matrix_drills"] = crash_points("transient", out["marks"], "acc_faults")
     out["matrix"] = drill.run(7, out["matrix_drills"], conf={"closedloop_cache": False})
     drill.write_template(policy_version='"3"')
     out["new_policy"] = drill.run(6)

@@ -143,7 +143,7 @@ def test_sigkill_at_every_crash_point_leaves_the_registry_as_an_undisturbed_run(
     undisturbed = an_undisturbed_run(airflow, "acc_longitudinal", no_cache)  # the first test's run
     marks = tmp_path / "marks"
     marks.mkdir()
-    drills = crash_points("kill", marks)
+    drills = crash_points("kill", marks, "acc_longitudinal")
     faults.write_text(json.dumps(drills))
     try:
         killed, tis = run_to_end(airflow, "acc_longitudinal", no_cache, timeout=1200)
