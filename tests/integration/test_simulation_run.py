@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from closedloop import settings
 from closedloop.local.run import load_dag, run_dag
+from closedloop.steps.faults import MATRIX
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
 
 pytestmark = pytest.mark.integration
@@ -43,7 +44,7 @@ def runs(airflow_db, tmp_path_factory, project):
     root = scratch_project(tmp_path_factory.mktemp("simulation"))
     path = root / "include" / "pipelines" / "acc_sim.yaml"
     base = {**NO_REVIEW, **SAFE_DATA, "name: acc_longitudinal": "name: acc_sim",
-            "name: acc_longitudinal_policy": f"name: {MODEL}"}
+            "name: acc_longitudinal_policy": f"name: {MODEL}", "retries: 2": "retries: 4"}
     faults = root / "faults.json"
     out = {"root": root}
     with pytest.MonkeyPatch.context() as mp:
@@ -54,8 +55,14 @@ def runs(airflow_db, tmp_path_factory, project):
             path.write_text(template_text(project, **base))
             out["unsharded"] = run_dag(load_dag("acc_sim"), WHEN)
             path.write_text(template_text(project, **base, **SHARDED))
+            # shard 2 fails once after launching its job; merge_simulation at each of its crash points
+            marks = root / "marks"
+            marks.mkdir()
+            out["merge_points"] = [p for p, _ in MATRIX["merge_simulation"]]
             faults.write_text(json.dumps([{"task": "simulate", "map_index": 1, "point": "job_launched",
-                                           "fault": "transient", "tries": [1]}]))
+                                           "fault": "transient", "tries": [1]}] + [
+                {"task": "merge_simulation", "point": p, "fault": "transient", "once": True, "dag": "acc_sim",
+                 "mark": str(marks / p)} for p in out["merge_points"]]))
             out["sharded"] = run_dag(load_dag("acc_sim"), WHEN.replace(hour=5))
             faults.unlink()
             out["incident"] = run_dag(load_dag("acc_sim_incident"), WHEN.replace(hour=6), conf={"incident": INCIDENT})
@@ -82,6 +89,21 @@ def test_sharded_and_unsharded_simulation_give_the_same_metrics(runs):
     episodes = client.download_artifacts(merged["run_id"], "simulation/episodes.json", str(runs["root"]))
     ids = [e["id"] for e in json.loads(open(episodes).read())]
     assert len(ids) == len(set(ids)) == 26 and ids[0] == "highway-cruise#0"
+
+
+def test_merge_simulation_struck_at_each_crash_point_merges_once(runs):
+    """merge_simulation's crash-point matrix (a transient error at each point, in one run): each retry
+    finishes in the same MLflow run; one merged result, the same as without the faults."""
+    three = runs["sharded"]
+    assert sorted(p.name for p in (runs["root"] / "marks").iterdir()) == sorted(runs["merge_points"])
+    assert tries(three)["merge_simulation"] == len(runs["merge_points"]) + 1
+    client = MlflowClient(settings.tracking_uri())
+    exp = client.get_experiment_by_name("closedloop/acc_sim")
+    merges = client.search_runs([exp.experiment_id], filter_string=f"tags.`airflow.run_id` = '{three['run_id']}' "
+                                                                   "and tags.`closedloop.step` = 'merge_simulation'")
+    assert [r.info.status for r in merges] == ["FINISHED"] and merges[0].info.run_id == \
+        three["results"]["merge_simulation"]["run_id"]
+    assert three["results"]["merge_simulation"]["metrics"] == runs["unsharded"]["results"]["simulate"]["metrics"]
 
 
 def test_a_failed_shard_is_retried_alone_and_attaches_to_its_job(runs):
