@@ -44,7 +44,8 @@ def runs(airflow_db, tmp_path_factory, project):
     root = scratch_project(tmp_path_factory.mktemp("simulation"))
     path = root / "include" / "pipelines" / "acc_sim.yaml"
     base = {**NO_REVIEW, **SAFE_DATA, "name: acc_longitudinal": "name: acc_sim",
-            "name: acc_longitudinal_policy": f"name: {MODEL}", "retries: 2": "retries: 4"}
+            "name: acc_longitudinal_policy": f"name: {MODEL}", "retries: 2": "retries: 4",
+            "retry_delay_seconds: 20": "retry_delay_seconds: 1", "max_retry_delay_seconds: 600": "max_retry_delay_seconds: 2"}
     faults = root / "faults.json"
     out = {"root": root}
     with pytest.MonkeyPatch.context() as mp:
