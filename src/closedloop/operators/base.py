@@ -65,7 +65,7 @@ class ClosedLoopStepOperator(BaseOperator):
         self.seen[self.task_id] = out
         sealed = seal(context, out)
         for asset in self.outlets or ():  # the hand-off: an asset event per snapshot / alias, digests in extra
-            extra = asset_extra(asset.uri, out, self.seen)
+            extra = asset_extra(asset.uri, out)
             if extra:
                 context["outlet_events"][asset].extra = extra
         return sealed
@@ -118,7 +118,7 @@ class ClosedLoopStepOperator(BaseOperator):
 
         ti = context["ti"]
         where = {"dag_id": ti.dag_id, "task_id": ti.task_id, "try_number": int(ti.try_number or 1),
-                 "map_index": map_index_of(ti) if map_index_of(ti) >= 0 else None}
+                 "map_index": None if map_index_of(ti) < 0 else map_index_of(ti)}
         try:
             if start:
                 inject(**where, point="start")
@@ -163,7 +163,7 @@ def step_assets(loaded: LoadedSpec, task_id: str) -> list:
             if k in uris]
 
 
-def asset_extra(uri: str, out: dict, seen: dict[str, dict]) -> dict | None:
+def asset_extra(uri: str, out: dict) -> dict | None:
     """What an asset event of ``uri`` carries: the snapshot's digest and URI, or the model version
     with its signed release record (a consumer verifies it with the published public key before it
     deploys: anyone with role ``op`` can post an asset event)."""
