@@ -16,3 +16,10 @@ __version__ = "0.1.0"
 # environment made a concurrent tracking request fail ("API request ... failed with exception
 # '_MLFLOW_TELEMETRY_SESSION_ID'").
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# A model's environment is the pinned requirements the training step names. MLflow 3 would also look
+# for a uv project in the task's working directory and copy its lock file into every model (a worker
+# started in a checkout logs that checkout's uv.lock): the working directory is not the model's project.
+os.environ.setdefault("MLFLOW_UV_AUTO_DETECT", "false")
+os.environ.setdefault("MLFLOW_LOG_UV_FILES", "false")
+# no progress bars drawn into task logs (one log event per redraw)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -128,7 +128,7 @@ def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
 def test_the_package_top_level_shows_the_architecture():
     top = {p.name for p in (SRC / "closedloop").iterdir() if not p.name.startswith("__")}
     assert top == {"errors.py", "settings.py", "vocab.py", "pipeline.py", "spec", "dagbuilder.py", "operators",
-                   "triggers", "hooks", "retry.py", "notifiers.py", "openlineage.py", "podstep.py", "plugin.py",
+                   "triggers", "hooks", "executors.py", "retry.py", "notifiers.py", "openlineage.py", "podstep.py", "plugin.py",
                    "provider.py", "steps", "records", "cli", "web", "local", "driving"}
 
 

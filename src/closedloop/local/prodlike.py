@@ -156,6 +156,8 @@ class ProdLike:
         self.workers = workers
         celery = {
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            # warm tasks: each Celery worker preloads the libraries the steps compute with before it forks its pool
+            "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "closedloop.executors.CELERY_CONFIG",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.postgres.url("airflow", "postgresql+psycopg2"),
             "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
             "AIRFLOW__CELERY__RESULT_BACKEND": self.postgres.url("airflow", "db+postgresql+psycopg2"),

@@ -90,6 +90,9 @@ class AirflowServer:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__PARALLELISM": "8",  # 2-core machines: fewer idle worker processes
+            # warm tasks: the LocalExecutor preloads the libraries the steps compute with before it forks
+            # its workers, so a task starts with them loaded (CLOSEDLOOP_WARM_TASKS=0 turns it off)
+            "AIRFLOW__CORE__EXECUTOR": "closedloop.executors.WarmLocalExecutor",
             "GX_ANALYTICS_ENABLED": "False",
             "AIRFLOW_CONN_CLOSEDLOOP_AIRFLOW_API": json.dumps({"conn_type": "http", "host": self.url,
                                                                "login": SERVICE_USER,
@@ -234,16 +237,24 @@ def template_approvers() -> list[str]:
     return sorted({a for s in specs if s.spec.approval for a in s.spec.approval.approvers})
 
 
+def mlflow_ui_command(port: int, uri: str, artifacts: str | None) -> tuple[list[str], dict[str, str]]:
+    """``mlflow server`` as the embedded default runs it, for its UI: one web worker, and MLflow's job
+    queue off (MLflow 3 otherwise starts a job runner and job-queue consumers beside its workers, each
+    a Python process, for server-side jobs the UI never runs). benchmarks/local_servers.py measures both."""
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", uri, "--workers", "1"]
+    if artifacts:
+        cmd += ["--default-artifact-root", artifacts]
+    return cmd, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def start_mlflow_ui(port: int, log: Path) -> subprocess.Popen:
     from closedloop import settings
 
     uri = settings.tracking_uri()
-    artifacts = settings.artifact_root(uri)
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", uri]
-    if artifacts:
-        cmd += ["--default-artifact-root", artifacts]
-    return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    cmd, env = mlflow_ui_command(port, uri, settings.artifact_root(uri))
+    return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **env})
 
 
 def local_server(port: int | None = None) -> AirflowServer:

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: the first line a step's task logs once Airflow handed it over and its DAG file is parsed
+WORK_STARTS = "closedloop step %s: work starts"
+
 
 class ClosedLoopStepOperator(BaseOperator):
     """Run one pipeline step of a template for the current DAG run.
@@ -79,6 +82,8 @@ class ClosedLoopStepOperator(BaseOperator):
         return self.__dict__["_seen"]
 
     def execute(self, context: Context) -> Any:
+        log.info(WORK_STARTS, self.task_id)  # benchmarks/orchestration_overhead.py: task start → this line
+
         def body():
             if self.task_id in FIRST_TASKS:
                 refuse_unreviewable(self.loaded, context)

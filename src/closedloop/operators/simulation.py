@@ -17,9 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class SimulateOperator(ClosedLoopStepOperator):
-    """Launch the simulation job, then defer to :class:`SimulationJobTrigger` (``simulate``).
+    """Launch the simulation job; wait for it here up to ``simulation.defer_after_seconds``, then defer
+    to :class:`SimulationJobTrigger` (``simulate``).
 
-    While the job runs the task is ``deferred``: it holds no worker slot. A retry re-attaches to
+    While a longer job runs the task is ``deferred``: it holds no worker slot. A retry re-attaches to
     a job that is still running or already finished instead of starting another one.
 
     With ``simulation.shards`` the DAG maps this task over the shards (``shard``: its index in
@@ -55,6 +56,9 @@ class SimulateOperator(ClosedLoopStepOperator):
             return done
         job = launch(self.loaded, ctx, trained=trained, shard=shard)
         strike(ctx, "job_launched")
+        event = self.wait_inline(job)
+        if event is not None:  # a short job: done before it was worth a round trip through the triggerer
+            return self._complete(context, event)
         self.defer(
             trigger=SimulationJobTrigger(job_dir=job["job_dir"], pid=job["pid"], host=job["host"],
                                          poll_interval=self.poll_interval,
@@ -62,6 +66,27 @@ class SimulateOperator(ClosedLoopStepOperator):
             method_name="execute_complete",
             timeout=timedelta(minutes=self.loaded.spec.simulation.timeout_minutes),
         )
+
+    def wait_inline(self, job: dict) -> dict | None:
+        """Watch the job from this task for up to ``simulation.defer_after_seconds``: the trigger's
+        event if it ended by then, else None (defer). Deferring costs a hand-over to the triggerer
+        and a new task process to collect; a short job is cheaper to wait for here."""
+        import time
+
+        from closedloop.steps.simulation import poll
+
+        sim = self.loaded.spec.simulation
+        deadline = time.monotonic() + sim.defer_after_seconds
+        pause = 0.1
+        while time.monotonic() < deadline:
+            state, details = poll(job["job_dir"], job["pid"], job["host"], sim.dead_after_seconds)
+            if state != "running":
+                return {"status": state, "job_dir": job["job_dir"], **details}
+            time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+            pause = min(pause * 1.5, self.poll_interval)
+        log.info("simulation job %s still running after %g s: deferring to the triggerer", job["job_dir"],
+                 sim.defer_after_seconds)
+        return None
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict:
         out = self.guarded(context, lambda: self._complete(context, event), start=False)

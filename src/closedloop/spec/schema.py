@@ -165,6 +165,9 @@ class SimulationSpec(_Part):
     timeout_minutes: int = Field(default=60, ge=1, le=24 * 60)
     dead_after_seconds: float = Field(default=60, ge=3, le=3600, description="a job silent this long (no "
                                       "heartbeat in its job folder, seen from any host) is declared dead")
+    defer_after_seconds: float = Field(default=30, ge=0, le=3600, description="wait for the job in the task "
+                                       "this long; only a longer job defers to the triggerer, freeing the worker "
+                                       "slot (0: always defer)")
     shards: ShardsSpec | None = Field(default=None, description="fan simulate out over shards (Airflow dynamic "
                                       "task mapping), merged by merge_simulation; none: one job")
     summarize: EntryPoint = Field(default="closedloop.driving.simulator:summarize", description="aggregation of "

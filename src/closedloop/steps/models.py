@@ -31,7 +31,14 @@ def load_model(model_uri: str):
 
 def log_model(model, *, trainer, pip_requirements: list[str]):
     """Log ``model`` to the active run; ``trainer.skops_trusted_types`` lists extra trusted types."""
+    import warnings
+
     import mlflow
 
-    return mlflow.sklearn.log_model(model, name="model", pip_requirements=pip_requirements,
-                                    skops_trusted_types=getattr(trainer, "skops_trusted_types", None))
+    with warnings.catch_warnings():
+        # skops looks up objects without a module (scipy's ufuncs) in every loaded module; in a task
+        # process that includes Airflow's deprecated import shims, each of which warns on the lookup:
+        # a thousand warnings sent through the task log, seconds of a train task for nothing
+        warnings.filterwarnings("ignore", message=r"The `airflow\.")
+        return mlflow.sklearn.log_model(model, name="model", pip_requirements=pip_requirements,
+                                        skops_trusted_types=getattr(trainer, "skops_trusted_types", None))
