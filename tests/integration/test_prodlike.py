@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
 from tests.fixtures.prodlike import kill_worker, worker_of
 from tests.fixtures.runs import an_undisturbed_run, failures, registry_record, task_instances, tries, wait_to_end
+from tests.fixtures.warm import PROBE_DAG_FILE, check_warm_and_isolated, probe_connections
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -51,6 +52,7 @@ def shape(tmp_path_factory, project):
         # three days of logs make a policy the safety gates (rightly) refuse; this test is about the
         # machinery under load, so its gates only bound what any trained policy meets
         "    max: 0.35\n": "    max: 100\n", "    max: 0.0\n": "    max: 1.0\n", "    min: 1.0\n": "    min: 0.0\n"}))
+    shutil.copy(PROBE_DAG_FILE, root / "dags")  # warm tasks: what a Celery task inherits
     base = tmp_path_factory.mktemp("prodlike")
     shape = ProdLike(base, root / "dags", {"admin": ("admin", "admin-pw"), "fleet-monitor": ("op", "fleet-monitor-pw")},
                      workers=2, env={
@@ -59,7 +61,7 @@ def shape(tmp_path_factory, project):
                          "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "40",
                          # MLflow's client retries a refused connection 7 times over ≈ 4 min by itself; one
                          # retry here, so that the outage below reaches the task and Airflow's retry
-                         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"})
+                         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", **probe_connections(base)})
     shape.start()
     # this module reads MLflow as a person: an account with MLflow's default permission (READ)
     shape.mlflow_user("auditor", "auditor-pw-1234")
@@ -136,6 +138,12 @@ def test_ten_runs_at_once_periodic_and_incident(shape):
     logs = [p for p in shape.root.rglob("*.log")]
     assert logs and not [p for p in logs if "database is locked" in p.read_text(errors="replace")]
     print(f"\n10 runs on the production shape (2 Celery workers) in {wall:.0f} s")
+
+
+def test_celery_tasks_start_warm_and_leak_nothing_between_tasks(shape):
+    """Each Celery worker preloads the libraries before it forks its pool (``[celery]
+    celery_config_options``); its tasks inherit them, and nothing of one another (a SIGKILLed one included)."""
+    check_warm_and_isolated(shape.airflow, shape.root)
 
 
 def drill(shape, **fault) -> tuple:

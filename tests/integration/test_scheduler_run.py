@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from closedloop.local.server import AirflowServer
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
 from tests.fixtures.runs import an_undisturbed_run, registry_record, run_to_end
+from tests.fixtures.warm import PROBE_DAG_FILE, check_warm_and_isolated, probe_connections
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -41,12 +42,10 @@ def airflow(tmp_path_factory, project):
         "name: acc_longitudinal_policy": "name: acc_shards_model", "window_days: 14": "window_days: 7",
         "scenario_set: standard": "scenario_set: standard\n  shards: {count: 2}", **NO_REVIEW, **SAFE_DATA}))
     base = tmp_path_factory.mktemp("standalone")
-    shutil.copy(Path(__file__).parents[1] / "fixtures" / "dags" / "warm_probe.py", root / "dags")
-    probes = {f"AIRFLOW_CONN_PROBE_{x.upper()}": json.dumps({
-        "conn_type": "mlflow", "login": f"user-{x}", "password": f"pw-{x}",
-        "extra": {"tracking_uri": f"sqlite:///{base / f'probe-{x}.db'}"}}) for x in "ab"}
+    shutil.copy(PROBE_DAG_FILE, root / "dags")  # warm tasks: what a task inherits
     # fault drills: off until a test writes this file
-    server = AirflowServer(base, root / "dags", env={"CLOSEDLOOP_FAULTS": str(base / "faults.json"), **probes},
+    server = AirflowServer(base, root / "dags", env={"CLOSEDLOOP_FAULTS": str(base / "faults.json"),
+                                                     **probe_connections(base)},
                            users={"admin": ("admin", "admin-pw"), "viewer1": ("viewer", "viewer-pw")})
     server.start()
     yield server
@@ -231,32 +230,7 @@ def test_warm_tasks_leak_nothing_between_tasks_and_survive_a_crashing_one(airflo
     store) run one after the other with a task between them that dies by SIGKILL, each leaving its
     credentials in its environment, a run open and a mark on the mlflow module: each task starts with
     the libraries loaded and none of another task's state, and writes to its own store."""
-    from closedloop.executors import PRELOAD
-
-    seen = {}
-    for dag_id in ("warm_a", "warm_crash", "warm_b"):
-        airflow.wait_for(lambda d=dag_id: airflow.api("GET", f"/api/v2/dags/{d}")[0] == 200, 120, f"{dag_id} parsed")
-        run, tis = run_to_end(airflow, dag_id, {}, timeout=300)
-        assert run["state"] == ("failed" if dag_id == "warm_crash" else "success"), (dag_id, tis)
-        if dag_id != "warm_crash":
-            _, xcom = airflow.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run['dag_run_id']}/taskInstances/look/"
-                                         "xcomEntries/return_value")
-            seen[dag_id] = xcom["value"] if isinstance(xcom["value"], dict) else json.loads(xcom["value"])
-    deployment = airflow.env["MLFLOW_TRACKING_URI"]
-    for dag_id, x in (("warm_a", "a"), ("warm_b", "b")):
-        s = seen[dag_id]
-        assert s["preloaded"] == ["pandas", "pyarrow", "sklearn", "mlflow", "great_expectations"], s  # warm
-        assert {"pandas", "mlflow", "great_expectations"} <= set(PRELOAD)
-        # nothing of the task before (warm_crash set probe_a's credentials and died holding a run)
-        assert s["before"] == {"user": None, "password": None, "uri": deployment, "active_run": False,
-                               "mark": None}, (dag_id, s)
-        assert s["after"] == {"user": f"user-{x}", "uri": f"sqlite:///{Path(airflow.root) / f'probe-{x}.db'}"}, s
-    assert seen["warm_a"]["pid"] != seen["warm_b"]["pid"]
-    for x, other in (("a", "b"), ("b", "a")):  # each run in its own store only
-        client = MlflowClient(f"sqlite:///{Path(airflow.root) / f'probe-{x}.db'}")
-        assert client.get_run(seen[f"warm_{x}"]["run_id"]).info.experiment_id == \
-            client.get_experiment_by_name(f"probe-warm_{x}").experiment_id
-        assert client.get_experiment_by_name(f"probe-warm_{other}") is None
+    check_warm_and_isolated(airflow, Path(airflow.root))
 
 
 def test_settings_apply_creates_updates_and_leaves_alone(airflow, tmp_path):
