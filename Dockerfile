@@ -6,7 +6,7 @@ RUN pip install --no-cache-dir uv
 WORKDIR /opt/closedloop
 COPY pyproject.toml uv.lock README.md ./
 COPY src ./src
-RUN uv sync --frozen --no-dev --extra production
+RUN uv sync --frozen --no-dev --extra production --compile-bytecode
 ENV PATH=/opt/closedloop/.venv/bin:$PATH
 COPY dags ./dags
 COPY include ./include

@@ -19,8 +19,10 @@ $(UV):
 	$(PYTHON) -m venv .closedloop/tools
 	.closedloop/tools/bin/pip install --quiet "uv>=0.5,<1"
 
+# --compile-bytecode: every process (each Airflow task, server, test) then loads the libraries' bytecode
+# instead of compiling their sources again when Python may not write it (PYTHONDONTWRITEBYTECODE)
 $(BIN)/closedloop: $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen --python $(PYTHON)
+	$(UV) sync --frozen --compile-bytecode --python $(PYTHON)
 	@touch $@
 
 demo: $(BIN)/closedloop
