@@ -38,8 +38,11 @@ log = logging.getLogger(__name__)
 
 #: what the steps compute with, in import order (each pulls in what it needs)
 PRELOAD = (
-    "numpy", "pandas", "pyarrow", "pyarrow.parquet", "scipy.stats", "sklearn", "sklearn.ensemble",
-    "mlflow", "mlflow.sklearn", "mlflow.entities", "mlflow.tracking", "great_expectations",
+    "numpy", "pandas", "pyarrow", "pyarrow.parquet", "pyarrow.dataset", "scipy.stats", "sklearn",
+    "sklearn.ensemble", "mlflow", "mlflow.sklearn", "mlflow.pyfunc", "mlflow.entities", "mlflow.tracking",
+    # the stores MLflow's client opens on first use (SQLite in the embedded default: SQLAlchemy, alembic)
+    "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
+    "mlflow.store.tracking.rest_store", "git", "great_expectations",
     # skops lists its trusted types at import by looking scipy's ufuncs up in every loaded module
     "skops.io",
     # Airflow's task runner: what a forked task process imports before it calls our code
