@@ -74,9 +74,9 @@ def compose_cli() -> list[str] | None:
 def test_the_image_installs_the_locked_production_set_and_the_project(project):
     lines = [x.strip() for x in (project / "Dockerfile").read_text().splitlines() if x.strip() and x[0] != "#"]
     assert lines[0].startswith("FROM python:3.11")
-    assert "RUN uv sync --frozen --no-dev --extra production" in lines  # uv.lock, not a fresh resolution
+    assert "RUN uv sync --frozen --no-dev --extra production --compile-bytecode" in lines  # uv.lock, not a fresh resolution
     assert lines.index("COPY pyproject.toml uv.lock README.md ./") < lines.index(
-        "RUN uv sync --frozen --no-dev --extra production")
+        "RUN uv sync --frozen --no-dev --extra production --compile-bytecode")
     for folder in ("src", "dags", "include"):
         assert any(x.startswith(f"COPY {folder} ") for x in lines), folder
     ignored = (project / ".dockerignore").read_text().split()
