@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -222,11 +223,26 @@ def test_periodic_run_holding_the_default_pool_does_not_block_an_incident_run(en
         status, body = server.api("PATCH", f"/api/v2/pools/{pool}?update_mask=slots",
                                   {"name": pool, "slots": slots, "include_deferred": False})
         assert status == 200, body
+    # the periodic run's first task holds the default pool's only slot until this test lets it go (a
+    # fault drill pausing it): however fast its steps are, it is still running when the incident comes
+    faults, release = Path(server.env["CLOSEDLOOP_FAULTS"]), Path(server.root) / "release-periodic"
+    faults.write_text(json.dumps([{"task": "generate_dataset", "dag": PIPELINE, "point": "start", "fault": "pause",
+                                   "seconds": 600, "until": str(release)}]))
     status, periodic = server.api("POST", f"/api/v2/dags/{PIPELINE}/dagRuns", {"logical_date": None})
     assert status == 200, periodic
     base = f"/api/v2/dags/{PIPELINE}/dagRuns/{periodic['dag_run_id']}"
-    server.wait_for(lambda: any(t["state"] == "running" for t in server.api("GET", f"{base}/taskInstances")[1]
-                                ["task_instances"]), 120, "the periodic run to take the default pool's slot")
+    try:
+        server.wait_for(lambda: any(t["state"] == "running" for t in server.api("GET", f"{base}/taskInstances")[1]
+                                    ["task_instances"]), 120, "the periodic run to take the default pool's slot")
+        incident_goes_on_beside(server, base)
+    finally:
+        release.write_text("go")
+        faults.unlink()
+        server.api("PATCH", "/api/v2/pools/default_pool?update_mask=slots", {"name": "default_pool", "slots": 128,
+                                                                              "include_deferred": False})
+
+
+def incident_goes_on_beside(server, base: str) -> None:
     from datetime import UTC, datetime
 
     admitted_at = max(datetime.fromisoformat(i["received_at"]) for r in runs(server)
@@ -251,8 +267,6 @@ def test_periodic_run_holding_the_default_pool_does_not_block_an_incident_run(en
     _, run = server.api("GET", base)
     assert run["state"] == "running"  # the periodic run still holds the only default slot...
     assert ti["pool"] == "closedloop_incident"  # ...and the incident run went on in its own pool
-    server.api("PATCH", "/api/v2/pools/default_pool?update_mask=slots", {"name": "default_pool", "slots": 128,
-                                                                          "include_deferred": False})
 
 
 def test_lineage_endpoints_and_page_answer_behind_airflow_login(env):
