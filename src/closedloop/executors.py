@@ -58,8 +58,7 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> dict[str, float]:
     """Import ``modules`` here (seconds per module; a module that fails to import is logged and
     skipped: the task that needs it reports the error itself). Never imports closedloop code:
     if a library pulled one in, :class:`RuntimeError` says which (nothing is forked warm then)."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no usage reporting from the libraries
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no usage reporting (closedloop's __init__ does MLflow's)
     ours = {m for m in sys.modules if _ours(m)}
     took: dict[str, float] = {}
     quiet = logging.getLogger("great_expectations")
