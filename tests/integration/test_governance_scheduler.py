@@ -30,6 +30,7 @@ HIL = {**GOV, "name: acc_longitudinal": "name: acc_gov_hil", "name: acc_longitud
        "gates:\n": "gates:\n  - metric: hil.brake_distance_m\n    max: 40\n",
        # the two-person rule: two approval tasks, two different people
        "timeout_hours: 72": "timeout_hours: 72\n  valid_hours: 0.05\n  required: 2"}
+REL = {**GOV, "name: acc_longitudinal": "name: acc_rel", "name: acc_longitudinal_policy": "name: acc_rel_model"}
 SOLO = {**GOV, "name: acc_longitudinal": "name: acc_gov_solo", "name: acc_longitudinal_policy": "name: acc_solo_model",
         "approvers: [safety-lead, safety-deputy]": "approvers: [safety-lead]"}
 USERS = {"admin": "admin", "ml-engineer": "user", "safety-lead": "user", "safety-deputy": "user", "intruder": "user",
@@ -41,7 +42,7 @@ REQUEST = {"purpose": "Retrain on the latest fleet logs for the test.", "change"
 DEPLOY_DAG = """
 from airflow.sdk import DAG, Asset, task
 
-with DAG("deploy_acc_gov", schedule=[Asset("closedloop://models/acc_gov_model/production")], catchup=False):
+with DAG("deploy_acc_rel", schedule=[Asset("closedloop://models/acc_rel_model/production")], catchup=False):
     @task
     def deploy(triggering_asset_events=None):
         return [dict(e.extra) for events in triggering_asset_events.values() for e in events]
@@ -57,9 +58,10 @@ def env(tmp_path_factory, project):
     (root / "include" / "pipelines" / "acc_gov_timeout.yaml").write_text(template_text(project, incidents=False, **TIMEOUT))
     (root / "include" / "pipelines" / "acc_gov_hil.yaml").write_text(template_text(project, incidents=False, **HIL))
     (root / "include" / "pipelines" / "acc_gov_solo.yaml").write_text(template_text(project, incidents=False, **SOLO))
+    (root / "include" / "pipelines" / "acc_rel.yaml").write_text(template_text(project, incidents=False, **REL))
     # a deployment DAG of the release process, scheduled on the model's production asset: it keeps
     # the events that started it (what it would deploy)
-    (root / "dags" / "deploy_acc_gov.py").write_text(DEPLOY_DAG)
+    (root / "dags" / "deploy_acc_rel.py").write_text(DEPLOY_DAG)
     work = tmp_path_factory.mktemp("gov-airflow")
     # run D's second approval fails once while it records the reviewer's answer (as if MLflow dropped
     # the connection): the retry must record that answer, not ask again
@@ -402,8 +404,28 @@ def test_governed_path(env):
     assert cli(server, root, "admin", "audit", "acc_gov_model", "99").returncode == 2
 
 
-def test_the_hand_off_to_release_review_card_and_model_card(env):
-    """After the governed path: the promotion's asset event started the deployment DAG with the signed
+@pytest.fixture(scope="module")
+def released(env) -> tuple[str, str]:
+    """The hand-off's own pipeline (acc_rel), so its test runs alone and in any order: two requests
+    at once; safety-lead approves the first (→ production), the second waits for review (a candidate
+    to compare with production). Returns the two runs."""
+    server, root = env
+    server.wait_for(lambda: server.api("GET", "/api/v2/dags/acc_rel")[0] == 200, 120, "acc_rel parsed")
+    first, second = (server.api("POST", "/api/v2/dags/acc_rel/dagRuns", {"logical_date": None, "conf": REQUEST},
+                                user="ml-engineer")[1]["dag_run_id"] for _ in range(2))
+    for run in (first, second):
+        server.wait_for(lambda r=run: states(server, "acc_rel", r).get("approval") == "awaiting_input", 900,
+                        f"acc_rel run {run} to wait for review")
+    out = cli(server, root, "safety-lead", "approve", "acc_rel", first, "--comment", "ready for release")
+    assert out.returncode == 0, out.stderr
+    server.wait_for(lambda: states(server, "acc_rel", first)["promote"] in ("success", "failed"), 600,
+                    "the first acc_rel run's promotion")
+    assert states(server, "acc_rel", first)["promote"] == "success"
+    return first, second
+
+
+def test_the_hand_off_to_release_review_card_and_model_card(env, released):
+    """The promotion's asset event started the deployment DAG with the signed
     release record; the review card of a later candidate, read in a real browser, shows the numbers
     MLflow holds for it and for production; the production version's model card names its data,
     metrics and approver."""
@@ -411,16 +433,18 @@ def test_the_hand_off_to_release_review_card_and_model_card(env):
     from tests.browser import Browser, chromium_path
 
     server, root = env
+    promoted_run, waiting_run = released
     client = MlflowClient(server.env["MLFLOW_TRACKING_URI"])
-    prod = client.get_model_version_by_alias("acc_gov_model", "production")
+    prod = client.get_model_version_by_alias("acc_rel_model", "production")
+    assert prod.tags["airflow.run_id"] == promoted_run
     # -- the production asset event started the deployment DAG under the scheduler ---------------
-    runs = server.wait_for(lambda: server.api("GET", "/api/v2/dags/deploy_acc_gov/dagRuns?state=success")[1]
+    runs = server.wait_for(lambda: server.api("GET", "/api/v2/dags/deploy_acc_rel/dagRuns?state=success")[1]
                            .get("dag_runs"), 300, "the deployment DAG to run on the promotion")
-    events = [e for r in runs for e in xcom(server, "deploy_acc_gov", r["dag_run_id"], "deploy")]
+    events = [e for r in runs for e in xcom(server, "deploy_acc_rel", r["dag_run_id"], "deploy")]
     first = next(e for e in events if e.get("changed"))
-    assert first["model"] == "acc_gov_model" and first["version"] == str(prod.version)
-    verifier = Verifier.from_text(client.get_registered_model("acc_gov_model").tags[gov.PUBLIC_KEY_TAG])
-    record = verifier.unseal(first["release_record"], Binding("acc_gov", prod.tags["airflow.run_id"],
+    assert first["model"] == "acc_rel_model" and first["version"] == str(prod.version)
+    verifier = Verifier.from_text(client.get_registered_model("acc_rel_model").tags[gov.PUBLIC_KEY_TAG])
+    record = verifier.unseal(first["release_record"], Binding("acc_rel", prod.tags["airflow.run_id"],
                                                               "register_candidate"), what="the release record")
     assert record["version"] == str(prod.version) and record["artifact_digest"] == first["release_record"]["artifact_digest"]
     from closedloop.errors import EvidenceError
@@ -429,9 +453,9 @@ def test_the_hand_off_to_release_review_card_and_model_card(env):
     with pytest.raises(EvidenceError):  # a consumer refuses an event whose record was edited
         verifier.unseal(forged, None, what="the release record")
     # -- the review card of a candidate that is not production, compared with production ---------
-    other = next(v for v in client.search_model_versions("name = 'acc_gov_model'") if v.version != prod.version
-                 and v.tags.get("airflow.dag_id") == "acc_gov")
-    gate_of = {v: client.get_run(client.get_model_version("acc_gov_model", v).tags["closedloop.gate_run_id"]).data.metrics
+    other = next(v for v in client.search_model_versions("name = 'acc_rel_model'")
+                 if v.tags.get("airflow.run_id") == waiting_run)
+    gate_of = {v: client.get_run(client.get_model_version("acc_rel_model", v).tags["closedloop.gate_run_id"]).data.metrics
                for v in (other.version, prod.version)}
     _, plugins = server.api("GET", "/api/v2/plugins")
     views = [v for p in plugins["plugins"] if p["name"] == "closedloop" for v in p["external_views"]]
@@ -440,7 +464,7 @@ def test_the_hand_off_to_release_review_card_and_model_card(env):
     from urllib.parse import urlencode
 
     req = urllib.request.Request(server.url + "/closedloop/api/review?" + urlencode(
-        {"dag_id": "acc_gov", "run_id": other.tags["airflow.run_id"]}))
+        {"dag_id": "acc_rel", "run_id": other.tags["airflow.run_id"]}))
     req.add_header("Authorization", f"Bearer {server.client('safety-deputy').token()}")
     with urllib.request.urlopen(req, timeout=120) as r:
         card = json.load(r)
@@ -451,7 +475,7 @@ def test_the_hand_off_to_release_review_card_and_model_card(env):
 
     with Browser() as b:
         b.set_cookie(server.url, "_token", server.client("safety-deputy").token())
-        b.goto(f"{server.url}/closedloop/review?dag_id=acc_gov&run_id={quote(other.tags['airflow.run_id'], safe='')}")
+        b.goto(f"{server.url}/closedloop/review?dag_id=acc_rel&run_id={quote(other.tags['airflow.run_id'], safe='')}")
         assert b.eval("document.getElementById('version').textContent") == str(other.version)
         assert f"production version {prod.version}" in b.eval("document.getElementById('compared').textContent")
         for metric in ("sim.collision_rate", "sim.hard_braking.min_ttc_s", "offline.rmse"):
@@ -461,8 +485,8 @@ def test_the_hand_off_to_release_review_card_and_model_card(env):
         assert b.eval("document.querySelectorAll('#charts svg rect').length") > 0  # per-scenario bars drawn
         assert b.eval("document.querySelectorAll('#gates tr.pass').length") == len(card["gates"])
     # -- the model card of the production version, in the registry --------------------------------
-    text = client.get_model_version("acc_gov_model", prod.version).description
-    assert f"# acc_gov_model version {prod.version}\n" in text
+    text = client.get_model_version("acc_rel_model", prod.version).description
+    assert f"# acc_rel_model version {prod.version}\n" in text
     written = next(line for line in text.splitlines() if line.startswith("Aliases when this card was written: "))
     assert "production" in written.split(": ", 1)[1].split(", "), written  # maybe still the candidate too
     assert prod.tags["closedloop.dataset_version"] in text and "## Metrics per scenario" in text

@@ -99,23 +99,51 @@ def asset_events(server) -> list[dict]:
     return server.api("GET", f"/api/v2/assets/events?asset_id={asset_id}&limit=100")[1]["asset_events"]
 
 
-def test_rest_incident_starts_one_run_and_a_repeat_is_debounced(env):
+@pytest.fixture(scope="module")
+def first_incidents(env) -> dict:
+    """INC-1 posted through REST, then INC-2 (the same scenario type) a second later: the runs they
+    started and each one's admission. Posted once per module, by whichever test asks first, before
+    any other test posts a hard-braking incident: so each test of this module runs alone too."""
+    server = env[0]
+    from closedloop.cli.events import incident_asset_id
+
+    before = {r["dag_run_id"] for r in runs(server)}
+    asset_id = incident_asset_id(server.client("fleet-monitor"), MODEL)
+    status, first = server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": {**INCIDENT, "id": "INC-1"}},
+                               user="fleet-monitor")
+    assert status == 200, first
+    wait_runs(server, len(before) + 1)
+    time.sleep(1)
+    status, _ = server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": {**INCIDENT, "id": "INC-2"}},
+                           user="fleet-monitor")
+    assert status == 200
+    found = wait_runs(server, len(before) + 2)
+    return {r["dag_run_id"]: admission(server, r["dag_run_id"]) for r in found if r["dag_run_id"] not in before}
+
+
+def inc1_run(decisions: dict) -> str:
+    return next(r for r, d in decisions.items() if d and d.get("admitted") and d["incidents"][0]["id"] == "INC-1")
+
+
+@pytest.fixture(scope="module")
+def inc1_trained(env, first_incidents) -> str:
+    """The run INC-1 started, once it has trained (its lineage exists either way its gates go)."""
+    server = env[0]
+    first = inc1_run(first_incidents)
+    server.wait_for(lambda: server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{first}/taskInstances/train")
+                    [1].get("state") in ("success", "failed"), 600, "INC-1's run to train")
+    return first
+
+
+def test_rest_incident_starts_one_run_and_a_repeat_is_debounced(env, first_incidents):
     server, root, _ = env
     from closedloop.cli.events import incident_asset_id
 
     asset_id = incident_asset_id(server.client("fleet-monitor"), MODEL)
     status, _ = server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": INCIDENT}, user="viewer1")
     assert status == 403  # posting incidents is an Airflow permission
-    status, first = server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": {**INCIDENT, "id": "INC-1"}},
-                               user="fleet-monitor")
-    assert status == 200, first
-    wait_runs(server, 1)
-    time.sleep(1)
-    status, _ = server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": {**INCIDENT, "id": "INC-2"}},
-                           user="fleet-monitor")
-    assert status == 200
-    found = wait_runs(server, 2)
-    decisions = {r["dag_run_id"]: admission(server, r["dag_run_id"]) for r in found}
+    decisions = first_incidents
+    assert len(decisions) == 2, decisions
     admitted = [r for r, d in decisions.items() if d and d["admitted"]]
     assert len(admitted) == 1, decisions
     first_run = admitted[0]
@@ -217,7 +245,7 @@ def test_degraded_kpi_raises_one_incident_per_degradation(env):
 
 
 
-def test_periodic_run_holding_the_default_pool_does_not_block_an_incident_run(env):
+def test_periodic_run_holding_the_default_pool_does_not_block_an_incident_run(env, first_incidents):
     server, _, _ = env
     for pool, slots in (("default_pool", 1), ("closedloop_incident", 8)):
         status, body = server.api("PATCH", f"/api/v2/pools/{pool}?update_mask=slots",
@@ -269,19 +297,14 @@ def incident_goes_on_beside(server, base: str) -> None:
     assert ti["pool"] == "closedloop_incident"  # ...and the incident run went on in its own pool
 
 
-def test_lineage_endpoints_and_page_answer_behind_airflow_login(env):
+def test_lineage_endpoints_and_page_answer_behind_airflow_login(env, inc1_trained):
     """The plugin's web app in Airflow's API server: trace and impact as JSON, the lineage page in
     Airflow's navigation; nothing without an Airflow login."""
     import urllib.error
     import urllib.request
 
     server, _, _ = env
-    first = next(r["dag_run_id"] for r in runs(server)
-                 if (d := admission(server, r["dag_run_id"])) and d.get("admitted")
-                 and d["incidents"][0]["id"] == "INC-1")
-    # the run trains on 3 days of data and may or may not pass its gates: lineage exists either way
-    server.wait_for(lambda: server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{first}/taskInstances/train")
-                    [1].get("state") in ("success", "failed"), 600, "INC-1's run to train")
+    first = inc1_trained  # trained on 3 days of data: it may or may not pass its gates, lineage exists either way
 
     def get(path: str, token: str | None):
         req = urllib.request.Request(server.url + path, headers={"Authorization": f"Bearer {token}"} if token else {})
@@ -321,16 +344,6 @@ def test_lineage_endpoints_and_page_answer_behind_airflow_login(env):
     assert ours["external_views"][0]["href"] == "/closedloop/lineage"
 
 
-def first_incident_run(server) -> str:
-    """The run INC-1 started, once it has trained (its lineage exists either way its gates go)."""
-    first = server.wait_for(lambda: next((r["dag_run_id"] for r in runs(server)
-                                          if (d := admission(server, r["dag_run_id"])) and d.get("admitted")
-                                          and d["incidents"][0]["id"] == "INC-1"), None), 300, "INC-1's run")
-    server.wait_for(lambda: server.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{first}/taskInstances/train")
-                    [1].get("state") in ("success", "failed"), 600, "INC-1's run to train")
-    return first
-
-
 def http_get(server, path: str, user: str | None, timeout: float = 60) -> tuple[int, str]:
     import urllib.error
     import urllib.request
@@ -344,14 +357,14 @@ def http_get(server, path: str, user: str | None, timeout: float = 60) -> tuple[
         return e.code, e.read().decode()
 
 
-def test_a_viewer_limited_to_another_pipeline_reads_nothing_of_this_one(env):
+def test_a_viewer_limited_to_another_pipeline_reads_nothing_of_this_one(env, inc1_trained):
     """Per-DAG rights hold on every plugin endpoint, whatever the query says: "scoped" may read only
     the other pipeline's DAG, so this pipeline's trace is not found, its impact rows and health
     section are left out — also with ?dag_id= naming a DAG they may read, or this one."""
     from urllib.parse import quote
 
     server, _, _ = env
-    first = first_incident_run(server)
+    first = inc1_trained
     assert server.api("GET", f"/api/v2/dags/{DAG}", user="scoped")[0] == 403  # Airflow agrees
     assert server.api("GET", f"/api/v2/dags/{OTHER}", user="scoped")[0] == 200
     status, body = http_get(server, "/closedloop/api/impact?source=fleet-eu", "viewer1")
@@ -420,12 +433,10 @@ def test_a_rerun_conf_naming_data_outside_the_root_is_refused_before_a_run_exist
     assert len(runs(server)) == before
 
 
-def test_rerun_of_an_incident_run_through_the_cli(env):
+def test_rerun_of_an_incident_run_through_the_cli(env, inc1_trained):
     """`closedloop rerun` posts a run with the pinned snapshot; an incident rerun is never debounced."""
     server, root, _ = env
-    first = next(r["dag_run_id"] for r in runs(server)
-                 if (d := admission(server, r["dag_run_id"])) and d.get("admitted")
-                 and d["incidents"][0]["id"] == "INC-1")
+    first = inc1_trained
     out = cli(server, "rerun", first, "--dir", str(root / "include" / "pipelines"), user="admin")
     assert out.returncode == 0, out.stderr
     new = out.stdout.split(f"{DAG} run ", 1)[1].split(" ", 1)[0]
@@ -449,13 +460,11 @@ def test_rerun_of_an_incident_run_through_the_cli(env):
 
 
 @pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (.ci/run installs it)")
-def test_lineage_page_in_a_real_browser(env):
+def test_lineage_page_in_a_real_browser(env, inc1_trained):
     """Headless Chromium: without a login the page goes to Airflow's login; logged in (Airflow's session
     cookie) it traces a run and shows an impact, rendered by the page's own JavaScript."""
     server, _, _ = env
-    first = next(r["dag_run_id"] for r in runs(server)
-                 if (d := admission(server, r["dag_run_id"])) and d.get("admitted")
-                 and d["incidents"][0]["id"] == "INC-1")
+    first = inc1_trained
     with Browser() as b:
         b.goto(f"{server.url}/closedloop/lineage")
         assert "/auth/login" in b.eval("location.href")
@@ -497,7 +506,7 @@ def test_lineage_page_in_a_real_browser(env):
         assert "unknown model 'no_such_model'" in b.eval("document.getElementById('error').textContent")
 
 
-def test_health_figures_from_airflows_records_as_json_cli_and_page(env):
+def test_health_figures_from_airflows_records_as_json_cli_and_page(env, inc1_trained):
     """The health view counts what Airflow recorded: the API, `closedloop health` and the page agree,
     and the page renders with its charts in a real browser, behind Airflow's login."""
     import urllib.error
