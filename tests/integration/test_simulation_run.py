@@ -23,6 +23,9 @@ pytestmark = pytest.mark.integration
 WHEN = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)
 MODEL = "acc_sim_model"
 SHARDED = {"scenario_set: standard": "scenario_set: standard\n  shards: {count: 3}"}
+ADAPTIVE = {"scenario_set: standard": "scenario_set: standard\n  adaptive: {max_episodes: 400}",
+            "  - metric: sim.collision_rate\n    max: 0.0\n": "  - metric: sim.collision_rate\n    max: 0.05\n"
+                                                            "    confidence: 0.95\n"}
 # the learned policy brakes too late here; the expert behind its labels does not collide (see test_driving)
 INCIDENT = {"id": "INC-2026-0042", "model": MODEL, "scenario_type": "hard_braking", "severity": "critical",
             "kind": "collision", "vehicle": "veh-311", "description": "lead emergency stop at 28 m/s, 20 m gap",
@@ -68,6 +71,8 @@ def runs(airflow_db, tmp_path_factory, project):
             faults.unlink()
             out["incident"] = run_dag(load_dag("acc_sim_incident"), WHEN.replace(hour=6), conf={"incident": INCIDENT})
             out["after"] = run_dag(load_dag("acc_sim"), WHEN.replace(hour=7))
+            path.write_text(template_text(project, **base, **ADAPTIVE))
+            out["adaptive"] = run_dag(load_dag("acc_sim"), WHEN.replace(hour=8))
         finally:
             airflow.settings.DAGS_FOLDER = old
     return out
@@ -160,3 +165,29 @@ def test_the_trace_names_the_regression_catalog_and_each_incident(runs):
     text = format_trace(t)
     assert "in 3 shards, regression catalog v1-" in text
     assert "incident INC-2026-0042: 3 collision(s) in 3 episode(s) of hard_braking" in text
+
+
+def test_an_adaptive_budget_simulates_more_rounds_until_the_bound_decides(runs):
+    """simulation.adaptive through the real job: whole rounds of the catalog (the scenario set and the
+    incident's regression scenario) with fresh seeds until the confidence gate on sim.collision_rate
+    is decided or 400 episodes are spent; the gate judges every episode and says how many rounds."""
+    from closedloop.spec import GateSpec
+    from closedloop.steps.simulation import undecided
+
+    ad = runs["adaptive"]
+    assert ad["results"]["train"]["model_uri"] == runs["unsharded"]["results"]["train"]["model_uri"]
+    sim = ad["results"]["simulate"]
+    a = sim["adaptive"]
+    per_round = 26 + 3  # the scenario set and INC-2026-0042's scenario
+    assert sim["episodes"] == a["episodes"] == a["rounds"] * per_round and a["rounds"] > 1
+    assert a["episodes"] <= 400 and (a["stopped"] == "decided" or a["episodes"] + per_round > 400)
+    gate = GateSpec(metric="sim.collision_rate", max=0.05, confidence=0.95)
+    assert (undecided([gate], sim["metrics"]) == []) == (a["stopped"] == "decided")
+    task = next(t for t in ad["tasks"] if t["task_id"] == "release_gate")
+    report = {r["metric"]: r for r in (ad["results"].get("release_gate") or task["error"])["report"]}
+    judged = report["sim.collision_rate"]  # the scenario set's episodes (the regression group is its own)
+    assert judged["trials"] == sim["metrics"]["sim.episodes"] == a["rounds"] * 26
+    assert judged["events"] == sim["metrics"]["sim.collisions"]
+    assert f"adaptive budget: {a['episodes']:,} episodes in {a['rounds']} round(s) of the catalog" in judged["evidence"]
+    client = MlflowClient(settings.tracking_uri())
+    assert client.get_run(sim["run_id"]).data.params["adaptive.rounds"] == str(a["rounds"])

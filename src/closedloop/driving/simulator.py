@@ -3,28 +3,9 @@
 from __future__ import annotations
 
 from closedloop.driving.dynamics import A_MAX, A_MIN, DT, FEATURES, initial_state, lead_profile
+from closedloop.steps.catalog import expand_catalog  # the project's catalog format
 
 TTC_CAP = 99.0  # seconds; "no conflict" is reported as this value
-
-
-def expand_catalog(catalog: dict) -> list[dict]:
-    """Turn a catalog (``scenarios`` with ``repeats``) into one entry per simulated episode.
-
-    Episode ``i`` of an entry is ``<id>#<i>`` with seed ``seed + i``; an entry with ``first: k``
-    (a shard's slice of a larger entry) numbers its episodes from ``k``, so a slice simulates
-    exactly the episodes it has in the whole catalog. ``incident`` marks a regression scenario
-    (built from that incident)."""
-    episodes = []
-    for entry in catalog["scenarios"]:
-        first = int(entry.get("first", 0))
-        for i in range(first, first + int(entry.get("repeats", 1))):
-            episodes.append({
-                "id": f"{entry['id']}#{i}", "type": entry["type"], "seed": int(entry.get("seed", 0)) + i,
-                "params": dict(entry.get("params") or {}),
-                "safety_critical": bool(entry.get("safety_critical", False)),
-                "incident": entry.get("incident"),
-            })
-    return episodes
 
 
 def run_catalog(model, catalog: dict) -> dict:

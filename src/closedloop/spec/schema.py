@@ -158,6 +158,15 @@ class ShardsSpec(_Part):
         return self
 
 
+class AdaptiveSpec(_Part):
+    """An adaptive simulation budget: simulate further rounds of the catalog (the same scenarios,
+    fresh seeds) until every ``sim.*`` rate gate with ``confidence`` is decided — its bound on the
+    pass side, or the other bound past it — or the next round would pass ``max_episodes``."""
+
+    max_episodes: int = Field(ge=1, le=10_000_000, description="the most episodes simulated in all rounds "
+                              "(whole rounds of the catalog, the first included)")
+
+
 class SimulationSpec(_Part):
     entry_point: EntryPoint = "closedloop.driving.simulator:run_catalog"
     scenario_set: str = Field(pattern=r"^[A-Za-z0-9_.-]+$",
@@ -172,8 +181,17 @@ class SimulationSpec(_Part):
                                       "task mapping), merged by merge_simulation; none: one job")
     summarize: EntryPoint = Field(default="closedloop.driving.simulator:summarize", description="aggregation of "
                                   "per-episode records into metrics (the merge of shards uses the same one)")
+    adaptive: AdaptiveSpec | None = Field(default=None, description="keep simulating more seeds until the "
+                                          "confidence gates decide or max_episodes is spent; none: the catalog once")
 
     _ep = field_validator("entry_point", "summarize")(lambda cls, v: _check_entry_point(v))
+
+    @model_validator(mode="after")
+    def _adaptive_unsharded(self) -> SimulationSpec:
+        if self.adaptive is not None and self.shards is not None:
+            raise ValueError("simulation.adaptive runs further rounds in one job: it cannot be combined with "
+                             "'shards' (remove one of them)")
+        return self
 
 
 class GateSpec(_Part):
@@ -516,7 +534,15 @@ class PipelineSpec(_Part):
                 if leaf not in self.evaluation.metrics:
                     raise ValueError(f"gates[{i}].metric {gate.metric!r} uses offline metric {leaf!r}, "
                                      f"which evaluation.metrics does not compute ({self.evaluation.metrics})")
+        if self.simulation.adaptive is not None and not self.adaptive_gates():
+            raise ValueError("simulation.adaptive stops when the confidence gates are decided, and no gate judges a "
+                             "'sim.*' rate with 'confidence': add one (e.g. {metric: sim.collision_rate, max: 0.01, "
+                             "confidence: 0.95}) or remove 'adaptive'")
         return self
+
+    def adaptive_gates(self) -> list[GateSpec]:
+        """The gates an adaptive simulation budget waits for: ``sim.*`` rates judged with ``confidence``."""
+        return [g for g in self.gates if g.metric.startswith("sim.") and g.confidence is not None]
 
     def digest(self) -> str:
         """The template hash: sha256 of the validated content (comments and key order don't count)."""

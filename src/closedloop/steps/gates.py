@@ -170,7 +170,11 @@ def release_gate(loaded: LoadedSpec, ctx: RunContext, *, offline: dict, simulati
     production, production_version = production_metrics(ctx, loaded.spec.model.name)
     report = evaluate(list(loaded.spec.gates), metrics, production, nothing_to_judge={} if shifted else {
         "shift.": "no production version (or its training data) to compare with: nothing to judge"})
+    adaptive = simulation.get("adaptive")
     for r in report:  # the regression scenarios' outcomes, each by the incident it came from
+        if adaptive and r.get("confidence") is not None and r["metric"].startswith("sim.") and r.get("evidence"):
+            r["evidence"] += (f"; adaptive budget: {adaptive['episodes']:,} episodes in {adaptive['rounds']} "
+                              f"round(s) of the catalog, {adaptive['stopped']} (at most {adaptive['max_episodes']:,})")
         if r["metric"].startswith("sim.regression."):
             r["incidents"] = list(simulation.get("regression") or [])
         if r["metric"].startswith("shift.") and shifted and shifted.get("error"):

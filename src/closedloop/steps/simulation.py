@@ -31,6 +31,7 @@ import yaml
 from closedloop import settings
 from closedloop.spec import LoadedSpec
 from closedloop.steps import tracking
+from closedloop.steps.catalog import expand_catalog
 from closedloop.steps.context import RunContext
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,26 @@ class Shard(tuple):
     label = property(lambda self: f"{self.index + 1}/{self.count}")
 
 
+_CATALOGS: dict[tuple, dict] = {}
+
+
 def whole_catalog(loaded: LoadedSpec, ctx: RunContext) -> dict:
     """What this run simulates: the template's scenario set and the model's regression scenarios
     (one per admitted incident, :mod:`closedloop.steps.regression`), with the regression catalog's
-    version under ``regression``."""
-    base = yaml.safe_load(loaded.scenario_path.read_text())
-    reg = pinned_regression(loaded, ctx)
-    return {**base, "scenarios": [*base["scenarios"], *(e["scenario"] for e in reg["entries"])],
-            "regression": {"version": reg["version"], "digest": reg["digest"],
-                           "incidents": [e["incident"]["id"] for e in reg["entries"]]}}
+    version under ``regression``. Read once per run and scenario-set file content in a process (the
+    regression part is pinned for the run: it cannot change under it); callers get their own copy."""
+    import copy
+
+    st = loaded.scenario_path.stat()
+    memo = (ctx.data_root, ctx.run_key, loaded.spec.model.name, str(loaded.scenario_path), st.st_mtime_ns, st.st_size)
+    if memo not in _CATALOGS:
+        base = yaml.safe_load(loaded.scenario_path.read_text())
+        reg = pinned_regression(loaded, ctx)
+        _CATALOGS.clear()  # one run's catalog at a time: a task simulates one run
+        _CATALOGS[memo] = {**base, "scenarios": [*base["scenarios"], *(e["scenario"] for e in reg["entries"])],
+                           "regression": {"version": reg["version"], "digest": reg["digest"],
+                                          "incidents": [e["incident"]["id"] for e in reg["entries"]]}}
+    return copy.deepcopy(_CATALOGS[memo])
 
 
 def pinned_regression(loaded: LoadedSpec, ctx: RunContext) -> dict:
@@ -195,9 +207,67 @@ def _pid_alive(pid: int) -> bool:
 
 def job_spec(loaded: LoadedSpec, ctx: RunContext, trained: dict, shard: Shard | None = None) -> dict:
     """What the job needs (``job.json``): the model, the simulator and the shard's catalog."""
-    return {"model_uri": trained["model_uri"], "entry_point": loaded.spec.simulation.entry_point,
+    spec = {"model_uri": trained["model_uri"], "entry_point": loaded.spec.simulation.entry_point,
             "catalog": shard_catalog(loaded, whole_catalog(loaded, ctx), shard), "tracking_uri": ctx.tracking_uri,
             "scenario_set": loaded.spec.simulation.scenario_set}
+    budget = budget_of(loaded)
+    return {**spec, "adaptive": budget} if budget else spec
+
+
+def budget_of(loaded: LoadedSpec) -> dict | None:
+    """The adaptive budget a job follows (``simulation.adaptive``): the most episodes, the aggregation
+    and the gates it waits for; None without one."""
+    sim = loaded.spec.simulation
+    if sim.adaptive is None:
+        return None
+    return {"max_episodes": sim.adaptive.max_episodes, "summarize": sim.summarize,
+            "gates": [g.model_dump(mode="json") for g in loaded.spec.adaptive_gates()]}
+
+
+def undecided(gates: list, metrics: dict[str, float]) -> list[str]:
+    """The confidence gates whose verdict more episodes could still change: for ``max``, the upper
+    bound is above it and the lower bound is not (``min`` the other way round). A gate whose counts
+    are missing is not waited for (it fails on its own)."""
+    from closedloop.steps.gates import counts_of, rate_bounds
+
+    open_ = []
+    for g in gates:
+        counts = counts_of(g.metric, metrics)
+        if counts is None:
+            continue
+        lower, upper = rate_bounds(*counts, g.confidence, g.method)
+        if (g.max is not None and lower <= g.max < upper) or (g.min is not None and lower < g.min <= upper):
+            open_.append(g.metric)
+    return open_
+
+
+def simulate_until_decided(simulate, model, catalog: dict, budget: dict | None) -> dict:
+    """``simulate(model, catalog)``, then — with an adaptive ``budget`` — further rounds of the same
+    scenarios with fresh seeds (:func:`closedloop.steps.catalog.next_round`) while a confidence gate
+    is undecided and the next whole round fits in ``max_episodes``. The metrics are the template's
+    aggregation over every episode of every round; ``adaptive`` says how it stopped."""
+    from closedloop.spec import GateSpec
+    from closedloop.steps.catalog import next_round
+    from closedloop.steps.context import resolve
+
+    result = simulate(model, catalog)
+    if not budget:
+        return result
+    gates = [GateSpec(**g) for g in budget["gates"]]
+    summarize = resolve(budget["summarize"])
+    episodes, per_round, rounds = list(result["episodes"]), len(result["episodes"]), 1
+    while True:
+        waiting = undecided(gates, {f"sim.{k}": v for k, v in result["metrics"].items()})
+        if not waiting or not per_round or len(episodes) + per_round > budget["max_episodes"]:
+            break
+        episodes += simulate(model, next_round(catalog, rounds))["episodes"]
+        rounds += 1
+        result = {"metrics": summarize(episodes), "episodes": episodes}
+        log.info("adaptive budget: round %d, %d episodes; still undecided: %s", rounds, len(episodes),
+                 ", ".join(undecided(gates, {f"sim.{k}": v for k, v in result["metrics"].items()})) or "none")
+    result["adaptive"] = {"rounds": rounds, "episodes": len(episodes), "max_episodes": budget["max_episodes"],
+                          "stopped": "budget spent" if waiting else "decided", "undecided": waiting}
+    return result
 
 
 def launch(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, shard: Shard | None = None) -> dict:
@@ -289,9 +359,10 @@ def simulation_key(loaded: LoadedSpec, ctx: RunContext, trained: dict, shard: Sh
     part = shard_catalog(loaded, whole, shard)
     catalog = hashlib.sha256(json.dumps(part, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     sim = loaded.spec.simulation
+    budget = budget_of(loaded)  # the budget and the gates it waits for decide how many episodes run
     return key_of(loaded, "simulate", entry_point=sim.entry_point, scenario_set=sim.scenario_set, catalog=catalog,
                   regression=whole["regression"]["version"], shard=shard.label if shard else "",
-                  upstream=trained.get("cache_key") or trained["model_uri"])
+                  upstream=trained.get("cache_key") or trained["model_uri"], **({"adaptive": budget} if budget else {}))
 
 
 def _shard_tags(loaded: LoadedSpec, ctx: RunContext, shard: Shard | None) -> dict[str, str]:
@@ -338,6 +409,12 @@ def _record(loaded: LoadedSpec, ctx: RunContext, run, result: dict, *, key: str,
                 params=[_param("scenario_set", loaded.spec.simulation.scenario_set),
                         _param("model_uri", trained["model_uri"])])
     c.log_dict(run.info.run_id, result["episodes"], EPISODES_ARTIFACT)
+    if result.get("adaptive"):
+        a = result["adaptive"]
+        c.log_batch(run.info.run_id, params=[_param("adaptive.rounds", a["rounds"]),
+                                             _param("adaptive.max_episodes", a["max_episodes"]),
+                                             _param("adaptive.stopped", a["stopped"])])
+        extra = {**extra, "adaptive": a}
     regression = whole_catalog(loaded, ctx)["regression"]
     return tracking.finish(ctx, run.info.run_id, {
         "run_id": run.info.run_id, "metrics": metrics, "episodes": len(result["episodes"]), "cache_key": key,
@@ -377,7 +454,7 @@ def merge(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, shards: list[di
     run, done = cache.reuse(loaded, ctx, "merge_simulation", key)
     if done is not None:
         return done
-    expected = [e["id"] for e in _expand(whole)]
+    expected = [e["id"] for e in expand_catalog(whole)]
     c = tracking.client(ctx)
     records: dict[str, dict] = {}
     for n, shard in enumerate(shards, 1):
@@ -397,12 +474,6 @@ def merge(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, shards: list[di
     result = {"metrics": resolve(loaded.spec.simulation.summarize)(episodes), "episodes": episodes}
     c.set_tag(run.info.run_id, "closedloop.shards", str(len(shards)))
     return _record(loaded, ctx, run, result, key=key, trained=trained, extra={"shards": len(shards)})
-
-
-def _expand(catalog: dict) -> list[dict]:
-    from closedloop.driving.simulator import expand_catalog
-
-    return expand_catalog(catalog)
 
 
 def _load(c, run_id: str) -> list[dict]:
@@ -440,7 +511,7 @@ def main(job: str) -> int:
 
         model = load_model(spec["model_uri"])
         log.info("simulating %s on scenario set %s", spec["model_uri"], spec["scenario_set"])
-        result = resolve(spec["entry_point"])(model, spec["catalog"])
+        result = simulate_until_decided(resolve(spec["entry_point"]), model, spec["catalog"], spec.get("adaptive"))
         _write_json(fs, f"{path}/result.json", result)
         log.info("done: %s", json.dumps(result["metrics"], sort_keys=True))
         return 0

@@ -12,8 +12,9 @@ import yaml
 from closedloop.driving.labels import expert_acceleration
 from closedloop.driving.logs import synthesize_drive_logs
 from closedloop.driving.policy import train_policy
-from closedloop.driving.simulator import expand_catalog, run_catalog, summarize
+from closedloop.driving.simulator import run_catalog, summarize
 from closedloop.spec import load_spec
+from closedloop.steps.catalog import expand_catalog
 from closedloop.steps.simulation import Shard, shard_catalog, shard_names
 from tests.conftest import scratch_project, template_text
 

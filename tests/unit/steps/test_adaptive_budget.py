@@ -1,0 +1,127 @@
+"""The adaptive simulation budget: further rounds of the catalog with fresh seeds until the
+confidence gates are decided or ``max_episodes`` is spent (real simulator, real trained policy that
+was never shown hard braking: it never collides cutting in and always collides in hard braking)."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+import yaml
+
+from closedloop.driving.labels import expert_acceleration
+from closedloop.driving.logs import synthesize_drive_logs
+from closedloop.driving.policy import train_policy
+from closedloop.driving.simulator import run_catalog, summarize
+from closedloop.errors import SpecError
+from closedloop.spec import GateSpec, load_spec
+from closedloop.steps.catalog import expand_catalog, next_round
+from closedloop.steps.context import RunContext
+from closedloop.steps.simulation import budget_of, simulate_until_decided, simulation_key, undecided
+from tests.conftest import scratch_project, template_text
+
+
+@pytest.fixture(scope="module")
+def model():
+    raw = synthesize_drive_logs(sources=["fleet-eu"], window_start=date(2026, 11, 1), window_end=date(2026, 11, 5),
+                                scenarios=["cruise", "cut_in", "stop_and_go"], episodes_per_day=1, seed=3)
+    return train_policy(expert_acceleration(raw, version="2", smoothing_window=5), max_iter=30)
+
+
+@pytest.fixture(scope="module")
+def catalog(project):
+    return yaml.safe_load((project / "include" / "scenarios" / "standard.yaml").read_text())
+
+
+def budget(max_episodes: int, *gates: dict) -> dict:
+    return {"max_episodes": max_episodes, "summarize": "closedloop.driving.simulator:summarize", "gates": list(gates)}
+
+
+def sim(metrics: dict) -> dict:
+    return {f"sim.{k}": v for k, v in metrics.items()}
+
+
+def test_rounds_continue_the_episodes_with_fresh_ids_and_seeds(catalog):
+    rounds = [expand_catalog(next_round(catalog, r)) for r in range(3)]
+    ids = [e["id"] for part in rounds for e in part]
+    seeds = {(e["id"].split("#")[0], e["seed"]) for part in rounds for e in part}
+    assert len(ids) == len(set(ids)) == 3 * len(rounds[0]) and len(seeds) == len(ids)
+    assert expand_catalog(next_round(catalog, 0)) == expand_catalog(catalog)
+    # round r of an entry is what the entry with r+1 times its repeats would simulate after the first r
+    longer = {**catalog, "scenarios": [{**e, "repeats": 3 * e["repeats"]} for e in catalog["scenarios"]]}
+    assert sorted(ids) == sorted(e["id"] for e in expand_catalog(longer))
+
+
+def test_an_open_gate_gets_more_rounds_until_its_bound_decides(model, catalog):
+    gate = {"metric": "sim.cut_in.collision_rate", "max": 0.05, "confidence": 0.95}
+    out = simulate_until_decided(run_catalog, model, catalog, budget(5000, gate))
+    a = out["adaptive"]
+    assert a["stopped"] == "decided" and a["undecided"] == [] and a["rounds"] > 1
+    assert a["episodes"] == a["rounds"] * 26 == len(out["episodes"]) == out["metrics"]["episodes"]
+    # the same numbers as simulating those rounds directly, aggregated once
+    direct = [e for r in range(a["rounds"]) for e in run_catalog(model, next_round(catalog, r))["episodes"]]
+    assert out["episodes"] == direct and out["metrics"] == summarize(direct)
+    # it stopped at the first round where the bound decided, not later
+    gates = [GateSpec(**gate)]
+    assert undecided(gates, sim(out["metrics"])) == []
+    assert undecided(gates, sim(summarize(direct[:-26]))) == ["sim.cut_in.collision_rate"]
+    assert out["metrics"]["cut_in.collisions"] == 0
+
+
+def test_a_rate_surely_over_its_bound_stops_at_once(model, catalog):
+    gate = {"metric": "sim.hard_braking.collision_rate", "max": 0.05, "confidence": 0.95}
+    out = simulate_until_decided(run_catalog, model, catalog, budget(5000, gate))
+    assert out["adaptive"] == {"rounds": 1, "episodes": 26, "max_episodes": 5000, "stopped": "decided",
+                               "undecided": []}
+    assert out["metrics"]["hard_braking.collision_rate"] == 1.0  # 8 in 8: the lower bound is far above 5 %
+
+
+def test_the_budget_bounds_the_episodes_and_says_what_stayed_open(model, catalog):
+    gate = {"metric": "sim.cut_in.collision_rate", "max": 0.001, "confidence": 0.95}  # needs ~3,000 episodes
+    out = simulate_until_decided(run_catalog, model, catalog, budget(100, gate))
+    assert out["adaptive"] == {"rounds": 3, "episodes": 78, "max_episodes": 100, "stopped": "budget spent",
+                               "undecided": ["sim.cut_in.collision_rate"]}  # a 4th round would be 104
+
+
+def test_without_a_budget_the_catalog_runs_once(model, catalog):
+    out = simulate_until_decided(run_catalog, model, catalog, None)
+    assert "adaptive" not in out and len(out["episodes"]) == 26
+
+
+def loaded_with(tmp_path, project, extra: dict):
+    path = scratch_project(tmp_path) / "include" / "pipelines" / "acc_longitudinal.yaml"
+    path.write_text(template_text(project, **extra))
+    return load_spec(path)
+
+
+ADAPTIVE = {"scenario_set: standard": "scenario_set: standard\n  adaptive: {max_episodes: 2000}",
+            "gates:\n": "gates:\n  - metric: sim.collision_rate\n    max: 0.01\n    confidence: 0.95\n"}
+
+
+def test_the_template_refuses_a_budget_nothing_waits_for_or_with_shards(tmp_path, project):
+    with pytest.raises(SpecError, match="no gate judges a 'sim.\\*' rate with 'confidence'"):
+        loaded_with(tmp_path / "a", project, {"scenario_set: standard": "scenario_set: standard\n  adaptive: "
+                                               "{max_episodes: 2000}"})
+    with pytest.raises(SpecError, match="cannot be combined with 'shards'"):
+        loaded_with(tmp_path / "b", project, {**ADAPTIVE, "scenario_set: standard": "scenario_set: standard\n  "
+                                              "adaptive: {max_episodes: 2000}\n  shards: {count: 2}"})
+    with pytest.raises(SpecError, match="max_episodes"):
+        loaded_with(tmp_path / "c", project, {**ADAPTIVE, "scenario_set: standard": "scenario_set: standard\n  "
+                                              "adaptive: {max_episodes: 0}"})
+
+
+def test_the_budget_is_in_the_simulations_cache_key_and_its_docs(tmp_path, project):
+    from closedloop.spec.describe import describe
+
+    plain = loaded_with(tmp_path / "plain", project, {"gates:\n": ADAPTIVE["gates:\n"]})
+    small = loaded_with(tmp_path / "small", project, ADAPTIVE)
+    large = loaded_with(tmp_path / "large", project, {**ADAPTIVE, "max_episodes: 2000": "max_episodes: 4000"})
+    assert budget_of(plain) is None and budget_of(small)["gates"][0]["metric"] == "sim.collision_rate"
+    trained = {"cache_key": "k", "model_uri": "models:/m/1"}
+    keys = set()
+    for loaded in (plain, small, large):
+        ctx = RunContext(pipeline=loaded.spec.name, template_digest="", dag_id="d", run_id="r",
+                         data_root=str(tmp_path / "data"))
+        keys.add(simulation_key(loaded, ctx, trained))
+    assert len(keys) == 3
+    assert "adaptive budget" in describe(small) and "at most 2,000 episodes" in describe(small)
