@@ -165,6 +165,17 @@ def test_the_trace_names_the_regression_catalog_and_each_incident(runs):
     text = format_trace(t)
     assert "in 3 shards, regression catalog v1-" in text
     assert "incident INC-2026-0042: 3 collision(s) in 3 episode(s) of hard_braking" in text
+    # the regression scenarios (one per admitted incident: the list that grows) are paged, with their total
+    assert t["totals"] == {"regression": 1} and [i["incident"] for i in t["simulation"]["regression"]] == ["INC-2026-0042"]
+    page = trace(runs["after"]["run_id"], limit=1, offset=1)
+    assert page["totals"] == {"regression": 1} and page["simulation"]["regression"] == []
+    assert page["simulation"]["regression_catalog"] == t["simulation"]["regression_catalog"]
+    assert "0 of 1 regression scenarios shown, from number 2" in format_trace(page)
+    from closedloop.records.lineage import MAX_LIMIT, LineageError
+
+    for bad in ({"limit": 0}, {"limit": MAX_LIMIT + 1}, {"offset": -1}):
+        with pytest.raises(LineageError, match="limit must be"):
+            trace(runs["after"]["run_id"], **bad)
 
 
 def test_an_adaptive_budget_simulates_more_rounds_until_the_bound_decides(runs):

@@ -52,5 +52,13 @@ def arg_dir(sp) -> None:
     sp.add_argument("--dir", help="templates folder (default: include/pipelines)")
 
 
+def arg_paging(sp, what: str) -> None:
+    """``--limit`` / ``--offset`` of a listing (the maximum is the lineage queries')."""
+    from closedloop.records.lineage import MAX_LIMIT
+
+    sp.add_argument("--limit", type=int, default=MAX_LIMIT, help=f"list at most this many of {what} (max {MAX_LIMIT})")
+    sp.add_argument("--offset", type=int, default=0, help=f"skip this many of {what} (paging)")
+
+
 def arg_json(sp, help: str = "print JSON instead of text") -> None:
     sp.add_argument("--json", action="store_true", help=help)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from closedloop.cli.common import arg_dir, arg_json, arg_login, exit_code
+from closedloop.cli.common import arg_dir, arg_json, arg_login, arg_paging, exit_code
 from closedloop.records.airflow_api import AirflowAPI, AirflowAPIError
 from closedloop.records.lineage import LineageError
 
@@ -24,7 +24,7 @@ def cmd_trace(args) -> int:
     from closedloop.cli.render import format_trace
     from closedloop.records.lineage import trace
 
-    return _answer(lambda: trace(args.ref), format_trace, args.json)
+    return _answer(lambda: trace(args.ref, limit=args.limit, offset=args.offset), format_trace, args.json)
 
 
 def cmd_impact(args) -> int:
@@ -82,6 +82,7 @@ def add_parsers(sub) -> None:
     sp = sub.add_parser("trace", help="the chain behind a model version or run: data, labels, template, run, gates, review")
     sp.add_argument("ref", help="models:/NAME@ALIAS, models:/NAME/VERSION, NAME/VERSION, an MLflow run id or an "
                                "Airflow dag run id")
+    arg_paging(sp, "regression scenarios")
     arg_json(sp)
     sp.set_defaults(func=cmd_trace)
     sp = sub.add_parser("impact", help="snapshots, training runs and model versions a source, label policy or "
@@ -90,8 +91,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--source", help="fleet log source, e.g. fleet-eu")
     g.add_argument("--label-policy", help="NAME or NAME@VERSION")
     g.add_argument("--dataset", help="dataset snapshot digest (raw or labelled; its first 8+ hex digits will do)")
-    sp.add_argument("--limit", type=int, default=1000, help="list at most this many of each (max 1000)")
-    sp.add_argument("--offset", type=int, default=0, help="skip this many of each (paging)")
+    arg_paging(sp, "each")
     arg_json(sp)
     sp.set_defaults(func=cmd_impact)
     sc = sub.add_parser("scenarios", help="a model's regression scenarios (one per admitted incident)")

@@ -133,6 +133,10 @@ def format_trace(t: dict[str, Any]) -> str:
         for i in sim.get("regression") or []:
             lines.append(f"  incident {i['incident']}: {i['collisions']} collision(s) in {i['episodes']} episode(s) "
                          f"of {i['type']}")
+        total, shown = (t.get("totals") or {}).get("regression", 0), len(sim.get("regression") or [])
+        if shown < total:
+            lines.append(f"  ({shown} of {total} regression scenarios shown, from number {t.get('offset', 0) + 1}; "
+                         "--offset to page on)")
     g = t.get("gates")
     if g:
         from closedloop.steps.gates import format_report

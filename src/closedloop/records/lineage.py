@@ -162,9 +162,16 @@ def _origin(tags: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def trace(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
+def trace(ref: str, tracking_uri: str | None = None, *, limit: int = MAX_LIMIT, offset: int = 0) -> dict[str, Any]:
     """The chain behind ``ref``, newest first: model version → training run → dataset snapshots →
-    label policy → template → Airflow run (and what started it) → gates and review."""
+    label policy → template → Airflow run (and what started it) → gates and review.
+
+    One record per link; the one list that grows with the store — the regression scenarios the
+    model's incidents added, each with its outcome (under ``simulation``; the regression gate's row
+    refers to it) — is paged by ``limit`` (at most :data:`MAX_LIMIT`) and ``offset``, with its total
+    in ``totals``."""
+    if not 1 <= limit <= MAX_LIMIT or offset < 0:
+        raise LineageError(f"limit must be 1..{MAX_LIMIT} and offset >= 0 (got limit {limit}, offset {offset})")
     c = mlflow_client(tracking_uri)
     found = resolve(ref, tracking_uri)
     mv, parent = found["version"], found["pipeline_run"]
@@ -218,6 +225,12 @@ def trace(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
     review = {k.removeprefix(vocab.REVIEW_PREFIX): v for k, v in (mv.tags.items() if mv is not None else ())
               if k.startswith(vocab.REVIEW_PREFIX)}
     out["review"] = review or None
+    outcomes = (out["simulation"] or {}).get("regression") or []
+    if out["simulation"]:
+        out["simulation"]["regression"] = outcomes[offset:offset + limit]
+    for row in (out["gates"] or {}).get("report") or []:
+        row.pop("incidents", None)  # the same outcomes as simulation.regression: listed (and paged) once
+    out.update(totals={"regression": len(outcomes)}, limit=limit, offset=offset)
     return out
 
 

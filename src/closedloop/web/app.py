@@ -161,13 +161,14 @@ def create_app() -> FastAPI:
     app = FastAPI(title="airflow-closedloop", description="Lineage of closed-loop models: trace and impact.")
 
     @app.get("/api/trace")
-    def api_trace(caller: Reader, ref: Annotated[str, Query(min_length=1, max_length=500)]):
-        """One model's chain (a single record, nothing to page)."""
+    def api_trace(caller: Reader, ref: Annotated[str, Query(min_length=1, max_length=500)],
+                  limit: Limit = 100, offset: Offset = 0):
+        """One model's chain (one record per link; its regression scenarios paged, with their total)."""
         from closedloop.records.lineage import LineageError, trace
         from closedloop.spec import load_all
 
         try:
-            t = trace(ref, _tracking_uri())
+            t = trace(ref, _tracking_uri(), limit=limit, offset=offset)
         except LineageError as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from None
         if not visible_trace(t, caller, load_all(_pipelines_dir())[0]):

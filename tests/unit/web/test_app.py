@@ -19,7 +19,8 @@ def test_every_route_wants_a_login_and_says_its_limits():
     def param(path: str, name: str) -> dict:
         return next(p["schema"] for p in schema["paths"][path]["get"]["parameters"] if p["name"] == name)
 
-    assert param("/api/impact", "limit")["maximum"] == MAX_LIMIT and param("/api/impact", "offset")["minimum"] == 0
+    for path in ("/api/impact", "/api/trace"):
+        assert param(path, "limit")["maximum"] == MAX_LIMIT and param(path, "offset")["minimum"] == 0
     assert param("/api/health", "limit")["maximum"] == MAX_HEALTH_PIPELINES
     steering = {path for path, route in schema["paths"].items()
                 if "dag_id" in {p["name"] for p in route["get"].get("parameters", [])}}
