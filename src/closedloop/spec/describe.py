@@ -22,10 +22,15 @@ def describe(loaded: LoadedSpec) -> str:
     s = loaded.spec
     ds, lp = s.dataset, s.label_policy
     gates = "\n".join(f"- `{g.describe()}`" + (f": {g.description}" if g.description else "") for g in s.gates)
-    sh = s.simulation.shards
-    docs = {"simulate": (f"closed-loop simulation in shards ({'one per scenario type' if sh.by == 'scenario_type' else f'{sh.count} slices of the catalog'}; Airflow dynamic task mapping), each a separate job awaited in the triggerer"
-                         if sh else "") or (f"closed-loop simulation with an adaptive budget: further rounds of the catalog with fresh seeds until {', '.join(f'`{g.metric}`' for g in s.adaptive_gates())} {'is' if len(s.adaptive_gates()) == 1 else 'are'} decided at {'their' if len(s.adaptive_gates()) > 1 else 'its'} confidence level, at most {s.simulation.adaptive.max_episodes:,} episodes"
-                                           if s.simulation.adaptive else ""),
+    sh, budget = s.simulation.shards, s.simulation.adaptive
+    simulate = ""
+    if sh:
+        simulate = (f"closed-loop simulation in shards ({'one per scenario type' if sh.by == 'scenario_type' else f'{sh.count} slices of the catalog'}; Airflow dynamic task mapping), each a separate job awaited in the triggerer")
+    elif budget:
+        simulate = ("closed-loop simulation with an adaptive budget: further rounds of the catalog with fresh seeds "
+                    f"until the confidence gates on {', '.join(f'`{g.metric}`' for g in s.adaptive_gates())} are "
+                    f"decided, at most {budget.max_episodes:,} episodes")
+    docs = {"simulate": simulate,
             "await_hil": f"wait for hardware-in-the-loop results reported by `{s.hil.reporter}` (timeout "
                          f"{s.hil.timeout_minutes:g} min)" if s.hil else ""}
     all_tasks = [(t.id, docs.get(t.id) or t.doc)

@@ -256,15 +256,14 @@ def simulate_until_decided(simulate, model, catalog: dict, budget: dict | None) 
     gates = [GateSpec(**g) for g in budget["gates"]]
     summarize = resolve(budget["summarize"])
     episodes, per_round, rounds = list(result["episodes"]), len(result["episodes"]), 1
-    while True:
-        waiting = undecided(gates, {f"sim.{k}": v for k, v in result["metrics"].items()})
-        if not waiting or not per_round or len(episodes) + per_round > budget["max_episodes"]:
-            break
+    waiting = undecided(gates, {f"sim.{k}": v for k, v in result["metrics"].items()})
+    while waiting and per_round and len(episodes) + per_round <= budget["max_episodes"]:
         episodes += simulate(model, next_round(catalog, rounds))["episodes"]
         rounds += 1
         result = {"metrics": summarize(episodes), "episodes": episodes}
+        waiting = undecided(gates, {f"sim.{k}": v for k, v in result["metrics"].items()})
         log.info("adaptive budget: round %d, %d episodes; still undecided: %s", rounds, len(episodes),
-                 ", ".join(undecided(gates, {f"sim.{k}": v for k, v in result["metrics"].items()})) or "none")
+                 ", ".join(waiting) or "none")
     result["adaptive"] = {"rounds": rounds, "episodes": len(episodes), "max_episodes": budget["max_episodes"],
                           "stopped": "budget spent" if waiting else "decided", "undecided": waiting}
     return result
