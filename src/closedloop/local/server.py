@@ -18,6 +18,9 @@ import urllib.request
 from pathlib import Path
 
 SERVICE_USER = "closedloop-service"
+SQLITE_CONNECT_ARGS = {"timeout": 30}
+"""Connection arguments of the embedded Airflow's SQLite database (``[database]
+sql_alchemy_connect_args``): a writer waits up to 30 s for the lock instead of sqlite3's 5 s."""
 
 
 def threading_main() -> bool:
@@ -97,6 +100,11 @@ class AirflowServer:
             # task's successor is queued within a fraction of a second (benchmarks/local_servers.py)
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
             "GX_ANALYTICS_ENABLED": "False",
+            # SQLite lets one writer in at a time; sqlite3 gives up after 5 s of waiting and Airflow then
+            # answers 500 "database is locked" (seen under load on an audit-log write): wait up to 30 s
+            **({} if "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" in env else {
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "closedloop.local.server.SQLITE_CONNECT_ARGS",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "closedloop.local.server.SQLITE_CONNECT_ARGS"}),
             "AIRFLOW_CONN_CLOSEDLOOP_AIRFLOW_API": json.dumps({"conn_type": "http", "host": self.url,
                                                                "login": SERVICE_USER,
                                                                "password": users[SERVICE_USER][1]}),

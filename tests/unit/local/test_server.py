@@ -1,0 +1,42 @@
+"""The embedded Airflow's SQLite database waits for its write lock instead of failing (Airflow
+answered 500 "database is locked" on an audit-log write after sqlite3's 5 s under load)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+from closedloop.local.server import SQLITE_CONNECT_ARGS, AirflowServer
+
+
+def test_airflow_reads_the_connect_args_and_a_writer_outwaits_a_lock_held_past_five_seconds(tmp_path, monkeypatch):
+    server = AirflowServer(tmp_path / "a", tmp_path / "dags", {"admin": ("admin", "pw")})
+    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC"):
+        monkeypatch.setenv(key, server.env[key])
+    from airflow import settings
+
+    assert settings._get_connect_args("sync") is SQLITE_CONNECT_ARGS  # what Airflow's engine is built with
+    assert settings._get_connect_args("async")["timeout"] == 30
+
+    from sqlalchemy import create_engine, text
+
+    db = tmp_path / "airflow.db"
+    sqlite3.connect(db).execute("create table log (x int)").connection.commit()
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("begin immediate")  # another component holds the write lock for 6 s
+    threading.Timer(6.0, lambda: holder.execute("commit")).start()
+    engine = create_engine(f"sqlite:///{db}", connect_args={**settings._get_connect_args("sync"),
+                                                            "check_same_thread": False})
+    started = time.monotonic()
+    with engine.begin() as conn:
+        conn.execute(text("insert into log values (1)"))
+    assert time.monotonic() - started >= 5.5  # it waited past sqlite3's default 5 s, then wrote
+    assert sqlite3.connect(db).execute("select count(*) from log").fetchone() == (1,)
+
+
+def test_a_server_on_another_database_gets_no_sqlite_arguments(tmp_path):
+    server = AirflowServer(tmp_path / "a", tmp_path / "dags", {"admin": ("admin", "pw")},
+                           env={"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://x@127.0.0.1/airflow"})
+    assert "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS" not in server.env
+    assert "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC" not in server.env
