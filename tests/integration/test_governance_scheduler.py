@@ -13,6 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from closedloop.local.server import AirflowServer
+from closedloop.records.airflow_api import xcom_value
 from closedloop.steps import governance as gov
 from tests.conftest import SAFE_DATA, scratch_project, template_text
 
@@ -96,7 +97,7 @@ def hitl_path(dag_id, run_id) -> str:
 
 def xcom(server, dag_id, run_id, task):
     _, entry = server.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task}/xcomEntries/return_value")
-    return entry["value"] if isinstance(entry["value"], dict | list) else json.loads(entry["value"])
+    return xcom_value(entry)
 
 
 def test_governed_path(env):
@@ -229,8 +230,7 @@ def test_governed_path(env):
 
     def refusal(dag_id, run_id, task="promote") -> str:
         _, entry = server.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task}/xcomEntries/error")
-        value = entry["value"] if isinstance(entry["value"], dict) else json.loads(entry["value"])
-        return value["message"]
+        return xcom_value(entry)["message"]
 
     # -- F: the edited record is refused by the first governed step that reads it after the edit:
     #    promote, or the approval itself when it was retried (Airflow's race with an answer given at

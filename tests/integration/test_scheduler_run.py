@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from closedloop.local.server import AirflowServer
+from closedloop.records.airflow_api import xcom_value
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
 from tests.fixtures.runs import an_undisturbed_run, registry_record, run_to_end
 from tests.fixtures.warm import PROBE_DAG_FILE, check_warm_and_isolated, probe_connections
@@ -175,7 +176,7 @@ def test_sigkill_at_every_crash_point_leaves_the_registry_as_an_undisturbed_run(
     assert not list(data.rglob("*.tmp"))  # no half-written snapshot or job file
     _, entry = airflow.api("GET", f"/api/v2/dags/acc_longitudinal/dagRuns/{killed['dag_run_id']}/taskInstances/"
                                   "generate_dataset/xcomEntries/return_value")
-    raw = entry["value"] if isinstance(entry["value"], dict) else json.loads(entry["value"])
+    raw = xcom_value(entry)
     assert (data / "raw" / f"{raw['digest']}.parquet").exists()
     from closedloop.steps.context import RunContext
     from closedloop.steps.simulation import job_dir
@@ -220,7 +221,7 @@ def test_a_killed_shard_is_retried_alone_and_the_merge_waits_for_it(airflow, tmp
         assert log.read_text().count("simulating ") == 1, (i, log.read_text()[-2000:])
     _, merged = airflow.api("GET", f"/api/v2/dags/acc_shards/dagRuns/{run['dag_run_id']}/taskInstances/"
                                    "merge_simulation/xcomEntries/return_value")
-    value = merged["value"] if isinstance(merged["value"], dict) else json.loads(merged["value"])
+    value = xcom_value(merged)
     assert value["shards"] == 2 and value["episodes"] == 26
 
 
