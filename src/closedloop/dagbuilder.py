@@ -201,6 +201,11 @@ def build_registry_dags(specs: list[LoadedSpec]) -> dict[str, DAG]:
         params={"action": Param("promote", type="string", enum=list(ACTIONS), title="Action"),
                 "model": Param(models[0], type="string", enum=models, title="Model"),
                 "version": Param("", type="string", maxLength=20, title="Version (promote)"),
+                "from_version": Param("", type="string", maxLength=20, title="Production now (as you see it; "
+                                      "'none')", description="the move is made only from this version: a "
+                                      "cleared or late run never moves production from anywhere else"),
+                "to_version": Param("", type="string", maxLength=20, title="Version (rollback: previous-production; "
+                                    "restore: the last governed version)"),
                 "reason": Param("", type="string", maxLength=2000, title="Reason (rollback, restore)")},
     ) as registry:
         RegistryOperator(task_id="registry_action", specs=gov, retries=2)

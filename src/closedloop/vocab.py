@@ -56,6 +56,7 @@ REGRESSION_CATALOG = "closedloop.simulation.regression_catalog"
 REQUEST_PREFIX = "closedloop.request."
 INCIDENT_PREFIX = "closedloop.incident."
 REVIEW_PREFIX = "closedloop.review."
+REVIEW_OPENED_PREFIX = "closedloop.review.opened."  # + approval task id: the sealed record of what a review showed
 AUDIT_PREFIX = "closedloop.audit."
 RELEASE_RECORD = "closedloop.release_record"
 APPROVAL_PREFIX = "closedloop.approval."
@@ -66,6 +67,11 @@ PUBLIC_KEY = "closedloop.signing.public_key"
 CONF_RERUN = "closedloop_rerun"
 CONF_CACHE = "closedloop_cache"
 CONF_INCIDENT = "incident"
+
+# -- asset event fields the deployment writes (an event posted through Airflow's REST API also carries
+#    Airflow's own ``from_rest_api`` mark, and is then not believed to come from the deployment) --------------
+EVENT_FROM_CLOSEDLOOP = "from_closedloop"
+EVENT_POSTED_BY = "posted_by"
 
 # -- XCom keys ---------------------------------------------------------------------------------------
 XCOM_ERROR = "error"

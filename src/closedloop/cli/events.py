@@ -56,11 +56,12 @@ def incident_asset_id(api: AirflowAPI, model: str) -> int:
 
 
 def post_incident(api: AirflowAPI, incident: dict) -> dict:
-    """Post a validated incident as an asset event; return Airflow's event record."""
-    status, data = api.call("POST", "/assets/events", {"asset_id": incident_asset_id(api, incident["model"]),
-                                                        "extra": incident})
+    """Report a validated incident through the plugin (``POST /closedloop/api/incidents``: the caller must
+    be one of the template's ``incidents.reporters``; no ``op`` role needed); return the event record."""
+    status, data = api.call("POST", "/closedloop/api/incidents", incident, root=True)
     if status != 200:
-        raise AirflowAPIError(f"Airflow refused the incident event (HTTP {status}): {data.get('detail')}", status)
+        detail = data.get("detail") if isinstance(data, dict) else data
+        raise AirflowAPIError(f"Airflow refused the incident (HTTP {status}): {detail}", status)
     return data
 
 

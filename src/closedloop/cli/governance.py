@@ -145,11 +145,34 @@ def registry_action(api: AirflowAPI, conf: dict, *, timeout: float = 300) -> tup
     return 1, {"error": error.get("message") or f"run {data['dag_run_id']} of {REGISTRY_DAG_ID} failed; see its log"}
 
 
+def aliases_now(model: str) -> dict[str, str]:
+    """The model's aliases as the caller sees them in MLflow (what a registry request names as its move)."""
+    from closedloop.steps.tracking import mlflow_client
+
+    try:
+        rm = mlflow_client().get_registered_model(model)
+    except Exception as exc:  # no such model: the deployment says so with the reason
+        from closedloop.steps.tracking import not_found
+
+        if not_found(exc):
+            return {}
+        raise
+    return {a: str(v) for a, v in (rm.aliases or {}).items()}
+
+
 def ask_registry(args, **conf: str) -> tuple[int, dict | None]:
     """Run one registry action as the caller (:func:`registry_action`); a refusal is printed.
-    Returns ``(exit code, result)``."""
+    Returns ``(exit code, result)``. The request names the exact move: production as the caller sees it
+    now (``from_version``) and where it goes."""
+    if "from_version" not in conf:
+        try:
+            conf["from_version"] = aliases_now(conf["model"]).get("production") or "none"
+        except Exception as exc:
+            print(f"error: cannot read {conf['model']}'s aliases in MLflow ({str(exc).splitlines()[0]}); a registry "
+                  "request names the move it asks for", file=sys.stderr)
+            return 2, None
     try:
-        code, out = registry_action(_api(args), {"version": "", "reason": "", **conf})
+        code, out = registry_action(_api(args), {"version": "", "reason": "", "to_version": "", **conf})
     except AirflowAPIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1, None
@@ -171,7 +194,13 @@ def cmd_promote(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    code, out = ask_registry(args, action="rollback", model=args.model, reason=args.reason)
+    try:
+        now = aliases_now(args.model)
+    except Exception as exc:
+        print(f"error: cannot read {args.model}'s aliases in MLflow: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    code, out = ask_registry(args, action="rollback", model=args.model, reason=args.reason,
+                             from_version=now.get("production") or "none", to_version=now.get("previous-production", ""))
     if code:
         return code
     print(f"{out['model']}: production is version {out['production']} again"
@@ -184,11 +213,12 @@ def cmd_verify(args) -> int:
     """``closedloop audit --verify MODEL [--restore --reason …]``: aliases against the sealed records."""
     from closedloop.errors import EvidenceError
     from closedloop.steps.governance import check_aliases
-    from closedloop.steps.signing import published_verifier
+    from closedloop.steps.signing import trusted_keys
     from closedloop.steps.tracking import mlflow_client
 
     try:
-        verifier, where = published_verifier()
+        verifier = trusted_keys()
+        where = verifier.where
         state = check_aliases(mlflow_client(), args.model, verifier)
     except EvidenceError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -213,7 +243,10 @@ def cmd_verify(args) -> int:
     if not args.reason:
         print("error: --restore needs --reason", file=sys.stderr)
         return 2
-    code, out = ask_registry(args, action="restore", model=args.model, reason=args.reason)
+    last = state["last_promotion"] or {}
+    code, out = ask_registry(args, action="restore", model=args.model, reason=args.reason,
+                             from_version=state["aliases"].get("production") or "none",
+                             to_version=str(last.get("version") or ""))
     if code:
         return code
     print(f"restored: {args.model}@production is version {out['production']} again (was {out['was']})")
@@ -221,23 +254,82 @@ def cmd_verify(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    """``closedloop keys generate|show``: a deployment's signing key, and the public key to publish."""
+    """``closedloop keys generate|show|rotate``: the deployment's signing key and its pinned public keys."""
     from closedloop.errors import EvidenceError
-    from closedloop.steps.signing import Signer, published_verifier
+    from closedloop.steps.signing import Signer, trusted_keys
 
     if args.keys_action == "generate":
         key = Signer.generate()
-        print("# private key: store it as the password of the Airflow connection 'closedloop_signing' (or your "
-              "secrets backend); never in git, templates or logs", file=sys.stderr)
-        print(f"AIRFLOW_CONN_CLOSEDLOOP_SIGNING='{json.dumps({'conn_type': 'generic', 'password': key.seed_b64()})}'")
-        print(f"CLOSEDLOOP_PUBLIC_KEY={key.verifier.published()}")
+        print("# private key: give it to the deployment's tasks as CLOSEDLOOP_SIGNING_KEY (environment) or as the "
+              "connection 'closedloop_signing' of your secrets backend; never in git, templates, logs or Airflow's "
+              "metadata database. Pin the public key: include/keys/trusted_keys.json or CLOSEDLOOP_TRUSTED_KEYS",
+              file=sys.stderr)
+        print(f"CLOSEDLOOP_SIGNING_KEY={key.seed_b64()}")
+        print(f"CLOSEDLOOP_TRUSTED_KEYS={key.verifier.published()}")
         return 0
+    if args.keys_action == "rotate":
+        return rotate_keys(args)
     try:
-        verifier, where = published_verifier()
+        ring = trusted_keys()
     except EvidenceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{verifier.published()}  (key id {verifier.key_id}, from {where})")
+    for k in ring.keys:
+        state = f"retired {k.retired}" if k.retired else ("current" if k.verifier is ring.current else "active")
+        print(f"{k.verifier.published()}  (key id {k.verifier.key_id}, {state})")
+    print(f"pinned in {ring.where}")
+    return 0
+
+
+def rotate_keys(args) -> int:
+    """A new signing key appended to the pinned set, the old one retired (its records stay verifiable).
+
+    Production: writes the new pin file to ``--pins`` (commit it, reviewed like code) and prints the
+    new private key for the secrets backend. Embedded default: replaces the local key file (the old
+    one is kept beside it) and its pin file."""
+    import os
+    from pathlib import Path
+
+    from closedloop.errors import EvidenceError
+    from closedloop.steps.signing import PinnedKey, Signer, keyring_from_json, local_key_path, trusted_keys
+    from closedloop.steps.timeutil import utc_now_iso
+
+    try:
+        ring = trusted_keys()
+    except EvidenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    now = utc_now_iso()
+    fresh = Signer.generate()
+    keys = [PinnedKey(k.verifier, k.added, k.retired or now, k.note) for k in ring.keys]
+    keys.append(PinnedKey(fresh.verifier, added=now, note=args.note or "rotated"))
+    doc = json.dumps({"keys": [k.as_dict() for k in keys]}, indent=1) + "\n"
+    local = local_key_path()
+    target = Path(args.pins) if args.pins else Path(ring.where)
+    if not args.pins and target != local.with_name("trusted_keys.json"):
+        print(f"error: the pins live in {ring.where} (reviewed with the deployment): write the new set with --pins FILE "
+              "and commit it; then give the tasks the new private key", file=sys.stderr)
+        return 2
+    keyring_from_json(doc, str(target))  # what is written reads back
+    if not args.pins:  # embedded default: the key file and its pin, side by side
+        old = local.read_text() if local.exists() else ""
+        if old:
+            kept = local.with_name(f"release-signing.{ring.key_id}.retired")
+            kept.write_text(old)
+            kept.chmod(0o600)
+        tmp = local.with_suffix(".new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(fresh.seed_b64() + "\n")
+        os.replace(tmp, local)
+        local.with_suffix(".pub").write_text(fresh.verifier.published() + "\n")
+    target.write_text(doc)
+    print(f"pinned key {fresh.verifier.key_id} in {target}; retired {', '.join(ring.ids())} (records they sealed "
+          "stay verifiable)")
+    if args.pins:
+        print(f"CLOSEDLOOP_SIGNING_KEY={fresh.seed_b64()}")
+        print("# give the tasks the new private key (environment or secrets backend) once the pin file is deployed",
+              file=sys.stderr)
     return 0
 
 
@@ -317,6 +409,9 @@ def add_parsers(sub, find) -> None:
     sp.add_argument("--reason", help="with --restore: why")
     arg_login(sp)
     sp.set_defaults(func=cmd_audit)
-    sp = sub.add_parser("keys", help="the deployment's signing key: generate one, or show the public key")
-    sp.add_argument("keys_action", choices=["generate", "show"])
+    sp = sub.add_parser("keys", help="the deployment's signing key: generate one, show the pinned public keys, "
+                        "or rotate (a new key pinned, the old one retired)")
+    sp.add_argument("keys_action", choices=["generate", "show", "rotate"])
+    sp.add_argument("--pins", help="rotate: write the new pinned set to this file (production: commit it)")
+    sp.add_argument("--note", help="rotate: why (kept in the pinned set)")
     sp.set_defaults(func=cmd_keys)

@@ -1,39 +1,101 @@
-"""The deployment's signing key, from an Airflow connection (production) or the local key file."""
+"""The deployment's signing key, from a fixed source order that no person's Airflow rights reach.
+
+1. ``CLOSEDLOOP_SIGNING_KEY`` (base64 of the 32-byte Ed25519 seed) or ``CLOSEDLOOP_SIGNING_KEY_FILE``;
+2. ``AIRFLOW_CONN_CLOSEDLOOP_SIGNING`` in the environment (Airflow's environment-variable connection);
+3. the connection ``closedloop_signing`` in the secrets backend configured under ``[secrets] backend``
+   (Vault, AWS Secrets Manager, …) — asked directly, never through Airflow's connection lookup,
+   which falls back to the metadata database where role ``op`` creates connections;
+4. the embedded default's key file under ``$CLOSEDLOOP_HOME/keys/`` (created once, mode 0600).
+
+Whatever the source, the key must match the pinned public keys
+(:func:`closedloop.steps.signing.trusted_keys`): a mismatch is a refusal naming it, never a new trust.
+"""
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 
-from closedloop.steps.signing import Signer, local_signer, signer_from_text
+from closedloop.errors import EvidenceError
+from closedloop.steps.signing import KeyRing, Signer, local_signer, signer_from_text, trusted_keys
 
 log = logging.getLogger(__name__)
 
 SIGNING_CONN_ID = "closedloop_signing"
+ENV_KEY, ENV_KEY_FILE = "CLOSEDLOOP_SIGNING_KEY", "CLOSEDLOOP_SIGNING_KEY_FILE"
+ENV_CONN = "AIRFLOW_CONN_" + SIGNING_CONN_ID.upper()
 
 
 def signer(conn_id: str = SIGNING_CONN_ID) -> Signer:
-    """The private key tasks sign with.
-
-    The Airflow connection ``closedloop_signing`` (its password: base64 of the 32-byte Ed25519
-    seed; ``closedloop keys generate`` makes one) wins: in Airflow 3.3 only roles ``op`` and
-    ``admin`` read connections, requesters (``user``) cannot. Without it — the embedded default —
-    the key file under ``$CLOSEDLOOP_HOME/keys/`` (created once, mode 0600).
-    """
+    """The private key tasks sign with (see the module's source order), checked against the pins."""
     from closedloop import settings
 
-    return _signer(conn_id, str(settings.home()))
+    found, source = _signer(conn_id, str(settings.home()), os.environ.get(ENV_KEY, ""),
+                            os.environ.get(ENV_KEY_FILE, ""), os.environ.get(ENV_CONN, ""))
+    return trusted_keys().check_signer(found, source)
+
+
+def verifier() -> KeyRing:
+    """What every consumer verifies seals with: the pinned public keys (never the signing key's own)."""
+    return trusted_keys()
+
+
+def _conn_secret(text: str) -> str | None:
+    """The seed in a connection given as JSON or URI (its password, or ``extra.seed``)."""
+    text = text.strip()
+    if not text:
+        return None
+    if text.startswith("{"):
+        data = json.loads(text)
+        extra = data.get("extra")
+        extra = json.loads(extra or "{}") if isinstance(extra, str) else extra
+        return data.get("password") or (extra or {}).get("seed")
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(text)
+    return unquote(parts.password) if parts.password else None
+
+
+def _from_secrets_backend(conn_id: str) -> str | None:
+    """The seed from the configured secrets backend (``[secrets] backend``), None when there is none."""
+    try:
+        from airflow.configuration import conf
+
+        path = conf.get("secrets", "backend", fallback="") or ""
+    except Exception:  # no Airflow configuration here
+        return None
+    if not path.strip():
+        return None
+    from airflow.utils.module_loading import import_string
+
+    kwargs = json.loads(conf.get("secrets", "backend_kwargs", fallback="") or "{}")
+    conn = import_string(path)(**kwargs).get_connection(conn_id)
+    if conn is None:
+        return None
+    return conn.password or (conn.extra_dejson or {}).get("seed")
 
 
 @functools.lru_cache(maxsize=4)
-def _signer(conn_id: str, home: str) -> Signer:
-    from airflow.sdk import BaseHook
+def _signer(conn_id: str, home: str, env_key: str, env_key_file: str, env_conn: str) -> tuple[Signer, str]:
+    if env_key.strip():
+        return signer_from_text(env_key, where=f"${ENV_KEY}"), f"${ENV_KEY}"
+    if env_key_file.strip():
+        with open(env_key_file, encoding="utf-8") as fh:
+            return signer_from_text(fh.read(), where=env_key_file), env_key_file
+    if env_conn.strip():
+        try:
+            seed = _conn_secret(env_conn)
+        except ValueError as exc:
+            raise EvidenceError(f"${ENV_CONN}: not a connection (JSON or URI): {exc}") from None
+        if not seed:
+            raise EvidenceError(f"${ENV_CONN} holds no password (the base64 seed)")
+        return signer_from_text(seed, where=f"${ENV_CONN}"), f"${ENV_CONN}"
+    seed = _from_secrets_backend(conn_id)
+    if seed:
+        return signer_from_text(seed, where=f"the secrets backend's {conn_id!r}"), f"the secrets backend's {conn_id!r}"
+    log.debug("no signing key in the environment or a secrets backend: the embedded default's key file")
+    from closedloop.steps.signing import local_key_path
 
-    try:
-        conn = BaseHook.get_connection(conn_id)
-    except Exception:  # not defined: the embedded default applies
-        conn = None
-    if conn is not None and (conn.password or (conn.extra_dejson or {}).get("seed")):
-        return signer_from_text(conn.password or conn.extra_dejson["seed"], where=f"Airflow connection {conn_id!r}")
-    log.debug("no connection %r: signing with the local key file", conn_id)
-    return local_signer()
+    return local_signer(), str(local_key_path())

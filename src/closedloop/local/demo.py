@@ -95,7 +95,7 @@ def run() -> int:
         periodic = collect_summary(PIPELINE, periodic_id)
         print(format_summary(periodic))
 
-        print(f"\n[2/3] {REPORTER} reports a hard-braking collision from the fleet (asset event, REST)", flush=True)
+        print(f"\n[2/3] {REPORTER} reports a hard-braking collision from the fleet (through the plugin: a viewer, no op)", flush=True)
         specs, _ = load_all(settings.pipelines_dir())
         incident = parse_incident({**INCIDENT, "id": f"INC-{time.strftime('%Y%m%d-%H%M%S')}",
                                    "reported_by": REPORTER}, routes_of(specs))

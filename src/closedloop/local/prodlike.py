@@ -180,12 +180,13 @@ class ProdLike:
             "CLOSEDLOOP_DATA_ROOT": str(root / "data"),
             **(env or {}),
         }
-        # the deployment's signing key as an Airflow connection (what a secrets backend holds in production);
-        # its public key is published next to it ($CLOSEDLOOP_HOME/keys/release-signing.pub)
+        # the deployment's signing key in the environment (what a secrets backend holds in production), never
+        # Airflow's metadata database; its public key pinned beside it: every verifier believes only that
         from closedloop.steps.signing import local_signer
 
         key = local_signer(home=celery.get("CLOSEDLOOP_HOME", str(root / "closedloop")))
-        celery["AIRFLOW_CONN_CLOSEDLOOP_SIGNING"] = json.dumps({"conn_type": "generic", "password": key.seed_b64()})
+        celery["CLOSEDLOOP_SIGNING_KEY"] = key.seed_b64()
+        celery["CLOSEDLOOP_TRUSTED_KEYS"] = key.verifier.published()
         self.airflow = AirflowServer(root, dags_folder, users, env=celery)
         self.airflow.COMPONENTS = AirflowServer.COMPONENTS + tuple(
             (f"worker-{i}", ["celery", "worker", "--celery-hostname", f"worker{i}@%h", "--skip-serve-logs",
@@ -244,11 +245,11 @@ def main(root: str | None = None, workers: int = 2) -> int:
     """``make prodlike``: start everything, print where, wait for Ctrl-C, stop everything."""
     import tempfile
 
-    from closedloop.local.server import default_users, template_approvers
+    from closedloop.local.server import default_users, template_approvers, template_reporters
 
     project = Path.cwd()
     folder = Path(root) if root else Path(tempfile.mkdtemp(prefix="closedloop-prodlike-"))
-    users = {u: (role, f"{u}-pw") for u, role in default_users(template_approvers()).items()}
+    users = {u: (role, f"{u}-pw") for u, role in default_users(template_approvers(), template_reporters()).items()}
     shape = ProdLike(folder, project / "dags", users, workers=workers)
     print("starting PostgreSQL, Redis, MLflow server, Airflow (CeleryExecutor) on 127.0.0.1 ...", flush=True)
     shape.start()

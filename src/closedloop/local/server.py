@@ -139,10 +139,10 @@ class AirflowServer:
         from closedloop.steps.tracking import ensure_store
 
         ensure_store(self.env["MLFLOW_TRACKING_URI"])  # create MLflow's tables once, before tasks race to
-        if "AIRFLOW_CONN_CLOSEDLOOP_SIGNING" not in self.env:  # the embedded default's signing key, made once
-            from closedloop.steps.signing import local_signer
+        if not any(k in self.env for k in ("CLOSEDLOOP_SIGNING_KEY", "AIRFLOW_CONN_CLOSEDLOOP_SIGNING")):
+            from closedloop.steps.signing import ensure_local_key
 
-            local_signer(home=self.env["CLOSEDLOOP_HOME"])
+            ensure_local_key(home=self.env["CLOSEDLOOP_HOME"])  # the embedded default's key and its pin, made once
         for name, _ in self.COMPONENTS:
             self.start_component(name)
         self.proc = self.procs["scheduler"]
@@ -233,9 +233,14 @@ class AirflowServer:
         raise TimeoutError(f"timed out after {timeout} s waiting for {what}; airflow log:\n{self.tail()}")
 
 
-def default_users(approvers: list[str]) -> dict[str, str]:
-    """Local users: an admin, a requester and every approver named in the templates."""
-    roles = {"admin": "admin", "ml-engineer": "user", "fleet-monitor": "op"}  # op: may post asset events
+def default_users(approvers: list[str], reporters: list[str] = ()) -> dict[str, str]:
+    """Local users, each with the narrowest SimpleAuthManager role that works: an admin; a requester
+    (``user``: triggers runs); every approver named in the templates (``user``: answers reviews and asks
+    for registry actions); every incident reporter (``viewer``: reports through the plugin, which posts
+    the event for them — no ``op``, so no connections, pools, variables or other asset events). Nobody
+    but the admin has ``op``."""
+    roles = {"admin": "admin", "ml-engineer": "user", "fleet-monitor": "viewer"}
+    roles.update({r: "viewer" for r in reporters if r not in roles})
     roles.update({a: "user" for a in approvers})
     return roles
 
@@ -246,6 +251,14 @@ def template_approvers() -> list[str]:
 
     specs, _ = load_all(settings.pipelines_dir())
     return sorted({a for s in specs if s.spec.approval for a in s.spec.approval.approvers})
+
+
+def template_reporters() -> list[str]:
+    from closedloop import settings
+    from closedloop.spec import load_all
+
+    specs, _ = load_all(settings.pipelines_dir())
+    return sorted({r for s in specs if s.spec.incidents for r in s.spec.incidents.reporters})
 
 
 def mlflow_ui_command(port: int, uri: str, artifacts: str | None) -> tuple[list[str], dict[str, str]]:
@@ -274,7 +287,7 @@ def local_server(port: int | None = None) -> AirflowServer:
 
     home = settings.home()
     users = local_users(home / "airflow" / "simple_auth_manager_passwords.json.generated",
-                        default_users(template_approvers()))
+                        default_users(template_approvers(), template_reporters()))
     return AirflowServer(home, Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"]), users, home=home / "airflow",
                          port=port, env={"CLOSEDLOOP_HOME": str(home), "MLFLOW_TRACKING_URI": settings.tracking_uri()})
 

@@ -225,7 +225,7 @@ def pull_sealed(context: Context, task_id: str, key: str = "return_value", *, re
     :class:`~closedloop.errors.EvidenceError` (permanent: no retry). ``required=False``: None when
     the task pushed nothing.
     """
-    from closedloop.hooks.signing import signer
+    from closedloop.hooks.signing import verifier
     from closedloop.steps.signing import Binding
 
     ti = context["ti"]
@@ -239,7 +239,7 @@ def pull_sealed(context: Context, task_id: str, key: str = "return_value", *, re
     if not isinstance(value, dict):
         raise AirflowFailException(f"expected the result of upstream task {where!r} in XCom, got {value!r}")
     what = f"the result of task {where!r}" + ("" if key == "return_value" else f" (XCom {key!r})")
-    return signer().verifier.unseal(value, Binding(ti.dag_id, ti.run_id, task_id, _mapped(key, map_index)),
+    return verifier().unseal(value, Binding(ti.dag_id, ti.run_id, task_id, _mapped(key, map_index)),
                                     what=what)
 
 

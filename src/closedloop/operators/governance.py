@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from datetime import timedelta
@@ -50,6 +51,30 @@ def card_link(context: Context) -> str:
     ti = context["ti"]
     base = review_link(context).split("/dags/")[0]
     return f"{base}/closedloop/review?{urlencode({'dag_id': ti.dag_id, 'run_id': ti.run_id})}"
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
+
+
+def quoted(text: object, limit: int = 2000) -> str:
+    """Text a person wrote, as a Markdown block quote with every markup character escaped: no line of it
+    can pass for one the pipeline wrote (a heading, a list item, a link, a "Production now:" line)."""
+    value = "" if text is None else (", ".join(map(str, text)) if isinstance(text, list) else str(text))
+    value = value[:limit] + ("…" if len(value) > limit else "")
+    lines = value.replace("\r", "").split("\n") or [""]
+    return "\n".join("> " + _MD_SPECIAL.sub(r"\\\1", line) for line in lines)
+
+
+def request_block(params: dict, requested_by: str | None) -> str:
+    """The request as the requester wrote it: each field a quoted block under a label the pipeline writes."""
+    fields = (("Purpose", "purpose"), ("Change", "change"), ("Expected impact", "expected_impact"),
+              ("Scope", "scope"), ("Ticket", "ticket"))
+    out = [f"**Request** by {quoted(requested_by or 'the schedule').removeprefix('> ')} "
+           "(quoted as written; not checked by the pipeline):"]
+    for label, key in fields:
+        if params.get(key):
+            out += ["", f"*{label}:*", quoted(params.get(key))]
+    return "\n".join(out)
 
 
 def gate_summary(record: dict) -> str:
@@ -167,11 +192,19 @@ class ReviewOperator(ApprovalOperator):
                 f"already approved by {sorted(taken) or 'nobody'}; add another approver to the template")
         self.assigned_users = [{"id": u, "name": u} for u in reviewers]
         model, version = record["model"], record["version"]
-        production = current_production(run_context(self.loaded, self.mlflow_conn_id, context), model)
+        ctx = run_context(self.loaded, self.mlflow_conn_id, context)
+        production = current_production(ctx, model)
         record_digest = digest(record)
-        context["ti"].xcom_push(key=OPENED_KEY, value=seal(context, {
-            "model": model, "version": version, "record_digest": record_digest, "production": production,
-            "opened_at": utc_now_iso(), "reviewers": reviewers}, OPENED_KEY))
+        opened = seal(context, {"model": model, "version": version, "record_digest": record_digest,
+                                "production": production, "opened_at": utc_now_iso(), "reviewers": reviewers},
+                      OPENED_KEY)
+        context["ti"].xcom_push(key=OPENED_KEY, value=opened)
+        # kept where a retry of this task finds it (its XCom is cleared): the review's state is this sealed
+        # record, never text read back from the review's body
+        from closedloop.steps import tracking
+
+        tracking.client(ctx).set_model_version_tag(model, str(version), vocab.REVIEW_OPENED_PREFIX + self.task_id,
+                                                   json.dumps(opened, sort_keys=True))
         required = self.loaded.spec.approval.required
         nth = len(self.prior) + 1
         self.subject = (f"Release {model} version {version}? ({self.loaded.spec.name})"
@@ -185,12 +218,10 @@ class ReviewOperator(ApprovalOperator):
             f"- Release record: `{record_digest}`\n- Model files: `{record['artifact_digest']}`\n"
             f"- Production now: {'version ' + production if production else 'none yet'}\n"
             f"- Review card (candidate vs production, shift, charts): [{model} v{version}]({card_link(context)})\n"
-            f"- Requested by: {requested_by or 'the schedule'}\n- Purpose: {params.get('purpose')}\n"
-            f"- Change: {', '.join(params.get('change') or [])}\n- Expected impact: {params.get('expected_impact')}\n"
-            f"- Scope: {params.get('scope') or '-'}\n- Ticket: {params.get('ticket') or '-'}\n"
             + (f"- Already approved by: {', '.join(sorted(taken))}\n" if taken else "")
             + f"\nRelease gates ({gate_summary(record)}):\n```\n{format_report(gate.get('report') or [])}\n```\n"
-            f"Reviewers: {', '.join(reviewers)}. No decision within {self.response_timeout} counts as a rejection."
+            f"Reviewers: {', '.join(reviewers)}. No decision within {self.response_timeout} counts as a rejection.\n\n"
+            + request_block(params, requested_by)
         )
         self.notifiers = []
         announce(self.loaded.spec, "review_requested",
@@ -204,29 +235,48 @@ class ReviewOperator(ApprovalOperator):
         """On a retry: the event of the review an earlier try opened and a reviewer answered (or that
         timed out), after re-sealing what the review showed; None: open the review (first try, or no
         earlier review, or no service account to read it with)."""
-        from datetime import datetime
 
-        from closedloop.errors import EvidenceError
-        from closedloop.operators.base import pull_sealed, seal
-        from closedloop.steps.signing import digest
+        from closedloop.operators.base import seal
 
         found = earlier_hitl(self, context)
         if found is None:
             return None
-        detail, event = found
+        _, event = found
+        opened = self.opened_record(context)
+        context["ti"].xcom_push(key=OPENED_KEY, value=seal(context, opened, OPENED_KEY))
+        return event
+
+    def opened_record(self, context: Context) -> dict:
+        """What the review an earlier try opened showed (model, version, release record digest, production
+        at review, reviewers), from the sealed record that try kept on the model version — never parsed
+        from the review's text, which quotes what a requester wrote."""
+        import json
+
+        from closedloop.errors import EvidenceError
+        from closedloop.hooks.signing import verifier
+        from closedloop.operators.base import pull_sealed, run_context
+        from closedloop.steps import tracking
+        from closedloop.steps.signing import Binding, digest
+
+        ti = context["ti"]
         record = pull_sealed(context, "register_candidate")
         record_digest = digest(record)
-        body = detail.get("body") or ""
-        if f"Release record: `{record_digest}`" not in body:
-            raise EvidenceError(f"the review an earlier try of {self.task_id} opened is not about this run's release "
-                                f"record {record_digest}; not recording its answer")
-        production = re.search(r"Production now: version (\S+)", body)
-        created = datetime.fromisoformat(str(detail["created_at"]).replace("Z", "+00:00"))
-        context["ti"].xcom_push(key=OPENED_KEY, value=seal(context, {
-            "model": record["model"], "version": record["version"], "record_digest": record_digest,
-            "production": production.group(1) if production else None, "opened_at": created.isoformat(),
-            "reviewers": [u.get("id") for u in detail.get("assigned_users") or []]}, OPENED_KEY))
-        return event
+        ctx = run_context(self.loaded, self.mlflow_conn_id, context)
+        raw = tracking.client(ctx).get_model_version(record["model"], str(record["version"])).tags.get(
+            vocab.REVIEW_OPENED_PREFIX + self.task_id)
+        what = f"the record of the review an earlier try of {self.task_id} opened"
+        if not raw:
+            raise EvidenceError(f"{what} is missing from {record['model']} version {record['version']}; not "
+                                "recording its answer")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise EvidenceError(f"{what} is not JSON (edited in MLflow?); not recording its answer") from None
+        opened = verifier().unseal(value, Binding(ti.dag_id, ti.run_id, self.task_id, OPENED_KEY), what=what)
+        if opened.get("record_digest") != record_digest:
+            raise EvidenceError(f"{what} is not about this run's release record {record_digest}; not recording "
+                                "its answer")
+        return opened
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         import json
@@ -288,7 +338,7 @@ class PromoteOperator(ClosedLoopStepOperator):
     """
 
     def run_step(self, ctx: RunContext, context: Context) -> dict:
-        from closedloop.hooks.signing import signer
+        from closedloop.hooks.signing import signer, verifier
         from closedloop.steps.governance import ApprovalPolicy, approval_task_ids, promote
 
         ti = context["ti"]
@@ -297,7 +347,7 @@ class PromoteOperator(ClosedLoopStepOperator):
         policy = ApprovalPolicy.of(spec)
         statements = [self.upstream(context, t).get("statement") or {} for t in approval_task_ids(policy.required)]
         out = promote(ctx, record, statements, model=spec.model.name, policy=policy, signer=signer(),
-                      actor=f"airflow:{ti.dag_id}/{ti.run_id}", run=(ti.dag_id, ti.run_id))
+                      actor=f"airflow:{ti.dag_id}/{ti.run_id}", run=(ti.dag_id, ti.run_id), verifier=verifier())
         out["release_record"] = sealed_record_of(ctx, spec.model.name, out["version"])  # for the asset event
         log.info("%s version %s is production%s (approved by %s)", out["model"], out["version"],
                  "" if out["changed"] else " already (nothing changed)", ", ".join(out["approved_by"]))

@@ -55,6 +55,8 @@ class AdmitIncidentOperator(ClosedLoopStepOperator):
             extra = dict(e.extra or {})
             if extra.get("from_trigger"):
                 poster = "system:watcher"
+            elif extra.get(vocab.EVENT_FROM_CLOSEDLOOP) and not extra.get("from_rest_api"):
+                poster = str(extra.get(vocab.EVENT_POSTED_BY) or "") or None  # the plugin, from the login
             elif extra.get("from_rest_api"):
                 api = api or service_api()
                 poster = poster_of(api, extra, e.timestamp) if api is not None else None

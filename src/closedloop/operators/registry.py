@@ -6,6 +6,11 @@ rolls ``production`` back or restores it after a direct move. A person asks thro
 run records who (``triggering_user_name``); the task acts with the deployment's MLflow identity
 and signing key, after the same checks the pipeline's own ``promote`` makes. One run at a time.
 
+Each run names its exact move (model, ``from_version`` → ``version``/``to_version``) and is its own
+nonce: the sealed promotion record carries the run's id, so a cleared or retried run finds its move
+made and changes nothing (audited as a replay), finishes it if a try died between record and alias,
+and refuses when production has moved on since — never a second move for one request.
+
 ``closedloop_registry_watch`` runs when the alias watcher (:mod:`closedloop.triggers.registry`)
 sees ``production`` or ``candidate`` where no sealed record explains it: it checks again (the
 event's payload is not evidence: an ``op`` can post asset events) and alerts through the
@@ -65,7 +70,7 @@ class RegistryOperator(BaseOperator):
 
     def act(self, context: Context) -> dict:
         from closedloop.errors import ApprovalError
-        from closedloop.hooks.signing import signer
+        from closedloop.hooks.signing import signer, verifier
         from closedloop.steps import governance as gov
 
         params = context["params"]
@@ -81,17 +86,28 @@ class RegistryOperator(BaseOperator):
         ctx = run_context(loaded, "mlflow_default", context)
         policy = gov.ApprovalPolicy.of(loaded.spec)
         key = signer()
-        log.info("%s asks to %s %s%s", actor, action, model, f" version {params.get('version')}" if
-                 action == "promote" else f" ({reason})")
+        ti = context["ti"]
+        if not str(params.get("from_version") or "").strip():
+            raise ApprovalError(f"{action} names no move: give from_version (the version production holds as you "
+                                "see it, or 'none'); closedloop promote / rollback / audit --restore fill it in")
+        target = params.get("version") if action == "promote" else params.get("to_version")
+        move = gov.move_of(model, params.get("from_version"), target, nonce=f"{ti.dag_id}/{ti.run_id}")
+        log.info("%s asks to %s %s: %s%s", actor, action, model, move.describe(),
+                 "" if action == "promote" else f" ({reason})")
+        done = gov.done_move(ctx, move, actor=actor, verifier=verifier())
+        if done is not None:  # a cleared or retried run: its move was made once already
+            log.info("this request's move was made already (seq %s): nothing changed", done["seq"])
+            return {"action": action, "by": actor, **done}
+        allowed = [*policy.approvers, *policy.rollback]
         if action == "rollback":
             return {"action": action, "by": actor, **gov.rollback(
-                ctx, model, actor=actor, reason=reason, allowed=[*policy.approvers, *policy.rollback], signer=key)}
+                ctx, model, actor=actor, reason=reason, allowed=allowed, signer=key, move=move, verifier=verifier())}
         if action == "restore":
             return {"action": action, "by": actor, **gov.restore(
-                ctx, model, actor=actor, reason=reason, allowed=[*policy.approvers, *policy.rollback], signer=key)}
-        record, statements = evidence_on_version(ctx, model, str(params.get("version") or ""), policy, key.verifier)
+                ctx, model, actor=actor, reason=reason, allowed=allowed, signer=key, move=move, verifier=verifier())}
+        record, statements = evidence_on_version(ctx, model, str(params.get("version") or ""), policy, verifier())
         out = gov.promote(ctx, record, statements, model=model, policy=policy, signer=key,
-                          actor=f"{actor} via {REGISTRY_DAG_ID}")
+                          actor=f"{actor} via {REGISTRY_DAG_ID}", move=move, verifier=verifier())
         return {"action": action, "by": actor, **out}
 
 
@@ -140,7 +156,7 @@ class AliasAlarmOperator(BaseOperator):
         self.specs = specs
 
     def execute(self, context: Context) -> dict:
-        from closedloop.hooks.signing import signer
+        from closedloop.hooks.signing import verifier
         from closedloop.notifiers import announce
         from closedloop.steps import tracking
         from closedloop.steps.governance import check_aliases
@@ -159,7 +175,7 @@ class AliasAlarmOperator(BaseOperator):
                 log.warning("alarm for %r, which no governed template names: ignored", model)
                 continue
             ctx = run_context(loaded, "mlflow_default", context)
-            state = check_aliases(tracking.client(ctx), model, signer().verifier)
+            state = check_aliases(tracking.client(ctx), model, verifier())
             found[model] = state["problems"]
             if state["problems"]:
                 announce(loaded.spec, "alias_unexplained",

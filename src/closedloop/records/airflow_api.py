@@ -60,9 +60,10 @@ class AirflowAPI:
             self._token = data["access_token"]
         return self._token
 
-    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
+    def call(self, method: str, path: str, body: dict | None = None, *, root: bool = False) -> tuple[int, Any]:
+        """``path`` under ``/api/v2`` (``root=True``: under the server's root, e.g. the plugin's ``/closedloop/…``)."""
         req = urllib.request.Request(
-            f"{self.url}/api/v2{path}", method=method,
+            f"{self.url}{'' if root else '/api/v2'}{path}", method=method,
             data=json.dumps(body).encode() if body is not None else None,
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token()}"})
         return self._open(req)

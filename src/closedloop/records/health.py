@@ -145,10 +145,10 @@ def registry_problems(client, model: str) -> list[str]:
     """Alias moves of ``model`` that no sealed record explains (:func:`~closedloop.steps.governance.check_aliases`)."""
     from closedloop.errors import EvidenceError
     from closedloop.steps.governance import check_aliases
-    from closedloop.steps.signing import published_verifier
+    from closedloop.steps.signing import trusted_keys
 
     try:
-        verifier, _ = published_verifier()
+        verifier = trusted_keys()
     except EvidenceError as exc:
         return [f"cannot verify: {exc}"]
     return check_aliases(client, model, verifier)["problems"]

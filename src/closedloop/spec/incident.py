@@ -18,6 +18,8 @@ import re
 from datetime import datetime
 from typing import Any
 
+from closedloop import vocab
+
 SEVERITIES = ("low", "medium", "high", "critical")
 KINDS = ("collision", "disengagement", "near_miss", "kpi_degradation", "other")
 FIELDS = ("id", "model", "scenario_type", "severity", "kind", "occurred_at", "log_refs", "vehicle",
@@ -180,6 +182,9 @@ def payload_of(extra: Any) -> Any:
     """The incident inside an asset event's ``extra``: watchers wrap it (``from_trigger``/``payload``;
     a queue message's body is JSON text), a REST post carries it as is."""
     if isinstance(extra, dict) and extra.get("from_trigger") and "payload" in extra:
+        extra = extra["payload"]
+    elif isinstance(extra, dict) and extra.get(vocab.EVENT_FROM_CLOSEDLOOP) and "from_rest_api" not in extra \
+            and "payload" in extra:  # posted by the plugin for a reporter
         extra = extra["payload"]
     elif isinstance(extra, dict) and "from_rest_api" in extra:  # Airflow marks events posted by REST
         extra = {k: v for k, v in extra.items() if k != "from_rest_api"}

@@ -322,6 +322,9 @@ class IncidentsSpec(_Part):
     queue: dict[str, Any] | None = Field(default=None, description="arguments of Airflow's MessageQueueTrigger "
                                          "(common messaging provider) for production, e.g. {scheme: kafka, "
                                          "topics: [incidents]}; each message body is one incident (JSON)")
+    reporters: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.@-]{1,100}$")]] = Field(
+        default_factory=list, description="Airflow users who may report incidents of this model through the "
+        "plugin (POST /closedloop/api/incidents, `closedloop incident report`): any role, viewer is enough")
     kpi_poll_seconds: float = Field(default=60, ge=1, le=86_400)
     kpis: list[KpiRuleSpec] = Field(default_factory=list, description="production KPI bounds that raise incidents")
 

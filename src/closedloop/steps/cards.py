@@ -16,13 +16,13 @@ manifest, its gate run's metrics, report and shift report, the review tags) — 
 
 from __future__ import annotations
 
-import html
 import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from closedloop import vocab
+from closedloop.steps.pages import shown
 
 CARD_JSON = "review/card.json"
 CARD_HTML = "review/card.html"
@@ -114,93 +114,70 @@ def review_card(client, model: str, version: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- HTML (self-contained, no script)
 
-def _e(x: Any) -> str:
-    return html.escape("-" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x)))
-
-
-def _bars(title: str, rows: list[tuple[str, float | None, float | None]], unit: str = "") -> str:
-    """Grouped horizontal bars (candidate blue, production grey), as inline SVG."""
+def _bars(title: str, rows: list[tuple[str, float | None, float | None]]) -> dict:
+    """Grouped horizontal bars (candidate blue, production grey): the geometry; the template draws it."""
     values = [v for _, a, b in rows for v in (a, b) if v is not None]
     top = max(values + [1e-9])
-    h, out = 22 * len(rows) * 2 + 30, []
+    bars = []
     for i, (label, a, b) in enumerate(rows):
         y = 20 + i * 44
-        out.append(f'<text x="0" y="{y + 13}" font-size="12">{_e(label)}</text>')
         for j, (val, color, who) in enumerate(((a, "#1f77b4", "candidate"), (b, "#aaaaaa", "production"))):
-            if val is None:
-                continue
-            w = max(1.0, 300 * val / top)
-            out.append(f'<rect x="150" y="{y + j * 18}" width="{w:.1f}" height="14" fill="{color}">'
-                       f'<title>{who} {_e(val)}{unit}</title></rect>'
-                       f'<text x="{155 + w:.1f}" y="{y + j * 18 + 12}" font-size="11" class="v" '
-                       f'data-series="{who}" data-label="{_e(label)}">{_e(val)}</text>')
-    return (f'<figure><figcaption>{_e(title)}</figcaption><svg width="560" height="{h}" role="img">'
-            + "".join(out) + "</svg></figure>")
+            if val is not None:
+                w = max(1.0, 300 * val / top)
+                bars.append({"label": label, "series": who, "color": color, "value": shown(val), "y": y + j * 18,
+                             "w": f"{w:.1f}", "tx": f"{155 + w:.1f}"})
+    return {"title": title, "height": 22 * len(rows) * 2 + 30,
+            "labels": [{"text": label, "y": 33 + i * 44} for i, (label, _, _) in enumerate(rows)], "bars": bars}
 
 
-def _hist(name: str, f: dict) -> str:
+def _hist(name: str, f: dict) -> dict:
     """Feature distribution, production vs candidate, over production's decile bins."""
-    n, out = len(f["production"]), []
+    n, bars = len(f["production"]), []
     top = max(f["production"] + f["candidate"] + [1e-9])
     for i in range(n):
-        x = 10 + i * 26
         for j, (series, color) in enumerate((("production", "#aaaaaa"), ("candidate", "#1f77b4"))):
             hgt = 80 * f[series][i] / top
-            out.append(f'<rect x="{x + j * 12}" y="{90 - hgt:.1f}" width="11" height="{hgt:.1f}" fill="{color}">'
-                       f'<title>{series} {f[series][i]:.3f} in [{f["edges"][i]:g}, {f["edges"][i + 1]:g}]</title></rect>')
-    return (f'<figure><figcaption>{_e(name)}: PSI {f["psi"]:.3f}, KS {f["ks"]:.3f}; mean {f["mean"]["production"]:g} '
-            f'→ {f["mean"]["candidate"]:g}</figcaption><svg width="{20 + n * 26}" height="100" role="img">'
-            + "".join(out) + "</svg></figure>")
+            bars.append({"x": 10 + i * 26 + j * 12, "y": f"{90 - hgt:.1f}", "h": f"{hgt:.1f}", "color": color,
+                         "title": f"{series} {f[series][i]:.3f} in [{f['edges'][i]:g}, {f['edges'][i + 1]:g}]"})
+    return {"caption": f"{name}: PSI {f['psi']:.3f}, KS {f['ks']:.3f}; mean {f['mean']['production']:g} → "
+                       f"{f['mean']['candidate']:g}", "width": 20 + n * 26, "bars": bars}
+
+
+def _data_line(m: dict | None) -> str:
+    if not m:
+        return "-"
+    raw, lab = m.get("raw") or {}, m.get("labelled") or {}
+    per_scen = ", ".join(f"{k}: {v}" for k, v in sorted((raw.get("rows_per_scenario") or {}).items()))
+    return (f"labelled {shown(lab.get('digest'))[:16]} ({shown(lab.get('rows'))} rows), raw "
+            f"{shown(raw.get('digest'))[:16]}; sources {', '.join(map(str, raw.get('sources') or []))}; window "
+            f"{shown(raw.get('window_start'))}..{shown(raw.get('window_end'))}; rows per scenario {per_scen}")
 
 
 def render_html(card: dict[str, Any]) -> str:
-    """The review card as one self-contained HTML page."""
+    """The review card as one self-contained HTML page (``templates/review_card.html``; every value escaped)."""
+    from closedloop.steps.pages import render
+
     cmp = card["compared_with"]
-    vs = f"production version {cmp['version']}" if cmp["version"] else cmp["note"]
-    rows = "".join(
-        f'<tr data-metric="{_e(m["metric"])}"><td>{_e(m["metric"])}</td><td class="c">{_e(m["candidate"])}</td>'
-        f'<td class="p">{_e(m["production"])}</td><td>{_e(m["delta"])}</td></tr>' for m in card["metrics"]
-        if not m["metric"].startswith("shift."))
-    gates = "".join(
-        f'<tr class="{"pass" if g["passed"] else "fail"}"><td>{"PASS" if g["passed"] else "FAIL"}</td>'
-        f'<td>{_e(g["metric"])}</td><td>{_e(g.get("value"))}</td><td>{_e(g.get("evidence") or g.get("reason") or "")}'
-        + "".join(f'<br>incident {_e(i["incident"])}: {i["collisions"]} collision(s) in {i["episodes"]}'
-                  for i in g.get("incidents", [])) + "</td></tr>" for g in card["gates"])
     per = card["per_scenario"]
-    charts = [_bars(f"{metric} per scenario type", [(t, per[t]["candidate"].get(metric), per[t]["production"].get(metric))
-                                                    for t in per if metric in per[t]["candidate"]])
-              for metric in ("sim.collision_rate", "sim.min_ttc_s", "offline.rmse")]
     shift = card.get("shift") or {}
-    hists = "".join(_hist(k, f) for k, f in (shift.get("features") or {}).items())
     mix = shift.get("scenario_mix")
     ds = card["datasets"]
-
-    def data(m: dict | None) -> str:
-        if not m:
-            return "-"
-        raw, lab = m.get("raw") or {}, m.get("labelled") or {}
-        per_scen = ", ".join(f"{k}: {v}" for k, v in sorted((raw.get("rows_per_scenario") or {}).items()))
-        return (f"labelled {_e(lab.get('digest'))[:16]} ({_e(lab.get('rows'))} rows), raw {_e(raw.get('digest'))[:16]}; "
-                f"sources {_e(', '.join(raw.get('sources') or []))}; window {_e(raw.get('window_start'))}.."
-                f"{_e(raw.get('window_end'))}; rows per scenario {_e(per_scen)}")
-    req = card.get("incident") or card.get("request") or {}
-    lin = card["lineage"]
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Review card: {_e(card['model'])} v{_e(card['version'])}</title>
-<style>body{{font:14px system-ui,sans-serif;margin:24px;max-width:1100px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ddd;padding:3px 8px;text-align:left}}tr.fail td{{background:#fde2e2}}tr.pass td:first-child{{color:#186a3b}}
-figure{{display:inline-block;margin:8px 16px 8px 0}}figcaption{{font-weight:600}}</style></head><body>
-<h1>Review card: <span id="model">{_e(card['model'])}</span> version <span id="version">{_e(card['version'])}</span></h1>
-<p id="compared">Compared with {_e(vs)}.</p>
-<h2>Request</h2><p id="request">{'; '.join(f'{_e(k)}: {_e(v)}' for k, v in sorted(req.items())) or '-'}</p>
-<h2>Gates</h2><table id="gates"><tr><th></th><th>gate</th><th>value</th><th>evidence</th></tr>{gates}</table>
-<h2>Metrics</h2><div id="charts">{''.join(charts)}</div>
-<table id="metrics"><tr><th>metric</th><th>candidate</th><th>production</th><th>delta</th></tr>{rows}</table>
-<h2>Data</h2><p id="data-candidate">candidate: {data(ds.get('candidate'))}; label policy {_e(ds['label_policy']['candidate'])}</p>
-<p id="data-production">production: {data(ds.get('production'))}; label policy {_e(ds['label_policy']['production'])}</p>
-<h2>Distribution shift</h2><p id="shift">{('scenario mix PSI ' + f"{mix['psi']:.3f}") if mix else ('no shift report: ' + _e(cmp['note'] or 'not computed'))}</p>
-<div id="hists">{hists}</div>
-<h2>Lineage</h2><p id="lineage">{'; '.join(f'{_e(k)}: {_e(v)}' for k, v in lin.items())}</p>
-</body></html>"""
+    return render(
+        "review_card.html", card=card, shown=shown,
+        compared=f"production version {cmp['version']}" if cmp["version"] else cmp["note"],
+        request=sorted((card.get("incident") or card.get("request") or {}).items()),
+        metrics=[m for m in card["metrics"] if not m["metric"].startswith("shift.")],
+        charts=[_bars(f"{metric} per scenario type", [(t, per[t]["candidate"].get(metric),
+                                                        per[t]["production"].get(metric))
+                                                       for t in per if metric in per[t]["candidate"]])
+                for metric in ("sim.collision_rate", "sim.min_ttc_s", "offline.rmse")],
+        hists=[_hist(k, f) for k, f in (shift.get("features") or {}).items()],
+        shift_line=(f"scenario mix PSI {mix['psi']:.3f}" if mix else
+                    f"no shift report: {cmp['note'] or 'not computed'}"),
+        data_candidate=f"candidate: {_data_line(ds.get('candidate'))}; label policy {shown(ds['label_policy']['candidate'])}",
+        data_production=f"production: {_data_line(ds.get('production'))}; label policy "
+                        f"{shown(ds['label_policy']['production'])}",
+        lineage=list(card["lineage"].items()))
 
 
 def log_review_card(client, model: str, version: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from closedloop.steps import tracking
 from closedloop.steps.approvals import approval_task_ids  # noqa: F401 - part of this module's interface
 from closedloop.steps.context import RunContext
 from closedloop.steps.faults import strike
-from closedloop.steps.signing import Binding, Signer, Verifier, bound_of, digest
+from closedloop.steps.signing import Binding, KeyRing, Signer, Verifier, bound_of, digest
 
 PRODUCTION, PREVIOUS, CANDIDATE = vocab.PRODUCTION, vocab.PREVIOUS, vocab.CANDIDATE
 AUDIT_PREFIX = vocab.AUDIT_PREFIX
@@ -223,22 +223,25 @@ def last_promotion(client, model: str, verifier: Verifier) -> dict | None:
 
 
 def _record_promotion(client, signer: Signer, model: str, version: str, *, previous: str | None, kind: str,
-                      by: str, **details) -> dict:
+                      by: str, nonce: str = "", verifier: KeyRing | Verifier | None = None, **details) -> dict:
     """Seal the alias move and keep it on the registered model (what :func:`check_aliases` compares
-    with) and in the version's audit trail."""
+    with) and in the version's audit trail. ``nonce``: the one request this move answers (a registry
+    run), so a cleared or retried run finds its own move instead of making another."""
     try:
-        last = last_promotion(client, model, signer.verifier)
+        last = last_promotion(client, model, verifier or signer.verifier)
     except EvidenceError:
         last = None
     same = {"kind": kind, "version": str(version), "previous": previous, **{k: details.get(k) for k in
                                                                            ("record_digest", "run_id")}}
-    if last is not None and kind == "promotion" and all(last.get(k) == v for k, v in same.items()):
+    if nonce:
+        same["nonce"] = nonce
+    if last is not None and (kind == "promotion" or nonce) and all(last.get(k) == v for k, v in same.items()):
         # written by a try that died before it moved the alias: finish that move, do not record it twice
         record, sealed = last, json.loads(client.get_registered_model(model).tags[PROMOTION_TAG])
     else:
         record = {"kind": kind, "model": model, "alias": PRODUCTION, "version": str(version), "previous": previous,
                   "at": datetime.now(UTC).isoformat(), "by": by, "seq": int((last or {}).get("seq", 0)) + 1,
-                  **details}
+                  **({"nonce": nonce} if nonce else {}), **details}
         sealed = signer.seal(record, _promotion_binding(model))
         client.set_registered_model_tag(model, PROMOTION_TAG, json.dumps(sealed, sort_keys=True))
     client.set_registered_model_tag(model, PUBLIC_KEY_TAG, signer.verifier.published())
@@ -248,8 +251,79 @@ def _record_promotion(client, signer: Signer, model: str, version: str, *, previ
     return record
 
 
+@dataclass(frozen=True)
+class Move:
+    """The exact registry move a person asked for: ``production`` from ``source`` (None: no production)
+    to ``target``, once, for request ``nonce`` (the registry run: the same when the run is cleared)."""
+
+    model: str
+    source: str | None
+    target: str | None
+    nonce: str
+
+    def describe(self) -> str:
+        return f"{self.model} production {self.source or 'none'} → {self.target or '?'}"
+
+
+def move_of(model: str, source: str | None, target: str | None, nonce: str) -> Move:
+    """A :class:`Move` from a run's conf (``"none"`` or empty = no production)."""
+    def norm(v):
+        v = str(v or "").strip()
+        return None if v in ("", "none", "None") else v
+    return Move(model, norm(source), norm(target), nonce)
+
+
+def done_move(ctx: RunContext, move: Move, *, actor: str, verifier: KeyRing) -> dict | None:
+    """What this request already did, when a sealed promotion record carries its nonce (a cleared or
+    retried registry run): ``production`` still on it → the result again, nothing changed (audited as a
+    replay); a try that died between record and alias → None (the caller finishes that same move);
+    ``production`` moved on since → :class:`ApprovalError` (a replay is refused, never performed).
+    None when this request made no move yet."""
+    c = tracking.client(ctx)
+    found = _promotion_with_nonce(c, move.model, verifier, move.nonce)
+    if found is None:
+        return None
+    current = tracking.alias_version(c, move.model, PRODUCTION)
+    try:
+        last = last_promotion(c, move.model, verifier)
+    except EvidenceError:
+        last = None
+    if current == found["version"]:
+        _audit(c, move.model, found["version"], "registry.replay", key=move.nonce.replace("/", "_")[-80:],
+               by=actor, nonce=move.nonce, seq=found["seq"], note="already done; nothing changed")
+        return {"model": move.model, "version": found["version"], "production": found["version"],
+                "previous": found.get("previous"), "previous-production": found.get("previous"), "changed": False,
+                "already_done": True, "seq": found["seq"]}
+    if last is not None and last.get("seq") == found["seq"] and current == found.get("previous"):
+        return None  # recorded, not yet moved: finish it
+    _audit(c, move.model, found["version"], "registry.replay_refused", key=move.nonce.replace("/", "_")[-80:],
+           by=actor, nonce=move.nonce, seq=found["seq"], production=current)
+    raise ApprovalError(f"refusing to replay {move.describe()}: this request already moved production (seq "
+                        f"{found['seq']}, {found['kind']} by {found['by']} at {found['at']}) and production is now "
+                        f"{current or 'none'}; a registry action is done once — ask again with a new request")
+
+
+def _promotion_with_nonce(client, model: str, verifier: KeyRing, nonce: str) -> dict | None:
+    if not nonce:
+        return None
+    try:
+        last = last_promotion(client, model, verifier)
+    except EvidenceError:
+        last = None
+    if last is not None and last.get("nonce") == nonce:
+        return last
+    return _newest_audited_promotion(client, model, verifier, nonce=nonce)
+
+
+def _check_source(c, move: Move | None, current: str | None, what: str) -> None:
+    if move is not None and move.source != current:
+        raise ApprovalError(f"refusing to {what}: the request names {move.describe()}, but production is "
+                            f"{current or 'none'} now; ask again for the move you mean")
+
+
 def promote(ctx: RunContext, record: dict, statements: list[dict], *, model: str, policy: ApprovalPolicy,
-            signer: Signer, actor: str, run: tuple[str, str] | None = None, now: datetime | None = None) -> dict:
+            signer: Signer, actor: str, run: tuple[str, str] | None = None, now: datetime | None = None,
+            move: Move | None = None, verifier: KeyRing | Verifier | None = None) -> dict:
     """Verify (:func:`verify_release`, then the version itself: same source, same files), then point
     ``production`` at it, keep the old one as ``previous-production`` and seal the move.
 
@@ -259,6 +333,11 @@ def promote(ctx: RunContext, record: dict, statements: list[dict], *, model: str
 
     c = tracking.client(ctx)
     current = tracking.alias_version(c, model, PRODUCTION)
+    if move is not None and move.target != str(record.get("version")):
+        raise ApprovalError(f"refusing to promote: the request names {move.describe()}, the evidence is for version "
+                            f"{record.get('version')}")
+    if current != str(record.get("version")):
+        _check_source(c, move, current, f"promote {model} version {record.get('version')}")
     approvers = verify_release(record, statements, model=model, policy=policy, production_now=current, now=now,
                                run=run)
     version = str(record["version"])
@@ -283,7 +362,8 @@ def promote(ctx: RunContext, record: dict, statements: list[dict], *, model: str
     # without its record, and a retry after a crash in between finds the record and finishes the move
     run_key = f"{record.get('dag_id')}/{record.get('run_id')}"
     promotion = _record_promotion(c, signer, model, version, previous=current, kind="promotion", by=actor,
-                               approved_by=approvers, record_digest=digest(record), run_id=run_key)
+                                  nonce=move.nonce if move else "", verifier=verifier, approved_by=approvers,
+                                  record_digest=digest(record), run_id=run_key)
     strike(ctx, "promotion_recorded")
     if current is not None:
         c.set_registered_model_alias(model, PREVIOUS, current)
@@ -300,10 +380,14 @@ def promote(ctx: RunContext, record: dict, statements: list[dict], *, model: str
     return {"model": model, "version": version, "changed": True, "previous": current, "approved_by": approvers}
 
 
-def rollback(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: list[str], signer: Signer) -> dict:
-    """Swap ``production`` and ``previous-production`` (the previous version was approved once).
+def rollback(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: list[str], signer: Signer,
+             move: Move | None = None, verifier: KeyRing | Verifier | None = None) -> dict:
+    """Swap ``production`` and ``previous-production`` — only when ``previous-production`` is where the
+    last sealed promotion left it (an alias moved in MLflow is never rolled back to).
 
     :param actor: the Airflow user who asked (the run's ``triggering_user_name``): must be in ``allowed``.
+    :param move: the exact move asked for (from the current production to the previous one), with its
+        nonce: checked against the registry before anything changes.
     """
     if actor not in allowed:
         raise ApprovalError(f"{actor!r} may not roll back {model}: allowed are {', '.join(allowed) or 'nobody'} "
@@ -315,31 +399,57 @@ def rollback(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: l
     current = tracking.alias_version(c, model, PRODUCTION)
     if previous is None:
         raise ApprovalError(f"cannot roll back {model}: it has no {PREVIOUS!r} version")
+    last = last_promotion(c, model, verifier or signer.verifier)
+    if last is None or str(last.get("previous") or "") != previous or str(last.get("version")) != current:
+        raise ApprovalError(
+            f"refusing to roll back {model}: {PREVIOUS} → version {previous} and production → version {current}, but "
+            + (f"the last sealed promotion (seq {last['seq']}) left production on {last['version']} and "
+               f"{PREVIOUS} on {last.get('previous') or 'nothing'}" if last else "no sealed promotion explains them")
+            + f": an alias moved outside the pipeline is never rolled back to (`closedloop audit --verify {model}`)")
+    if move is not None:
+        _check_source(c, move, current, f"roll back {model}")
+        if move.target != previous:
+            raise ApprovalError(f"refusing to roll back {model}: the request names {move.describe()}, but "
+                                f"{PREVIOUS} is version {previous} now; ask again for the move you mean")
     _record_promotion(c, signer, model, previous, previous=current, kind="rollback", by=actor, reason=reason,
-                      rollback=True)
+                      rollback=True, nonce=move.nonce if move else "", verifier=verifier)
     c.set_registered_model_alias(model, PRODUCTION, previous)
     if current is not None:
         c.set_registered_model_alias(model, PREVIOUS, current)
         _audit(c, model, current, "alias.previous-production", by=actor, replaced_by=previous, rollback=True)
-    return {"model": model, "production": previous, "previous-production": current}
+    return {"model": model, "production": previous, "previous-production": current, "changed": True}
 
 
-def restore(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: list[str], signer: Signer) -> dict:
-    """Put ``production`` back on the version of the last sealed promotion (after a direct move)."""
+def restore(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: list[str], signer: Signer,
+            move: Move | None = None, verifier: KeyRing | Verifier | None = None) -> dict:
+    """Put ``production`` (and ``previous-production``) back where the last sealed promotion left them
+    (after a direct move)."""
     if actor not in allowed:
         raise ApprovalError(f"{actor!r} may not restore {model}: allowed are {', '.join(allowed) or 'nobody'}")
     if not (reason or "").strip():
         raise ApprovalError(f"restoring {model} needs a reason (--reason)")
     c = tracking.client(ctx)
-    last = last_promotion(c, model, signer.verifier)
+    last = last_promotion(c, model, verifier or signer.verifier)
     if last is None:
         raise ApprovalError(f"cannot restore {model}: no sealed promotion record to restore")
     current = tracking.alias_version(c, model, PRODUCTION)
+    if move is not None:
+        _check_source(c, move, current, f"restore {model}")
+        if move.target not in (None, str(last["version"])):
+            raise ApprovalError(f"refusing to restore {model}: the request names {move.describe()}, but the last "
+                                f"sealed promotion put version {last['version']} there")
     if current != last["version"]:
         c.set_registered_model_alias(model, PRODUCTION, last["version"])
+    prev_now, prev_sealed = tracking.alias_version(c, model, PREVIOUS), last.get("previous")
+    if prev_now != prev_sealed:
+        if prev_sealed:
+            c.set_registered_model_alias(model, PREVIOUS, str(prev_sealed))
+        else:
+            c.delete_registered_model_alias(model, PREVIOUS)
     _audit(c, model, last["version"], "alias.production.restore", by=actor, reason=reason, replaced=current,
-           seq=last["seq"])
-    return {"model": model, "production": last["version"], "was": current, "changed": current != last["version"]}
+           seq=last["seq"], previous_was=prev_now, previous=prev_sealed, nonce=move.nonce if move else "")
+    return {"model": model, "production": last["version"], "was": current, "previous-production": prev_sealed,
+            "changed": current != last["version"] or prev_now != prev_sealed}
 
 
 def check_aliases(client, model: str, verifier: Verifier) -> dict:
@@ -371,6 +481,13 @@ def check_aliases(client, model: str, verifier: Verifier) -> dict:
     elif prod is None and last is not None:
         problems.append(f"{model}@production was removed; the last sealed promotion put version {last['version']} "
                         "there")
+    prev, sealed_prev = aliases.get(PREVIOUS), (str(last["previous"]) if last and last.get("previous") else None)
+    if prev is not None and prev != sealed_prev:
+        problems.append(f"{model}@{PREVIOUS} → version {prev}, but " + (
+            f"the last sealed promotion ({last['kind']} by {last['by']} at {last['at']}) kept version {sealed_prev} "
+            "there" if sealed_prev else "no sealed promotion put a version there") + " (moved directly in MLflow?)")
+    elif prev is None and sealed_prev is not None and prod is not None:
+        problems.append(f"{model}@{PREVIOUS} was removed; the last sealed promotion kept version {sealed_prev} there")
     cand = aliases.get(CANDIDATE)
     if cand is not None:
         try:
@@ -388,7 +505,8 @@ def check_aliases(client, model: str, verifier: Verifier) -> dict:
     return {"model": model, "aliases": aliases, "last_promotion": last, "problems": problems, "ok": not problems}
 
 
-def _newest_audited_promotion(client, model: str, verifier: Verifier) -> dict | None:
+def _newest_audited_promotion(client, model: str, verifier: Verifier | KeyRing, nonce: str = "") -> dict | None:
+    """The newest sealed promotion record in any version's audit trail (with ``nonce``: of that request)."""
     newest = None
     for mv in client.search_model_versions(f"name = '{model}'"):
         for key, raw in mv.tags.items():
@@ -397,6 +515,8 @@ def _newest_audited_promotion(client, model: str, verifier: Verifier) -> dict | 
             try:
                 rec = verifier.unseal(json.loads(raw)["promotion"], _promotion_binding(model), what="promotion")
             except (EvidenceError, ValueError, KeyError, TypeError):
+                continue
+            if nonce and rec.get("nonce") != nonce:
                 continue
             if newest is None or rec["seq"] > newest["seq"]:
                 newest = rec

@@ -181,72 +181,240 @@ def bound_of(value: dict) -> Binding | None:
 
 
 # -- where the keys are ------------------------------------------------------------------------
+KEY_FILE = "release-signing.key"
+PIN_FILE = "trusted_keys.json"
+
+
 def local_key_path(home=None):
     """The embedded default's private key file (``$CLOSEDLOOP_HOME/keys/release-signing.key``, mode 0600).
 
-    Only a deployment without the ``closedloop_signing`` connection uses it (one laptop, CI);
-    requesters act through Airflow's REST API and the MLflow client and never read it.
+    Only a deployment that gives no key in its environment or secrets backend uses it (one laptop,
+    CI); people act through Airflow's REST API and the MLflow client and never read it.
     """
     from pathlib import Path
 
     from closedloop import settings
 
-    return (Path(home) if home is not None else settings.home()) / "keys" / "release-signing.key"
+    return (Path(home) if home is not None else settings.home()) / "keys" / KEY_FILE
+
+
+def _create_exclusive(path, text: str, mode: int = 0o600) -> bool:
+    """Write ``text`` to a new file (never over an existing one); False when it already exists."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    return True
 
 
 def local_signer(create: bool = True, home=None) -> Signer:
-    """The embedded default's key, created once (atomically: concurrent tasks agree on one key).
+    """The embedded default's key, created once (atomically: concurrent tasks agree on one key) and
+    pinned at once in ``$CLOSEDLOOP_HOME/keys/trusted_keys.json`` (the first start writes the pin).
 
     :param home: the ``$CLOSEDLOOP_HOME`` it lives under (default: this process's).
     """
-    import os
+    import time
 
     path = local_key_path(home)
     if not path.exists():
         if not create:
-            raise EvidenceError(f"no signing key: neither the Airflow connection 'closedloop_signing' nor {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+            raise EvidenceError(f"no signing key: none in the environment (CLOSEDLOOP_SIGNING_KEY) and no {path}")
         fresh = Signer.generate()
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process made it first: use theirs
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(fresh.seed_b64() + "\n")
+        if _create_exclusive(path, fresh.seed_b64() + "\n"):  # else another process made it first: use theirs
             path.with_suffix(".pub").write_text(fresh.verifier.published() + "\n")
+            pin_local_key(fresh.verifier, home=home)
     text = path.read_text().strip()
     for _ in range(50):  # the creator may still be writing
         if text:
             break
-        import time
-
         time.sleep(0.02)
         text = path.read_text().strip()
     return signer_from_text(text, where=str(path))
 
 
 def signer_from_text(text: str, *, where: str) -> Signer:
-    """A key as stored in a connection or file: base64 of the 32-byte seed (``ed25519:`` prefix optional)."""
+    """A key as stored in the environment, a secret or a file: base64 of the 32-byte seed (``ed25519:``
+    prefix optional)."""
     try:
         return Signer(base64.b64decode(text.strip().removeprefix(f"{ALGORITHM}:"), validate=True))
     except (ValueError, TypeError) as exc:
         raise EvidenceError(f"signing key in {where}: expected base64 of a 32-byte Ed25519 seed ({exc})") from None
 
 
-def published_verifier() -> tuple[Verifier, str]:
-    """The public key anyone verifies with, and where it was found: ``$CLOSEDLOOP_PUBLIC_KEY`` (the
-    published text or a file holding it), else the embedded default's ``release-signing.pub``."""
+# -- the trust root: pinned public keys ---------------------------------------------------------
+@dataclass(frozen=True)
+class PinnedKey:
+    """One public key of the deployment's pinned set. A retired key signs nothing new; what it
+    sealed before stays verifiable."""
+
+    verifier: Verifier
+    added: str = ""
+    retired: str | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return {"public_key": self.verifier.published(), "key_id": self.verifier.key_id, "added": self.added,
+                "retired": self.retired, "note": self.note}
+
+
+class KeyRing:
+    """The public keys every verifier believes, read only from where no person's Airflow or MLflow
+    rights reach: the deployment's configuration (``$CLOSEDLOOP_TRUSTED_KEYS``), the project's
+    ``include/keys/trusted_keys.json`` (reviewed in git), or — embedded default — the pin written at
+    first start under ``$CLOSEDLOOP_HOME/keys/``. Checks seals like a :class:`Verifier`, with any
+    pinned key (rotation keeps old records verifiable); never trusts a key because a record or a
+    connection names it."""
+
+    def __init__(self, keys: list[PinnedKey], where: str) -> None:
+        if not keys:
+            raise EvidenceError(f"no pinned public key in {where}")
+        self.keys = list(keys)
+        self.where = where
+        self._by_id = {k.verifier.key_id: k for k in keys}
+        active = [k for k in keys if not k.retired]
+        self.current = (active or keys)[-1].verifier
+
+    @property
+    def key_id(self) -> str:
+        return self.current.key_id
+
+    def published(self) -> str:
+        return self.current.published()
+
+    def ids(self) -> list[str]:
+        return [k.verifier.key_id for k in self.keys]
+
+    def unseal(self, value: Any, binding: Binding | None, *, what: str) -> dict:
+        """As :meth:`Verifier.unseal`, with the pinned key the seal names; a seal by any other key is
+        refused naming it."""
+        seal = value.get(SEAL) if isinstance(value, dict) else None
+        key_id = seal.get("key_id") if isinstance(seal, dict) else None
+        pinned = self._by_id.get(str(key_id)) if key_id else None
+        if pinned is None:
+            return self._refuse(value, binding, what, key_id)
+        return pinned.verifier.unseal(value, binding, what=what)
+
+    def _refuse(self, value, binding, what, key_id) -> dict:
+        if not isinstance(value, dict) or not isinstance(value.get(SEAL), dict) or not value[SEAL].get("sig"):
+            return self.current.unseal(value, binding, what=what)  # says: no seal
+        raise EvidenceError(f"{what} was sealed with key {key_id!r}, which is not a pinned key of this deployment "
+                            f"(pinned: {', '.join(self.ids())} in {self.where}); a key from anywhere else — an "
+                            "Airflow connection, a model tag — is never trusted")
+
+    def check_signer(self, signer: Signer, source: str) -> Signer:
+        """``signer`` if its public key is pinned and not retired; else :class:`EvidenceError` naming
+        the mismatch (nothing is signed with a key the verifiers would not believe)."""
+        pinned = self._by_id.get(signer.verifier.key_id)
+        if pinned is None:
+            raise EvidenceError(f"the signing key from {source} (key id {signer.verifier.key_id}) does not match the "
+                                f"pinned public keys ({', '.join(self.ids())} in {self.where}): refusing to sign; "
+                                "a new key is pinned by `closedloop keys rotate`, reviewed like code")
+        if pinned.retired:
+            raise EvidenceError(f"the signing key from {source} (key id {signer.verifier.key_id}) was retired at "
+                                f"{pinned.retired} ({self.where}): sign with the current key "
+                                f"{self.current.key_id}")
+        return signer
+
+    def document(self) -> dict:
+        return {"keys": [k.as_dict() for k in self.keys]}
+
+
+def keyring_from_json(text: str, where: str) -> KeyRing:
+    try:
+        data = json.loads(text)
+        rows = data["keys"] if isinstance(data, dict) else data
+        keys = [PinnedKey(Verifier.from_text(str(r["public_key"])), added=str(r.get("added") or ""),
+                          retired=r.get("retired") or None, note=str(r.get("note") or "")) for r in rows]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EvidenceError(f"pinned keys in {where}: expected {{\"keys\": [{{\"public_key\": \"ed25519:…\", "
+                            f"\"added\": …, \"retired\": null}}]}} ({type(exc).__name__}: {exc})") from None
+    return KeyRing(keys, where)
+
+
+def pin_paths(home=None) -> list:
+    """Where the pinned set may be, in order: ``$CLOSEDLOOP_TRUSTED_KEYS`` (a file), the project's
+    ``include/keys/trusted_keys.json``, the embedded default's ``$CLOSEDLOOP_HOME/keys/trusted_keys.json``."""
     import os
     from pathlib import Path
 
-    given = os.environ.get("CLOSEDLOOP_PUBLIC_KEY", "").strip()
-    if given:
-        if Path(given).is_file():
-            return Verifier.from_text(Path(given).read_text()), given
-        return Verifier.from_text(given), "$CLOSEDLOOP_PUBLIC_KEY"
-    path = local_key_path().with_suffix(".pub")
-    if path.exists():
-        return Verifier.from_text(path.read_text()), str(path)
-    raise EvidenceError("no public key to verify with: set CLOSEDLOOP_PUBLIC_KEY to the deployment's published key "
-                        f"(closedloop keys show prints it) or run where {path} exists")
+    from closedloop import settings
+
+    out = []
+    given = os.environ.get("CLOSEDLOOP_TRUSTED_KEYS", "").strip()
+    if given and not given.startswith(f"{ALGORITHM}:"):
+        out.append(Path(given))
+    out.append(settings.include_dir() / "keys" / PIN_FILE)
+    out.append(local_key_path(home).with_name(PIN_FILE))
+    return out
+
+
+def pin_local_key(verifier: Verifier, home=None) -> bool:
+    """Pin the embedded default's key at first start (never over an existing pin)."""
+    from closedloop.steps.timeutil import utc_now_iso
+
+    doc = {"keys": [PinnedKey(verifier, added=utc_now_iso(), note="embedded default, pinned at first start")
+                    .as_dict()]}
+    return _create_exclusive(local_key_path(home).with_name(PIN_FILE), json.dumps(doc, indent=1) + "\n", 0o644)
+
+
+def ensure_local_key(home=None) -> Signer:
+    """The embedded default's first start: its key made once and pinned once (one process does it,
+    before any task runs)."""
+    key = local_signer(home=home)
+    pin_local_key(key.verifier, home=home)  # a home from before pins: pinned now (never over a pin)
+    return key
+
+
+_RING_CACHE: dict = {}
+
+
+def trusted_keys(home=None) -> KeyRing:
+    """The deployment's pinned public keys (see :class:`KeyRing`), read again when the file changes.
+
+    ``$CLOSEDLOOP_TRUSTED_KEYS`` (or the older ``$CLOSEDLOOP_PUBLIC_KEY``) may also hold published keys
+    themselves, comma-separated. An embedded default whose key predates its pin is pinned now.
+    """
+    import os
+
+    for var in ("CLOSEDLOOP_TRUSTED_KEYS", "CLOSEDLOOP_PUBLIC_KEY"):
+        given = os.environ.get(var, "").strip()
+        if given.startswith(f"{ALGORITHM}:"):
+            keys = [PinnedKey(Verifier.from_text(t)) for t in given.split(",") if t.strip()]
+            return KeyRing(keys, f"${var}")
+        if given and var == "CLOSEDLOOP_PUBLIC_KEY":
+            from pathlib import Path
+
+            if Path(given).is_file():
+                return KeyRing([PinnedKey(Verifier.from_text(Path(given).read_text()))], given)
+    paths = pin_paths(home)
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        cached = _RING_CACHE.get(str(path))
+        if cached is not None and cached[0] == (stat.st_mtime_ns, stat.st_size):
+            return cached[1]
+        ring = keyring_from_json(path.read_text(), str(path))
+        _RING_CACHE[str(path)] = ((stat.st_mtime_ns, stat.st_size), ring)
+        return ring
+    if os.environ.get("CLOSEDLOOP_TRUSTED_KEYS", "").strip():
+        raise EvidenceError(f"$CLOSEDLOOP_TRUSTED_KEYS names {paths[0]}, which does not exist")
+    pub = local_key_path(home).with_suffix(".pub")
+    if pub.exists():  # an embedded default from before pins: its first start now
+        pin_local_key(Verifier.from_text(pub.read_text()), home=home)
+        return trusted_keys(home)
+    raise EvidenceError("no pinned public key: set CLOSEDLOOP_TRUSTED_KEYS to the deployment's pin file (or its "
+                        f"published key), commit include/keys/{PIN_FILE}, or start the embedded default once "
+                        f"(it pins its key in {paths[-1]})")
+
+
+def published_verifier() -> tuple[KeyRing, str]:
+    """The pinned keys anyone verifies with, and where they were found (see :func:`trusted_keys`)."""
+    ring = trusted_keys()
+    return ring, ring.where

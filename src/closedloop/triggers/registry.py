@@ -42,14 +42,14 @@ class AliasWatchTrigger(BaseEventTrigger):
 
     def check(self) -> dict[str, dict]:
         from closedloop.hooks.mlflow import MLflowHook
-        from closedloop.hooks.signing import signer
+        from closedloop.hooks.signing import verifier as trusted_verifier
         from closedloop.steps.governance import check_aliases
         from closedloop.steps.tracking import mlflow_client, not_found
 
         hook = MLflowHook(self.mlflow_conn_id)
         os.environ.update(hook.credentials_env())
         client = mlflow_client(hook.tracking_uri())
-        verifier = signer().verifier
+        verifier = trusted_verifier()
         out = {}
         for model in [m for m in self.models.split(",") if m]:
             try:

@@ -20,7 +20,6 @@ never on the API server's event loop. MLflow is found the way tasks find it (con
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -29,7 +28,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from closedloop.records.lineage import MAX_LIMIT
-from closedloop.web import template as page
 
 MAX_HEALTH_PIPELINES = 100
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
@@ -205,6 +203,23 @@ def create_app() -> FastAPI:
         figures = await run_in_threadpool(health_figures, days, caller)  # off the event loop
         return HTMLResponse(render(figures, days))
 
+    @app.post("/api/incidents")
+    async def api_report_incident(request: Request):
+        """Report an incident as the caller (``incidents.reporters`` of the model's template): the
+        deployment posts the asset event, with the caller recorded as its poster."""
+        from airflow.api_fastapi.core_api.security import resolve_user_from_token
+
+        from closedloop.web.incidents import report_incident
+
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else request.cookies.get("_token")
+        user = await resolve_user_from_token(token)
+        try:
+            data = await request.json()
+        except ValueError:
+            raise HTTPException(status_code=400, detail="the body must be one incident as a JSON object") from None
+        return JSONResponse(await run_in_threadpool(report_incident, user.get_name(), data, _pipelines_dir()))
+
     @app.get("/api/review")
     def api_review(caller: Reader, dag_id: Annotated[str, Query(min_length=1, max_length=250)],
                    run_id: Annotated[str, Query(min_length=1, max_length=250)]):
@@ -227,7 +242,8 @@ def create_app() -> FastAPI:
         caller = await _caller_or_redirect(request)
         if isinstance(caller, RedirectResponse):
             return caller
-        return HTMLResponse(page("lineage.html").replace(
-            "{{ref}}", html.escape(request.query_params.get("ref", ""), quote=True)))
+        from closedloop.steps.pages import render as render_page
+
+        return HTMLResponse(render_page("lineage.html", ref=request.query_params.get("ref", "")))
 
     return app

@@ -81,9 +81,6 @@ def view(h: dict[str, Any], days: int) -> dict[str, Any]:
 
 
 def render(h: dict[str, Any], days: int) -> str:
-    import jinja2
+    from closedloop.steps.pages import render as render_page
 
-    from closedloop.web import template
-
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    return env.from_string(template("health.html")).render(**view(h, days))
+    return render_page("health.html", **view(h, days))

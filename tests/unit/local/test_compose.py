@@ -94,8 +94,13 @@ def test_docker_compose_config_accepts_the_file(project, tmp_path):
     assert unsigned.returncode != 0 and "CLOSEDLOOP_SIGNING_KEY" in unsigned.stderr  # no key, no deployment
     from closedloop.steps.signing import Signer
 
-    key = Signer.generate().seed_b64()
+    signer = Signer.generate()
+    key = signer.seed_b64()
     env["CLOSEDLOOP_SIGNING_KEY"] = key
+    pinless = subprocess.run([*cli, "-f", str(project / "docker-compose.yaml"), "config"],
+                             capture_output=True, text=True, cwd=project, env=env)
+    assert pinless.returncode != 0 and "CLOSEDLOOP_TRUSTED_KEYS" in pinless.stderr  # no pinned key, no deployment
+    env["CLOSEDLOOP_TRUSTED_KEYS"] = signer.verifier.published()
     out = subprocess.run([*cli, "-f", str(project / "docker-compose.yaml"), "config"],
                          capture_output=True, text=True, cwd=project, env=env)
     assert out.returncode == 0, out.stderr
@@ -104,7 +109,9 @@ def test_docker_compose_config_accepts_the_file(project, tmp_path):
     # the defaults of ${...} resolved, and the anchors merged into every Airflow service
     worker = resolved["services"]["airflow-worker"]
     assert worker["environment"]["AIRFLOW__CELERY__BROKER_URL"] == "redis://redis:6379/0"
-    assert json.loads(worker["environment"]["AIRFLOW_CONN_CLOSEDLOOP_SIGNING"])["password"] == key
+    assert worker["environment"]["CLOSEDLOOP_SIGNING_KEY"] == key
+    assert worker["environment"]["CLOSEDLOOP_TRUSTED_KEYS"] == signer.verifier.published()
+    assert not any(k.startswith("AIRFLOW_CONN_CLOSEDLOOP_SIGNING") for k in worker["environment"])
     mlflow_conn = json.loads(worker["environment"]["AIRFLOW_CONN_MLFLOW_DEFAULT"])
     assert (mlflow_conn["login"], mlflow_conn["password"]) == ("closedloop-service", "svc-secret-1")
     server = resolved["services"]["mlflow"]

@@ -122,12 +122,38 @@ def test_promote_moves_aliases_seals_the_move_and_rollback_restores(registry):
         gov.rollback(ctx, "m", actor="mallory", reason="bad", allowed=["bob"], signer=key)
     with pytest.raises(ApprovalError, match="needs a reason"):
         gov.rollback(ctx, "m", actor="bob", reason=" ", allowed=["bob"], signer=key)
-    out = gov.rollback(ctx, "m", actor="bob", reason="brakes late on wet roads", allowed=["bob"], signer=key)
-    assert out == {"model": "m", "production": "1", "previous-production": "2"}
+    # previous-production moved directly in MLflow (to an ungated version): noticed, and never rolled back to
+    c.set_registered_model_alias("m", "previous-production", versions[2].version)
+    problems = gov.check_aliases(c, "m", key.verifier)["problems"]
+    assert any("m@previous-production → version 3, but the last sealed promotion" in p for p in problems), problems
+    with pytest.raises(ApprovalError, match="an alias moved outside the pipeline is never rolled back to"):
+        gov.rollback(ctx, "m", actor="bob", reason="wet roads", allowed=["bob"], signer=key)
+    assert str(c.get_model_version_by_alias("m", "production").version) == "2"
+    c.set_registered_model_alias("m", "previous-production", "1")
+    # a request names its move: from the production it saw, to the previous-production it saw
+    with pytest.raises(ApprovalError, match="but production is 2 now"):
+        gov.rollback(ctx, "m", actor="bob", reason="wet roads", allowed=["bob"], signer=key,
+                     move=gov.move_of("m", "1", "2", "registry/r0"))
+    move = gov.move_of("m", "2", "1", "closedloop_registry/manual__r1")
+    assert gov.done_move(ctx, move, actor="bob", verifier=key.verifier) is None  # not made yet
+    out = gov.rollback(ctx, "m", actor="bob", reason="brakes late on wet roads", allowed=["bob"], signer=key,
+                       move=move)
+    assert out == {"model": "m", "production": "1", "previous-production": "2", "changed": True}
     assert gov.check_aliases(c, "m", key.verifier)["ok"]  # a rollback is a sealed move too
     trail = audit_trail(ctx, "m", "1")
     assert trail["events"][-1]["event"] == "alias.production.rollback"
     assert trail["events"][-1]["by"] == "bob" and trail["events"][-1]["reason"] == "brakes late on wet roads"
+    # the same request again (its run cleared): already done, nothing changes, the replay is audited
+    again = gov.done_move(ctx, move, actor="bob", verifier=key.verifier)
+    assert again["already_done"] and again["changed"] is False and again["production"] == "1"
+    assert [e["event"] for e in audit_trail(ctx, "m", "1")["events"]].count("alias.production.rollback") == 1
+    assert audit_trail(ctx, "m", "1")["events"][-1]["event"] == "registry.replay"
+    # ... and once production moved on, the old request is refused, never performed again
+    gov.rollback(ctx, "m", actor="bob", reason="back again", allowed=["bob"], signer=key,
+                 move=gov.move_of("m", "1", "2", "closedloop_registry/manual__r2"))
+    with pytest.raises(ApprovalError, match="refusing to replay m production 2 → 1"):
+        gov.done_move(ctx, move, actor="bob", verifier=key.verifier)
+    assert str(c.get_model_version_by_alias("m", "production").version) == "2"
 
 
 PROMOTE_TRY = """
