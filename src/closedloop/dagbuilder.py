@@ -2,8 +2,8 @@
 
 Cheap on purpose: called by the DAG processor on every parse, it imports no mlflow,
 great_expectations, sklearn, pandas or numpy. Each template is built in its own try, so a
-broken one never hides the others; the broken ones are reported as this DAG file's import
-error (see :func:`build_dags`).
+broken one never hides the others: its DAGs are held back (a placeholder that says why) and its
+error is the import error of a second DAG file that builds no DAGs (see :func:`build_dags`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ from closedloop.spec.describe import describe
 from closedloop.spec.request import dag_params, rerun_params
 
 log = logging.getLogger(__name__)
-
-INVALID_DAG_ID = "closedloop_invalid_templates"
-
 
 def _default_args(loaded: LoadedSpec, **extra: Any) -> dict[str, Any]:
     """Owner, the template's retries and backoff, and its failure alerts, for every task."""
@@ -227,39 +224,60 @@ def build_registry_dags(specs: list[LoadedSpec]) -> dict[str, DAG]:
     return {REGISTRY_DAG_ID: registry, WATCH_DAG_ID: watch}
 
 
-class InvalidTemplates(DAG):
-    """Placeholder that carries template errors into Airflow's import errors.
+def _name_in(path: str | None) -> tuple[str | None, bool]:
+    """The pipeline name a broken template claims (and whether it has ``incidents:``), read leniently:
+    what its held-back placeholder DAGs are called. None when not even that can be read."""
+    import re
 
-    Airflow validates each DAG found in a file before keeping it and records a failure as the
-    file's import error, while keeping the file's other DAGs. This DAG fails that validation
-    with every template error, so they appear in the UI (and ``airflow dags list-import-errors``)
-    and the valid pipelines still load.
-    """
+    if not path:
+        return None, False
+    try:
+        import yaml
 
-    def __init__(self, errors: list[SpecError]) -> None:
-        super().__init__(dag_id=INVALID_DAG_ID, schedule=None)
-        self.errors_text = "\n\n".join(str(e) for e in errors)
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except Exception:  # not YAML at all: no name to hold back
+        return None, False
+    name = data.get("name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,99}", name):
+        return None, False
+    return name, isinstance(data, dict) and data.get("incidents") is not None
 
-    def validate(self) -> None:
-        raise SpecError(f"{self.errors_text}\n\nThe other pipeline templates were loaded. "
-                        "Run `closedloop pipelines validate` to check templates before deploying.")
+
+def held_back_dag(dag_id: str, error: SpecError) -> DAG:
+    """What stands in for a pipeline whose template is broken: a DAG of the same id that says so
+    (description, docs, tag ``template-error``) and whose one task fails with the error, instead of
+    the pipeline silently going stale. Its runs do nothing else; fix the template and it is rebuilt."""
+    from closedloop.operators.base import TemplateErrorOperator
+
+    text = str(error)
+    with DAG(
+        dag_id=dag_id, schedule=None, start_date=None, catchup=False, max_active_runs=1,
+        description=f"HELD BACK by a template error in {error.path or 'its template'}: fix it, nothing runs until then",
+        doc_md="# Held back by a template error\n\nThis pipeline's template does not validate, so its DAG is "
+               "not built; the other pipelines are not affected. The error (also Airflow's import error of "
+               "`dags/closedloop_template_errors.py`, `closedloop pipelines validate` and the health page):\n\n"
+               "```\n" + text + "\n```",
+        tags=["closedloop", "template-error"],
+    ) as dag:
+        TemplateErrorOperator(task_id="template_error", message=text)
+    return dag
 
 
-def build_dags(pipelines_dir: str | Path, namespace: dict[str, Any] | None = None) -> dict[str, DAG]:
-    """Build every template in ``pipelines_dir``; put the DAGs (and any error carrier) in ``namespace``."""
-    started = time.perf_counter()
+def _build(pipelines_dir: str | Path) -> tuple[dict[str, DAG], list[SpecError]]:
+    """Every DAG the templates define, and every template error (load, cross-checks, build)."""
     specs, errors = load_all(pipelines_dir)
     dags: dict[str, DAG] = {}
     routes = None
     for loaded in specs:
         try:
-            dags[loaded.spec.name] = build_dag(loaded)
+            built = {loaded.spec.name: build_dag(loaded)}
             if loaded.spec.incidents is not None:
                 if routes is None:
                     from closedloop.spec.incident import routes_of
 
                     routes = routes_of(specs)
-                dags[loaded.spec.incident_dag_id] = build_incident_dag(loaded, routes)
+                built[loaded.spec.incident_dag_id] = build_incident_dag(loaded, routes)
+            dags.update(built)
         except Exception as exc:  # one broken pipeline must not hide the others
             errors.append(SpecError(f"{loaded.path}: cannot build DAG: {type(exc).__name__}: {exc}",
                                     path=str(loaded.path)))
@@ -267,13 +285,50 @@ def build_dags(pipelines_dir: str | Path, namespace: dict[str, Any] | None = Non
         dags.update(build_registry_dags(specs))
     except Exception as exc:  # the pipelines still load
         errors.append(SpecError(f"cannot build the registry DAGs: {type(exc).__name__}: {exc}"))
+    return dags, errors
+
+
+def build_dags(pipelines_dir: str | Path, namespace: dict[str, Any] | None = None) -> dict[str, DAG]:
+    """Build every template in ``pipelines_dir``; put the DAGs in ``namespace``.
+
+    Never raises and never carries an error object: Airflow's DAG processor drops *every* DAG of a
+    file that has an import error, so one broken template would hide every pipeline, the registry and
+    its watcher. A broken template's DAGs are held back instead (:func:`held_back_dag`); its error is
+    the import error of the other DAG file, ``dags/closedloop_template_errors.py``
+    (:func:`raise_template_errors`), which builds no DAGs.
+    """
+    started = time.perf_counter()
+    dags, errors = _build(pipelines_dir)
     for err in errors:
         log.error("%s", err)
+        name, incidents = _name_in(err.path)
+        for dag_id in ([name, f"{name}_incident"] if incidents else [name]) if name else []:
+            if dag_id not in dags:
+                dags[dag_id] = held_back_dag(dag_id, err)
     if namespace is not None:
         namespace.update({f"dag_{name}": dag for name, dag in dags.items()})
-        namespace.pop("dag_" + INVALID_DAG_ID, None)
-        if errors:
-            namespace["dag_" + INVALID_DAG_ID] = InvalidTemplates(errors)
     log.info("closedloop: built %d pipeline DAGs (%d template errors) in %.1f ms",
              len(dags), len(errors), (time.perf_counter() - started) * 1000)
     return dags
+
+
+def template_errors(pipelines_dir: str | Path) -> list[SpecError]:
+    """Every template error of the folder, as the DAG processor meets them. The DAGs built on the way
+    are not registered with the calling DAG file (Airflow would count them twice)."""
+    from airflow.sdk.definitions._internal.contextmanager import DagContext
+
+    module, DagContext.current_autoregister_module_name = DagContext.current_autoregister_module_name, None
+    try:
+        return _build(pipelines_dir)[1]
+    finally:
+        DagContext.current_autoregister_module_name = module
+
+
+def raise_template_errors(pipelines_dir: str | Path) -> None:
+    """Raise every template error as one :class:`SpecError` (the import error of the DAG file that
+    calls it, which builds no DAGs: nothing else is hidden); return quietly when there is none."""
+    errors = template_errors(pipelines_dir)
+    if errors:
+        raise SpecError("\n\n".join(str(e) for e in errors) + "\n\nOnly these templates are held back (their DAGs "
+                        "say so); every other pipeline, the registry and its watcher are running. Run `closedloop "
+                        "pipelines validate` to check templates before deploying.")

@@ -32,10 +32,11 @@ HIL = {**GOV, "name: acc_longitudinal": "name: acc_gov_hil", "name: acc_longitud
        # the two-person rule: two approval tasks, two different people
        "timeout_hours: 72": "timeout_hours: 72\n  valid_hours: 0.05\n  required: 2"}
 REL = {**GOV, "name: acc_longitudinal": "name: acc_rel", "name: acc_longitudinal_policy": "name: acc_rel_model"}
+TRUST = {**GOV, "name: acc_longitudinal": "name: acc_trust", "name: acc_longitudinal_policy": "name: acc_trust_model"}
 SOLO = {**GOV, "name: acc_longitudinal": "name: acc_gov_solo", "name: acc_longitudinal_policy": "name: acc_solo_model",
         "approvers: [safety-lead, safety-deputy]": "approvers: [safety-lead]"}
 USERS = {"admin": "admin", "ml-engineer": "user", "safety-lead": "user", "safety-deputy": "user", "intruder": "user",
-         "hil-rig": "user"}
+         "hil-rig": "user", "fleet-monitor": "viewer"}  # the deployment's roles: nobody but the admin has op
 REQUEST = {"purpose": "Retrain on the latest fleet logs for the test.", "change": ["data"],
            "expected_impact": "No regression in any gate.", "scope": "test fleet", "ticket": "T-1"}
 
@@ -60,6 +61,7 @@ def env(tmp_path_factory, project):
     (root / "include" / "pipelines" / "acc_gov_hil.yaml").write_text(template_text(project, incidents=False, **HIL))
     (root / "include" / "pipelines" / "acc_gov_solo.yaml").write_text(template_text(project, incidents=False, **SOLO))
     (root / "include" / "pipelines" / "acc_rel.yaml").write_text(template_text(project, incidents=False, **REL))
+    (root / "include" / "pipelines" / "acc_trust.yaml").write_text(template_text(project, incidents=False, **TRUST))
     # a deployment DAG of the release process, scheduled on the model's production asset: it keeps
     # the events that started it (what it would deploy)
     (root / "dags" / "deploy_acc_rel.py").write_text(DEPLOY_DAG)
@@ -491,3 +493,158 @@ def test_the_hand_off_to_release_review_card_and_model_card(env, released):
     assert "production" in written.split(": ", 1)[1].split(", "), written  # maybe still the candidate too
     assert prod.tags["closedloop.dataset_version"] in text and "## Metrics per scenario" in text
     assert f"approved by {prod.tags['closedloop.review.reviewer']}" in text
+
+
+def test_the_deployments_own_roles_cannot_break_the_trust_chain(env, tmp_path):
+    """Each way through found with the rights the deployment hands its people, tried with those rights
+    (REST as that person, the MLflow client, the CLI): a key planted as a connection, review state
+    forged in a request's text, previous-production moved in MLflow, a cleared rollback, markup in a
+    record a page shows. Production ends unchanged each time, with the reason."""
+    from closedloop.steps.signing import Binding, Signer, digest
+
+    server, root = env
+    server.wait_for(lambda: server.api("GET", "/api/v2/dags/acc_trust")[0] == 200, 120, "acc_trust parsed")
+    client = MlflowClient(server.env["MLFLOW_TRACKING_URI"])
+
+    def production():
+        return str(client.get_model_version_by_alias("acc_trust_model", "production").version)
+
+    def parked(run_id):
+        return lambda: states(server, "acc_trust", run_id).get("approval") == "awaiting_input"
+
+    def settled(run_id, task="promote"):
+        return lambda: states(server, "acc_trust", run_id).get(task) in ("success", "failed", "skipped")
+
+    def refusal(dag_id, run_id, task="promote") -> str:
+        _, entry = server.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task}/xcomEntries/error")
+        return (xcom_value(entry) or {}).get("message", "")
+
+    # -- 1. the incident reporter (viewer) can neither plant a key nor starve the incident pool ----------
+    forged = Signer.generate()
+    conn = {"connection_id": "closedloop_signing", "conn_type": "generic", "password": forged.seed_b64()}
+    assert server.api("POST", "/api/v2/connections", conn, user="fleet-monitor")[0] == 403
+    assert server.api("PATCH", "/api/v2/pools/default_pool?update_mask=slots", {"name": "default_pool", "slots": 0},
+                      user="fleet-monitor")[0] == 403
+    assert server.api("POST", "/api/v2/variables", {"key": "x", "value": "y"}, user="fleet-monitor")[0] == 403
+
+    # -- R1 and R2 at once; R2's purpose carries lines that look like the pipeline's own ---------------
+    run1 = server.api("POST", "/api/v2/dags/acc_trust/dagRuns", {"logical_date": None, "conf": REQUEST},
+                      user="ml-engineer")[1]["dag_run_id"]
+    server.wait_for(parked(run1), 900, "R1 to wait for review")
+    v1 = xcom(server, "acc_trust", run1, "register_candidate")["version"]
+    lie = {**REQUEST, "purpose": f"Retrain on the latest logs.\n- Production now: version {v1}\n"
+                                 "- Release record: `sha256:0000`\n<img src=x onerror=alert(1)>"}
+    run2 = server.api("POST", "/api/v2/dags/acc_trust/dagRuns", {"logical_date": None, "conf": lie},
+                      user="ml-engineer")[1]["dag_run_id"]
+    server.wait_for(parked(run2), 900, "R2 to wait for review")
+    _, detail2 = server.api("GET", hitl_path("acc_trust", run2))
+    body = detail2["body"]
+    # the pipeline's lines once each; the requester's text quoted, every markup character escaped
+    assert body.count("- Production now:") == 1 and "- Production now: none yet" in body
+    assert f"> \\- Production now: version {v1}" in body and "> \\<img src=x onerror=alert\\(1\\)\\>" in body
+    assert cli(server, root, "safety-lead", "approve", "acc_trust", run1).returncode == 0
+    server.wait_for(settled(run1), 600, "R1's promotion")
+    assert production() == v1
+    assert cli(server, root, "safety-deputy", "approve", "acc_trust", run2).returncode == 0
+    server.wait_for(settled(run2), 600, "R2's promotion")
+    assert "production moved since the review opened (was none, is" in refusal("acc_trust", run2)
+    # -- 5. the requester clears R2's approval: the retry takes the sealed record of what the review showed
+    #       (production: none), not the forged line; promote refuses again --------------------------------
+    status, _ = server.api("POST", "/api/v2/dags/acc_trust/clearTaskInstances", {
+        "dry_run": False, "dag_run_id": run2, "task_ids": ["approval"], "include_downstream": True,
+        "only_failed": False, "reset_dag_runs": True}, user="ml-engineer")
+    assert status == 200
+    server.wait_for(lambda: server.api("GET", f"/api/v2/dags/acc_trust/dagRuns/{run2}")[1]["state"]
+                    in ("success", "failed") and states(server, "acc_trust", run2)["promote"] in ("failed", "skipped",
+                                                                                              "upstream_failed"),
+                    600, "R2's cleared approval and promote")
+    _, again = server.api("GET", f"/api/v2/dags/acc_trust/dagRuns/{run2}/taskInstances/approval")
+    assert again["try_number"] >= 2
+    assert "production moved since the review opened (was none, is" in refusal("acc_trust", run2)
+    assert production() == v1
+
+    # -- 1. a key planted as the signing connection (by anyone who can write connections) is no trust ---
+    assert server.api("POST", "/api/v2/connections", conn, user="admin")[0] in (200, 201)
+    v2 = xcom(server, "acc_trust", run2, "register_candidate")["version"]
+    record = json.loads(client.get_model_version("acc_trust_model", v2).tags[gov.RECORD_TAG])
+    body_ = {k: v for k, v in record.items() if k != "_seal"}
+    resealed = forged.seal(body_, Binding("acc_trust", run2, "register_candidate"))
+    client.set_model_version_tag("acc_trust_model", v2, gov.RECORD_TAG, json.dumps(resealed))
+    for task, who in (("approval", "safety-lead"), ("approval_2", "safety-deputy")):
+        statement = {"kind": "approval", "model": "acc_trust_model", "version": v2, "record_digest": digest(body_),
+                     "decision": "approved", "chosen_options": ["Approve"], "responder": who,
+                     "responded_at": __import__("datetime").datetime.now(__import__("datetime").UTC).isoformat(),
+                     "production_at_review": v1, "task_id": task}
+        client.set_model_version_tag("acc_trust_model", v2, gov.APPROVAL_TAG + task, json.dumps(
+            forged.seal({"statement": statement}, Binding("acc_trust", run2, task))))
+    out = cli(server, root, "admin", "promote", "acc_trust_model", v2)
+    assert out.returncode == 1 and f"sealed with key '{forged.verifier.key_id}', which is not a pinned key" in out.stderr
+    assert production() == v1
+
+    # -- a second governed promotion: R3 (production v1 → v3, previous-production v1) -----------------
+    run3 = server.api("POST", "/api/v2/dags/acc_trust/dagRuns", {"logical_date": None, "conf": REQUEST},
+                      user="ml-engineer")[1]["dag_run_id"]
+    server.wait_for(parked(run3), 900, "R3 to wait for review")
+    assert cli(server, root, "safety-lead", "approve", "acc_trust", run3).returncode == 0
+    server.wait_for(settled(run3), 600, "R3's promotion")
+    v3 = xcom(server, "acc_trust", run3, "register_candidate")["version"]
+    assert states(server, "acc_trust", run3)["promote"] == "success", refusal("acc_trust", run3)  # signed despite the planted key
+    assert production() == v3
+
+    # -- 3. previous-production pointed at an ungated version in MLflow: detected, never rolled back to --
+    rec1 = xcom(server, "acc_trust", run1, "register_candidate")
+    oob = client.create_model_version("acc_trust_model", f"runs:/{rec1['training_run_id']}/not-gated",
+                                      rec1["training_run_id"])
+    client.set_registered_model_alias("acc_trust_model", "previous-production", oob.version)
+    out = cli(server, root, "ml-engineer", "audit", "--verify", "acc_trust_model")
+    assert out.returncode == 1 and f"acc_trust_model@previous-production → version {oob.version}" in out.stdout
+    out = cli(server, root, "safety-lead", "rollback", "acc_trust_model", "--reason", "late braking")
+    assert out.returncode == 1 and "never rolled back to" in out.stderr, out.stderr
+    assert production() == v3
+    out = cli(server, root, "safety-lead", "audit", "--verify", "acc_trust_model", "--restore", "--reason", "moved by hand")
+    assert out.returncode == 0, out.stderr
+    assert str(client.get_model_version_by_alias("acc_trust_model", "previous-production").version) == v1
+    assert cli(server, root, "ml-engineer", "audit", "--verify", "acc_trust_model").returncode == 0
+
+    # -- 2. a legitimate rollback, then its run cleared by the requester: already done, nothing moves ---
+    out = cli(server, root, "safety-lead", "rollback", "acc_trust_model", "--reason", "late braking on wet roads")
+    assert out.returncode == 0 and f"production is version {v1} again" in out.stdout, out.stderr
+    _, runs_ = server.api("GET", "/api/v2/dags/closedloop_registry/dagRuns?order_by=-run_after&limit=1")
+    rb = runs_["dag_runs"][0]["dag_run_id"]
+    status, _ = server.api("POST", "/api/v2/dags/closedloop_registry/clearTaskInstances", {
+        "dry_run": False, "dag_run_id": rb, "task_ids": ["registry_action"], "only_failed": False,
+        "reset_dag_runs": True}, user="ml-engineer")
+    assert status == 200
+    server.wait_for(lambda: server.api("GET", f"/api/v2/dags/closedloop_registry/dagRuns/{rb}/taskInstances/"
+                                              "registry_action")[1].get("try_number", 1) >= 2
+                    and server.api("GET", f"/api/v2/dags/closedloop_registry/dagRuns/{rb}")[1]["state"]
+                    in ("success", "failed"), 300, "the cleared rollback to run again")
+    assert xcom(server, "closedloop_registry", rb, "registry_action")["already_done"] is True
+    assert production() == v1
+    trail = cli(server, root, "admin", "audit", "acc_trust_model", v1, "--json")
+    events = [e["event"] for e in json.loads(trail.stdout)["events"]]
+    assert events.count("alias.production.rollback") == 1 and "registry.replay" in events, events
+    assert cli(server, root, "ml-engineer", "audit", "--verify", "acc_trust_model").returncode == 0
+
+    # -- 4. markup in a record a page shows: a gate report logged by the requester, pointed to by a tag --
+    exp = client.get_experiment_by_name("Default") or client.get_experiment(client.create_experiment("evil"))
+    evil = client.create_run(exp.experiment_id).info.run_id
+    markup = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+    client.log_dict(evil, [{"metric": markup, "passed": True, "value": markup, "evidence": markup,
+                            "incidents": [{"incident": markup, "collisions": markup, "episodes": markup}]}],
+                    "gates/report.json")
+    client.set_model_version_tag("acc_trust_model", v2, "closedloop.gate_run_id", evil)
+    from tests.browser import Browser, chromium_path
+
+    if chromium_path() is None:
+        pytest.skip("needs Debian's chromium (.ci/run installs it)")
+    from urllib.parse import quote
+
+    with Browser() as b:
+        b.set_cookie(server.url, "_token", server.client("safety-deputy").token())
+        b.goto(f"{server.url}/closedloop/review?dag_id=acc_trust&run_id={quote(run2, safe='')}")
+        assert b.eval("document.getElementById('version').textContent") == v2
+        assert b.eval("typeof window.__pwned") == "undefined"
+        assert b.eval("document.querySelectorAll('#gates img, #gates script').length") == 0
+        assert markup in b.eval("document.getElementById('gates').textContent")
+        assert "<img src=x onerror=alert(1)>" in b.eval("document.getElementById('request').textContent")

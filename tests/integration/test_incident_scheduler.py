@@ -24,7 +24,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 PIPELINE, DAG, MODEL = "acc_evt", "acc_evt_incident", "acc_evt_model"
 OTHER = "acc_other"  # a second pipeline (no runs): the one user "scoped" may read
-USERS = {"admin": "admin", "fleet-monitor": "op", "viewer1": "viewer", "scoped": "viewer"}
+# fleet-monitor keeps op here (events posted straight to Airflow's REST API are tested); "reporter" is what
+# the deployment hands an incident reporter: a viewer named in the template's incidents.reporters
+USERS = {"admin": "admin", "fleet-monitor": "op", "viewer1": "viewer", "scoped": "viewer", "reporter": "viewer"}
 INCIDENT = {"model": MODEL, "scenario_type": "hard_braking", "severity": "high", "kind": "collision",
             "log_refs": ["s3://fleet/eu/veh-7/clip-1.mcap"]}
 
@@ -35,7 +37,8 @@ def env(tmp_path_factory, project):
     (root / "include" / "pipelines" / f"{PIPELINE}.yaml").write_text(template_text(project, **NO_REVIEW, **{
         'schedule: "0 3 * * 1"': "schedule: null", "name: acc_longitudinal": f"name: {PIPELINE}",
         "name: acc_longitudinal_policy": f"name: {MODEL}", "window_days: 14": "window_days: 3",
-        "kpi_poll_seconds: 60": "kpi_poll_seconds: 2", "debounce_minutes: 30": "debounce_minutes: 1"}))
+        "kpi_poll_seconds: 60": "kpi_poll_seconds: 2", "debounce_minutes: 30": "debounce_minutes: 1",
+        "reporters: [fleet-monitor]": "reporters: [fleet-monitor, reporter]"}))
     (root / "include" / "pipelines" / f"{OTHER}.yaml").write_text(template_text(project, incidents=False, **NO_REVIEW, **{
         'schedule: "0 3 * * 1"': "schedule: null", "name: acc_longitudinal": f"name: {OTHER}",
         "name: acc_longitudinal_policy": "name: acc_other_model"}))
@@ -566,3 +569,37 @@ def test_health_figures_from_airflows_records_as_json_cli_and_page(env, inc1_tra
         assert b.eval("document.querySelector('svg.runs-chart').getBoundingClientRect().width") > 100
         # two bars (queue wait, lead time) per pipeline the viewer may read: this one and the other
         assert b.eval("document.querySelectorAll('svg.wait-chart rect').length") == 2 * len(whole["pipelines"]) == 4
+
+
+def test_a_reporter_needs_no_op_role_the_plugin_posts_for_them(env):
+    """An incident reporter with role viewer: Airflow refuses them the asset-event API, connections and
+    pools; the plugin checks the template's incidents.reporters, posts the event with the deployment's
+    identity and records the login as the poster (in the event and in Airflow's audit log)."""
+    server, root, _ = env
+    from closedloop.cli.events import incident_asset_id
+
+    asset_id = incident_asset_id(server.client("reporter"), MODEL)
+    extra = {**INCIDENT, "scenario_type": "stop_and_go", "id": "INC-R"}
+    assert server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": extra}, user="reporter")[0] == 403
+    assert server.api("POST", "/api/v2/connections", {"connection_id": "closedloop_signing", "conn_type": "generic"},
+                      user="reporter")[0] == 403
+    assert server.api("PATCH", "/api/v2/pools/closedloop_incident?update_mask=slots",
+                      {"name": "closedloop_incident", "slots": 0}, user="reporter")[0] == 403
+    # not named in incidents.reporters: refused with the reason; a malformed incident: 400, nothing posted
+    before = len(asset_events(server))
+    out = cli(server, "incident", "report", "--model", MODEL, "--scenario-type", "stop_and_go", "--severity", "high",
+              "--dir", str(root / "include" / "pipelines"), user="viewer1")
+    assert out.returncode == 1 and "'viewer1' may not report incidents of acc_evt_model" in out.stderr, out.stderr
+    status, body = server.client("reporter").call("POST", "/closedloop/api/incidents", {"model": MODEL}, root=True)
+    assert status == 400 and "scenario_type" in json.dumps(body)
+    assert len(asset_events(server)) == before
+    n = len(runs(server))
+    out = cli(server, "incident", "report", "--model", MODEL, "--scenario-type", "stop_and_go", "--severity", "high",
+              "--id", "INC-R", "--wait", "120", "--dir", str(root / "include" / "pipelines"), user="reporter")
+    assert out.returncode == 0, out.stderr
+    found = wait_runs(server, n + 1)
+    decision = admission(server, found[-1]["dag_run_id"])
+    assert decision["admitted"] and decision["incidents"][0]["id"] == "INC-R"
+    assert decision["incidents"][0]["posted_by"] == "reporter"
+    _, logs = server.api("GET", "/api/v2/eventLogs?event=closedloop.incident.report&limit=10")
+    assert any(e["owner"] == "reporter" and "INC-R" in (e.get("extra") or "") for e in logs["event_logs"]), logs

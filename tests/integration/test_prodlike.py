@@ -54,7 +54,7 @@ def shape(tmp_path_factory, project):
         "    max: 0.35\n": "    max: 100\n", "    max: 0.0\n": "    max: 1.0\n", "    min: 1.0\n": "    min: 0.0\n"}))
     shutil.copy(PROBE_DAG_FILE, root / "dags")  # warm tasks: what a Celery task inherits
     base = tmp_path_factory.mktemp("prodlike")
-    shape = ProdLike(base, root / "dags", {"admin": ("admin", "admin-pw"), "fleet-monitor": ("op", "fleet-monitor-pw")},
+    shape = ProdLike(base, root / "dags", {"admin": ("admin", "admin-pw"), "fleet-monitor": ("viewer", "fleet-monitor-pw")},
                      workers=2, env={
                          "CLOSEDLOOP_FAULTS": str(base / "faults.json"),  # fault drills: off until a test writes it
                          # a task whose worker died is noticed after 40 s of silence (Airflow's default: 300 s)
@@ -79,7 +79,7 @@ def finished_runs(api, dag_id: str, n: int) -> list[dict] | None:
 
 
 def test_ten_runs_at_once_periodic_and_incident(shape):
-    from closedloop.cli.events import incident_asset_id
+    from closedloop.cli.events import post_incident
 
     af = shape.airflow
     af.wait_for(lambda: af.api("GET", f"/api/v2/dags/{PIPELINE}")[0] == 200
@@ -89,11 +89,11 @@ def test_ten_runs_at_once_periodic_and_incident(shape):
         status, run = af.api("POST", f"/api/v2/dags/{PIPELINE}/dagRuns", {
             "logical_date": f"2026-11-{day:02d}T03:00:00Z", "conf": {"purpose": f"load test {day}"}})
         assert status == 200, run
-    asset_id = incident_asset_id(af.client("fleet-monitor"), MODEL)
     for i, scenario in enumerate(("cut_in", "hard_braking", "stop_and_go")):  # three incidents, three problems
-        status, event = af.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": {
-            "id": f"INC-{i}", "model": MODEL, "scenario_type": scenario, "severity": "high"}}, user="fleet-monitor")
-        assert status == 200, event
+        # the reporter is a viewer: the plugin posts the event for them (no op role anywhere)
+        event = post_incident(af.client("fleet-monitor"), {"id": f"INC-{i}", "model": MODEL,
+                                                           "scenario_type": scenario, "severity": "high"})
+        assert event["id"], event
         time.sleep(1.5)  # one event, one run (the scheduler would coalesce events queued together)
     periodic = af.wait_for(lambda: finished_runs(af.api, PIPELINE, 7), 1500, "7 periodic runs", interval=5)
     incident = af.wait_for(lambda: finished_runs(af.api, INCIDENT_DAG, 3), 900, "3 incident runs", interval=5)

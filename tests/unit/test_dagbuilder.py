@@ -118,10 +118,16 @@ def test_broken_template_is_an_import_error_and_others_still_load(make_project, 
         "name: acc_longitudinal": "name: acc_typo", "name: acc_longitudinal_policy": "name: acc_typo_model",
         "window_days: 14": "window_days: fourteen"}))
     bag = dagbag(make_project.root / "dags")
-    assert set(bag.dag_ids) == {"acc_longitudinal", *REGISTRY}
+    # the broken template's DAG is held back (it says why and does nothing); the others are untouched
+    assert set(bag.dag_ids) == {"acc_longitudinal", "acc_typo", "acc_typo_incident", *REGISTRY}
+    held = bag.dags["acc_typo"]
+    assert "template-error" in held.tags and held.description.startswith("HELD BACK by a template error")
+    assert [t.task_id for t in held.tasks] == ["template_error"]
+    assert "dataset.window_days: input should be a valid integer" in held.doc_md
+    # the error is the import error of the file that builds no DAG, never of the one that builds them
     assert len(bag.import_errors) == 1
     (dag_file, message), = bag.import_errors.items()
-    assert dag_file.endswith("closedloop_pipelines.py")
+    assert dag_file.endswith("closedloop_template_errors.py")
     assert f"{bad}: invalid pipeline template" in message
     assert "dataset.window_days: input should be a valid integer" in message
 

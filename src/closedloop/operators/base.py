@@ -149,6 +149,23 @@ class ClosedLoopStepOperator(BaseOperator):
         return operator_lineage(self, task_instance)
 
 
+class TemplateErrorOperator(BaseOperator):
+    """The one task of a pipeline held back by its template's error: fails with that error (no retry).
+
+    :param message: the template error (file, field, expected, found).
+    """
+
+    ui_color = "#fde2e2"
+
+    def __init__(self, *, message: str, **kwargs: Any) -> None:
+        kwargs.setdefault("retries", 0)
+        super().__init__(**kwargs)
+        self.message = message
+
+    def execute(self, context: Context) -> None:
+        raise AirflowFailException(f"held back by a template error; nothing ran:\n{self.message}")
+
+
 def step_assets(loaded: LoadedSpec, task_id: str) -> list:
     """The Airflow assets a step makes (the step table's ``lineage_out``): the raw and labelled
     snapshots (``closedloop://data/<pipeline>/raw|labelled``) and the model's ``candidate`` and
