@@ -35,7 +35,8 @@ def card() -> dict:
         "metrics": [{"metric": "sim.collision_rate", "candidate": 0.1, "production": 0.0, "delta": 0.1}],
         "per_scenario": per,
         "gates": [{"metric": "sim.hard_braking.collision_rate", "passed": False, "value": 0.1, "reason": "too high",
-                   "evidence": "1 of 10", "incidents": [{"incident": "INC-1", "collisions": 1, "episodes": 3}]}],
+                   "evidence": "1 of 10", "incidents": [{"incident": "INC-1", "collisions": 1, "episodes": 3}]},
+                  {"metric": "offline.rmse", "passed": True, "value": 0.3}],  # a row with nothing optional
         "datasets": {"candidate": {"raw": {"digest": "ab" * 32, "sources": ["fleet-eu"], "window_start": "a",
                                            "window_end": "b", "rows_per_scenario": {"hard_braking": 3}},
                                    "labelled": {"digest": "cd" * 32, "rows": 3}},
