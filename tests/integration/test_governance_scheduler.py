@@ -540,7 +540,9 @@ def test_the_deployments_own_roles_cannot_break_the_trust_chain(env, tmp_path):
     _, detail2 = server.api("GET", hitl_path("acc_trust", run2))
     body = detail2["body"]
     # the pipeline's lines once each; the requester's text quoted, every markup character escaped
-    assert body.count("- Production now:") == 1 and "- Production now: none yet" in body
+    assert [line for line in body.splitlines() if line.startswith(("- Production now:", "- Release record:"))] == [
+        f"- Release record: `{digest(xcom(server, 'acc_trust', run2, 'register_candidate'))}`",
+        "- Production now: none yet"]
     assert f"> \\- Production now: version {v1}" in body and "> \\<img src=x onerror=alert\\(1\\)\\>" in body
     assert cli(server, root, "safety-lead", "approve", "acc_trust", run1).returncode == 0
     server.wait_for(settled(run1), 600, "R1's promotion")
@@ -615,10 +617,10 @@ def test_the_deployments_own_roles_cannot_break_the_trust_chain(env, tmp_path):
         "dry_run": False, "dag_run_id": rb, "task_ids": ["registry_action"], "only_failed": False,
         "reset_dag_runs": True}, user="ml-engineer")
     assert status == 200
-    server.wait_for(lambda: server.api("GET", f"/api/v2/dags/closedloop_registry/dagRuns/{rb}/taskInstances/"
-                                              "registry_action")[1].get("try_number", 1) >= 2
-                    and server.api("GET", f"/api/v2/dags/closedloop_registry/dagRuns/{rb}")[1]["state"]
-                    in ("success", "failed"), 300, "the cleared rollback to run again")
+    task = f"/api/v2/dags/closedloop_registry/dagRuns/{rb}/taskInstances/registry_action"
+    server.wait_for(lambda: (lambda ti: ti.get("try_number", 1) >= 2 and ti.get("state") in ("success", "failed")
+                             and xcom(server, "closedloop_registry", rb, "registry_action") is not None)(
+        server.api("GET", task)[1]), 300, "the cleared rollback to run again")
     assert xcom(server, "closedloop_registry", rb, "registry_action")["already_done"] is True
     assert production() == v1
     trail = cli(server, root, "admin", "audit", "acc_trust_model", v1, "--json")

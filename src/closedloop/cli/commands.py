@@ -82,13 +82,23 @@ def cmd_validate(args) -> int:
                 errors.append(exc)
     else:
         specs, errors = load_all(pipelines_dir(args))
+    from closedloop.spec.deployment import deployment_check
+
+    problems, warnings = deployment_check(specs, one_file=bool(args.files))
+    bad = {p.split(": ", 1)[0] for p in problems}
     for s in specs:
-        print(f"ok       {s.path}  ({s.spec.name}, hash {s.digest})")
+        if str(s.path) not in bad:
+            print(f"ok       {s.path}  ({s.spec.name}, hash {s.digest})")
     for e in errors:
         print(f"INVALID  {e}", file=sys.stderr)
+    for p in problems:
+        print(f"INVALID  {p}", file=sys.stderr)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     sys.stderr.flush()
-    print(f"{len(specs)} valid, {len(errors)} invalid")
-    return 2 if errors else 0
+    invalid = len(errors) + len({p.split(": ", 1)[0] for p in problems})
+    print(f"{len(specs) + len(errors) - invalid} valid, {invalid} invalid")
+    return 2 if invalid else 0
 
 
 def cmd_describe(args) -> int:

@@ -206,12 +206,23 @@ class ProdLike:
         try:
             self.postgres.start(("airflow", "mlflow", "mlflow_auth"))
             self.redis.start()
+            self.prepare_mlflow()
             self.mlflow.start(timeout=180)
             self.airflow.start(timeout=300)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def prepare_mlflow(self) -> None:
+        """Create and migrate MLflow's store and its auth store here, once, before the server starts: its
+        workers would otherwise each migrate the same new databases at once (alembic "expected to match
+        one row … 0 found")."""
+        from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore as AuthStore
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        SqlAlchemyStore(self.postgres.url("mlflow", "postgresql+psycopg2"), str(self.root / "mlartifacts"))
+        AuthStore().init_db(self.postgres.url("mlflow_auth", "postgresql+psycopg2"))
 
     def stop(self) -> None:
         self.airflow.stop()

@@ -132,17 +132,7 @@ class AirflowServer:
         # a plain SIGTERM would end Python without running ``finally`` blocks that stop us
         if threading_main() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _raise_system_exit)
-        airflow = str(Path(sys.executable).parent / "airflow")
-        logfile = open(self.log, "ab")
-        subprocess.run([airflow, "db", "migrate"], env=self.env, stdout=logfile, stderr=subprocess.STDOUT,
-                       check=True, timeout=600)
-        from closedloop.steps.tracking import ensure_store
-
-        ensure_store(self.env["MLFLOW_TRACKING_URI"])  # create MLflow's tables once, before tasks race to
-        if not any(k in self.env for k in ("CLOSEDLOOP_SIGNING_KEY", "AIRFLOW_CONN_CLOSEDLOOP_SIGNING")):
-            from closedloop.steps.signing import ensure_local_key
-
-            ensure_local_key(home=self.env["CLOSEDLOOP_HOME"])  # the embedded default's key and its pin, made once
+        self.prepare()
         for name, _ in self.COMPONENTS:
             self.start_component(name)
         self.proc = self.procs["scheduler"]
@@ -164,6 +154,26 @@ class AirflowServer:
             time.sleep(2)
         self.stop()
         raise RuntimeError(f"Airflow not healthy within {timeout} s; log:\n{self.tail()}")
+
+    def prepare(self) -> None:
+        """Create and migrate every store once, by this one process, before any component opens it:
+        Airflow's metadata database, MLflow's store, the embedded default's signing key and its pin.
+        A file lock in the Airflow home makes two starts on the same state take turns (the second finds
+        everything done); a store is never migrated by two processes at once."""
+        import fcntl
+
+        airflow = str(Path(sys.executable).parent / "airflow")
+        with open(self.home / ".closedloop-init.lock", "w") as lock, open(self.log, "ab") as logfile:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            subprocess.run([airflow, "db", "migrate"], env=self.env, stdout=logfile, stderr=subprocess.STDOUT,
+                           check=True, timeout=600)
+            from closedloop.steps.tracking import ensure_store
+
+            ensure_store(self.env["MLFLOW_TRACKING_URI"])  # MLflow's tables, before tasks or a UI race to
+            if not any(k in self.env for k in ("CLOSEDLOOP_SIGNING_KEY", "AIRFLOW_CONN_CLOSEDLOOP_SIGNING")):
+                from closedloop.steps.signing import ensure_local_key
+
+                ensure_local_key(home=self.env["CLOSEDLOOP_HOME"])  # the embedded default's key and pin, once
 
     def start_component(self, name: str) -> subprocess.Popen:
         """(Re)start one component, e.g. a Celery worker after it was killed."""
@@ -274,8 +284,10 @@ def mlflow_ui_command(port: int, uri: str, artifacts: str | None) -> tuple[list[
 
 def start_mlflow_ui(port: int, log: Path) -> subprocess.Popen:
     from closedloop import settings
+    from closedloop.steps.tracking import ensure_store
 
     uri = settings.tracking_uri()
+    ensure_store(uri)  # created and migrated here, once, under the store's lock: never by the UI and a task at once
     cmd, env = mlflow_ui_command(port, uri, settings.artifact_root(uri))
     return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, **env})

@@ -652,10 +652,39 @@ def load_spec(path: str | Path, include_dir: str | Path | None = None) -> Loaded
     if not loaded.scenario_path.is_file():
         problems.append(f"simulation.scenario_set: scenario set {spec.simulation.scenario_set!r} not found; "
                         f"expected a file {loaded.scenario_path} ({_available(loaded.scenario_path)})")
+    else:
+        problems += sim_gate_problems(spec, loaded.scenario_path)
     if problems:
         raise SpecError(f"{source}: invalid pipeline template:\n" + "\n".join(f"  - {p}" for p in problems),
                         path=source, problems=problems)
     return loaded
+
+
+SIM_GROUPS = ("safety_critical", "regression")
+"""Groups every simulation reports beside the scenario set's types (``sim.<group>.<metric>``)."""
+
+
+def sim_gate_problems(spec: PipelineSpec, scenario_path: Path) -> list[str]:
+    """Gates on ``sim.<group>.<metric>`` whose group the scenario set cannot produce (a scenario type
+    it does not have, a typo), with a did-you-mean: caught here, before any compute, instead of at
+    ``release_gate`` after dataset, training and simulation have run."""
+    try:
+        data = yaml.load(scenario_path.read_text(encoding="utf-8"), Loader=_LOADER) or {}
+        types = {str(s.get("type")) for s in data.get("scenarios") or [] if isinstance(s, dict) and s.get("type")}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []  # the simulation step says what is wrong with the scenario set itself
+    groups = sorted(types | set(SIM_GROUPS))
+    problems = []
+    for i, gate in enumerate(spec.gates):
+        parts = gate.metric.split(".")
+        if parts[0] != "sim" or len(parts) < 3 or parts[1] in groups:
+            continue
+        close = difflib.get_close_matches(parts[1], groups, n=1)
+        problems.append(f"gates[{i}].metric: {gate.metric!r}: scenario set {spec.simulation.scenario_set!r} has no "
+                        f"scenario type {parts[1]!r}" + (f"; did you mean {'.'.join(['sim', close[0], *parts[2:]])!r}?"
+                                                         if close else "")
+                        + f" (groups: {', '.join(groups)})")
+    return problems
 
 
 def _available(expected: Path) -> str:

@@ -40,3 +40,38 @@ def test_a_server_on_another_database_gets_no_sqlite_arguments(tmp_path):
                            env={"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://x@127.0.0.1/airflow"})
     assert "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS" not in server.env
     assert "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC" not in server.env
+
+
+PREPARE = """
+import sys
+from pathlib import Path
+from closedloop.local.server import AirflowServer
+root = Path(sys.argv[1])
+AirflowServer(root, root / "dags", {"admin": ("admin", "pw")}, home=root / "airflow", port=1).prepare()
+"""
+
+
+def test_first_starts_two_at_a_time_on_fresh_state_create_every_store_once(tmp_path):
+    """Two starts of the embedded default at once on fresh state, five times over (ten starts): each
+    migrates Airflow's database, creates MLflow's store and the signing key with its pin — one process at
+    a time, so every start succeeds and both end with the same key, one pin and a usable MLflow store."""
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    for round_ in range(5):
+        root = tmp_path / f"fresh{round_}"
+        (root / "dags").mkdir(parents=True)
+        procs = [subprocess.Popen([sys.executable, "-c", PREPARE, str(root)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+        pins = json.loads((root / "closedloop" / "keys" / "trusted_keys.json").read_text())["keys"]
+        public = (root / "closedloop" / "keys" / "release-signing.pub").read_text().strip()
+        assert [k["public_key"] for k in pins] == [public]
+        assert MlflowClient(f"sqlite:///{root / 'mlflow.db'}").search_experiments()[0].name == "Default"

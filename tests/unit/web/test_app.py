@@ -23,10 +23,13 @@ def test_every_route_wants_a_login_and_says_its_limits():
         assert param(path, "limit")["maximum"] == MAX_LIMIT and param(path, "offset")["minimum"] == 0
     assert param("/api/health", "limit")["maximum"] == MAX_HEALTH_PIPELINES
     steering = {path for path, route in schema["paths"].items()
-                if "dag_id" in {p["name"] for p in route["get"].get("parameters", [])}}
+                if "dag_id" in {p["name"] for p in route.get("get", {}).get("parameters", [])}}
     # only the review card names a run by its DAG, and that DAG is checked against what the caller may read
     assert steering == {"/api/review", "/review"}
     assert client.get("/api/review?dag_id=acc_longitudinal&run_id=r").status_code == 401
+    # the incident reporters' way in: a login first, then the template's reporters (integration tests)
+    assert "post" in schema["paths"]["/api/incidents"]
+    assert client.post("/api/incidents", json={"model": "m"}).status_code == 401
 
 
 def test_a_review_card_of_a_dag_the_caller_may_not_read_is_not_found(project, monkeypatch):
