@@ -22,6 +22,7 @@ from closedloop.errors import SpecError
 from closedloop.spec import LoadedSpec, load_all
 from closedloop.spec.describe import describe
 from closedloop.spec.request import dag_params, rerun_params
+from closedloop.spec.schema import claimed_name
 
 log = logging.getLogger(__name__)
 
@@ -224,25 +225,6 @@ def build_registry_dags(specs: list[LoadedSpec]) -> dict[str, DAG]:
     return {REGISTRY_DAG_ID: registry, WATCH_DAG_ID: watch}
 
 
-def _name_in(path: str | None) -> tuple[str | None, bool]:
-    """The pipeline name a broken template claims (and whether it has ``incidents:``), read leniently:
-    what its held-back placeholder DAGs are called. None when not even that can be read."""
-    import re
-
-    if not path:
-        return None, False
-    try:
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except Exception:  # not YAML at all: no name to hold back
-        return None, False
-    name = data.get("name") if isinstance(data, dict) else None
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,99}", name):
-        return None, False
-    return name, isinstance(data, dict) and data.get("incidents") is not None
-
-
 def held_back_dag(dag_id: str, error: SpecError) -> DAG:
     """What stands in for a pipeline whose template is broken: a DAG of the same id that says so
     (description, docs, tag ``template-error``) and whose one task fails with the error, instead of
@@ -301,7 +283,7 @@ def build_dags(pipelines_dir: str | Path, namespace: dict[str, Any] | None = Non
     dags, errors = _build(pipelines_dir)
     for err in errors:
         log.error("%s", err)
-        name, incidents = _name_in(err.path)
+        name, incidents = claimed_name(err.path)
         for dag_id in ([name, f"{name}_incident"] if incidents else [name]) if name else []:
             if dag_id not in dags:
                 dags[dag_id] = held_back_dag(dag_id, err)

@@ -76,6 +76,17 @@ def test_a_broken_template_holds_back_only_its_own_dags_under_the_real_dag_proce
             assert "template-error" not in {t["name"] for t in now[dag_id]["tags"]}
         assert now[BROKEN]["description"].startswith("HELD BACK by a template error")
         assert not any(e["filename"].endswith("closedloop_pipelines.py") for e in import_errors(server))
+        # the health page and its JSON say which pipeline is held back, and why
+        status, health = server.client("admin").call("GET", "/closedloop/api/health", root=True)
+        assert status == 200 and [t["pipeline"] for t in health["template_errors"]] == [BROKEN], health
+        assert named in health["template_errors"][0]["error"]
+        import urllib.request
+
+        req = urllib.request.Request(f"{server.url}/closedloop/health",
+                                     headers={"Authorization": f"Bearer {server.client('admin').token()}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            page = r.read().decode()
+        assert 'data-figure="template-error"' in page and f"Held back by a template error: {BROKEN}" in page
         if kind == "schema":  # while one template is broken, the others run to the end
             runs = {name: server.api("POST", f"/api/v2/dags/{name}/dagRuns", {"logical_date": None, "conf": {
                 "purpose": "isolation test run", "change": ["data"], "expected_impact": "none"}})[1]["dag_run_id"]

@@ -253,6 +253,9 @@ def cmd_health(args) -> int:
     h = figures(pipelines, runs, tis, since=since, until=until)
     h["versions"] = current_versions(specs)
     h["cache"] = cache_figures(specs, since)
+    from closedloop.spec.schema import template_problems
+
+    h["template_errors"] = template_problems(pipelines_dir(args))
     print(json.dumps(h, indent=2, default=str) if args.json else format_health(h))
     return 0
 

@@ -177,6 +177,9 @@ def format_impact(i: dict[str, Any]) -> str:
 
 def format_health(h: dict[str, Any]) -> str:
     lines = [f"pipeline health {h['since'][:16]} .. {h['until'][:16]} (UTC)"]
+    for t in h.get("template_errors") or []:
+        lines.append(f"HELD BACK  {t['pipeline'] or t['file']}: template error (its DAGs run nothing until fixed)\n"
+                     + "\n".join(f"    {line}" for line in t["error"].splitlines()))
     for name, p in h["pipelines"].items():
         fr = f"{p['failure_rate']:.0%}" if p["failure_rate"] is not None else "-"
         qw, lt, ip = p["queue_wait_s"], p["lead_time_to_candidate_s"], p["incident_to_production_s"]

@@ -692,6 +692,28 @@ def _available(expected: Path) -> str:
     return "available: " + ", ".join(names) if names else f"no {expected.suffix} files there"
 
 
+def claimed_name(path: str | None) -> tuple[str | None, bool]:
+    """The pipeline name a broken template claims (and whether it has ``incidents:``), read leniently:
+    what its held-back DAGs are called. None when not even that can be read."""
+    if not path:
+        return None, False
+    try:
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_LOADER)
+    except Exception:  # not YAML at all: no name to hold back
+        return None, False
+    name = data.get("name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,99}", name):
+        return None, False
+    return name, data.get("incidents") is not None
+
+
+def template_problems(pipelines_dir: str | Path) -> list[dict[str, Any]]:
+    """The folder's broken templates, as health shows them: file, the pipeline (DAG id) each holds back
+    (None when its name cannot be read) and the error."""
+    _, errors = load_all(pipelines_dir)
+    return [{"file": e.path, "pipeline": claimed_name(e.path)[0], "error": str(e)} for e in errors]
+
+
 def template_files(pipelines_dir: str | Path) -> list[Path]:
     """Template files in a folder, sorted; files starting with '_' or '.' are ignored."""
     folder = Path(pipelines_dir)
