@@ -171,7 +171,9 @@ def test_governed_path(env):
     from closedloop.steps.signing import digest
 
     assert digest(rec_a) in detail["body"] and rec_a["artifact_digest"] in detail["body"]
-    assert "gates passed" in detail["body"] and "PASS  sim.hard_braking.collision_rate" in detail["body"]
+    assert "gates passed" in detail["body"] and "| **PASS** | `sim.hard_braking.collision_rate` | <= 0 |" in detail["body"]
+    assert "No decision within 72 h (3 days) counts as a rejection" in detail["body"]
+    assert "| **N/A** | `sim.regression.collision_rate` |" in detail["body"]  # nothing to judge yet: never a PASS
     alerts = [json.loads(x) for x in (server.root / "closedloop" / "alerts.jsonl").read_text().splitlines()]
     opened = {a["run_id"]: a for a in alerts if a["kind"] == "review_requested"}
     assert f"acc_gov_model version {rec_a['version']} waits for review" in opened[run_a]["message"]
@@ -485,7 +487,12 @@ def test_the_hand_off_to_release_review_card_and_model_card(env, released):
             shown = [float(b.eval(f"{row}.querySelector('.{c}').textContent")) for c in ("c", "p")]
             assert shown == pytest.approx([gate_of[other.version][metric], gate_of[prod.version][metric]], rel=1e-3)
         assert b.eval("document.querySelectorAll('#charts svg rect').length") > 0  # per-scenario bars drawn
-        assert b.eval("document.querySelectorAll('#gates tr.pass').length") == len(card["gates"])
+        assert b.eval("document.querySelectorAll('#gates tr.pass, #gates tr.na').length") == len(card["gates"])
+        assert b.eval("document.querySelectorAll('#gates tr.fail').length") == 0
+        # every gate shows its limit beside the value (the reviewer judges against the threshold)
+        for g in card["gates"]:
+            row = f"document.querySelector('#gates tr[data-metric=\"{g['metric']}\"]')"
+            assert b.eval(f"{row}.querySelector('.limit').textContent") not in ("", "-")
     # -- the model card of the production version, in the registry --------------------------------
     text = client.get_model_version("acc_rel_model", prod.version).description
     assert f"# acc_rel_model version {prod.version}\n" in text

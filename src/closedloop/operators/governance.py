@@ -210,7 +210,7 @@ class ReviewOperator(ApprovalOperator):
         self.subject = (f"Release {model} version {version}? ({self.loaded.spec.name})"
                         + (f" — approval {nth} of {required}" if required > 1 else ""))
         params, requested_by = request_of(self.loaded, context)
-        from closedloop.steps.gates import format_report
+        from closedloop.steps.gates import duration_text, report_table
 
         gate = pull_sealed(context, "release_gate")
         self.body = (
@@ -219,8 +219,9 @@ class ReviewOperator(ApprovalOperator):
             f"- Production now: {'version ' + production if production else 'none yet'}\n"
             f"- Review card (candidate vs production, shift, charts): [{model} v{version}]({card_link(context)})\n"
             + (f"- Already approved by: {', '.join(sorted(taken))}\n" if taken else "")
-            + f"\nRelease gates ({gate_summary(record)}):\n```\n{format_report(gate.get('report') or [])}\n```\n"
-            f"Reviewers: {', '.join(reviewers)}. No decision within {self.response_timeout} counts as a rejection.\n\n"
+            + f"\n**Release gates** ({gate_summary(record)}):\n\n{report_table(gate.get('report') or [])}\n\n"
+            f"Reviewers: {', '.join(reviewers)}. No decision within "
+            f"{duration_text(self.response_timeout.total_seconds())} counts as a rejection.\n\n"
             + request_block(params, requested_by)
         )
         self.notifiers = []

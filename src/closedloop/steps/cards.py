@@ -153,6 +153,26 @@ def _data_line(m: dict | None) -> str:
             f"{shown(raw.get('window_start'))}..{shown(raw.get('window_end'))}; rows per scenario {per_scen}")
 
 
+def gate_row(g: dict) -> dict:
+    """What the review card's gate table shows of one verdict: limit, bound with its counts, production's
+    value and the delta, coloured by whether the candidate is worse."""
+    from closedloop.steps.gates import limit_of, verdict_of
+
+    verdict = verdict_of(g)
+    bound = ""
+    if g.get("upper") is not None:
+        side = "upper" if g.get("max") is not None else "lower"
+        bound = (f"{g[side] * 100:.3g} % ({g['events']:,} in {g['trials']:,}, "
+                 f"{g['confidence'] * 100:g} % {side} bound)")
+    delta, css = g.get("delta"), ""
+    if delta is not None and delta != 0:
+        higher_better = g.get("min") is not None and g.get("max") is None
+        css = "better" if (delta > 0) == higher_better else "worse"
+    return {"row": g, "verdict": verdict.upper(), "css": {"pass": "pass", "fail": "fail", "n/a": "na"}[verdict],
+            "limit": limit_of(g) or "-", "bound": bound or "-", "delta": "-" if delta is None else f"{delta:+.4g}",
+            "delta_css": css}
+
+
 def render_html(card: dict[str, Any]) -> str:
     """The review card as one self-contained HTML page (``templates/review_card.html``; every value escaped)."""
     from closedloop.steps.pages import render
@@ -163,7 +183,7 @@ def render_html(card: dict[str, Any]) -> str:
     mix = shift.get("scenario_mix")
     ds = card["datasets"]
     return render(
-        "review_card.html", card=card, shown=shown,
+        "review_card.html", card=card, shown=shown, gates=[gate_row(g) for g in card["gates"]],
         compared=f"production version {cmp['version']}" if cmp["version"] else cmp["note"],
         request=sorted((card.get("incident") or card.get("request") or {}).items()),
         metrics=[m for m in card["metrics"] if not m["metric"].startswith("shift.")],

@@ -131,11 +131,28 @@ def evaluate(gates: list[GateSpec], metrics: dict[str, float],
             worse = (baseline - value) if gate.higher_is_better else (value - baseline)
             if worse > gate.max_regression:
                 reasons.append(f"{worse:g} worse than production ({baseline:g}), tolerance {gate.max_regression:g}")
+        verdict = "fail" if reasons else ("n/a" if value is None else "pass")
         report.append({"metric": gate.metric, "min": gate.min, "max": gate.max,
                        "max_regression": gate.max_regression, "production": baseline, "value": value,
-                       "passed": not reasons, "reason": "; ".join(reasons), "description": gate.description,
-                       **extra})
+                       "delta": round(value - baseline, 6) if value is not None and baseline is not None else None,
+                       "passed": not reasons, "verdict": verdict, "reason": "; ".join(reasons),
+                       "description": gate.description, **extra})
     return report
+
+
+def verdict_of(row: dict) -> str:
+    """``pass``, ``fail`` or ``n/a`` (nothing to judge: it does not stop the run, and is never called a pass)."""
+    return row.get("verdict") or ("fail" if not row.get("passed") else "n/a" if row.get("value") is None else "pass")
+
+
+def limit_of(row: dict) -> str:
+    """The gate's bound as a person reads it, e.g. ``<= 0.05 (95 % upper bound)``."""
+    on = f" ({row['confidence'] * 100:g} % {'upper' if row.get('max') is not None else 'lower'} bound)" \
+        if row.get("confidence") is not None else ""
+    return " and ".join(x for x in (f">= {row['min']:g}" if row.get("min") is not None else "",
+                                     f"<= {row['max']:g}" if row.get("max") is not None else "",
+                                     f"vs production ±{row['max_regression']:g}"
+                                     if row.get("max_regression") is not None else "") if x) + on
 
 
 def format_report(report: list[dict]) -> str:
@@ -145,13 +162,47 @@ def format_report(report: list[dict]) -> str:
                                           f"<= {r['max']:g}" if r["max"] is not None else "",
                                           f"vs prod ±{r['max_regression']:g}" if r.get("max_regression") is not None
                                           else "") if x)
-        value = "missing" if r["value"] is None else f"{r['value']:g}"
-        rows.append(f"  {'PASS' if r['passed'] else 'FAIL'}  {r['metric']:<40} {bound:<14} value {value}"
+        verdict = verdict_of(r)
+        value = ("n/a" if verdict == "n/a" else "missing") if r["value"] is None else f"{r['value']:g}"
+        rows.append(f"  {verdict.upper():<4}  {r['metric']:<40} {bound:<14} value {value}"
                     + (f"  ({r['reason']})" if r["reason"] else "")
                     + (f"\n        {r['evidence']}" if r.get("evidence") else "")
                     + "".join(f"\n        incident {i['incident']}: {i['collisions']} collision(s) in "
                               f"{i['episodes']} episode(s) of {i['type']}" for i in r.get("incidents", [])))
     return "\n".join(rows)
+
+
+def _md(text: object) -> str:
+    """A table cell: no pipes or line breaks from the value."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def report_table(report: list[dict]) -> str:
+    """The gate report as a Markdown table (what the review's body shows): verdict, gate, limit, value,
+    the confidence bound with its counts, production's value and the delta."""
+    def num(x):
+        return "-" if x is None else f"{x:.4g}"
+
+    rows = ["| | gate | limit | value | bound (counts) | production | delta |", "|---|---|---|---|---|---|---|"]
+    for r in report:
+        side = "upper" if r.get("max") is not None else "lower"
+        bound = (f"{r[side] * 100:.3g} % ({r['events']:,} in {r['trials']:,})" if r.get("upper") is not None else "-")
+        delta = "-" if r.get("delta") is None else f"{r['delta']:+.4g}"
+        rows.append(f"| **{verdict_of(r).upper()}** | `{_md(r['metric'])}` | {_md(limit_of(r) or '-')} | "
+                    f"{num(r.get('value'))} | {bound} | {num(r.get('production'))} | {delta} |")
+    notes = [f"- `{_md(r['metric'])}`: {_md(r.get('reason') or r.get('evidence'))}" for r in report
+             if r.get("reason") or (verdict_of(r) == "n/a" and r.get("evidence"))]
+    return "\n".join(rows + ([""] + notes if notes else []))
+
+
+def duration_text(seconds: float) -> str:
+    """A timeout as a person says it: ``72 h (3 days)``, ``36 s``, ``90 min``."""
+    if seconds < 120:
+        return f"{seconds:g} s"
+    if seconds < 3 * 3600:
+        return f"{seconds / 60:g} min"
+    hours = seconds / 3600
+    return f"{hours:g} h" + (f" ({hours / 24:g} days)" if hours >= 48 and hours % 24 == 0 else "")
 
 
 SHIFT_ARTIFACT = "shift/report.json"

@@ -69,3 +69,21 @@ def test_confidence_gates_that_cannot_work_are_refused_with_the_reason():
         GateSpec(metric="sim.collision_rate", max=0.0, confidence=0.95)
     assert "(its 95% Clopper-Pearson bound) <= 0.01" in GateSpec(metric="sim.collision_rate", max=0.01,
                                                                  confidence=0.95).describe()
+
+
+def test_the_review_body_table_and_a_gate_with_nothing_to_judge():
+    from closedloop.spec import GateSpec
+    from closedloop.steps.gates import duration_text, evaluate, format_report, report_table
+
+    report = evaluate([GateSpec(metric="sim.regression.collision_rate", max=0.0),
+                       GateSpec(metric="sim.hard_braking.collision_rate", max=0.1, confidence=0.95)],
+                      {"sim.regression.episodes": 0, "sim.hard_braking.collision_rate": 0.0,
+                       "sim.hard_braking.collisions": 0, "sim.hard_braking.episodes": 59})
+    assert [r["verdict"] for r in report] == ["n/a", "pass"] and report[0]["passed"]
+    text = format_report(report)
+    assert "N/A   sim.regression.collision_rate" in text and "value n/a" in text and "PASS  sim.regression" not in text
+    table = report_table(report)
+    assert "| **N/A** | `sim.regression.collision_rate` | <= 0 | - |" in table
+    assert "| **PASS** | `sim.hard_braking.collision_rate` | <= 0.1 (95 % upper bound) | 0 | 4.95 % (0 in 59) |" in table
+    assert "- `sim.regression.collision_rate`: no regression episodes: nothing to judge" in table
+    assert (duration_text(72 * 3600), duration_text(36), duration_text(5400)) == ("72 h (3 days)", "36 s", "90 min")

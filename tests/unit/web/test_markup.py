@@ -83,3 +83,36 @@ def test_the_review_card_escapes_without_a_browser():
     page = render_html(card())
     assert "<script>window.__pwned" not in page and "<img src=x" not in page
     assert "&lt;img src=x onerror=&#34;window.__pwned=1&#34;&gt;" in page
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_the_reviewer_reads_limit_value_bound_production_and_delta_per_gate(tmp_path):
+    """Each gate row in a browser: the limit, the value, the confidence bound with its counts, production's
+    value and the delta (coloured when worse); a gate with nothing to judge says N/A, never PASS."""
+    from closedloop.spec import GateSpec
+    from closedloop.steps.cards import render_html
+    from closedloop.steps.gates import evaluate
+
+    gates = [GateSpec(metric="sim.hard_braking.collision_rate", max=0.1, confidence=0.95),
+             GateSpec(metric="offline.rmse", max=0.35, max_regression=0.01),
+             GateSpec(metric="sim.regression.collision_rate", max=0.0)]
+    metrics = {"sim.hard_braking.collision_rate": 0.0, "sim.hard_braking.collisions": 0,
+               "sim.hard_braking.episodes": 59, "offline.rmse": 0.3, "sim.regression.episodes": 0}
+    report = evaluate(gates, metrics, {"offline.rmse": 0.28})
+    page = render_html({**{k: v for k, v in card().items() if k != "gates"}, "gates": report})
+    (tmp_path / "card.html").write_text(page, encoding="utf-8")
+    with Browser() as b:
+        b.goto(f"file://{tmp_path / 'card.html'}")
+
+        def cell(metric: str, css: str) -> str:
+            return b.eval(f"document.querySelector('#gates tr[data-metric=\"{metric}\"] .{css}').textContent")
+
+        assert cell("sim.hard_braking.collision_rate", "limit") == "<= 0.1 (95 % upper bound)"
+        assert cell("sim.hard_braking.collision_rate", "bound").startswith("4.95 % (0 in 59, 95 % upper bound)")
+        assert cell("sim.hard_braking.collision_rate", "verdict") == "PASS"
+        assert (cell("offline.rmse", "production"), cell("offline.rmse", "delta")) == ("0.28", "+0.02")
+        assert cell("offline.rmse", "verdict") == "FAIL"  # 0.02 worse than production, tolerance 0.01
+        assert b.eval("document.querySelector('#gates tr[data-metric=\"offline.rmse\"] .delta')"
+                      ".classList.contains('worse')")
+        assert cell("sim.regression.collision_rate", "verdict") == "N/A"
+        assert cell("sim.regression.collision_rate", "value") == "-"
