@@ -538,7 +538,18 @@ def test_health_figures_from_airflows_records_as_json_cli_and_page(env, inc1_tra
     assert cache["hits"] + cache["misses"] > 0 and sum(cache["hits_by_step"].values()) == cache["hits"]
     assert h["dags"] == [PIPELINE, DAG]
     assert h["runs"] == len(settled) and h["incident_runs"] == len(runs(server))
-    assert h["failure_rate"] == round(sum(r["state"] == "failed" for r in finished) / len(finished), 3)
+    # a run a release gate stopped says so in its note: an outcome with its own figure, not an error
+    rejected = [r for r in finished if r["state"] == "failed" and (r.get("note") or "").startswith("rejected by gate")]
+    assert h["failure_rate"] == round((sum(r["state"] == "failed" for r in finished) - len(rejected)) / len(finished), 3)
+    assert h["gate_rejections"] == len(rejected)
+    for r in finished:  # every run a gate stopped carries the note, written by the deployment's account
+        _, ti = server.api("GET", f"/api/v2/dags/{r['dag_id']}/dagRuns/{r['dag_run_id']}/taskInstances/release_gate")
+        if ti.get("state") == "failed":
+            assert r in rejected, (r["dag_run_id"], r.get("note"))
+    if rejected:  # `closedloop runs` gives the reason beside the outcome
+        out = cli(server, "runs", PIPELINE, "--limit", "100", "--dir", str(root / "include" / "pipelines"),
+                  user="viewer1")
+        assert out.returncode == 0 and "rejected" in out.stdout and f"reason: {rejected[0]['note']}" in out.stdout
     assert h["queue_wait_s"]["n"] > 0 and h["queue_wait_s"]["median"] >= 0
 
     out = cli(server, "health", "--json", "--dir", str(root / "include" / "pipelines"), user="viewer1")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from closedloop.cli.common import arg_dir, arg_json, arg_login, exit_code
 from closedloop.records.airflow_api import AirflowAPI, AirflowAPIError, xcom_value
+from closedloop.records.health import REJECTED, outcome
 
 
 def _routes(args):
@@ -191,6 +192,25 @@ def admission_note(api: AirflowAPI, dag_id: str, run: dict) -> str:
     return "debounced → " + ", ".join(sorted(set((value.get("merged_into") or {}).values())))
 
 
+def reason_of(api: AirflowAPI, dag_id: str, run: dict) -> str:
+    """Why a run ended as it did: a gate's rejection (the run's note), or the tasks that failed with
+    their error; empty for a run that succeeded or still goes."""
+    if run.get("state") != "failed":
+        return ""
+    note = str(run.get("note") or "")
+    if note.startswith(REJECTED):
+        return note
+    status, data = api.call("GET", f"{api.run_path(dag_id, run['dag_run_id'])}/taskInstances?state=failed")
+    failed = [t["task_id"] for t in (data or {}).get("task_instances", [])] if status == 200 else []
+    parts = []
+    for task in failed[:3]:
+        st, entry = api.call("GET", f"{api.run_path(dag_id, run['dag_run_id'])}/taskInstances/{task}/xcomEntries/error")
+        err = xcom_value(entry) if st == 200 and isinstance(entry, dict) else None
+        first = str((err or {}).get("message") or "").splitlines()[:1]
+        parts.append(f"{task} failed" + (f" ({err.get('error_class')}: {first[0][:160]})" if err and first else ""))
+    return "; ".join(parts) or (note or "failed (see the task logs)")
+
+
 def cmd_runs(args, find) -> int:
     loaded = find(args, args.pipeline)
     if loaded is None:
@@ -203,7 +223,9 @@ def cmd_runs(args, find) -> int:
             runs = api.get(f"/dags/{api.q(dag_id)}/dagRuns?order_by=-run_after&limit={args.limit}", missing_ok=True)
             for run in (runs or {}).get("dag_runs", []):
                 row = {"dag_id": dag_id, "run_id": run["dag_run_id"], "run_type": run["run_type"],
-                       "state": run["state"], "run_after": run.get("run_after"), "started_by": origin(api, dag_id, run)}
+                       "state": run["state"], "outcome": outcome({"state": run["state"], "note": run.get("note")}),
+                       "reason": reason_of(api, dag_id, run), "run_after": run.get("run_after"),
+                       "started_by": origin(api, dag_id, run)}
                 if dag_id.endswith("_incident"):
                     row["admission"] = admission_note(api, dag_id, run)
                 rows.append(row)
@@ -222,7 +244,8 @@ def cmd_runs(args, find) -> int:
         when = datetime.fromisoformat(r["run_after"].replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M") \
             if r["run_after"] else "-"
         extra = f"  [{r['admission']}]" if r.get("admission") else ""
-        print(f"{when}  {r['dag_id']:<30} {r['state']:<8} {r['run_id']}\n    started by: {r['started_by']}{extra}")
+        print(f"{when}  {r['dag_id']:<30} {r['outcome']:<8} {r['run_id']}\n    started by: {r['started_by']}{extra}"
+              + (f"\n    reason: {r['reason']}" if r.get("reason") else ""))
     return 0
 
 

@@ -186,7 +186,10 @@ def format_health(h: dict[str, Any]) -> str:
         v = (h.get("versions") or {}).get(name, {})
         lines += [f"\n{name}  ({', '.join(p['dags'])})",
                   f"  runs {p['runs']} ({', '.join(f'{k} {n}' for k, n in p['by_state'].items()) or '-'}), "
-                  f"incident runs {p['incident_runs']}, failure rate {fr}, retries {p['retries']}, "
+                  f"incident runs {p['incident_runs']}, failure rate {fr} (errors), rejected by a gate "
+                  f"{p.get('gate_rejections', 0)}"
+                  + (f" ({', '.join(f'{m} {n}' for m, n in (p.get('rejected_by') or {}).items())})"
+                     if p.get("rejected_by") else "") + f", retries {p['retries']}, "
                   f"pending approvals {p['pending_approvals']}",
                   f"  queue wait   median {qw['median']} s, p95 {qw['p95']} s ({qw['n']} tasks)",
                   f"  lead time    trigger → candidate median {lt['median']} s ({lt['n']}); "

@@ -12,20 +12,41 @@ AIRFLOW_API_CONN_ID = "closedloop_airflow_api"
 
 
 def service_api(conn_id: str = AIRFLOW_API_CONN_ID):
-    """An :class:`~closedloop.records.airflow_api.AirflowAPI` logged in with the connection's account
-    (``host`` = the API server's URL; role ``viewer`` suffices), or None when there is none."""
-    from airflow.sdk import BaseHook
-
+    """An :class:`~closedloop.records.airflow_api.AirflowAPI` logged in with the deployment's account
+    (``host`` = the API server's URL), or None when there is none. The connection is read from the
+    environment or the secrets backend only (:mod:`closedloop.hooks.deployment`): one planted in Airflow's
+    metadata database could point a retried review at a forged answer."""
+    from closedloop.hooks.deployment import connection
     from closedloop.records.airflow_api import AirflowAPI
 
     try:
-        conn = BaseHook.get_connection(conn_id)
-    except Exception:  # not defined
+        conn = connection(conn_id)
+    except Exception as exc:  # unreadable: as if absent, and say so
+        log.warning("the Airflow API connection %r is unreadable: %s", conn_id, exc)
+        return None
+    if conn is None:
         return None
     host = conn.host or ""
     if "://" not in host:
         host = f"{conn.schema or 'http'}://{host}" + (f":{conn.port}" if conn.port else "")
     return AirflowAPI(url=host, user=conn.login, password=conn.password or "")
+
+
+def set_run_note(dag_id: str, run_id: str, note: str) -> bool:
+    """Write the note of a DAG run (what Airflow's UI shows on it) with the deployment's account; False
+    (logged) when there is no such account or Airflow refuses — a note is for people, never evidence."""
+    api = service_api()
+    if api is None:
+        log.info("no Airflow API connection: the run's note stays unset (%s)", note)
+        return False
+    try:
+        status, data = api.call("PATCH", f"{api.run_path(dag_id, run_id)}?update_mask=note", {"note": note})
+    except Exception as exc:  # noqa: BLE001 - a note never fails the task
+        log.warning("cannot set the run's note: %s", exc)
+        return False
+    if status != 200:
+        log.warning("Airflow refused the run's note (HTTP %s): %s", status, (data or {}).get("detail"))
+    return status == 200
 
 
 def poster_of(api, extra: dict[str, Any], at: datetime) -> str | None:

@@ -60,18 +60,9 @@ def _conn_secret(text: str) -> str | None:
 
 def _from_secrets_backend(conn_id: str) -> str | None:
     """The seed from the configured secrets backend (``[secrets] backend``), None when there is none."""
-    try:
-        from airflow.configuration import conf
+    from closedloop.hooks.deployment import from_secrets_backend
 
-        path = conf.get("secrets", "backend", fallback="") or ""
-    except Exception:  # no Airflow configuration here
-        return None
-    if not path.strip():
-        return None
-    from airflow.utils.module_loading import import_string
-
-    kwargs = json.loads(conf.get("secrets", "backend_kwargs", fallback="") or "{}")
-    conn = import_string(path)(**kwargs).get_connection(conn_id)
+    conn = from_secrets_backend(conn_id)
     if conn is None:
         return None
     return conn.password or (conn.extra_dejson or {}).get("seed")

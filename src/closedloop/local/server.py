@@ -63,12 +63,13 @@ class AirflowServer:
         self.root = root
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        # the deployment's own read-only account (role viewer): tasks read Airflow's audit log with it
-        # (who posted an incident); a connection holds it, people never see it
+        # the deployment's own account (role user): tasks read Airflow's audit log with it (who posted an
+        # incident), an earlier try's review, and write a run's note (a gate's rejection); a connection in
+        # the environment holds it, people never see it
         if SERVICE_USER not in users:
             import secrets
 
-            users = {**users, SERVICE_USER: ("viewer", secrets.token_urlsafe(16))}
+            users = {**users, SERVICE_USER: ("user", secrets.token_urlsafe(16))}
         self.users = users  # name -> (role, password)
         self.home = home or root / "airflow"
         self.home.mkdir(parents=True, exist_ok=True)

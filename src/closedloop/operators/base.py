@@ -137,6 +137,13 @@ class ClosedLoopStepOperator(BaseOperator):
             transient, reason = classify(exc)
             _push_error(context, exc, permanent=not transient)
             log.error("%s: %s", reason, exc)
+            from closedloop.errors import GateFailed
+
+            if isinstance(exc, GateFailed):  # a gate doing its job: the run says so, it did not crash
+                from closedloop.hooks.airflow_api import set_run_note
+                from closedloop.steps.gates import rejection_note
+
+                set_run_note(ti.dag_id, ti.run_id, rejection_note(exc.report))
             raise
 
     def run_step(self, ctx: RunContext, context: Context) -> Any:  # pragma: no cover - abstract

@@ -14,7 +14,16 @@ from typing import Any
 
 from closedloop import vocab
 
-RUN_FIELDS = ("dag_id", "run_id", "state", "run_type", "run_after", "queued_at", "start_date", "end_date")
+RUN_FIELDS = ("dag_id", "run_id", "state", "run_type", "run_after", "queued_at", "start_date", "end_date", "note")
+REJECTED = "rejected by gate"  # a run's note when a release gate stopped it (steps.gates.rejection_note)
+
+
+def outcome(run: dict) -> str:
+    """``success``, ``rejected`` (a release gate stopped the model: the pipeline did its job), ``failed``
+    (an error) or ``other`` (still going)."""
+    if run["state"] == "failed" and str(run.get("note") or "").startswith(REJECTED):
+        return "rejected"
+    return run["state"] if run["state"] in ("success", "failed") else "other"
 TI_FIELDS = ("dag_id", "run_id", "task_id", "state", "try_number", "queued_dttm", "start_date", "end_date")
 
 
@@ -51,7 +60,8 @@ def figures(pipelines: dict[str, list[str]], runs: list[dict], tis: list[dict], 
         ptis = [t for t in tis if t["dag_id"] in dag_ids]
         by_run = {(r["dag_id"], r["run_id"]): r for r in prs}
         finished = [r for r in prs if r["state"] in ("success", "failed")]
-        failed = [r for r in finished if r["state"] == "failed"]
+        failed = [r for r in finished if outcome(r) == "failed"]
+        rejected = [r for r in finished if outcome(r) == "rejected"]
         candidate = [_seconds(by_run[(t["dag_id"], t["run_id"])].get("queued_at") or by_run[(t["dag_id"], t["run_id"])]
                               ["run_after"], t["end_date"])
                      for t in ptis if t["task_id"] == "register_candidate" and t["state"] == "success"
@@ -59,17 +69,20 @@ def figures(pipelines: dict[str, list[str]], runs: list[dict], tis: list[dict], 
         production = [_seconds(by_run[(t["dag_id"], t["run_id"])].get("queued_at"), t["end_date"])
                       for t in ptis if t["task_id"] == "promote" and t["state"] == "success"
                       and (t["dag_id"], t["run_id"]) in by_run and t["dag_id"] == dag_ids[-1] and len(dag_ids) > 1]
-        per_day = {d: {"success": 0, "failed": 0, "other": 0} for d in days}
+        per_day = {d: {"success": 0, "rejected": 0, "failed": 0, "other": 0} for d in days}
         for r in prs:
             day = (_ts(r["run_after"])).date().isoformat()
             if day in per_day:
-                per_day[day]["success" if r["state"] == "success" else "failed" if r["state"] == "failed" else "other"] += 1
+                per_day[day][outcome(r)] += 1
         out["pipelines"][name] = {
             "dags": dag_ids,
             "runs": len(prs),
             "by_state": {s: sum(1 for r in prs if r["state"] == s) for s in sorted({r["state"] for r in prs})},
             "incident_runs": sum(1 for r in prs if len(dag_ids) > 1 and r["dag_id"] == dag_ids[-1]),
             "failure_rate": round(len(failed) / len(finished), 3) if finished else None,
+            "gate_rejections": len(rejected),
+            "gate_rejection_rate": round(len(rejected) / len(finished), 3) if finished else None,
+            "rejected_by": _rejected_by(rejected),
             "queue_wait_s": _stats([s for t in ptis if (s := _seconds(t.get("queued_dttm"), t.get("start_date")))
                                     is not None]),
             "lead_time_to_candidate_s": _stats([s for s in candidate if s is not None]),
@@ -80,6 +93,17 @@ def figures(pipelines: dict[str, list[str]], runs: list[dict], tis: list[dict], 
             "per_day": per_day,
         }
     return out
+
+
+def _rejected_by(rejected: list[dict]) -> dict[str, int]:
+    """Gate metric → how many runs it stopped (from the runs' notes)."""
+    out: dict[str, int] = {}
+    for r in rejected:
+        metrics = str(r.get("note"))[len(REJECTED):].split(":", 1)[0]
+        for m in (x.strip() for x in metrics.split(",")):
+            if m:
+                out[m] = out.get(m, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def pipelines_of(specs) -> dict[str, list[str]]:

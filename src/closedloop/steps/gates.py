@@ -140,6 +140,17 @@ def evaluate(gates: list[GateSpec], metrics: dict[str, float],
     return report
 
 
+REJECTED = "rejected by gate"
+"""How a run a release gate stopped is called (its Airflow note starts with it): an outcome, not a failure."""
+
+
+def rejection_note(report: list[dict]) -> str:
+    """``rejected by gate <metric>[, <metric>…]: <reason of the first>`` (a run's note, at most 1,000 characters)."""
+    failed = [r for r in report if not r.get("passed")]
+    text = f"{REJECTED} {', '.join(r['metric'] for r in failed)}" + (f": {failed[0]['reason']}" if failed else "")
+    return text[:1000]
+
+
 def verdict_of(row: dict) -> str:
     """``pass``, ``fail`` or ``n/a`` (nothing to judge: it does not stop the run, and is never called a pass)."""
     return row.get("verdict") or ("fail" if not row.get("passed") else "n/a" if row.get("value") is None else "pass")

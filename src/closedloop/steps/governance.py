@@ -289,18 +289,25 @@ def done_move(ctx: RunContext, move: Move, *, actor: str, verifier: KeyRing) -> 
     except EvidenceError:
         last = None
     if current == found["version"]:
-        _audit(c, move.model, found["version"], "registry.replay", key=move.nonce.replace("/", "_")[-80:],
+        _audit(c, move.model, found["version"], "registry.replay", key=_nonce_key(move.nonce),
                by=actor, nonce=move.nonce, seq=found["seq"], note="already done; nothing changed")
         return {"model": move.model, "version": found["version"], "production": found["version"],
                 "previous": found.get("previous"), "previous-production": found.get("previous"), "changed": False,
                 "already_done": True, "seq": found["seq"]}
     if last is not None and last.get("seq") == found["seq"] and current == found.get("previous"):
         return None  # recorded, not yet moved: finish it
-    _audit(c, move.model, found["version"], "registry.replay_refused", key=move.nonce.replace("/", "_")[-80:],
+    _audit(c, move.model, found["version"], "registry.replay_refused", key=_nonce_key(move.nonce),
            by=actor, nonce=move.nonce, seq=found["seq"], production=current)
     raise ApprovalError(f"refusing to replay {move.describe()}: this request already moved production (seq "
                         f"{found['seq']}, {found['kind']} by {found['by']} at {found['at']}) and production is now "
                         f"{current or 'none'}; a registry action is done once — ask again with a new request")
+
+
+def _nonce_key(nonce: str) -> str:
+    """A request's nonce as part of an MLflow tag name (run ids hold ``+`` and ``:``, which tag names refuse)."""
+    import hashlib
+
+    return "n" + hashlib.sha256(nonce.encode()).hexdigest()[:16]
 
 
 def _promotion_with_nonce(client, model: str, verifier: KeyRing, nonce: str) -> dict | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-KIND_CSS = {"success": "ok", "failed": "bad", "other": "other"}
+KIND_CSS = {"success": "ok", "rejected": "rejected", "failed": "bad", "other": "other"}
 
 
 def _shown(value: Any) -> str:
@@ -22,7 +22,7 @@ def runs_chart(p: dict, days: list[str]) -> dict:
     bars, labels = [], []
     for i, day in enumerate(days):
         counts, y = p["per_day"][day], height - pad
-        for kind in ("success", "failed", "other"):
+        for kind in ("success", "rejected", "failed", "other"):
             h = (height - 2 * pad) * counts[kind] / top
             if h:
                 y -= h
@@ -56,6 +56,14 @@ def cache_bars(cache: dict) -> list[dict]:
             for i, (step, n) in enumerate(steps.items())]
 
 
+def _rejections(p: dict) -> str:
+    n, rate = p.get("gate_rejections") or 0, p.get("gate_rejection_rate")
+    if not n:
+        return "0"
+    top = ", ".join(f"{m} {k}" for m, k in list((p.get("rejected_by") or {}).items())[:3])
+    return f"{n} ({rate:.0%}): {top}" if rate is not None else str(n)
+
+
 def view(h: dict[str, Any], days: int) -> dict[str, Any]:
     """What the page shows, from the health figures (:mod:`closedloop.records.health`)."""
     sections = []
@@ -65,7 +73,8 @@ def view(h: dict[str, Any], days: int) -> dict[str, Any]:
         cache = (h.get("cache") or {}).get(name) or {}
         hits = f"{cache['hits']} of {cache['hits'] + cache['misses']}" if cache else None
         cards = [{"key": k, "label": label, "value": _shown(val)} for k, label, val in (
-            ("runs", "runs", p["runs"]), ("failure_rate", "failure rate", fr),
+            ("runs", "runs", p["runs"]), ("failure_rate", "failure rate (errors)", fr),
+            ("gate_rejections", "rejected by a gate", _rejections(p)),
             ("queue_wait", "median queue wait (s)", p["queue_wait_s"]["median"]),
             ("lead_time", "trigger → candidate (s)", p["lead_time_to_candidate_s"]["median"]),
             ("incident_to_production", "incident → production (s)", p["incident_to_production_s"]["median"]),

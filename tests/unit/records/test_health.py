@@ -11,10 +11,10 @@ from closedloop.web.health_page import render
 T0 = datetime(2026, 11, 20, 8, tzinfo=UTC)
 
 
-def run(dag, rid, state, day, queued_after=0):
+def run(dag, rid, state, day, queued_after=0, note=None):
     at = T0 + timedelta(days=day)
     return {"dag_id": dag, "run_id": rid, "state": state, "run_type": "manual", "run_after": at,
-            "queued_at": at + timedelta(seconds=queued_after), "start_date": at, "end_date": None}
+            "queued_at": at + timedelta(seconds=queued_after), "start_date": at, "end_date": None, "note": note}
 
 
 def ti(dag, rid, task, state, queued, start, end, tries=1):
@@ -39,11 +39,11 @@ def test_figures_per_pipeline():
     assert p["lead_time_to_candidate_s"] == {"n": 2, "median": 50.0, "p95": 60.0}
     assert p["incident_to_production_s"] == {"n": 1, "median": 90.0, "p95": 90.0}
     assert p["retries"] == 1 and p["pending_approvals"] == 1
-    assert p["per_day"][T0.date().isoformat()] == {"success": 2, "failed": 0, "other": 0}
+    assert p["per_day"][T0.date().isoformat()] == {"success": 2, "rejected": 0, "failed": 0, "other": 0}
     assert h["pipelines"]["q"]["runs"] == 1 and h["pipelines"]["q"]["failure_rate"] == 0.0
     page = render({**h, "versions": {"p": {"production": "3", "candidate": "4"}}}, 7)
     assert page.count('class="runs-chart"') == 2 and 'data-kind="failed" data-count="1"' in page
-    assert "<b>33%</b>failure rate" in page and "<b>3</b>production version" in page
+    assert "<b>33%</b>failure rate (errors)" in page and "<b>3</b>production version" in page
     assert 'data-figure="registry"' not in page  # nothing unexplained: no alarm
     moved = "p_model@production → version 5, but the last sealed promotion (promotion by x) put version 3 there"
     h["versions"] = {"p": {"production": "5", "candidate": "4", "registry_problems": [moved]}}
@@ -82,3 +82,20 @@ def test_cache_figures_count_the_step_runs_tags_in_the_window(tmp_path):
     assert "step cache   3 hits, 1 misses (75% hit rate), 1 with the cache off; hits: label 1, train 2" in format_health(h)
     page = render(h, 1)
     assert 'data-figure="cache_hits"><b>3 of 4</b>' in page and 'data-step="train" data-hits="2"' in page
+
+
+def test_a_gate_rejection_is_an_outcome_not_a_failure():
+    note = "rejected by gate sim.hard_braking.collision_rate: lower bound 37 % > max 5 % at 95 %"
+    runs = [run("p", "a", "success", 0), run("p", "b", "failed", 0, note=note), run("p", "c", "failed", 0),
+            run("p", "d", "failed", 1, note="rejected by gate offline.rmse, sim.collision_rate: 0.4 > max 0.35")]
+    h = figures({"p": ["p"]}, runs, [], since=T0, until=T0 + timedelta(days=2))
+    p = h["pipelines"]["p"]
+    assert p["failure_rate"] == 0.25 and p["gate_rejections"] == 2 and p["gate_rejection_rate"] == 0.5
+    assert p["rejected_by"] == {"sim.hard_braking.collision_rate": 1, "offline.rmse": 1, "sim.collision_rate": 1}
+    assert p["per_day"][T0.date().isoformat()] == {"success": 1, "rejected": 1, "failed": 1, "other": 0}
+    page = render(h, 7)
+    assert 'data-kind="rejected" data-count="1"' in page and "<b>25%</b>failure rate (errors)" in page
+    assert "<b>2 (50%): sim.hard_braking.collision_rate 1" in page
+    from closedloop.cli.render import format_health
+
+    assert "failure rate 25% (errors), rejected by a gate 2 (sim.hard_braking.collision_rate 1" in format_health(h)

@@ -134,7 +134,7 @@ def test_promote_moves_aliases_seals_the_move_and_rollback_restores(registry):
     with pytest.raises(ApprovalError, match="but production is 2 now"):
         gov.rollback(ctx, "m", actor="bob", reason="wet roads", allowed=["bob"], signer=key,
                      move=gov.move_of("m", "1", "2", "registry/r0"))
-    move = gov.move_of("m", "2", "1", "closedloop_registry/manual__r1")
+    move = gov.move_of("m", "2", "1", "closedloop_registry/manual__2026-12-07T03:36:46.981479+00:00")
     assert gov.done_move(ctx, move, actor="bob", verifier=key.verifier) is None  # not made yet
     out = gov.rollback(ctx, "m", actor="bob", reason="brakes late on wet roads", allowed=["bob"], signer=key,
                        move=move)
