@@ -246,8 +246,10 @@ def held_back_dag(dag_id: str, error: SpecError) -> DAG:
 
 
 def _build(pipelines_dir: str | Path) -> tuple[dict[str, DAG], list[SpecError]]:
-    """Every DAG the templates define, and every template error (load, cross-checks, build)."""
+    """Every DAG the templates define, and every template error (load, cross-checks, build). What
+    failed to build is kept for :func:`template_errors` (:func:`_keep_build_errors`)."""
     specs, errors = load_all(pipelines_dir)
+    loaded_errors = len(errors)
     dags: dict[str, DAG] = {}
     routes = None
     for loaded in specs:
@@ -267,7 +269,48 @@ def _build(pipelines_dir: str | Path) -> tuple[dict[str, DAG], list[SpecError]]:
         dags.update(build_registry_dags(specs))
     except Exception as exc:  # the pipelines still load
         errors.append(SpecError(f"cannot build the registry DAGs: {type(exc).__name__}: {exc}"))
+    _keep_build_errors(pipelines_dir, {s.path: s.digest for s in specs}, errors[loaded_errors:])
     return dags, errors
+
+
+def _build_errors_file(pipelines_dir: str | Path) -> Path:
+    import hashlib
+
+    from closedloop import settings
+
+    key = hashlib.sha256(str(Path(pipelines_dir).resolve()).encode()).hexdigest()[:12]
+    return settings.home() / "dag-processor" / f"build-errors-{key}.json"
+
+
+def _keep_build_errors(pipelines_dir, digests: dict, errors: list[SpecError]) -> None:
+    """Record what failed to build, per template and its digest, for the errors file (which only loads
+    and checks templates: building every DAG twice would double the parse time). Written only when it
+    changes; never fails a parse."""
+    found = {"templates": {str(p): {"digest": digests.get(Path(e.path)), "error": str(e)} for e in errors
+                           if (p := e.path)}, "other": [str(e) for e in errors if not e.path]}
+    path = _build_errors_file(pipelines_dir)
+    try:
+        text = json.dumps(found, sort_keys=True)
+        if (path.read_text() if path.exists() else json.dumps({"templates": {}, "other": []}, sort_keys=True)) != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{id(found)}.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+    except OSError as exc:
+        log.warning("cannot keep the build errors for the template-errors DAG file: %s", exc)
+
+
+def _kept_build_errors(pipelines_dir, specs: list[LoadedSpec]) -> list[SpecError]:
+    """The build errors the pipelines' DAG file recorded, for templates that have not changed since."""
+    path = _build_errors_file(pipelines_dir)
+    try:
+        found = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return []
+    now = {str(s.path): s.digest for s in specs}
+    out = [SpecError(e["error"], path=p) for p, e in (found.get("templates") or {}).items()
+           if p in now and now[p] == e.get("digest")]
+    return out + [SpecError(text) for text in found.get("other") or []]
 
 
 def build_dags(pipelines_dir: str | Path, namespace: dict[str, Any] | None = None) -> dict[str, DAG]:
@@ -295,15 +338,11 @@ def build_dags(pipelines_dir: str | Path, namespace: dict[str, Any] | None = Non
 
 
 def template_errors(pipelines_dir: str | Path) -> list[SpecError]:
-    """Every template error of the folder, as the DAG processor meets them. The DAGs built on the way
-    are not registered with the calling DAG file (Airflow would count them twice)."""
-    from airflow.sdk.definitions._internal.contextmanager import DagContext
-
-    module, DagContext.current_autoregister_module_name = DagContext.current_autoregister_module_name, None
-    try:
-        return _build(pipelines_dir)[1]
-    finally:
-        DagContext.current_autoregister_module_name = module
+    """Every template error of the folder: what loading and checking the templates finds (cheap, done
+    here), and what building their DAGs found, as the pipelines' DAG file recorded it on its last parse
+    (for templates unchanged since)."""
+    specs, errors = load_all(pipelines_dir)
+    return errors + _kept_build_errors(pipelines_dir, specs)
 
 
 def raise_template_errors(pipelines_dir: str | Path) -> None:

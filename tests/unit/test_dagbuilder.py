@@ -206,3 +206,33 @@ def test_a_quorum_larger_than_the_approver_list_is_a_template_error(make_project
     specs, errors = load_all(make_project.root / "include" / "pipelines")
     assert not specs and len(errors) == 1
     assert "approval: required: 3 distinct approvals need at least 3 approvers" in str(errors[0])
+
+
+def test_an_unbuildable_template_is_held_back_and_named_by_the_errors_file(make_project, project, monkeypatch):
+    """A template that validates but whose DAG cannot be built: its DAGs are held back, the build error is
+    recorded by the pipelines' DAG file and raised by the errors file (which builds nothing itself)."""
+    import closedloop.dagbuilder as builder
+
+    real = builder.build_dag
+
+    def build(loaded):
+        if loaded.spec.name == "acc_boom":
+            raise RuntimeError("operator wiring broke")
+        return real(loaded)
+
+    monkeypatch.setattr(builder, "build_dag", build)
+    make_project("acc_longitudinal.yaml", without_incidents(template_text(project)))
+    boom = make_project("acc_boom.yaml", without_incidents(template_text(project, **{
+        "name: acc_longitudinal": "name: acc_boom", "name: acc_longitudinal_policy": "name: acc_boom_model"})))
+    dagbag(make_project.root / "dags")  # the processor parses again and again: the record is there by the next parse
+    bag = dagbag(make_project.root / "dags")
+    assert set(bag.dag_ids) == {"acc_longitudinal", "acc_boom", *REGISTRY}
+    assert bag.dags["acc_boom"].description.startswith("HELD BACK")
+    (dag_file, message), = bag.import_errors.items()
+    assert dag_file.endswith("closedloop_template_errors.py")
+    assert f"{boom}: cannot build DAG: RuntimeError: operator wiring broke" in message
+    # fixed (here: the builder works again), the record is cleared on the next parse and nothing is raised
+    monkeypatch.setattr(builder, "build_dag", real)
+    dagbag(make_project.root / "dags")
+    bag = dagbag(make_project.root / "dags")
+    assert bag.import_errors == {} and "template-error" not in bag.dags["acc_boom"].tags
