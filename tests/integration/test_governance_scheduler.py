@@ -433,7 +433,7 @@ def test_the_hand_off_to_release_review_card_and_model_card(env, released):
     release record; the review card of a later candidate, read in a real browser, shows the numbers
     MLflow holds for it and for production; the production version's model card names its data,
     metrics and approver."""
-    from closedloop.steps.signing import Binding, Verifier
+    from closedloop.steps.signing import Binding
     from tests.browser import Browser, chromium_path
 
     server, root = env
@@ -447,7 +447,11 @@ def test_the_hand_off_to_release_review_card_and_model_card(env, released):
     events = [e for r in runs for e in xcom(server, "deploy_acc_rel", r["dag_run_id"], "deploy")]
     first = next(e for e in events if e.get("changed"))
     assert first["model"] == "acc_rel_model" and first["version"] == str(prod.version)
-    verifier = Verifier.from_text(client.get_registered_model("acc_rel_model").tags[gov.PUBLIC_KEY_TAG])
+    # a consumer verifies with the deployment's pinned key (a key in a model tag is a convenience, never trust)
+    from closedloop.steps.signing import trusted_keys
+
+    verifier = trusted_keys(home=server.env["CLOSEDLOOP_HOME"])
+    assert verifier.published() == client.get_registered_model("acc_rel_model").tags[gov.PUBLIC_KEY_TAG]
     record = verifier.unseal(first["release_record"], Binding("acc_rel", prod.tags["airflow.run_id"],
                                                               "register_candidate"), what="the release record")
     assert record["version"] == str(prod.version) and record["artifact_digest"] == first["release_record"]["artifact_digest"]

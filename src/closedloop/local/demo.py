@@ -143,9 +143,13 @@ def run() -> int:
               + (" (including the reviewer's decision)" if "production" in lead else ""))
 
         from closedloop.cli.events import origin
+        from closedloop.records.health import outcome
 
-        print("\nwhat started each run (also: `closedloop runs acc_longitudinal`):")
-        print(f"  {PIPELINE} {periodic_id}: {origin(admin, PIPELINE, run)} -> {periodic['state']}")
+        weekly = admin.get(f"/dags/{PIPELINE}/dagRuns/{periodic_id}")
+        said = outcome({"state": weekly["state"], "note": weekly.get("note")})
+        print("\nwhat started each run, and how it ended (also: `closedloop runs acc_longitudinal`):")
+        print(f"  {PIPELINE} {periodic_id}: {origin(admin, PIPELINE, run)} -> {said}"
+              + (f" ({weekly['note']})" if said == "rejected" else ""))
         print(f"  {INCIDENT_DAG} {incident_id}: {origin(admin, INCIDENT_DAG, incident_run)} -> {summary['state']}")
 
         reg = (summary["results"] or {}).get("register_candidate")
