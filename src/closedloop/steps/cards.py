@@ -114,20 +114,67 @@ def review_card(client, model: str, version: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- HTML (self-contained, no script)
 
-def _bars(title: str, rows: list[tuple[str, float | None, float | None]]) -> dict:
-    """Grouped horizontal bars (candidate blue, production grey): the geometry; the template draws it."""
-    values = [v for _, a, b in rows for v in (a, b) if v is not None]
-    top = max(values + [1e-9])
+HIGHER_IS_BETTER = ("min_ttc_s", "mean_time_headway_s")
+"""Metric leaves where more is better (time to collision, headway); for every other one, less is."""
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric.rsplit(".", 1)[-1] in HIGHER_IS_BETTER
+
+
+def _bars(title: str, rows: list[tuple[str, float | None, float | None]], *, threshold: float | None = None,
+          log: bool = False) -> dict:
+    """Grouped horizontal bars (candidate blue, production grey) with the gate's threshold as a red line:
+    the geometry; the template draws it. ``log``: a log scale (values spanning decades, e.g. time to
+    collision: 1.8 s against a 54 s cruise), so the margin to a small threshold stays visible."""
+    import math
+
+    values = [v for _, a, b in rows for v in (a, b) if v is not None] + ([threshold] if threshold is not None else [])
+    floor = min([v for v in values if v > 0] or [1.0]) / 2  # a log axis starts half-way below the smallest value
+
+    def scale(v: float) -> float:
+        return math.log10(max(v, floor) / floor) if log else v
+
+    top = max([scale(v) for v in values] + [1e-9])
     bars = []
     for i, (label, a, b) in enumerate(rows):
         y = 20 + i * 44
         for j, (val, color, who) in enumerate(((a, "#1f77b4", "candidate"), (b, "#aaaaaa", "production"))):
             if val is not None:
-                w = max(1.0, 300 * val / top)
+                w = max(1.0, 300 * scale(val) / top)
                 bars.append({"label": label, "series": who, "color": color, "value": shown(val), "y": y + j * 18,
                              "w": f"{w:.1f}", "tx": f"{155 + w:.1f}"})
-    return {"title": title, "height": 22 * len(rows) * 2 + 30,
+    height = 22 * len(rows) * 2 + 30
+    line = None if threshold is None else {"x": f"{150 + 300 * scale(threshold) / top:.1f}", "value": f"{threshold:g}",
+                                           "height": height - 10}
+    return {"title": title + (" (log scale)" if log else ""), "height": height, "threshold": line,
             "labels": [{"text": label, "y": 33 + i * 44} for i, (label, _, _) in enumerate(rows)], "bars": bars}
+
+
+def threshold_of(leaf: str, gates: list[dict]) -> float | None:
+    """The bound a gate puts on a metric of this leaf (e.g. ``min_ttc_s`` → the safety-critical minimum)."""
+    for g in gates:
+        if str(g.get("metric", "")).rsplit(".", 1)[-1] == leaf:
+            bound = g.get("min") if g.get("min") is not None else g.get("max")
+            if bound is not None:
+                return float(bound)
+    return None
+
+
+def metric_groups(metrics: list[dict]) -> list[dict]:
+    """The metrics table by scenario (``sim.<type>.…``/``offline.<type>.…``; the rest is "overall"), the
+    groups with a regression first, and in each group the rows where the candidate is worse first."""
+    def worse(m: dict) -> bool:
+        d = m.get("delta")
+        return d is not None and d != 0 and ((d < 0) if higher_is_better(m["metric"]) else (d > 0))
+
+    groups: dict[str, list[dict]] = {}
+    for m in metrics:
+        parts = m["metric"].split(".")
+        groups.setdefault(parts[1] if len(parts) == 3 else "overall", []).append({**m, "worse": worse(m)})
+    ordered = sorted(groups.items(), key=lambda kv: (not any(r["worse"] for r in kv[1]), kv[0] != "overall", kv[0]))
+    return [{"name": name, "regressed": any(r["worse"] for r in rows),
+             "rows": sorted(rows, key=lambda r: (not r["worse"], r["metric"]))} for name, rows in ordered]
 
 
 def _hist(name: str, f: dict) -> dict:
@@ -186,11 +233,12 @@ def render_html(card: dict[str, Any]) -> str:
         "review_card.html", card=card, shown=shown, gates=[gate_row(g) for g in card["gates"]],
         compared=f"production version {cmp['version']}" if cmp["version"] else cmp["note"],
         request=sorted((card.get("incident") or card.get("request") or {}).items()),
-        metrics=[m for m in card["metrics"] if not m["metric"].startswith("shift.")],
         charts=[_bars(f"{metric} per scenario type", [(t, per[t]["candidate"].get(metric),
                                                         per[t]["production"].get(metric))
-                                                       for t in per if metric in per[t]["candidate"]])
+                                                       for t in per if metric in per[t]["candidate"]],
+                      threshold=threshold_of(metric.rsplit(".", 1)[-1], card["gates"]), log=metric.endswith("_s"))
                 for metric in ("sim.collision_rate", "sim.min_ttc_s", "offline.rmse")],
+        groups=metric_groups([m for m in card["metrics"] if not m["metric"].startswith("shift.")]),
         hists=[_hist(k, f) for k, f in (shift.get("features") or {}).items()],
         shift_line=(f"scenario mix PSI {mix['psi']:.3f}" if mix else
                     f"no shift report: {cmp['note'] or 'not computed'}"),

@@ -116,3 +116,31 @@ def test_the_reviewer_reads_limit_value_bound_production_and_delta_per_gate(tmp_
                       ".classList.contains('worse')")
         assert cell("sim.regression.collision_rate", "verdict") == "N/A"
         assert cell("sim.regression.collision_rate", "value") == "-"
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_charts_show_the_gate_limit_on_a_scale_that_shows_the_margin_and_regressions_come_first(tmp_path):
+    from closedloop.steps.cards import render_html
+
+    per = {"cruise": {"candidate": {"sim.min_ttc_s": 54.0}, "production": {"sim.min_ttc_s": 54.0}},
+           "cut_in": {"candidate": {"sim.min_ttc_s": 1.8}, "production": {"sim.min_ttc_s": 2.4}}}
+    metrics = [{"metric": "sim.cruise.min_ttc_s", "candidate": 54.0, "production": 54.0, "delta": 0.0},
+               {"metric": "sim.cut_in.min_ttc_s", "candidate": 1.8, "production": 2.4, "delta": -0.6},
+               {"metric": "sim.cut_in.collision_rate", "candidate": 0.0, "production": 0.0, "delta": 0.0},
+               {"metric": "offline.rmse", "candidate": 0.2, "production": 0.25, "delta": -0.05}]
+    card_ = {**card(), "per_scenario": per, "metrics": metrics,
+             "gates": [{"metric": "sim.safety_critical.min_ttc_s", "min": 1.0, "passed": True, "value": 1.8}]}
+    (tmp_path / "card.html").write_text(render_html(card_), encoding="utf-8")
+    with Browser() as b:
+        b.goto(f"file://{tmp_path / 'card.html'}")
+        fig = "[...document.querySelectorAll('#charts figure')].find(f => f.textContent.includes('sim.min_ttc_s'))"
+        assert "log scale" in b.eval(f"{fig}.querySelector('figcaption').textContent")
+        assert b.eval(f"{fig}.querySelector('line.threshold').dataset.value") == "1"
+        limit_x = float(b.eval(f"{fig}.querySelector('line.threshold').getAttribute('x1')"))
+        cut_in = b.eval(f"[...{fig}.querySelectorAll('rect')].map(r => [r.getAttribute('x'), r.getAttribute('width')])")
+        ends = sorted(float(x) + float(w) for x, w in cut_in)
+        assert ends[0] - limit_x > 30  # 1.8 s against a 1 s limit: a visible margin, not a sliver
+        groups = b.eval("[...document.querySelectorAll('#metrics tbody.group')].map(g => g.dataset.group)")
+        assert groups[0] == "cut_in"  # the scenario where the candidate is worse comes first
+        first = b.eval("document.querySelector('#metrics tbody.group tr[data-metric]').dataset.metric")
+        assert first == "sim.cut_in.min_ttc_s"
