@@ -144,3 +144,36 @@ def test_charts_show_the_gate_limit_on_a_scale_that_shows_the_margin_and_regress
         assert groups[0] == "cut_in"  # the scenario where the candidate is worse comes first
         first = b.eval("document.querySelector('#metrics tbody.group tr[data-metric]').dataset.metric")
         assert first == "sim.cut_in.min_ttc_s"
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_the_lineage_graph_shows_full_labels_in_boxes_that_hold_them(tmp_path):
+    """The lineage page's graph, drawn from a trace in a real browser: every label whole (no "approved by
+    safety-lea"), inside its box, no two boxes overlapping, and markup in a label stays text."""
+    from closedloop.steps.pages import render
+
+    (tmp_path / "lineage.html").write_text(render("lineage.html", ref=""), encoding="utf-8")
+    trace = {"ref": "m@production", "model_version": {"name": "acc_longitudinal_policy", "version": "12", "aliases": []},
+             "training_run": {"run_id": "a" * 32}, "airflow_run": {"dag_id": "acc_longitudinal_incident",
+                                                                  "run_id": "r1", "started_by": {"trigger": "incident",
+                                                                  "incident": {"id": f"INC-2026-1207{EVIL}"}}},
+             "datasets": [{"kind": "raw", "digest": "b" * 64, "sources": ["fleet-eu", "fleet-us"]},
+                          {"kind": "labelled", "digest": "c" * 64}],
+             "label_policy": "expert_idm_smoothed@2", "template": {"pipeline": "acc_longitudinal"},
+             "simulation": {"episodes": 377, "regression_catalog": "v3-abc"}, "gates": {"passed": True},
+             "review": {"decision": "approved", "reviewer": "safety-lead, safety-deputy"}}
+    with Browser() as b:
+        b.goto(f"file://{tmp_path / 'lineage.html'}")
+        b.eval(f"document.body.insertAdjacentHTML('beforeend', graph({__import__('json').dumps(trace)}))")
+        assert b.eval("typeof window.__pwned") == "undefined"
+        labels = b.eval("[...document.querySelectorAll('#graph g.node text')].map(t => t.textContent)")
+        assert "review: approved by safety-lead, safety-deputy" in labels
+        assert f"incident INC-2026-1207{EVIL}" in labels
+        fits = b.eval("[...document.querySelectorAll('#graph g.node')].every(g => g.querySelector('text').getBBox()"
+                      ".width + 6 <= g.querySelector('rect').getBBox().width)")
+        assert fits
+        boxes = b.eval("[...document.querySelectorAll('#graph g.node rect')].map(r => { const b = r.getBBox(); "
+                       "return [b.x, b.y, b.x + b.width, b.y + b.height]; })")
+        overlaps = [(p, q) for i, p in enumerate(boxes) for q in boxes[i + 1:]
+                    if p[0] < q[2] and q[0] < p[2] and p[1] < q[3] and q[1] < p[3]]
+        assert overlaps == []
