@@ -88,13 +88,26 @@ def test_a_broken_template_holds_back_only_its_own_dags_under_the_real_dag_proce
             page = r.read().decode()
         assert 'data-figure="template-error"' in page and f"Held back by a template error: {BROKEN}" in page
         if kind == "schema":  # while one template is broken, the others run to the end
-            runs = {name: server.api("POST", f"/api/v2/dags/{name}/dagRuns", {"logical_date": None, "conf": {
-                "purpose": "isolation test run", "change": ["data"], "expected_impact": "none"}})[1]["dag_run_id"]
-                for name in ("iso_b",)}
-            for name, run_id in runs.items():
-                server.wait_for(lambda n=name, r=run_id: server.api("GET", f"/api/v2/dags/{n}/dagRuns/{r}")[1]
-                                ["state"] in ("success", "failed"), 900, f"{name}'s run")
-                assert server.api("GET", f"/api/v2/dags/{name}/dagRuns/{run_id}")[1]["state"] == "success"
+            request = {"purpose": "Isolation test: a good pipeline runs on.", "change": ["data"],
+                       "expected_impact": "No change in any gate."}
+            runs = {}
+            for name in GOOD:
+                status, body = server.api("POST", f"/api/v2/dags/{name}/dagRuns", {"logical_date": None,
+                                                                                   "conf": request})
+                assert status == 200, (name, status, body)
+                runs[name] = body["dag_run_id"]
+
+            def tasks(name, run_id):
+                _, tis = server.api("GET", f"/api/v2/dags/{name}/dagRuns/{run_id}/taskInstances")
+                return {t["task_id"]: t["state"] for t in tis["task_instances"]}
+
+            # iso_b runs to the end; iso_a (governed) computes everything and waits for its review
+            server.wait_for(lambda: server.api("GET", f"/api/v2/dags/iso_b/dagRuns/{runs['iso_b']}")[1]["state"]
+                            in ("success", "failed"), 900, "iso_b's run")
+            assert server.api("GET", f"/api/v2/dags/iso_b/dagRuns/{runs['iso_b']}")[1]["state"] == "success", \
+                tasks("iso_b", runs["iso_b"])
+            server.wait_for(lambda: tasks("iso_a", runs["iso_a"]).get("approval") == "awaiting_input", 900,
+                            "iso_a's run to reach its review")
             # the held-back DAG runs nothing but says why
             held_run = server.api("POST", f"/api/v2/dags/{BROKEN}/dagRuns", {"logical_date": None})[1]["dag_run_id"]
             server.wait_for(lambda r=held_run: server.api("GET", f"/api/v2/dags/{BROKEN}/dagRuns/{r}")[1]["state"]
