@@ -102,11 +102,11 @@ def test_a_broken_template_holds_back_only_its_own_dags_under_the_real_dag_proce
                 return {t["task_id"]: t["state"] for t in tis["task_instances"]}
 
             # iso_b runs to the end; iso_a (governed) computes everything and waits for its review
-            server.wait_for(lambda: server.api("GET", f"/api/v2/dags/iso_b/dagRuns/{runs['iso_b']}")[1]["state"]
+            server.wait_for(lambda r=runs: server.api("GET", f"/api/v2/dags/iso_b/dagRuns/{r['iso_b']}")[1]["state"]
                             in ("success", "failed"), 900, "iso_b's run")
             assert server.api("GET", f"/api/v2/dags/iso_b/dagRuns/{runs['iso_b']}")[1]["state"] == "success", \
                 tasks("iso_b", runs["iso_b"])
-            server.wait_for(lambda: tasks("iso_a", runs["iso_a"]).get("approval") == "awaiting_input", 900,
+            server.wait_for(lambda r=runs: tasks("iso_a", r["iso_a"]).get("approval") == "awaiting_input", 900,
                             "iso_a's run to reach its review")
             # the held-back DAG runs nothing but says why
             held_run = server.api("POST", f"/api/v2/dags/{BROKEN}/dagRuns", {"logical_date": None})[1]["dag_run_id"]
