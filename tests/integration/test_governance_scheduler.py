@@ -555,6 +555,10 @@ def test_the_deployments_own_roles_cannot_break_the_trust_chain(env, tmp_path):
         f"- Release record: `{digest(xcom(server, 'acc_trust', run2, 'register_candidate'))}`",
         "- Production now: none yet"]
     assert f"> \\- Production now: version {v1}" in body and "> \\<img src=x onerror=alert\\(1\\)\\>" in body
+    # the model card (the registry's description) quotes the request the same way
+    card2 = client.get_model_version("acc_trust_model", xcom(server, "acc_trust", run2, "register_candidate")["version"])
+    assert f"> \\- Production now: version {v1}" in card2.description
+    assert not any(line.startswith("- Production now") for line in card2.description.splitlines())
     assert cli(server, root, "safety-lead", "approve", "acc_trust", run1).returncode == 0
     server.wait_for(settled(run1), 600, "R1's promotion")
     assert production() == v1

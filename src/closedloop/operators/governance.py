@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +13,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from closedloop import vocab
 from closedloop.operators.base import ClosedLoopStepOperator
+from closedloop.steps.pages import quoted
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -51,18 +51,6 @@ def card_link(context: Context) -> str:
     ti = context["ti"]
     base = review_link(context).split("/dags/")[0]
     return f"{base}/closedloop/review?{urlencode({'dag_id': ti.dag_id, 'run_id': ti.run_id})}"
-
-
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
-
-
-def quoted(text: object, limit: int = 2000) -> str:
-    """Text a person wrote, as a Markdown block quote with every markup character escaped: no line of it
-    can pass for one the pipeline wrote (a heading, a list item, a link, a "Production now:" line)."""
-    value = "" if text is None else (", ".join(map(str, text)) if isinstance(text, list) else str(text))
-    value = value[:limit] + ("…" if len(value) > limit else "")
-    lines = value.replace("\r", "").split("\n") or [""]
-    return "\n".join("> " + _MD_SPECIAL.sub(r"\\\1", line) for line in lines)
 
 
 def request_block(params: dict, requested_by: str | None) -> str:

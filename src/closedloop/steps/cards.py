@@ -267,12 +267,15 @@ def model_card(client, model: str, version: str) -> str:
     tags, m = r["tags"], r["metrics"]
     raw, lab = (r["manifest"].get("raw") or {}), (r["manifest"].get("labelled") or {})
     purpose = tags.get("closedloop.request.purpose")
-    lines = ([f"Request by {tags.get('closedloop.request.requester') or 'scheduler'}: {purpose}", ""] if purpose else [])
+    from closedloop.steps.pages import quoted
+
+    who = quoted(tags.get("closedloop.request.requester") or "scheduler").removeprefix("> ")
+    lines = ([f"Request by {who} (quoted as written):", "", quoted(purpose), ""] if purpose else [])
     lines += [f"Release candidate from pipeline {r['pipeline']} run {r['run']}; dataset {tags.get(vocab.DATASET_VERSION)}, "
               f"label policy {r['label_policy']}, template {r['template']}@{r['template_hash']}.", ""]
     lines += [f"# {model} version {version}", "",
               f"Aliases when this card was written: {', '.join(sorted(r['aliases'])) or 'none'}", "",
-              "## Intended use", tags.get("closedloop.request.purpose") or "Release candidate of pipeline "
+              "## Intended use", quoted(purpose) if purpose else "Release candidate of pipeline "
               f"`{r['pipeline']}`; see the template's description.", "",
               "## Data",
               f"- labelled snapshot `{lab.get('digest')}` ({lab.get('rows')} rows), label policy `{r['label_policy']}`",

@@ -9,6 +9,7 @@ assembled in Python strings.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,18 @@ def environment():
 def render(name: str, **data: Any) -> str:
     """Template ``name`` filled with ``data`` (every value escaped)."""
     return environment().get_template(name).render(**data)
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
+
+
+def quoted(text: object, limit: int = 2000) -> str:
+    """Text a person wrote, as a Markdown block quote with every markup character escaped: no line of it
+    can pass for one the pipeline wrote (a heading, a list item, a link, a "Production now:" line)."""
+    value = "" if text is None else (", ".join(map(str, text)) if isinstance(text, list) else str(text))
+    value = value[:limit] + ("…" if len(value) > limit else "")
+    lines = value.replace("\r", "").split("\n") or [""]
+    return "\n".join("> " + _MD_SPECIAL.sub(r"\\\1", line) for line in lines)
 
 
 def shown(x: Any) -> str:
