@@ -68,7 +68,7 @@ def test_a_broken_template_holds_back_only_its_own_dags_under_the_real_dag_proce
         def reported(named=named):
             errs = [e for e in import_errors(server) if e["filename"].endswith("closedloop_template_errors.py")]
             held = dags(server).get(BROKEN)
-            return errs if errs and named in errs[0]["stack_trace"] and held and \
+            return errs if errs and named in errs[0]["stack_trace"] and held and not held["is_stale"] and \
                 "template-error" in {t["name"] for t in held["tags"]} else None
 
         (err,) = server.wait_for(reported, 120, f"the {kind} break to be reported and its DAG held back")

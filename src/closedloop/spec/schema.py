@@ -698,9 +698,15 @@ def claimed_name(path: str | None) -> tuple[str | None, bool]:
     if not path:
         return None, False
     try:
-        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_LOADER)
-    except Exception:  # not YAML at all: no name to hold back
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError:
         return None, False
+    try:
+        data = yaml.load(text, Loader=_LOADER)
+    except yaml.YAMLError:  # broken YAML: the top-level lines still say what it is
+        found = re.search(r"^name:\s*['\"]?([a-z][a-z0-9_]{0,99})['\"]?\s*(#.*)?$", text, re.MULTILINE)
+        data = {"name": found.group(1) if found else None,
+                "incidents": True if re.search(r"^incidents:", text, re.MULTILINE) else None}
     name = data.get("name") if isinstance(data, dict) else None
     if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,99}", name):
         return None, False
