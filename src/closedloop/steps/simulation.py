@@ -241,13 +241,35 @@ def undecided(gates: list, metrics: dict[str, float]) -> list[str]:
     return open_
 
 
+def failed_for_sure(gates: list, metrics: dict[str, float]) -> list[str]:
+    """The confidence gates no number of further episodes can pass: for ``max``, the lower bound is
+    already above it (``min``: the upper bound below it). One of them decides the release: rejected."""
+    from closedloop.steps.gates import counts_of, rate_bounds
+
+    out = []
+    for g in gates:
+        counts = counts_of(g.metric, metrics)
+        if counts is None:
+            continue
+        lower, upper = rate_bounds(*counts, g.confidence, g.method)
+        if (g.max is not None and lower > g.max) or (g.min is not None and upper < g.min):
+            out.append(g.metric)
+    return out
+
+
+ROUNDS_PER_CALL = 8
+"""Further rounds are simulated this many at a time (one call of the simulator: most of its cost is per
+call, not per episode), then taken round by round: the stopping round, and so the metrics, are what a
+round-at-a-time loop gives."""
+
+
 def simulate_until_decided(simulate, model, catalog: dict, budget: dict | None) -> dict:
     """``simulate(model, catalog)``, then — with an adaptive ``budget`` — further rounds of the same
     scenarios with fresh seeds (:func:`closedloop.steps.catalog.next_round`) while a confidence gate
-    is undecided and the next whole round fits in ``max_episodes``. The metrics are the template's
-    aggregation over every episode of every round; ``adaptive`` says how it stopped."""
+    is undecided, no confidence gate has already failed for sure (the release is rejected whatever more
+    episodes show), and the next whole round fits in ``max_episodes``. The metrics are the template's
+    aggregation over every episode of the rounds taken; ``adaptive`` says how it stopped."""
     from closedloop.spec import GateSpec
-    from closedloop.steps.catalog import next_round
     from closedloop.steps.context import resolve
 
     result = simulate(model, catalog)
@@ -256,17 +278,38 @@ def simulate_until_decided(simulate, model, catalog: dict, budget: dict | None) 
     gates = [GateSpec(**g) for g in budget["gates"]]
     summarize = resolve(budget["summarize"])
     episodes, per_round, rounds = list(result["episodes"]), len(result["episodes"]), 1
-    waiting = undecided(gates, {f"sim.{k}": v for k, v in result["metrics"].items()})
-    while waiting and per_round and len(episodes) + per_round <= budget["max_episodes"]:
-        episodes += simulate(model, next_round(catalog, rounds))["episodes"]
+
+    def state(metrics: dict) -> tuple[list[str], list[str]]:
+        scoped = {f"sim.{k}": v for k, v in metrics.items()}
+        return undecided(gates, scoped), failed_for_sure(gates, scoped)
+
+    waiting, failed = state(result["metrics"])
+    batch: list[dict] = []
+    while waiting and not failed and per_round and len(episodes) + per_round <= budget["max_episodes"]:
+        if not batch:  # the next rounds that fit in the budget, in one call of the simulator
+            ahead = min(ROUNDS_PER_CALL, (budget["max_episodes"] - len(episodes)) // per_round)
+            batch = simulate(model, rounds_of(catalog, rounds, ahead))["episodes"]
+        episodes += batch[:per_round]
+        batch = batch[per_round:]
         rounds += 1
         result = {"metrics": summarize(episodes), "episodes": episodes}
-        waiting = undecided(gates, {f"sim.{k}": v for k, v in result["metrics"].items()})
-        log.info("adaptive budget: round %d, %d episodes; still undecided: %s", rounds, len(episodes),
-                 ", ".join(waiting) or "none")
+        waiting, failed = state(result["metrics"])
+        log.info("adaptive budget: round %d, %d episodes; still undecided: %s%s", rounds, len(episodes),
+                 ", ".join(waiting) or "none", f"; failed for sure: {', '.join(failed)}" if failed else "")
+    stopped = "a gate failed for sure" if failed else ("budget spent" if waiting else "decided")
     result["adaptive"] = {"rounds": rounds, "episodes": len(episodes), "max_episodes": budget["max_episodes"],
-                          "stopped": "budget spent" if waiting else "decided", "undecided": waiting}
+                          "stopped": stopped, "undecided": waiting, "failed": failed}
     return result
+
+
+def rounds_of(catalog: dict, first_round: int, count: int) -> dict:
+    """Rounds ``first_round`` … ``first_round + count - 1`` of ``catalog`` as one catalog, round by round
+    (its episodes come out in that order, each round's as :func:`~closedloop.steps.catalog.next_round`
+    numbers them)."""
+    from closedloop.steps.catalog import next_round
+
+    return {**catalog, "scenarios": [e for r in range(first_round, first_round + count)
+                                     for e in next_round(catalog, r)["scenarios"]]}
 
 
 def launch(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, shard: Shard | None = None) -> dict:

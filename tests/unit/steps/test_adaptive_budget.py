@@ -71,8 +71,8 @@ def test_an_open_gate_gets_more_rounds_until_its_bound_decides(model, catalog):
 def test_a_rate_surely_over_its_bound_stops_at_once(model, catalog):
     gate = {"metric": "sim.hard_braking.collision_rate", "max": 0.05, "confidence": 0.95}
     out = simulate_until_decided(run_catalog, model, catalog, budget(5000, gate))
-    assert out["adaptive"] == {"rounds": 1, "episodes": 26, "max_episodes": 5000, "stopped": "decided",
-                               "undecided": []}
+    assert out["adaptive"] == {"rounds": 1, "episodes": 26, "max_episodes": 5000, "stopped": "a gate failed for sure",
+                               "undecided": [], "failed": ["sim.hard_braking.collision_rate"]}
     assert out["metrics"]["hard_braking.collision_rate"] == 1.0  # 8 in 8: the lower bound is far above 5 %
 
 
@@ -80,7 +80,29 @@ def test_the_budget_bounds_the_episodes_and_says_what_stayed_open(model, catalog
     gate = {"metric": "sim.cut_in.collision_rate", "max": 0.001, "confidence": 0.95}  # needs ~3,000 episodes
     out = simulate_until_decided(run_catalog, model, catalog, budget(100, gate))
     assert out["adaptive"] == {"rounds": 3, "episodes": 78, "max_episodes": 100, "stopped": "budget spent",
-                               "undecided": ["sim.cut_in.collision_rate"]}  # a 4th round would be 104
+                               "undecided": ["sim.cut_in.collision_rate"], "failed": []}  # a 4th round would be 104
+
+
+def test_an_undecided_gate_is_not_waited_for_once_another_has_failed_for_sure(model, catalog):
+    """The release is rejected whatever more episodes show: the budget is not spent on it."""
+    gates = [{"metric": "sim.hard_braking.collision_rate", "max": 0.05, "confidence": 0.95},
+             {"metric": "sim.cut_in.collision_rate", "max": 0.001, "confidence": 0.95}]
+    out = simulate_until_decided(run_catalog, model, catalog, {**budget(5000, gates[0]), "gates": gates})
+    assert out["adaptive"]["rounds"] == 1 and out["adaptive"]["stopped"] == "a gate failed for sure"
+    assert out["adaptive"]["undecided"] == ["sim.cut_in.collision_rate"]
+
+
+def test_rounds_simulated_in_batches_give_the_metrics_of_one_round_at_a_time(model, catalog, monkeypatch):
+    """Several rounds per simulator call, taken round by round: the same stopping round and the same
+    metrics as simulating each round on its own."""
+    import closedloop.steps.simulation as sim_mod
+
+    gate = {"metric": "sim.cut_in.collision_rate", "max": 0.05, "confidence": 0.95}
+    batched = simulate_until_decided(run_catalog, model, catalog, budget(5000, gate))
+    monkeypatch.setattr(sim_mod, "ROUNDS_PER_CALL", 1)
+    one_by_one = simulate_until_decided(run_catalog, model, catalog, budget(5000, gate))
+    assert batched["adaptive"] == one_by_one["adaptive"] and batched["metrics"] == one_by_one["metrics"]
+    assert [e["id"] for e in batched["episodes"]] == [e["id"] for e in one_by_one["episodes"]]
 
 
 def test_without_a_budget_the_catalog_runs_once(model, catalog):
