@@ -89,12 +89,12 @@ def test_docker_compose_config_accepts_the_file(project, tmp_path):
     cli = compose_cli()
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MLFLOW_SERVICE_PASSWORD": "svc-secret-1",
            "MLFLOW_SECRET_KEY": "flask-secret"}
-    unsigned = subprocess.run([*cli, "-f", str(project / "docker-compose.yaml"), "config"],
-                              capture_output=True, text=True, cwd=project, env=env)
-    assert unsigned.returncode != 0 and "CLOSEDLOOP_SIGNING_KEY" in unsigned.stderr  # no key, no deployment
     from closedloop.steps.signing import Signer
 
     signer = Signer.generate()
+    unsigned = subprocess.run([*cli, "-f", str(project / "docker-compose.yaml"), "config"], capture_output=True,
+                              text=True, cwd=project, env={**env, "CLOSEDLOOP_TRUSTED_KEYS": signer.verifier.published()})
+    assert unsigned.returncode != 0 and "CLOSEDLOOP_SIGNING_KEY" in unsigned.stderr  # no key, no deployment
     key = signer.seed_b64()
     env["CLOSEDLOOP_SIGNING_KEY"] = key
     pinless = subprocess.run([*cli, "-f", str(project / "docker-compose.yaml"), "config"],
