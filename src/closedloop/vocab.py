@@ -12,6 +12,7 @@ PRODUCTION = "production"
 PREVIOUS = "previous-production"
 
 # -- MLflow tags: identity and lineage of every run and model version ------------------------------
+NAMESPACE = "closedloop."  # every tag of ours starts with it
 PIPELINE = "closedloop.pipeline"
 TEMPLATE = "closedloop.template"
 TEMPLATE_HASH = "closedloop.template_hash"
@@ -44,6 +45,14 @@ GATE_RUN_ID = "closedloop.gate_run_id"
 GATES = "closedloop.gates"
 COMPARED_TO_PRODUCTION = "closedloop.compared_to_production"
 
+DATASET_INPUT_SHA256 = "closedloop.sha256"  # a dataset input's tag: the snapshot's full sha256
+MONITORED_MODEL = "closedloop.model"  # a monitoring run's model (online KPIs)
+MONITORING_SOURCE = "closedloop.source"
+SHARDS = "closedloop.shards"
+
+# -- Airflow's audit log: events the deployment writes --------------------------------------------------
+AUDIT_INCIDENT_REPORT = "closedloop.incident.report"
+
 # -- MLflow tags: the step cache ---------------------------------------------------------------------
 CACHE = "closedloop.cache"
 CACHE_KEY = "closedloop.cache_key"
@@ -57,6 +66,13 @@ REQUEST_PREFIX = "closedloop.request."
 INCIDENT_PREFIX = "closedloop.incident."
 REVIEW_PREFIX = "closedloop.review."
 REVIEW_OPENED_PREFIX = "closedloop.review.opened."  # + approval task id: the sealed record of what a review showed
+REVIEW_DECISION = REVIEW_PREFIX + "decision"
+REVIEW_REVIEWER = REVIEW_PREFIX + "reviewer"
+REVIEW_AT = REVIEW_PREFIX + "at"
+REVIEW_COMMENT = REVIEW_PREFIX + "comment"
+REVIEW_RUN_ID = REVIEW_PREFIX + "run_id"
+REQUEST_REQUESTER = REQUEST_PREFIX + "requester"
+REQUEST_PURPOSE = REQUEST_PREFIX + "purpose"
 AUDIT_PREFIX = "closedloop.audit."
 RELEASE_RECORD = "closedloop.release_record"
 APPROVAL_PREFIX = "closedloop.approval."

@@ -166,3 +166,30 @@ def test_a_dag_serialized_before_the_reshape_still_loads(airflow_db):
     entry = import_string("closedloop.cli.main")  # pyproject: closedloop = "closedloop.cli:main"
     assert callable(entry) and entry.__module__ == "closedloop.cli"
     assert import_string("closedloop.provider.get_provider_info")
+
+
+def test_no_tag_or_name_of_ours_is_written_outside_the_vocabulary():
+    """Every ``closedloop.…`` string in the package is a module path (``closedloop.podstep``, an entry point
+    ``closedloop.driving.policy:train_policy``) or lives in ``vocab.py``: tags, prefixes and audit events are
+    written once. An f-string's literal parts count too (``f"closedloop.request.{k}"`` is a stray)."""
+    mods = modules()
+    strays = []
+    for name, path in mods.items():
+        if name == "closedloop.vocab":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+                continue
+            text = node.value
+            if not text.startswith("closedloop."):
+                continue
+            module = text.split(":")[0].rstrip(".")
+            if module in mods or module.rpartition(".")[0] in mods:  # a module, an entry point or a classpath
+                continue
+            strays.append(f"{path.relative_to(SRC)}:{node.lineno}: {text!r}")
+    assert strays == []
+    # the check sees one when there is one
+    tree = ast.parse('tags = {"closedloop.review.decision": 1, f"closedloop.request.{1}": 2}')
+    found = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+             and n.value.startswith("closedloop.") and n.value.split(":")[0].rstrip(".") not in mods]
+    assert found == ["closedloop.review.decision", "closedloop.request."]

@@ -17,6 +17,7 @@ import sys
 import time
 from datetime import datetime
 
+from closedloop import vocab
 from closedloop.cli.render import format_summary
 from closedloop.local.run import collect_summary
 
@@ -164,7 +165,7 @@ def run() -> int:
 
             mv = mlflow_client(settings.tracking_uri()).get_model_version(promoted["model"], promoted["version"])
             card = mv.description or ""
-            wanted = [mv.tags.get("closedloop.dataset_version", "?"), "## Metrics per scenario",
+            wanted = [mv.tags.get(vocab.DATASET_VERSION, "?"), "## Metrics per scenario",
                       f"incident {incident['id']}", f"approved by {REVIEWER}"]
             card_ok = all(w in card for w in wanted)
             keep = [line for line in card.splitlines() if line.startswith(("# ", "- labelled", "| hard_braking",

@@ -21,7 +21,7 @@ def audit_trail(ctx: RunContext, model: str, version: str) -> dict:
     if tags.get(vocab.GATE_RUN_ID):
         import mlflow
 
-        gates = mlflow.artifacts.load_dict(f"runs:/{tags['closedloop.gate_run_id']}/gates/report.json")
+        gates = mlflow.artifacts.load_dict(f"runs:/{tags[vocab.GATE_RUN_ID]}/gates/report.json")
     events = sorted((json.loads(v) for k, v in tags.items() if k.startswith(AUDIT_PREFIX)), key=lambda e: e["at"])
     review = {k.removeprefix(vocab.REVIEW_PREFIX): v for k, v in tags.items() if k.startswith(vocab.REVIEW_PREFIX)}
     approvals = []

@@ -151,14 +151,14 @@ def _result(run) -> dict | None:
 
 def _origin(tags: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {"trigger": tags.get(vocab.TRIGGER, "unknown")}
-    if tags.get(vocab.REQUESTER) or tags.get("closedloop.request.requester"):
-        out["requester"] = tags.get(vocab.REQUESTER) or tags.get("closedloop.request.requester")
+    if tags.get(vocab.REQUESTER) or tags.get(vocab.REQUEST_REQUESTER):
+        out["requester"] = tags.get(vocab.REQUESTER) or tags.get(vocab.REQUEST_REQUESTER)
     incident = {k.removeprefix(vocab.INCIDENT_PREFIX): v for k, v in tags.items() if k.startswith(vocab.INCIDENT_PREFIX)}
     if incident:
         out["incident"] = incident
     for key in (vocab.RERUN_OF, vocab.RERUNS):
         if tags.get(key):
-            out[key.removeprefix("closedloop.")] = tags[key]
+            out[key.removeprefix(vocab.NAMESPACE)] = tags[key]
     return out
 
 

@@ -266,10 +266,10 @@ def model_card(client, model: str, version: str) -> str:
     r = _version_record(client, model, version)
     tags, m = r["tags"], r["metrics"]
     raw, lab = (r["manifest"].get("raw") or {}), (r["manifest"].get("labelled") or {})
-    purpose = tags.get("closedloop.request.purpose")
+    purpose = tags.get(vocab.REQUEST_PURPOSE)
     from closedloop.steps.pages import quoted
 
-    who = quoted(tags.get("closedloop.request.requester") or "scheduler").removeprefix("> ")
+    who = quoted(tags.get(vocab.REQUEST_REQUESTER) or "scheduler").removeprefix("> ")
     lines = ([f"Request by {who} (quoted as written):", "", quoted(purpose), ""] if purpose else [])
     lines += [f"Release candidate from pipeline {r['pipeline']} run {r['run']}; dataset {tags.get(vocab.DATASET_VERSION)}, "
               f"label policy {r['label_policy']}, template {r['template']}@{r['template_hash']}.", ""]
@@ -312,10 +312,10 @@ def model_card(client, model: str, version: str) -> str:
                       f"({tags.get(vocab.INCIDENT_PREFIX + 'scenario_type', '-')})")
     lines += ["## Known limitations", *(limits or ["- none found by the gates, incidents or the shift report"]), "",
               "## Approvals"]
-    if tags.get("closedloop.review.decision"):
-        lines.append(f"- {tags['closedloop.review.decision']} by {tags.get('closedloop.review.reviewer') or '-'} at "
-                     f"{tags.get('closedloop.review.at')}" + (f": {tags['closedloop.review.comment']}"
-                                                            if tags.get("closedloop.review.comment") else ""))
+    if tags.get(vocab.REVIEW_DECISION):
+        lines.append(f"- {tags[vocab.REVIEW_DECISION]} by {tags.get(vocab.REVIEW_REVIEWER) or '-'} at "
+                     f"{tags.get(vocab.REVIEW_AT)}" + (f": {tags[vocab.REVIEW_COMMENT]}"
+                                                            if tags.get(vocab.REVIEW_COMMENT) else ""))
     else:
         lines.append("- not reviewed yet")
     lines += ["", "## Lineage", f"- pipeline `{r['pipeline']}`, Airflow run `{r['dag_id']}/{r['run']}`",

@@ -167,9 +167,8 @@ def record_decision(ctx: RunContext, model: str, version: str, *, decision: str,
     c = tracking.client(ctx)
     if statement_tag is not None:
         c.set_model_version_tag(model, version, *statement_tag)
-    for key, value in {"closedloop.review.decision": decision, "closedloop.review.reviewer": reviewer or "",
-                       "closedloop.review.at": at, "closedloop.review.comment": comment,
-                       "closedloop.review.run_id": run_id}.items():
+    for key, value in {vocab.REVIEW_DECISION: decision, vocab.REVIEW_REVIEWER: reviewer or "",
+                       vocab.REVIEW_AT: at, vocab.REVIEW_COMMENT: comment, vocab.REVIEW_RUN_ID: run_id}.items():
         c.set_model_version_tag(model, version, key, value)
     try:
         when = datetime.fromisoformat(at.replace("Z", "+00:00"))

@@ -92,13 +92,13 @@ def origin_tags(incidents: list[dict]) -> dict[str, str]:
     first = incidents[0]
     return {
         vocab.TRIGGER: "incident",
-        "closedloop.incident.id": ",".join(i["id"] for i in incidents)[:5000],
-        "closedloop.incident.scenario_type": ",".join(sorted({i["scenario_type"] for i in incidents})),
-        "closedloop.incident.severity": first["severity"],
-        "closedloop.incident.kind": first["kind"],
-        "closedloop.incident.reported_by": first.get("reported_by") or "",
-        "closedloop.incident.posted_by": ",".join(sorted({i.get("posted_by") or "unknown" for i in incidents})),
-        "closedloop.incident.log_refs": ",".join(r for i in incidents for r in i["log_refs"])[:5000],
+        vocab.INCIDENT_PREFIX + "id": ",".join(i["id"] for i in incidents)[:5000],
+        vocab.INCIDENT_PREFIX + "scenario_type": ",".join(sorted({i["scenario_type"] for i in incidents})),
+        vocab.INCIDENT_PREFIX + "severity": first["severity"],
+        vocab.INCIDENT_PREFIX + "kind": first["kind"],
+        vocab.INCIDENT_PREFIX + "reported_by": first.get("reported_by") or "",
+        vocab.INCIDENT_PREFIX + "posted_by": ",".join(sorted({i.get("posted_by") or "unknown" for i in incidents})),
+        vocab.INCIDENT_PREFIX + "log_refs": ",".join(r for i in incidents for r in i["log_refs"])[:5000],
     }
 
 

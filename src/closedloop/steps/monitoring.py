@@ -38,7 +38,7 @@ def report_kpis(model: str, metrics: dict[str, float], *, version: str | None = 
     exp_id = exp.experiment_id if exp else c.create_experiment(
         experiment_name(model), artifact_location=settings.artifact_root(c.tracking_uri))
     run = c.create_run(exp_id, run_name=f"kpis v{version}", tags={
-        "closedloop.model": model, vocab.MODEL_VERSION: str(version), "closedloop.source": source})
+        vocab.MONITORED_MODEL: model, vocab.MODEL_VERSION: str(version), vocab.MONITORING_SOURCE: source})
     from closedloop.steps.tracking import metric_entities
 
     c.log_batch(run.info.run_id, metrics=metric_entities(metrics))

@@ -96,8 +96,8 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
             vocab.DATASET_SOURCES: trained.get("sources"),
             vocab.GATE_RUN_ID: gate["run_id"],
             vocab.GATES: "passed",
-            "closedloop.request.requester": requester or "scheduler",
-            **{f"closedloop.request.{k}": (", ".join(v) if isinstance(v, list) else str(v))
+            vocab.REQUEST_REQUESTER: requester or "scheduler",
+            **{vocab.REQUEST_PREFIX + k: (", ".join(v) if isinstance(v, list) else str(v))
                for k, v in (request or {}).items()},
         })
         if not c.search_registered_models(f"name = '{spec.model.name}'"):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from closedloop import settings
+from closedloop import settings, vocab
 from closedloop.spec import LoadedSpec
 from closedloop.steps import tracking
 from closedloop.steps.catalog import expand_catalog
@@ -514,7 +514,7 @@ def merge(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, shards: list[di
                              f"unexpected {extra[:10]}")
     episodes = [records[i] for i in expected]
     result = {"metrics": resolve(loaded.spec.simulation.summarize)(episodes), "episodes": episodes}
-    c.set_tag(run.info.run_id, "closedloop.shards", str(len(shards)))
+    c.set_tag(run.info.run_id, vocab.SHARDS, str(len(shards)))
     return _record(loaded, ctx, run, result, key=key, trained=trained, extra={"shards": len(shards)})
 
 

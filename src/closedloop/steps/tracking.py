@@ -13,7 +13,7 @@ from closedloop.steps.identity import git_commit
 
 log = logging.getLogger(__name__)
 
-TAG = "closedloop."
+TAG = vocab.NAMESPACE
 RESULT_TAG = vocab.RESULT
 
 
@@ -218,7 +218,7 @@ def log_dataset_input(ctx: RunContext, run_id: str, frame, ref: dict, *, context
                                       targets=targets)
     client(ctx).log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(
         dataset._to_mlflow_entity(), tags=[InputTag(key="mlflow.data.context", value=context),
-                                           InputTag(key="closedloop.sha256", value=ref["digest"])])])
+                                           InputTag(key=vocab.DATASET_INPUT_SHA256, value=ref["digest"])])])
 
 
 def metric_entities(metrics: dict[str, float]):

@@ -19,7 +19,7 @@ from fastapi import HTTPException
 
 from closedloop import vocab
 
-AUDIT_EVENT = "closedloop.incident.report"
+AUDIT_EVENT = vocab.AUDIT_INCIDENT_REPORT
 
 
 def report_incident(login: str, data: Any, pipelines_dir) -> dict:
