@@ -90,7 +90,11 @@ def test_incident_retrain_mines_the_incident_scenario_and_becomes_candidate(runs
     assert mv.tags["closedloop.incident.scenario_type"] == "hard_braking"
     assert mv.tags["closedloop.incident.log_refs"] == INCIDENT["log_refs"][0]
     assert mv.tags["closedloop.request.ticket"] == admitted["incidents"][0]["id"]
-    assert "Incident retrain" in mv.description and "collision in hard_braking (high)" in mv.description
+    # the model card quotes the request (the incident's words) as written, Markdown escaped
+    assert "> Incident retrain" in mv.description and "collision in hard\\_braking \\(high\\)" in mv.description
+    from closedloop.steps.pages import quoted
+
+    assert quoted(mv.tags["closedloop.request.purpose"]) in mv.description
     train_run = client.get_run(s["results"]["train"]["run_id"])
     assert train_run.data.tags["closedloop.trigger"] == "incident"
     assert train_run.data.tags["airflow.dag_id"] == "acc_inc_incident"
