@@ -542,9 +542,12 @@ def test_health_figures_from_airflows_records_as_json_cli_and_page(env, inc1_tra
     rejected = [r for r in finished if r["state"] == "failed" and (r.get("note") or "").startswith("rejected by gate")]
     assert h["failure_rate"] == round((sum(r["state"] == "failed" for r in finished) - len(rejected)) / len(finished), 3)
     assert h["gate_rejections"] == len(rejected)
+    from closedloop.records.airflow_api import xcom_value
+
     for r in finished:  # every run a gate stopped carries the note, written by the deployment's account
-        _, ti = server.api("GET", f"/api/v2/dags/{r['dag_id']}/dagRuns/{r['dag_run_id']}/taskInstances/release_gate")
-        if ti.get("state") == "failed":
+        status, entry = server.api("GET", f"/api/v2/dags/{r['dag_id']}/dagRuns/{r['dag_run_id']}/taskInstances/"
+                                          "release_gate/xcomEntries/error")
+        if status == 200 and (xcom_value(entry) or {}).get("error_class") == "GateFailed":
             assert r in rejected, (r["dag_run_id"], r.get("note"))
     if rejected:  # `closedloop runs` gives the reason beside the outcome
         out = cli(server, "runs", PIPELINE, "--limit", "100", "--dir", str(root / "include" / "pipelines"),
