@@ -248,6 +248,7 @@ def held_back_dag(dag_id: str, error: SpecError) -> DAG:
 def _build(pipelines_dir: str | Path) -> tuple[dict[str, DAG], list[SpecError]]:
     """Every DAG the templates define, and every template error (load, cross-checks, build). What
     failed to build is kept for :func:`template_errors` (:func:`_keep_build_errors`)."""
+    fingerprint = _fingerprint(pipelines_dir)
     specs, errors = load_all(pipelines_dir)
     loaded_errors = len(errors)
     dags: dict[str, DAG] = {}
@@ -269,8 +270,29 @@ def _build(pipelines_dir: str | Path) -> tuple[dict[str, DAG], list[SpecError]]:
         dags.update(build_registry_dags(specs))
     except Exception as exc:  # the pipelines still load
         errors.append(SpecError(f"cannot build the registry DAGs: {type(exc).__name__}: {exc}"))
-    _keep_build_errors(pipelines_dir, {s.path: s.digest for s in specs}, errors[loaded_errors:])
+    _keep_build_errors(pipelines_dir, {s.path: s.digest for s in specs}, errors[loaded_errors:],
+                       fingerprint=fingerprint, every=errors)
     return dags, errors
+
+
+def _fingerprint(pipelines_dir: str | Path) -> str:
+    """What a parse's verdict on the templates depends on, by name, time and size (no file is read):
+    the templates, the suites and scenario sets beside them, and the code that validates and builds."""
+    import hashlib
+
+    folder = Path(pipelines_dir)
+    here = Path(__file__).resolve().parent
+    files = [*folder.glob("*.y*ml"), *(folder.parent / "expectations").glob("*"),
+             *(folder.parent / "scenarios").glob("*"), *(here / "spec").glob("*.py"), here / "dagbuilder.py",
+             here / "pipeline.py"]
+    h = hashlib.sha256()
+    for f in sorted(files):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        h.update(f"{f}|{st.st_mtime_ns}|{st.st_size}\n".encode())
+    return h.hexdigest()
 
 
 def _build_errors_file(pipelines_dir: str | Path) -> Path:
@@ -282,16 +304,19 @@ def _build_errors_file(pipelines_dir: str | Path) -> Path:
     return settings.home() / "dag-processor" / f"build-errors-{key}.json"
 
 
-def _keep_build_errors(pipelines_dir, digests: dict, errors: list[SpecError]) -> None:
+def _keep_build_errors(pipelines_dir, digests: dict, errors: list[SpecError], *, fingerprint: str = "",
+                       every: list[SpecError] = ()) -> None:
     """Record what failed to build, per template and its digest, for the errors file (which only loads
-    and checks templates: building every DAG twice would double the parse time). Written only when it
-    changes; never fails a parse."""
+    and checks templates: building every DAG twice would double the parse time) — and every error of
+    this parse with the folder's fingerprint, which the errors file takes as it is while nothing it
+    depends on changed. Written only when it changes; never fails a parse."""
     found = {"templates": {str(p): {"digest": digests.get(Path(e.path)), "error": str(e)} for e in errors
-                           if (p := e.path)}, "other": [str(e) for e in errors if not e.path]}
+                           if (p := e.path)}, "other": [str(e) for e in errors if not e.path],
+             "fingerprint": fingerprint, "every": [[e.path, str(e)] for e in every]}
     path = _build_errors_file(pipelines_dir)
     try:
         text = json.dumps(found, sort_keys=True)
-        if (path.read_text() if path.exists() else json.dumps({"templates": {}, "other": []}, sort_keys=True)) != text:
+        if (path.read_text() if path.exists() else "") != text:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{id(found)}.tmp")
             tmp.write_text(text)
@@ -341,6 +366,12 @@ def template_errors(pipelines_dir: str | Path) -> list[SpecError]:
     """Every template error of the folder: what loading and checking the templates finds (cheap, done
     here), and what building their DAGs found, as the pipelines' DAG file recorded it on its last parse
     (for templates unchanged since)."""
+    try:
+        kept = json.loads(_build_errors_file(pipelines_dir).read_text())
+    except (OSError, ValueError):
+        kept = {}
+    if kept.get("fingerprint") and kept["fingerprint"] == _fingerprint(pipelines_dir):
+        return [SpecError(text, path=path) for path, text in kept.get("every") or []]  # nothing changed since
     specs, errors = load_all(pipelines_dir)
     return errors + _kept_build_errors(pipelines_dir, specs)
 

@@ -9,6 +9,7 @@ and, where it can, how to fix it. The schema here is the single source of truth:
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -660,6 +661,13 @@ def load_spec(path: str | Path, include_dir: str | Path | None = None) -> Loaded
     return loaded
 
 
+@functools.lru_cache(maxsize=64)
+def _scenario_types(path: str, mtime_ns: int, size: int) -> frozenset[str]:
+    """The scenario types of a scenario set, read once per version of the file (many templates share one)."""
+    data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_LOADER) or {}
+    return frozenset(str(s.get("type")) for s in data.get("scenarios") or [] if isinstance(s, dict) and s.get("type"))
+
+
 SIM_GROUPS = ("safety_critical", "regression")
 """Groups every simulation reports beside the scenario set's types (``sim.<group>.<metric>``)."""
 
@@ -669,8 +677,8 @@ def sim_gate_problems(spec: PipelineSpec, scenario_path: Path) -> list[str]:
     it does not have, a typo), with a did-you-mean: caught here, before any compute, instead of at
     ``release_gate`` after dataset, training and simulation have run."""
     try:
-        data = yaml.load(scenario_path.read_text(encoding="utf-8"), Loader=_LOADER) or {}
-        types = {str(s.get("type")) for s in data.get("scenarios") or [] if isinstance(s, dict) and s.get("type")}
+        stat = scenario_path.stat()
+        types = _scenario_types(str(scenario_path), stat.st_mtime_ns, stat.st_size)
     except (OSError, yaml.YAMLError, AttributeError):
         return []  # the simulation step says what is wrong with the scenario set itself
     groups = sorted(types | set(SIM_GROUPS))
