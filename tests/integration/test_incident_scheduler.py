@@ -523,7 +523,13 @@ def test_health_figures_from_airflows_records_as_json_cli_and_page(env, inc1_tra
     for r in all_runs():  # stop what still runs, so the figures hold still while we compare them
         if r["state"] not in ("success", "failed"):
             server.api("PATCH", f"/api/v2/dags/{r['dag_id']}/dagRuns/{r['dag_run_id']}", {"state": "failed"})
-    settled = all_runs()
+
+    def still():  # a task of a run stopped by hand may still end (and write the run's note) a moment later
+        before = all_runs()
+        time.sleep(5)
+        return before if before == all_runs() else None
+
+    settled = server.wait_for(still, 120, "the runs' states and notes to hold still", interval=0.5)
     finished = [r for r in settled if r["state"] in ("success", "failed")]
     assert len(finished) == len(settled)
     req = urllib.request.Request(server.url + "/closedloop/api/health?days=7")
