@@ -224,37 +224,29 @@ def budget_of(loaded: LoadedSpec) -> dict | None:
             "gates": [g.model_dump(mode="json") for g in loaded.spec.adaptive_gates()]}
 
 
-def undecided(gates: list, metrics: dict[str, float]) -> list[str]:
-    """The confidence gates whose verdict more episodes could still change: for ``max``, the upper
-    bound is above it and the lower bound is not (``min`` the other way round). A gate whose counts
-    are missing is not waited for (it fails on its own)."""
+def _bounded(gates: list, metrics: dict[str, float]):
+    """``(gate, lower, upper)``: each confidence gate's one-sided bounds, for those whose counts are there
+    (a gate whose counts are missing is not waited for: it fails on its own)."""
     from closedloop.steps.gates import counts_of, rate_bounds
 
-    open_ = []
     for g in gates:
         counts = counts_of(g.metric, metrics)
-        if counts is None:
-            continue
-        lower, upper = rate_bounds(*counts, g.confidence, g.method)
-        if (g.max is not None and lower <= g.max < upper) or (g.min is not None and lower < g.min <= upper):
-            open_.append(g.metric)
-    return open_
+        if counts is not None:
+            yield (g, *rate_bounds(*counts, g.confidence, g.method))
+
+
+def undecided(gates: list, metrics: dict[str, float]) -> list[str]:
+    """The confidence gates whose verdict more episodes could still change: for ``max``, the upper
+    bound is above it and the lower bound is not (``min`` the other way round)."""
+    return [g.metric for g, lower, upper in _bounded(gates, metrics)
+            if (g.max is not None and lower <= g.max < upper) or (g.min is not None and lower < g.min <= upper)]
 
 
 def failed_for_sure(gates: list, metrics: dict[str, float]) -> list[str]:
     """The confidence gates no number of further episodes can pass: for ``max``, the lower bound is
     already above it (``min``: the upper bound below it). One of them decides the release: rejected."""
-    from closedloop.steps.gates import counts_of, rate_bounds
-
-    out = []
-    for g in gates:
-        counts = counts_of(g.metric, metrics)
-        if counts is None:
-            continue
-        lower, upper = rate_bounds(*counts, g.confidence, g.method)
-        if (g.max is not None and lower > g.max) or (g.min is not None and upper < g.min):
-            out.append(g.metric)
-    return out
+    return [g.metric for g, lower, upper in _bounded(gates, metrics)
+            if (g.max is not None and lower > g.max) or (g.min is not None and upper < g.min)]
 
 
 ROUNDS_PER_CALL = 8
