@@ -321,7 +321,7 @@ def _promotion_with_nonce(client, model: str, verifier: KeyRing, nonce: str) -> 
     return _newest_audited_promotion(client, model, verifier, nonce=nonce)
 
 
-def _check_source(c, move: Move | None, current: str | None, what: str) -> None:
+def _check_source(move: Move | None, current: str | None, what: str) -> None:
     if move is not None and move.source != current:
         raise ApprovalError(f"refusing to {what}: the request names {move.describe()}, but production is "
                             f"{current or 'none'} now; ask again for the move you mean")
@@ -343,7 +343,7 @@ def promote(ctx: RunContext, record: dict, statements: list[dict], *, model: str
         raise ApprovalError(f"refusing to promote: the request names {move.describe()}, the evidence is for version "
                             f"{record.get('version')}")
     if current != str(record.get("version")):
-        _check_source(c, move, current, f"promote {model} version {record.get('version')}")
+        _check_source(move, current, f"promote {model} version {record.get('version')}")
     approvers = verify_release(record, statements, model=model, policy=policy, production_now=current, now=now,
                                run=run)
     version = str(record["version"])
@@ -406,6 +406,13 @@ def rollback(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: l
     if previous is None:
         raise ApprovalError(f"cannot roll back {model}: it has no {PREVIOUS!r} version")
     last = last_promotion(c, model, verifier or signer.verifier)
+    if move is not None and last is not None and last.get("kind") == "rollback" and last.get("nonce") == move.nonce:
+        # a try of this very request sealed the move and died before the aliases moved: finish it
+        c.set_registered_model_alias(model, PRODUCTION, str(last["version"]))
+        if last.get("previous"):
+            c.set_registered_model_alias(model, PREVIOUS, str(last["previous"]))
+        return {"model": model, "production": str(last["version"]), "previous-production": last.get("previous"),
+                "changed": True}
     if last is None or str(last.get("previous") or "") != previous or str(last.get("version")) != current:
         raise ApprovalError(
             f"refusing to roll back {model}: {PREVIOUS} → version {previous} and production → version {current}, but "
@@ -413,7 +420,7 @@ def rollback(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: l
                f"{PREVIOUS} on {last.get('previous') or 'nothing'}" if last else "no sealed promotion explains them")
             + f": an alias moved outside the pipeline is never rolled back to (`closedloop audit --verify {model}`)")
     if move is not None:
-        _check_source(c, move, current, f"roll back {model}")
+        _check_source(move, current, f"roll back {model}")
         if move.target != previous:
             raise ApprovalError(f"refusing to roll back {model}: the request names {move.describe()}, but "
                                 f"{PREVIOUS} is version {previous} now; ask again for the move you mean")
@@ -440,7 +447,7 @@ def restore(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: li
         raise ApprovalError(f"cannot restore {model}: no sealed promotion record to restore")
     current = tracking.alias_version(c, model, PRODUCTION)
     if move is not None:
-        _check_source(c, move, current, f"restore {model}")
+        _check_source(move, current, f"restore {model}")
         if move.target not in (None, str(last["version"])):
             raise ApprovalError(f"refusing to restore {model}: the request names {move.describe()}, but the last "
                                 f"sealed promotion put version {last['version']} there")

@@ -148,6 +148,17 @@ def test_promote_moves_aliases_seals_the_move_and_rollback_restores(registry):
     assert again["already_done"] and again["changed"] is False and again["production"] == "1"
     assert [e["event"] for e in audit_trail(ctx, "m", "1")["events"]].count("alias.production.rollback") == 1
     assert audit_trail(ctx, "m", "1")["events"][-1]["event"] == "registry.replay"
+    # a rollback whose try sealed the move and died before the aliases moved: its retry finishes that move
+    died = gov.move_of("m", "1", "2", "closedloop_registry/manual__died")
+    gov._record_promotion(c, key, "m", "2", previous="1", kind="rollback", by="bob", reason="x", rollback=True,
+                          nonce=died.nonce)  # the record only, as the dead try left it
+    assert gov.done_move(ctx, died, actor="bob", verifier=key.verifier) is None  # not done: to be finished
+    out = gov.rollback(ctx, "m", actor="bob", reason="x", allowed=["bob"], signer=key, move=died)
+    assert (out["production"], out["previous-production"]) == ("2", "1")
+    assert gov.check_aliases(c, "m", key.verifier)["ok"]
+    assert gov.done_move(ctx, died, actor="bob", verifier=key.verifier)["already_done"]
+    gov.rollback(ctx, "m", actor="bob", reason="back", allowed=["bob"], signer=key,
+                 move=gov.move_of("m", "2", "1", "closedloop_registry/manual__r3"))
     # ... and once production moved on, the old request is refused, never performed again
     gov.rollback(ctx, "m", actor="bob", reason="back again", allowed=["bob"], signer=key,
                  move=gov.move_of("m", "1", "2", "closedloop_registry/manual__r2"))
