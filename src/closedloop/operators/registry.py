@@ -85,7 +85,7 @@ class RegistryOperator(BaseOperator):
         loaded = governed(self.specs, model)
         ctx = run_context(loaded, "mlflow_default", context)
         policy = gov.ApprovalPolicy.of(loaded.spec)
-        key = signer()
+        key, ring = signer(), verifier()
         ti = context["ti"]
         if not str(params.get("from_version") or "").strip():
             raise ApprovalError(f"{action} names no move: give from_version (the version production holds as you "
@@ -94,20 +94,20 @@ class RegistryOperator(BaseOperator):
         move = gov.move_of(model, params.get("from_version"), target, nonce=f"{ti.dag_id}/{ti.run_id}")
         log.info("%s asks to %s %s: %s%s", actor, action, model, move.describe(),
                  "" if action == "promote" else f" ({reason})")
-        done = gov.done_move(ctx, move, actor=actor, verifier=verifier())
+        done = gov.done_move(ctx, move, actor=actor, verifier=ring)
         if done is not None:  # a cleared or retried run: its move was made once already
             log.info("this request's move was made already (seq %s): nothing changed", done["seq"])
             return {"action": action, "by": actor, **done}
         allowed = [*policy.approvers, *policy.rollback]
         if action == "rollback":
             return {"action": action, "by": actor, **gov.rollback(
-                ctx, model, actor=actor, reason=reason, allowed=allowed, signer=key, move=move, verifier=verifier())}
+                ctx, model, actor=actor, reason=reason, allowed=allowed, signer=key, move=move, verifier=ring)}
         if action == "restore":
             return {"action": action, "by": actor, **gov.restore(
-                ctx, model, actor=actor, reason=reason, allowed=allowed, signer=key, move=move, verifier=verifier())}
-        record, statements = evidence_on_version(ctx, model, str(params.get("version") or ""), policy, verifier())
+                ctx, model, actor=actor, reason=reason, allowed=allowed, signer=key, move=move, verifier=ring)}
+        record, statements = evidence_on_version(ctx, model, str(params.get("version") or ""), policy, ring)
         out = gov.promote(ctx, record, statements, model=model, policy=policy, signer=key,
-                          actor=f"{actor} via {REGISTRY_DAG_ID}", move=move, verifier=verifier())
+                          actor=f"{actor} via {REGISTRY_DAG_ID}", move=move, verifier=ring)
         return {"action": action, "by": actor, **out}
 
 

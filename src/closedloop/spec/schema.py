@@ -721,10 +721,11 @@ def claimed_name(path: str | None) -> tuple[str | None, bool]:
     return name, data.get("incidents") is not None
 
 
-def template_problems(pipelines_dir: str | Path) -> list[dict[str, Any]]:
+def template_problems(pipelines_dir: str | Path, errors: list[SpecError] | None = None) -> list[dict[str, Any]]:
     """The folder's broken templates, as health shows them: file, the pipeline (DAG id) each holds back
-    (None when its name cannot be read) and the error."""
-    _, errors = load_all(pipelines_dir)
+    (None when its name cannot be read) and the error. ``errors``: what :func:`load_all` already found."""
+    if errors is None:
+        _, errors = load_all(pipelines_dir)
     return [{"file": e.path, "pipeline": claimed_name(e.path)[0], "error": str(e)} for e in errors]
 
 

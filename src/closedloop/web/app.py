@@ -95,7 +95,7 @@ def health_figures(days: int, caller: Caller, *, limit: int = MAX_HEALTH_PIPELIN
     from closedloop.steps.faults import inject
 
     inject(dag_id="closedloop_web", task_id="health", try_number=1, point="start")  # a drill can hold it here
-    specs, _ = load_all(_pipelines_dir())
+    specs, errors = load_all(_pipelines_dir())
     visible = sorted(caller.pipelines(specs), key=lambda s: s.spec.name)
     page_specs = visible[offset:offset + limit]
     until = datetime.now(UTC)
@@ -105,26 +105,24 @@ def health_figures(days: int, caller: Caller, *, limit: int = MAX_HEALTH_PIPELIN
     out = figures(pipelines, runs, tis, since=since, until=until)
     out["versions"] = current_versions(page_specs, _tracking_uri())
     out["cache"] = cache_figures(page_specs, since, _tracking_uri())
-    out["template_errors"] = readable_template_errors(caller)
+    out["template_errors"] = readable_template_errors(caller, specs, errors)
     out.update(total_pipelines=len(visible), limit=limit, offset=offset)
     return out
 
 
-def readable_template_errors(caller: Caller) -> list[dict]:
+def readable_template_errors(caller: Caller, specs, errors) -> list[dict]:
     """Broken templates whose held-back DAG the caller may read (a template whose name cannot be read
     at all is shown to those who may read every closedloop DAG)."""
     from airflow.api_fastapi.app import get_auth_manager
 
+    from closedloop.records.health import pipelines_of
     from closedloop.spec.schema import template_problems
 
-    problems = template_problems(_pipelines_dir())
+    problems = template_problems(_pipelines_dir(), errors)
     names = {p["pipeline"] for p in problems if p["pipeline"]}
     allowed = set(get_auth_manager().filter_authorized_dag_ids(dag_ids=names, user=caller.user, method="GET")) \
         if names else set()
-    from closedloop.records.health import pipelines_of
-    from closedloop.spec import load_all
-
-    every = {d for ids in pipelines_of(load_all(_pipelines_dir())[0]).values() for d in ids}
+    every = {d for ids in pipelines_of(specs).values() for d in ids}
     return [p for p in problems if (p["pipeline"] in allowed) or (p["pipeline"] is None and every <= caller.dags)]
 
 
