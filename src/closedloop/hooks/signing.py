@@ -14,18 +14,18 @@ Whatever the source, the key must match the pinned public keys
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 
 from closedloop.errors import EvidenceError
+from closedloop.hooks.deployment import connection, env_name, from_secrets_backend
 from closedloop.steps.signing import KeyRing, Signer, local_signer, signer_from_text, trusted_keys
 
 log = logging.getLogger(__name__)
 
 SIGNING_CONN_ID = "closedloop_signing"
 ENV_KEY, ENV_KEY_FILE = "CLOSEDLOOP_SIGNING_KEY", "CLOSEDLOOP_SIGNING_KEY_FILE"
-ENV_CONN = "AIRFLOW_CONN_" + SIGNING_CONN_ID.upper()
+ENV_CONN = env_name(SIGNING_CONN_ID)
 
 
 def signer(conn_id: str = SIGNING_CONN_ID) -> Signer:
@@ -42,29 +42,8 @@ def verifier() -> KeyRing:
     return trusted_keys()
 
 
-def _conn_secret(text: str) -> str | None:
-    """The seed in a connection given as JSON or URI (its password, or ``extra.seed``)."""
-    text = text.strip()
-    if not text:
-        return None
-    if text.startswith("{"):
-        data = json.loads(text)
-        extra = data.get("extra")
-        extra = json.loads(extra or "{}") if isinstance(extra, str) else extra
-        return data.get("password") or (extra or {}).get("seed")
-    from urllib.parse import unquote, urlsplit
-
-    parts = urlsplit(text)
-    return unquote(parts.password) if parts.password else None
-
-
-def _from_secrets_backend(conn_id: str) -> str | None:
-    """The seed from the configured secrets backend (``[secrets] backend``), None when there is none."""
-    from closedloop.hooks.deployment import from_secrets_backend
-
-    conn = from_secrets_backend(conn_id)
-    if conn is None:
-        return None
+def _seed_of(conn) -> str | None:
+    """The base64 seed a connection holds: its password, or ``extra.seed``."""
     return conn.password or (conn.extra_dejson or {}).get("seed")
 
 
@@ -75,15 +54,17 @@ def _signer(conn_id: str, home: str, env_key: str, env_key_file: str, env_conn: 
     if env_key_file.strip():
         with open(env_key_file, encoding="utf-8") as fh:
             return signer_from_text(fh.read(), where=env_key_file), env_key_file
-    if env_conn.strip():
+    if env_conn.strip():  # ``env_conn`` keys the cache; the connection itself is parsed by Airflow
         try:
-            seed = _conn_secret(env_conn)
+            conn = connection(conn_id)
         except ValueError as exc:
             raise EvidenceError(f"${ENV_CONN}: not a connection (JSON or URI): {exc}") from None
+        seed = _seed_of(conn) if conn is not None else None
         if not seed:
             raise EvidenceError(f"${ENV_CONN} holds no password (the base64 seed)")
         return signer_from_text(seed, where=f"${ENV_CONN}"), f"${ENV_CONN}"
-    seed = _from_secrets_backend(conn_id)
+    conn = from_secrets_backend(conn_id)
+    seed = _seed_of(conn) if conn is not None else None
     if seed:
         return signer_from_text(seed, where=f"the secrets backend's {conn_id!r}"), f"the secrets backend's {conn_id!r}"
     log.debug("no signing key in the environment or a secrets backend: the embedded default's key file")
