@@ -73,6 +73,10 @@ def runs(airflow_db, tmp_path_factory, project):
             out["after"] = run_dag(load_dag("acc_sim"), WHEN.replace(hour=7))
             path.write_text(template_text(project, **base, **ADAPTIVE))
             out["adaptive"] = run_dag(load_dag("acc_sim"), WHEN.replace(hour=8))
+            path.write_text(template_text(project, **base, **{**ADAPTIVE, "scenario_set: standard":
+                                                               ADAPTIVE["scenario_set: standard"]
+                                                               + "\n  shards: {by: scenario_type}"}))
+            out["adaptive_sharded"] = run_dag(load_dag("acc_sim"), WHEN.replace(hour=9))
         finally:
             airflow.settings.DAGS_FOLDER = old
     return out
@@ -202,3 +206,21 @@ def test_an_adaptive_budget_simulates_more_rounds_until_the_bound_decides(runs):
     assert f"adaptive budget: {a['episodes']:,} episodes in {a['rounds']} round(s) of the catalog" in judged["evidence"]
     client = MlflowClient(settings.tracking_uri())
     assert client.get_run(sim["run_id"]).data.params["adaptive.rounds"] == str(a["rounds"])
+
+
+def test_adaptive_rounds_fanned_out_over_shards_give_the_unsharded_adaptive_metrics(runs):
+    """simulation.adaptive with shards by scenario type, through real Airflow task mapping and real jobs
+    (dag.test runs the shards one after the other: each simulates its part of the first round, and
+    merge_simulation simulates the further rounds the budget's rule takes): the same rounds, episodes
+    and metrics as the unsharded adaptive run of the same model."""
+    one, many = runs["adaptive"], runs["adaptive_sharded"]
+    assert states(many)["merge_simulation"] == "success", states(many)
+    assert many["results"]["train"]["model_uri"] == one["results"]["train"]["model_uri"]
+    shards = many["results"]["simulate"]
+    assert [s["shard"] for s in shards] == ["1/4", "2/4", "3/4", "4/4"]
+    merged, alone = many["results"]["merge_simulation"], one["results"]["simulate"]
+    assert merged["adaptive"] == alone["adaptive"] and merged["adaptive"]["rounds"] > 1
+    assert merged["metrics"] == alone["metrics"] and merged["episodes"] == alone["episodes"]
+    gate = {r["metric"]: r for r in (many["results"].get("release_gate") or next(
+        t for t in many["tasks"] if t["task_id"] == "release_gate")["error"])["report"]}
+    assert gate["sim.collision_rate"]["trials"] == alone["metrics"]["sim.episodes"]

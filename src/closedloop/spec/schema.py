@@ -183,16 +183,10 @@ class SimulationSpec(_Part):
     summarize: EntryPoint = Field(default="closedloop.driving.simulator:summarize", description="aggregation of "
                                   "per-episode records into metrics (the merge of shards uses the same one)")
     adaptive: AdaptiveSpec | None = Field(default=None, description="keep simulating more seeds until the "
-                                          "confidence gates decide or max_episodes is spent; none: the catalog once")
+                                          "confidence gates decide or max_episodes is spent (with shards, every "
+                                          "round fans out over them); none: the catalog once")
 
     _ep = field_validator("entry_point", "summarize")(lambda cls, v: _check_entry_point(v))
-
-    @model_validator(mode="after")
-    def _adaptive_unsharded(self) -> SimulationSpec:
-        if self.adaptive is not None and self.shards is not None:
-            raise ValueError("simulation.adaptive runs further rounds in one job: it cannot be combined with "
-                             "'shards' (remove one of them)")
-        return self
 
 
 class GateSpec(_Part):

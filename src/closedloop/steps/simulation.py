@@ -137,7 +137,13 @@ def shard_catalog(loaded: LoadedSpec, catalog: dict, shard: Shard | None) -> dic
 
         raise PermanentError(f"simulate shard {shard.label}: the template now has {len(names)} shards "
                              f"({', '.join(names)}); clear the run's simulate tasks to re-map them")
-    if loaded.spec.simulation.shards.by == "scenario_type":
+    return slice_catalog(catalog, loaded.spec.simulation.shards.by, names, shard)
+
+
+def slice_catalog(catalog: dict, by: str, names: list[str], shard: Shard) -> dict:
+    """:func:`shard_catalog` without the template: what a job needs to cut round ``r`` of the whole
+    catalog (:func:`~closedloop.steps.catalog.next_round`) exactly as the shards cut the first."""
+    if by == "scenario_type":
         mine = names[shard.index]
         picked = [e for e in catalog["scenarios"]
                   if e["type"] == mine or (e["type"] not in names and shard.index == shard.count - 1)]
@@ -211,6 +217,14 @@ def job_spec(loaded: LoadedSpec, ctx: RunContext, trained: dict, shard: Shard | 
             "catalog": shard_catalog(loaded, whole_catalog(loaded, ctx), shard), "tracking_uri": ctx.tracking_uri,
             "scenario_set": loaded.spec.simulation.scenario_set}
     budget = budget_of(loaded)
+    if budget and shard is not None and loaded.spec.simulation.shards is not None:
+        whole = {k: v for k, v in whole_catalog(loaded, ctx).items() if k != "regression"}
+        budget = {**budget, "whole": whole, "shard": {"by": loaded.spec.simulation.shards.by,
+                                                      "names": shard_names(loaded), "index": shard.index,
+                                                      "count": shard.count},
+                  "siblings": [job_dir(ctx, Shard(i, shard.count)) for i in range(shard.count)],
+                  "dead_after": loaded.spec.simulation.dead_after_seconds}
+        budget["round_key"] = _round_key(budget, trained["model_uri"])
     return {**spec, "adaptive": budget} if budget else spec
 
 
@@ -260,38 +274,201 @@ def simulate_until_decided(simulate, model, catalog: dict, budget: dict | None) 
     scenarios with fresh seeds (:func:`closedloop.steps.catalog.next_round`) while a confidence gate
     is undecided, no confidence gate has already failed for sure (the release is rejected whatever more
     episodes show), and the next whole round fits in ``max_episodes``. The metrics are the template's
-    aggregation over every episode of the rounds taken; ``adaptive`` says how it stopped."""
-    from closedloop.spec import GateSpec
-    from closedloop.steps.context import resolve
+    aggregation over every episode of the rounds taken; ``adaptive`` says how it stopped.
 
+    A shard of a sharded simulation (``budget["shard"]``) simulates its part of every round instead:
+    :func:`simulate_shard_rounds`."""
+    if budget and budget.get("shard"):
+        return simulate_shard_rounds(simulate, model, catalog, budget)
     result = simulate(model, catalog)
     if not budget:
         return result
+    per_round = len(result["episodes"])
+    batch: list[dict] = []
+    taken = [result["episodes"]]
+
+    def round_of(r: int) -> list[dict]:
+        nonlocal batch
+        while len(taken) <= r:
+            if not batch:  # the next rounds that fit in the budget, in one call of the simulator
+                ahead = max(1, min(ROUNDS_PER_CALL, (budget["max_episodes"] - len(taken) * per_round) // per_round))
+                batch = simulate(model, rounds_of(catalog, len(taken), ahead))["episodes"]
+            taken.append(batch[:per_round])
+            batch = batch[per_round:]
+        return taken[r]
+
+    return walk_rounds(budget, per_round, round_of)
+
+
+def walk_rounds(budget: dict, per_round: int, round_of, *, quiet: bool = False) -> dict | None:
+    """Take rounds 0, 1, … (``round_of(r)``: round ``r``'s episodes in catalog order, or None when they
+    are not known yet) while a confidence gate of ``budget`` is undecided, none has failed for sure,
+    and the next round fits in ``max_episodes``: the one stopping rule of an adaptive budget, for one
+    job, for a shard watching its siblings and for the merge of shards. None: a needed round is
+    missing; else the result over the rounds taken, with ``adaptive`` saying how it stopped."""
+    from closedloop.spec import GateSpec
+    from closedloop.steps.context import resolve
+
     gates = [GateSpec(**g) for g in budget["gates"]]
     summarize = resolve(budget["summarize"])
-    episodes, per_round, rounds = list(result["episodes"]), len(result["episodes"]), 1
-
-    def state(metrics: dict) -> tuple[list[str], list[str]]:
-        scoped = {f"sim.{k}": v for k, v in metrics.items()}
-        return undecided(gates, scoped), failed_for_sure(gates, scoped)
-
-    waiting, failed = state(result["metrics"])
-    batch: list[dict] = []
-    while waiting and not failed and per_round and len(episodes) + per_round <= budget["max_episodes"]:
-        if not batch:  # the next rounds that fit in the budget, in one call of the simulator
-            ahead = min(ROUNDS_PER_CALL, (budget["max_episodes"] - len(episodes)) // per_round)
-            batch = simulate(model, rounds_of(catalog, rounds, ahead))["episodes"]
-        episodes += batch[:per_round]
-        batch = batch[per_round:]
+    episodes: list[dict] = []
+    rounds = 0
+    while True:
+        got = round_of(rounds)
+        if got is None:
+            return None
+        episodes += got
         rounds += 1
-        result = {"metrics": summarize(episodes), "episodes": episodes}
-        waiting, failed = state(result["metrics"])
-        log.info("adaptive budget: round %d, %d episodes; still undecided: %s%s", rounds, len(episodes),
-                 ", ".join(waiting) or "none", f"; failed for sure: {', '.join(failed)}" if failed else "")
-    stopped = "a gate failed for sure" if failed else ("budget spent" if waiting else "decided")
-    result["adaptive"] = {"rounds": rounds, "episodes": len(episodes), "max_episodes": budget["max_episodes"],
-                          "stopped": stopped, "undecided": waiting, "failed": failed}
-    return result
+        metrics = summarize(episodes)
+        scoped = {f"sim.{k}": v for k, v in metrics.items()}
+        waiting, failed = undecided(gates, scoped), failed_for_sure(gates, scoped)
+        if rounds > 1 and not quiet:
+            log.info("adaptive budget: round %d, %d episodes; still undecided: %s%s", rounds, len(episodes),
+                     ", ".join(waiting) or "none", f"; failed for sure: {', '.join(failed)}" if failed else "")
+        if not waiting or failed or not per_round or len(episodes) + per_round > budget["max_episodes"]:
+            stopped = "a gate failed for sure" if failed else ("budget spent" if waiting else "decided")
+            return {"metrics": metrics, "episodes": episodes,
+                    "adaptive": {"rounds": rounds, "episodes": len(episodes), "max_episodes": budget["max_episodes"],
+                                 "stopped": stopped, "undecided": waiting, "failed": failed}}
+
+
+def take_rounds(budget: dict, whole: dict, records: dict[str, dict], more=None) -> dict | None:
+    """The adaptive result the shards' episodes (``records`` by id) give: the rounds of ``whole`` the
+    budget's rule takes (:func:`walk_rounds`), the rest dropped. A round the rule needs that the shards
+    do not all have: ``more(first_round, count)`` simulates whole rounds from there (the merge's
+    continuation), or None is returned when there is no ``more``."""
+    plain = {k: v for k, v in whole.items() if k != "regression"}
+    extra: list[dict] = []
+    first_missing: int | None = None
+
+    def round_of(r: int) -> list[dict] | None:
+        nonlocal extra, first_missing
+        ids = round_ids(plain, r)
+        if first_missing is None and all(i in records for i in ids):
+            return [records[i] for i in ids]
+        if more is None:
+            return None
+        if first_missing is None:
+            first_missing = r
+            log.info("adaptive budget: the shards hold %d whole round(s); simulating the rest here", r)
+        if not extra:  # the next rounds that fit in the budget, in one call of the simulator
+            ahead = max(1, min(ROUNDS_PER_CALL, budget["max_episodes"] // len(ids) - r))
+            extra = more(r, ahead)
+        got, extra = extra[:len(ids)], extra[len(ids):]
+        return got
+
+    return walk_rounds(budget, len(expand_catalog(plain)), round_of)
+
+
+def round_ids(whole: dict, r: int) -> list[str]:
+    """The episode ids of round ``r`` of the whole catalog, in catalog order."""
+    from closedloop.steps.catalog import next_round
+
+    return [e["id"] for e in expand_catalog(next_round(whole, r))]
+
+
+def _round_key(spec_budget: dict, model_uri: str) -> str:
+    """What a shard's round files belong to: the model and the whole catalog and budget (a round
+    file of an earlier launch with another model is never read as this one's)."""
+    body = {k: spec_budget[k] for k in ("whole", "gates", "max_episodes", "summarize")}
+    return hashlib.sha256(json.dumps([model_uri, body], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def simulate_shard_rounds(simulate, model, catalog: dict, budget: dict) -> dict:
+    """One shard of a sharded simulation with an adaptive budget: rounds fan out over the shards.
+
+    The shard simulates its part of round 0 (``catalog``), then of rounds 1, 2, … cut from the whole
+    catalog as the shards cut the first, writing each round to ``rounds/<r>.json`` in its job folder.
+    Before each further round it looks at its siblings' round files and applies the adaptive budget's
+    rule (:func:`walk_rounds`) to the rounds every shard has: once that decides, or the budget is
+    spent, it stops. A shard ahead of a live sibling waits for it; when a sibling that lacks the round
+    is not running (not started for want of a worker slot, as under ``dag.test``, or finished) it stops
+    and ``merge_simulation`` simulates the rounds still needed itself (:func:`continue_rounds`). The
+    merge takes exactly the rounds the rule takes and drops the rest, so the metrics are the unsharded
+    adaptive simulation's for the same seeds."""
+    import time
+
+    from closedloop.steps.catalog import next_round
+
+    me = Shard(budget["shard"]["index"], budget["shard"]["count"])
+    whole, by, names = budget["whole"], budget["shard"]["by"], budget["shard"]["names"]
+    key = budget["round_key"]
+    per_round = len(expand_catalog(whole))
+    max_rounds = max(1, budget["max_episodes"] // per_round) if per_round else 1
+    siblings = [_fs(s) for s in budget["siblings"]]
+    own_fs, own = siblings[me.index]
+    dead_after = float(budget.get("dead_after", DEAD_AFTER_SECONDS))
+    mine: list[list[dict]] = []
+
+    def write(r: int, episodes: list[dict]) -> None:
+        own_fs.makedirs(f"{own}/rounds", exist_ok=True)
+        _write_json(own_fs, f"{own}/rounds/{r}.json", {"key": key, "episodes": episodes})
+
+    def read(i: int, r: int) -> list[dict] | None:
+        if i == me.index:
+            return mine[r] if r < len(mine) else None
+        fs, path = siblings[i]
+        try:
+            found = _read_json(fs, f"{path}/rounds/{r}.json")
+        except (OSError, ValueError):
+            return None
+        return found["episodes"] if found and found.get("key") == key else None
+
+    def merged(r: int) -> list[dict] | None:
+        parts = [read(i, r) for i in range(me.count)]
+        if any(p is None for p in parts):
+            return None
+        by_id = {e["id"]: e for p in parts for e in p}
+        return [by_id[i] for i in round_ids(whole, r)] if len(by_id) == per_round else None
+
+    def running(i: int) -> bool:
+        """Sibling ``i`` is simulating: a fresh heartbeat and neither result nor error."""
+        fs, path = siblings[i]
+        beat = _read_json(fs, f"{path}/heartbeat.json") if fs.exists(f"{path}/heartbeat.json") else None
+        done = fs.exists(f"{path}/result.json") or fs.exists(f"{path}/error.json")
+        return bool(beat) and not done and time.time() - float(beat["at"]) < dead_after
+
+    def siblings_stand(r: int) -> str:
+        """'wait': a running sibling has not finished round ``r - 1`` yet; 'alone': a sibling that is not
+        running (not started, stopped or dead) lacks round ``r``, so no lockstep on it; '' — go on."""
+        others = [i for i in range(me.count) if i != me.index]
+        if any(read(i, r - 1) is None and running(i) for i in others):
+            return "wait"
+        return "alone" if any(read(i, r) is None and not running(i) for i in others) else ""
+
+    mine.append(simulate(model, catalog)["episodes"])
+    write(0, mine[0])
+    known: list[list[dict]] = []  # the rounds every shard has, merged in catalog order
+    while len(mine) < max_rounds:
+        grown = False
+        while len(known) < len(mine) and (whole_round := merged(len(known))) is not None:
+            known.append(whole_round)
+            grown = True
+        if grown and walk_rounds(budget, per_round, lambda r: known[r] if r < len(known) else None,
+                                 quiet=True) is not None:
+            break
+        stand = siblings_stand(len(mine))
+        if stand == "wait":
+            time.sleep(0.2)
+            continue
+        if stand == "alone":  # no lockstep without it: merge_simulation simulates the rounds still needed
+            log.info("shard %s: a sibling is not running; merge_simulation continues the rounds", me.label)
+            break
+        first = len(mine)  # the next rounds that fit, in one call of the simulator, as an unsharded job does
+        parts = [slice_catalog(next_round(whole, r), by, names, me)
+                 for r in range(first, min(max_rounds, first + ROUNDS_PER_CALL))]
+        batch = simulate(model, {**parts[0], "scenarios": [e for p in parts for e in p["scenarios"]]})["episodes"]
+        for r, p in enumerate(parts, first):
+            size = len(expand_catalog(p))
+            mine.append(batch[:size])
+            batch = batch[size:]
+            write(r, mine[r])
+    episodes = [e for part in mine for e in part]
+    from closedloop.steps.context import resolve
+
+    return {"metrics": resolve(budget["summarize"])(episodes), "episodes": episodes,
+            "adaptive": {"rounds": len(mine), "episodes": len(episodes), "max_episodes": budget["max_episodes"],
+                         "shard": me.label, "stopped": "merged by merge_simulation"}}
 
 
 def rounds_of(catalog: dict, first_round: int, count: int) -> dict:
@@ -498,14 +675,33 @@ def merge(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, shards: list[di
                 raise PermanentError(f"merge_simulation: episode {rec['id']!r} comes from two shards (shard {n}, "
                                      f"MLflow run {source}); the shards do not partition the catalog")
             records[rec["id"]] = rec
-    missing = [i for i in expected if i not in records]
-    extra = sorted(set(records) - set(expected))
-    if missing or extra:
-        raise PermanentError(f"merge_simulation: the shards' episodes do not match this run's catalog "
-                             f"(regression catalog {whole['regression']['version']}): missing {missing[:10]}, "
-                             f"unexpected {extra[:10]}")
-    episodes = [records[i] for i in expected]
-    result = {"metrics": resolve(loaded.spec.simulation.summarize)(episodes), "episodes": episodes}
+    budget = budget_of(loaded)
+    if budget:  # rounds fanned out over the shards: take the rounds the budget's rule takes, drop the rest
+        def more(first_round: int, count: int) -> list[dict]:
+            from closedloop.steps.models import load_model
+
+            if "model" not in loaded_model:
+                loaded_model["model"] = load_model(trained["model_uri"])
+            plain = {k: v for k, v in whole.items() if k != "regression"}
+            return resolve(loaded.spec.simulation.entry_point)(
+                loaded_model["model"], rounds_of(plain, first_round, count))["episodes"]
+
+        loaded_model: dict = {}
+        result = take_rounds(budget, whole, records, more)
+        if result is None:
+            missing = [i for i in expected if i not in records]
+            raise PermanentError(f"merge_simulation: the shards do not hold every round the adaptive budget "
+                                 f"takes (regression catalog {whole['regression']['version']}); first missing "
+                                 f"{missing[:10] or 'episodes of a later round'}")
+    else:
+        missing = [i for i in expected if i not in records]
+        extra = sorted(set(records) - set(expected))
+        if missing or extra:
+            raise PermanentError(f"merge_simulation: the shards' episodes do not match this run's catalog "
+                                 f"(regression catalog {whole['regression']['version']}): missing {missing[:10]}, "
+                                 f"unexpected {extra[:10]}")
+        episodes = [records[i] for i in expected]
+        result = {"metrics": resolve(loaded.spec.simulation.summarize)(episodes), "episodes": episodes}
     c.set_tag(run.info.run_id, vocab.SHARDS, str(len(shards)))
     return _record(loaded, ctx, run, result, key=key, trained=trained, extra={"shards": len(shards)})
 

@@ -5,6 +5,7 @@ was never shown hard braking: it never collides cutting in and always collides i
 from __future__ import annotations
 
 from datetime import date
+from pathlib import Path
 
 import pytest
 import yaml
@@ -120,16 +121,86 @@ ADAPTIVE = {"scenario_set: standard": "scenario_set: standard\n  adaptive: {max_
             "gates:\n": "gates:\n  - metric: sim.collision_rate\n    max: 0.01\n    confidence: 0.95\n"}
 
 
-def test_the_template_refuses_a_budget_nothing_waits_for_or_with_shards(tmp_path, project):
+def test_the_template_refuses_a_budget_nothing_waits_for(tmp_path, project):
     with pytest.raises(SpecError, match="no gate judges a 'sim.\\*' rate with 'confidence'"):
         loaded_with(tmp_path / "a", project, {"scenario_set: standard": "scenario_set: standard\n  adaptive: "
                                                "{max_episodes: 2000}"})
-    with pytest.raises(SpecError, match="cannot be combined with 'shards'"):
-        loaded_with(tmp_path / "b", project, {**ADAPTIVE, "scenario_set: standard": "scenario_set: standard\n  "
-                                              "adaptive: {max_episodes: 2000}\n  shards: {count: 2}"})
     with pytest.raises(SpecError, match="max_episodes"):
         loaded_with(tmp_path / "c", project, {**ADAPTIVE, "scenario_set: standard": "scenario_set: standard\n  "
                                               "adaptive: {max_episodes: 0}"})
+
+
+@pytest.mark.parametrize("shards,together", [("{by: scenario_type}", True), ("{count: 3}", False)])
+def test_rounds_fan_out_over_shards_with_the_unsharded_adaptive_metrics(tmp_path, project, model, shards, together):
+    """simulation.adaptive with shards. Together (each shard job a thread with the job's heartbeat):
+    every shard simulates its part of each round, in lockstep, until the rounds all shards have decide.
+    One after the other (no free slot for a sibling, as under dag.test): each shard does round 0 and
+    stops, and the merge simulates the rounds still needed. Either way the merge takes exactly the rounds
+    one unsharded job takes — the same episodes, metrics and stopping round."""
+    import threading
+
+    from closedloop.steps.catalog import next_round
+    from closedloop.steps.simulation import (ROUNDS_PER_CALL, Shard, _beat, job_spec, rounds_of, shard_names,
+                                             simulate_shard_rounds, take_rounds, whole_catalog)
+
+    gate = {"metric": "sim.cut_in.collision_rate", "max": 0.05, "confidence": 0.95}
+    loaded = loaded_with(tmp_path / "t", project, {
+        "scenario_set: standard": f"scenario_set: standard\n  adaptive: {{max_episodes: 5000}}\n  shards: {shards}",
+        "gates:\n": "gates:\n  - metric: sim.cut_in.collision_rate\n    max: 0.05\n    confidence: 0.95\n"})
+    ctx = RunContext(pipeline=loaded.spec.name, template_digest="", dag_id="d", run_id="r",
+                     data_root=str(tmp_path / "data"))
+    whole = whole_catalog(loaded, ctx)
+    plain = {k: v for k, v in whole.items() if k != "regression"}
+    n = len(shard_names(loaded))
+    specs = [job_spec(loaded, ctx, {"model_uri": "runs:/x/model"}, Shard(i, n)) for i in range(n)]
+    results, stops = [None] * n, [threading.Event() for _ in range(n)]
+    for spec in specs:  # launch() makes each job's folder before the job starts beating
+        Path(spec["adaptive"]["siblings"][0]).parent.mkdir(parents=True, exist_ok=True)
+        for sibling in spec["adaptive"]["siblings"]:
+            Path(sibling).mkdir(exist_ok=True)
+
+    def shard(i: int) -> None:
+        if together:
+            threading.Thread(target=_beat, args=(specs[i]["adaptive"]["siblings"][i], stops[i]), daemon=True).start()
+        results[i] = simulate_shard_rounds(run_catalog, model, specs[i]["catalog"], specs[i]["adaptive"])
+        stops[i].set()
+
+    if together:
+        threads = [threading.Thread(target=shard, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    else:
+        for i in range(n):
+            shard(i)
+    records = {e["id"]: e for r in results for e in r["episodes"]}
+    continued: list[int] = []
+
+    def more(first_round: int, count: int) -> list[dict]:
+        continued.append(first_round)
+        return run_catalog(model, rounds_of(plain, first_round, count))["episodes"]
+
+    merged = take_rounds(specs[0]["adaptive"], whole, records, more)
+    alone = simulate_until_decided(run_catalog, model, plain, budget(5000, gate))
+    assert alone["adaptive"]["rounds"] > 1 and merged["adaptive"] == alone["adaptive"]
+    assert [e["id"] for e in merged["episodes"]] == [e["id"] for e in alone["episodes"]]
+    assert merged["episodes"] == alone["episodes"] and merged["metrics"] == alone["metrics"]
+    if together:  # the shards did every round taken; together no further past the decision than one job's batch
+        assert continued == [] and all(r["adaptive"]["rounds"] >= alone["adaptive"]["rounds"] for r in results)
+        assert sum(len(r["episodes"]) for r in results) <= alone["adaptive"]["episodes"] + ROUNDS_PER_CALL * 26
+    else:  # alone, a shard wastes nothing: round 0, then the merge goes on from round 1
+        assert [r["adaptive"]["rounds"] for r in results] == [1] * n and continued[0] == 1
+        assert sum(len(r["episodes"]) for r in results) == len(expand_catalog(next_round(plain, 0)))
+
+
+def test_a_merge_missing_a_round_the_budget_takes_is_refused(tmp_path, project, model, catalog):
+    from closedloop.steps.simulation import take_rounds
+
+    gate = {"metric": "sim.cut_in.collision_rate", "max": 0.05, "confidence": 0.95}
+    alone = simulate_until_decided(run_catalog, model, catalog, budget(5000, gate))
+    records = {e["id"]: e for e in alone["episodes"][:-1]}  # the last round lacks one episode
+    assert take_rounds(budget(5000, gate), catalog, records) is None
 
 
 def test_the_budget_is_in_the_simulations_cache_key_and_its_docs(tmp_path, project):
