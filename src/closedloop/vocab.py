@@ -13,6 +13,13 @@ PREVIOUS = "previous-production"
 
 # -- MLflow tags: identity and lineage of every run and model version ------------------------------
 NAMESPACE = "closedloop."  # every tag of ours starts with it
+
+
+def experiment_name(pipeline: str) -> str:
+    """The MLflow experiment of a pipeline's runs."""
+    return f"closedloop/{pipeline}"
+
+
 PIPELINE = "closedloop.pipeline"
 TEMPLATE = "closedloop.template"
 TEMPLATE_HASH = "closedloop.template_hash"

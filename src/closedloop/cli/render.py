@@ -40,13 +40,19 @@ def format_summary(s: dict) -> str:
     if r.get("validate_data"):
         v = r["validate_data"]
         out.append(f"validation: suite {v['suite']}: {v['evaluated'] - v['failed']}/{v['evaluated']} expectations passed")
-    runs = {k: r[k]["run_id"] for k in ("train", "offline_eval", "simulate", "release_gate") if r.get(k)}
+    sim = r.get("merge_simulation") or (r["simulate"] if isinstance(r.get("simulate"), dict) else None)
+    runs = {k: r[k]["run_id"] for k in ("train", "offline_eval", "merge_simulation", "simulate", "release_gate")
+            if isinstance(r.get(k), dict)}
     if runs:
         out += ["", "MLflow runs: " + ", ".join(f"{k} {v}" for k, v in runs.items())]
     if r.get("offline_eval"):
         out.append(f"offline metrics:    {_headline(r['offline_eval']['metrics'], 'offline.')}")
-    if r.get("simulate"):
-        out.append(f"simulation metrics: {_headline(r['simulate']['metrics'], 'sim.')}")
+    if sim:
+        a = sim.get("adaptive")
+        out.append(f"simulation metrics: {_headline(sim['metrics'], 'sim.')}"
+                   + (f"\n                    {sim['episodes']:,} episodes"
+                      + (f" in {a['rounds']} round(s) of the catalog ({a['stopped']})" if a else "")
+                      + (f", {sim['shards']} shards" if sim.get("shards") else "")))
     gate_report = (r.get("release_gate") or {}).get("report")
     for t in s["tasks"]:
         err = t.get("error")
@@ -54,10 +60,12 @@ def format_summary(s: dict) -> str:
             gate_report = err["report"]
     if gate_report:
         out += ["", "release gates:", format_report(gate_report)]
-    review = r.get("approval")
-    if review:
+    reviews = [r[k] for k in sorted(r, key=lambda k: (len(k), k)) if k == "approval" or k.startswith("approval_")]
+    reviews = [x for x in reviews if isinstance(x, dict)]
+    out += [""] if reviews else []
+    for review in reviews:  # approval, approval_2, … with approval.required > 1
         who = (review.get("responded_by_user") or {}).get("name") or "nobody (timeout)"
-        out += ["", f"review: {', '.join(review.get('chosen_options') or [])} by {who}"]
+        out.append(f"review: {', '.join(review.get('chosen_options') or [])} by {who}")
     if r.get("promote"):
         p = r["promote"]
         out.append(f"promotion: {p['model']} version {p['version']} -> @production"

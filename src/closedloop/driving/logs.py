@@ -84,8 +84,15 @@ def _episodes(expected: float, *parts: object) -> int:
     return whole + (1 if fraction and (_seed("fraction", *parts) % 10_000) / 10_000 < fraction else 0)
 
 
+SUMMER = (7, 8)
+"""Months of the summer holidays: faster, denser highway traffic (speeds x1.3, gaps x0.8) — the
+fleet's conditions shift with the season, as a distribution-shift check against production sees."""
+
+
 def _drive(columns, rng, episode, source, day, kind, steps) -> None:
     v, v_lead, gap = initial_state(kind, rng)
+    if day.month in SUMMER:
+        v, v_lead, gap = v * 1.3, v_lead * 1.3, gap * 0.8
     lead_acc = lead_profile(kind, steps, rng, v_lead)
     reaction = int(rng.integers(2, 6))  # human reaction lag in steps
     history: list[float] = []

@@ -1,14 +1,16 @@
 """``make demo``: the closed loop, non-interactively, through a real local Airflow.
 
 1. The weekly retrain of ``acc_longitudinal`` (requested by ``ml-engineer`` through the REST API)
-   trains on fleet logs where emergency stops are rare: its model fails the hard-braking
-   simulation gate, and nothing is registered.
+   trains on fleet logs where emergency stops are rare: its model is stopped by the statistical
+   hard-braking gate (the confidence bound and the counts behind it), and nothing is registered.
 2. ``fleet-monitor`` reports a hard-braking collision as an incident (an Airflow asset event).
-   The incident DAG admits it, mines 20x more hard-braking logs, passes every gate and
-   registers a candidate.
-3. ``ml-engineer`` (not a reviewer) is refused by Airflow; ``safety-lead`` approves through the
-   REST API; ``promote`` moves ``production``. Then: both run summaries, the lead times, what
-   started each run, and the version's audit trail.
+   The incident DAG admits it, mines 20x more hard-braking logs, simulates until every
+   confidence gate is decided (rounds fanned out over the simulation shards) and registers a
+   candidate. ``ml-engineer`` (not a reviewer) is refused by Airflow; ``safety-lead`` and
+   ``safety-deputy`` approve (the two-person rule); ``promote`` moves ``production``.
+3. The next weekly run, on a fleet whose conditions shifted (the summer holidays), is compared
+   with that production version: its distribution-shift report, its deltas against production,
+   and the decision the gates reach. Then: lead times, outcomes, the version's audit trail.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ PIPELINE = "acc_longitudinal"
 INCIDENT_DAG = f"{PIPELINE}_incident"
 MODEL = "acc_longitudinal_policy"
 REQUESTER, REVIEWER, REPORTER = "ml-engineer", "safety-lead", "fleet-monitor"
+SECOND_REVIEWER = "safety-deputy"
 SETTLE_SECONDS = 5
 INCIDENT = {
     "model": MODEL, "scenario_type": "hard_braking", "severity": "high", "kind": "collision",
@@ -62,6 +65,74 @@ def _run_done(server, dag_id, run_id):
     return done
 
 
+def _approve_second(server, client, dag_id: str, run_id: str) -> int:
+    """The second approver answers the review that waits for a second approval (with
+    ``approval.required: 2`` the first answer opens it)."""
+    def waiting():
+        return _states(server, dag_id, run_id).get("approval_2") == "awaiting_input"
+
+    server.wait_for(waiting, 120, "the second review")
+    time.sleep(SETTLE_SECONDS)
+    path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/approval_2/-1/hitlDetails"
+    status, _ = client.call("PATCH", path, {"chosen_options": ["Approve"], "params_input": {
+        "comment": "Second approval: evidence reviewed."}})
+    return status
+
+
+def _gates(summary: dict) -> list[dict]:
+    """The release gate's report of a run (a stopped run's is in the task's error)."""
+    gate = (summary["results"] or {}).get("release_gate")
+    if gate:
+        return gate["report"]
+    for t in summary["tasks"]:
+        if t["task_id"] == "release_gate" and (t.get("error") or {}).get("report"):
+            return t["error"]["report"]
+    return []
+
+
+def _evidence(report: list[dict], failed_only: bool) -> list[str]:
+    """The statistical gates' evidence, one line each: counts, bound, limit, verdict."""
+    from closedloop.steps.gates import limit_of, verdict_of
+
+    lines = []
+    for r in report:
+        if r.get("upper") is None or (failed_only and r.get("passed")):
+            continue
+        side = "upper" if r.get("max") is not None else "lower"
+        lines.append(f"  {verdict_of(r).upper():<4} {r['metric']}: {r['events']:,} collision(s) in {r['trials']:,} "
+                     f"episodes; {side} bound {r[side] * 100:.3g} %, limit {limit_of(r)}")
+    return lines
+
+
+def _next_summer_monday() -> datetime:
+    """03:00 UTC on the first Monday of next July (the schedule's slot in the summer holidays)."""
+    from datetime import UTC, timedelta
+
+    day = datetime(datetime.now(UTC).year + 1, 7, 1, 3, 0, tzinfo=UTC)
+    return day + timedelta(days=(7 - day.weekday()) % 7)
+
+
+def _shift_report(pipeline: str, run_id: str) -> str:
+    """The run's distribution shift against production's training data (its release gate's MLflow run)."""
+    from closedloop import settings
+    from closedloop.steps.tracking import literal, mlflow_client
+
+    c = mlflow_client(settings.tracking_uri())
+    exp = c.get_experiment_by_name(vocab.experiment_name(vocab.NAMESPACE))
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{vocab.AIRFLOW_RUN_ID}` = {literal(run_id)} and "
+                                                             f"tags.`{vocab.STEP}` = 'release_gate'")
+    if not runs:
+        return "shift against production: no release gate run"
+    m = runs[0].data.metrics
+    psi = sorted(((k.split(".")[1], v) for k, v in m.items() if k.startswith("shift.") and k.endswith(".psi")),
+                 key=lambda kv: -kv[1])
+    compared = runs[0].data.tags.get(vocab.COMPARED_TO_PRODUCTION, "?")
+    return (f"distribution shift of the training data against production (version {compared}), PSI "
+            "(< 0.1 stable, 0.1-0.25 moderate, > 0.25 shifted):\n"
+            + "\n".join(f"  {name:<14} {value:6.3f}  {'shifted' if value > 0.25 else 'moderate' if value > 0.1 else 'stable'}"
+                         for name, value in psi))
+
+
 def _ts(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
@@ -95,6 +166,9 @@ def run() -> int:
         _follow(server, PIPELINE, periodic_id, _run_done(server, PIPELINE, periodic_id), 900, "the weekly run")
         periodic = collect_summary(PIPELINE, periodic_id)
         print(format_summary(periodic))
+        stopped_by = _evidence(_gates(periodic), failed_only=True)
+        print("\nstopped by a statistical gate, on its evidence (a rate judged by its 95 % confidence bound, not by "
+              "a few clean episodes):\n" + ("\n".join(stopped_by) or "  (none: the weekly model was not stopped)"))
 
         print(f"\n[2/3] {REPORTER} reports a hard-braking collision from the fleet (through the plugin: a viewer, no op)", flush=True)
         specs, _ = load_all(settings.pipelines_dir())
@@ -116,7 +190,7 @@ def run() -> int:
 
         reached = _follow(server, INCIDENT_DAG, incident_id, at_review, 900, "the incident run to reach review")
         if reached == "review":
-            print("\n[3/3] review of the candidate (assigned: the template's approvers)", flush=True)
+            print("\n      review of the candidate (assigned: the template's approvers; two must approve)", flush=True)
             # A person needs seconds to decide; answering within ~1 s of the task parking can race
             # the scheduler's processing of the parked workload's exit in Airflow 3.3 (the task is
             # then failed as "state changed externally"). Give the scheduler a few loops first.
@@ -126,11 +200,16 @@ def run() -> int:
             print(f"  {REQUESTER} tries to approve: HTTP {status} (refused by Airflow: not a reviewer)")
             status, _ = reviewer.call("PATCH", path, {"chosen_options": ["Approve"], "params_input": {
                 "comment": "Hard-braking scenarios clean in simulation; approved for production."}})
-            print(f"  {REVIEWER} approves through the REST API: HTTP {status}\n", flush=True)
+            print(f"  {REVIEWER} approves through the REST API: HTTP {status}", flush=True)
+            second = server.client(SECOND_REVIEWER)
+            status = _approve_second(server, second, INCIDENT_DAG, incident_id)
+            print(f"  {SECOND_REVIEWER} approves too (two distinct approvals needed): HTTP {status}\n", flush=True)
             _follow(server, INCIDENT_DAG, incident_id, _run_done(server, INCIDENT_DAG, incident_id), 300,
                     "the incident run to finish")
         summary = collect_summary(INCIDENT_DAG, incident_id)
         print(format_summary(summary))
+        print("\nwhat the confidence gates needed (the adaptive budget simulated until each was decided):\n"
+              + "\n".join(_evidence(_gates(summary), failed_only=False)))
 
         tis = {t["task_id"]: t for t in admin.get(
             f"/dags/{INCIDENT_DAG}/dagRuns/{incident_id}/taskInstances")["task_instances"]}
@@ -143,6 +222,22 @@ def run() -> int:
               + ", ".join(f"{k} after {v:.0f} s" for k, v in lead.items())
               + (" (including the reviewer's decision)" if "production" in lead else ""))
 
+        shifted_run = None
+        if (summary["results"] or {}).get("promote"):
+            summer = _next_summer_monday()
+            print(f"\n[3/3] the weekly run of {summer:%Y-%m-%d}: summer holidays, faster and denser traffic on "
+                  f"the fleet's roads; compared with production", flush=True)
+            status, shifted_run = requester.call("POST", f"/dags/{PIPELINE}/dagRuns",
+                                                 {"logical_date": summer.isoformat()})
+            if status != 200:
+                print(f"error: the run was refused (HTTP {status}): {shifted_run}", file=sys.stderr)
+                return 1
+            shifted_id = shifted_run["dag_run_id"]
+            _follow(server, PIPELINE, shifted_id, _run_done(server, PIPELINE, shifted_id), 900, "the summer run")
+            third = collect_summary(PIPELINE, shifted_id)
+            print(format_summary(third))
+            print("\n" + _shift_report(PIPELINE, shifted_id))
+
         from closedloop.cli.events import origin
         from closedloop.records.health import outcome
 
@@ -152,6 +247,11 @@ def run() -> int:
         print(f"  {PIPELINE} {periodic_id}: {origin(admin, PIPELINE, run)} -> {said}"
               + (f" ({weekly['note']})" if said == "rejected" else ""))
         print(f"  {INCIDENT_DAG} {incident_id}: {origin(admin, INCIDENT_DAG, incident_run)} -> {summary['state']}")
+        if shifted_run:
+            later = admin.get(f"/dags/{PIPELINE}/dagRuns/{shifted_run['dag_run_id']}")
+            said3 = outcome({"state": later["state"], "note": later.get("note")})
+            print(f"  {PIPELINE} {later['dag_run_id']}: {origin(admin, PIPELINE, shifted_run)} -> {said3}"
+                  + (f" ({later['note']})" if said3 == "rejected" else ""))
 
         reg = (summary["results"] or {}).get("register_candidate")
         if reg:
@@ -174,12 +274,14 @@ def run() -> int:
                   "description):" + "".join(f"\n  {line}" for line in keep)
                   + ("" if card_ok else "\n  (INCOMPLETE: " + ", ".join(w for w in wanted if w not in card)
                      + " missing)"))
-        gate_failed = periodic["state"] == "failed" and any(
-            t["task_id"] == "release_gate" and t["state"] == "failed" for t in periodic["tasks"])
-        ok = gate_failed and summary["state"] == "success" and bool(promoted) and card_ok
+        gate_failed = periodic["state"] == "failed" and bool(stopped_by)
+        compared = shifted_run is not None and any(r["metric"].startswith("shift.") and r.get("value") is not None
+                                                   for r in _gates(collect_summary(PIPELINE, shifted_run["dag_run_id"])))
+        ok = gate_failed and summary["state"] == "success" and bool(promoted) and card_ok and compared
         print(f"\n{'OK' if ok else 'FAILED'}: " + (
-            f"the weekly model was stopped by the hard-braking gate; the incident retrain made {MODEL} "
-            f"version {promoted['version']}, now in production." if ok else "the loop did not close as expected."))
+            f"the weekly model was stopped by a statistical gate; the incident retrain made {MODEL} "
+            f"version {promoted['version']}, now in production; the summer run was compared with it (shift and "
+            f"deltas) and the gates decided." if ok else "the loop did not close as expected."))
         print("Next: `make airflow` opens the Airflow UI (and MLflow) on these stores; logins are printed there.")
         return 0 if ok else 1
     finally:

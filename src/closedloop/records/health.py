@@ -188,7 +188,7 @@ def cache_figures(specs, since: datetime, tracking_uri: str | None = None) -> di
     ms = int(since.timestamp() * 1000)
     out: dict[str, dict[str, Any]] = {}
     for s in specs:
-        exp = c.get_experiment_by_name(f"closedloop/{s.spec.name}")
+        exp = c.get_experiment_by_name(vocab.experiment_name(s.spec.name))
         counts = {"hit": 0, "miss": 0, "off": 0}
         by_step: dict[str, int] = {}
         if exp is not None:

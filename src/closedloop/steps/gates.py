@@ -167,15 +167,15 @@ def limit_of(row: dict) -> str:
 
 
 def format_report(report: list[dict]) -> str:
+    """The gate report as text: verdict, gate, its limit (with the confidence bound it is judged by),
+    the value, and under it the evidence (counts and bound, production's value and the delta)."""
     rows = []
     for r in report:
-        bound = " and ".join(x for x in (f">= {r['min']:g}" if r["min"] is not None else "",
-                                          f"<= {r['max']:g}" if r["max"] is not None else "",
-                                          f"vs prod ±{r['max_regression']:g}" if r.get("max_regression") is not None
-                                          else "") if x)
         verdict = verdict_of(r)
         value = ("n/a" if verdict == "n/a" else "missing") if r["value"] is None else f"{r['value']:g}"
-        rows.append(f"  {verdict.upper():<4}  {r['metric']:<40} {bound:<14} value {value}"
+        vs = (f"; production {r['production']:g}, delta {r['delta']:+g}" if r.get("production") is not None
+              and r.get("delta") is not None else "")
+        rows.append(f"  {verdict.upper():<4}  {r['metric']:<34} {limit_of(r):<28} value {value}{vs}"
                     + (f"  ({r['reason']})" if r["reason"] else "")
                     + (f"\n        {r['evidence']}" if r.get("evidence") else "")
                     + "".join(f"\n        incident {i['incident']}: {i['collisions']} collision(s) in "

@@ -101,7 +101,7 @@ def client(ctx: RunContext):
 
 def experiment_id(ctx: RunContext) -> str:
     c = client(ctx)
-    name = f"closedloop/{ctx.pipeline}"
+    name = vocab.experiment_name(ctx.pipeline)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id

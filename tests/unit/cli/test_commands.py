@@ -40,7 +40,7 @@ def test_validate_catches_from_the_template_alone_what_would_fail_later(make_pro
         "metric: sim.hard_braking.collision_rate": "metric: sim.hard_brakng.collision_rate"}))
     out = closedloop("pipelines", "validate", str(typo))
     assert out.returncode == 2
-    assert ("gates[3].metric: 'sim.hard_brakng.collision_rate': scenario set 'standard' has no scenario type "
+    assert ("gates[2].metric: 'sim.hard_brakng.collision_rate': scenario set 'standard' has no scenario type "
             "'hard_brakng'; did you mean 'sim.hard_braking.collision_rate'?") in out.stderr, out.stderr
     typo.unlink()
     # a company's entry point that exists but raises on import; an approver nobody created

@@ -140,8 +140,17 @@ def test_rounds_fan_out_over_shards_with_the_unsharded_adaptive_metrics(tmp_path
     import threading
 
     from closedloop.steps.catalog import next_round
-    from closedloop.steps.simulation import (ROUNDS_PER_CALL, Shard, _beat, job_spec, rounds_of, shard_names,
-                                             simulate_shard_rounds, take_rounds, whole_catalog)
+    from closedloop.steps.simulation import (
+        ROUNDS_PER_CALL,
+        Shard,
+        _beat,
+        job_spec,
+        rounds_of,
+        shard_names,
+        simulate_shard_rounds,
+        take_rounds,
+        whole_catalog,
+    )
 
     gate = {"metric": "sim.cut_in.collision_rate", "max": 0.05, "confidence": 0.95}
     loaded = loaded_with(tmp_path / "t", project, {
