@@ -23,6 +23,9 @@ os.environ.update({
     "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
     "GX_ANALYTICS_ENABLED": "False",
     "MLFLOW_TRACKING_URI": f"sqlite:///{_TMP / 'home' / 'mlflow' / 'mlflow.db'}",
+    # as the embedded default runs (closedloop.settings.thread_env): one numeric thread per process
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1"),
 })
 os.environ.pop("CLOSEDLOOP_DATA_ROOT", None)
 (_TMP / "home" / "mlflow").mkdir(parents=True)
@@ -92,7 +95,10 @@ def make_project(tmp_path, project):
     return write
 
 
-NO_REVIEW = {"approval:\n  approvers: [safety-lead, safety-deputy]\n  timeout_hours: 72\n": ""}
+NO_REVIEW = {"approval:\n  approvers: [safety-lead, safety-deputy]\n  timeout_hours: 72\n"
+             "  required: 2                  # the two-person rule: both approve before production moves\n": ""}
+ONE_APPROVAL = {"  required: 2                  # the two-person rule: both approve before production moves\n": ""}
+"""The shipped template's review with one approval (tests of a single reviewer's path)."""
 # the shipped template samples few hard-braking logs, so its weekly model fails the hard-braking
 # gate (the demo's story); tests of the passing path sample every scenario type fully
 SAFE_DATA = {"sampling: {hard_braking: 0.1}": "sampling: {}"}

@@ -10,6 +10,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def thread_env() -> dict[str, str]:
+    """Threads per process of the numeric libraries (scikit-learn's OpenMP, numpy's BLAS): one unless
+    the deployment says otherwise. A task or a simulation job is the unit of parallelism here; several
+    of them on the same cores with a thread pool each oversubscribe the cores, and OpenMP's spinning
+    threads then make each of them many times slower (``benchmarks/simulation_shards.py``)."""
+    return {k: os.environ.get(k, "1") for k in THREAD_VARS}
+
 
 def home() -> Path:
     return Path(os.environ.get("CLOSEDLOOP_HOME", ".closedloop")).resolve()

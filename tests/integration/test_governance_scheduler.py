@@ -15,14 +15,14 @@ from mlflow import MlflowClient
 from closedloop.local.server import AirflowServer
 from closedloop.records.airflow_api import xcom_value
 from closedloop.steps import governance as gov
-from tests.conftest import SAFE_DATA, scratch_project, template_text
+from tests.conftest import ONE_APPROVAL, SAFE_DATA, scratch_project, template_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 GOV = {'schedule: "0 3 * * 1"': "schedule: null", "window_days: 14": "window_days: 5", **SAFE_DATA,
        "name: acc_longitudinal": "name: acc_gov", "name: acc_longitudinal_policy": "name: acc_gov_model",
        # approvals expire after 3 minutes here (replays are tested), the alias watcher looks every 5 s
-       "timeout_hours: 72": "timeout_hours: 72\n  valid_hours: 0.05\n  alias_poll_seconds: 5"}
+       "timeout_hours: 72": "timeout_hours: 72\n  valid_hours: 0.05\n  alias_poll_seconds: 5", **ONE_APPROVAL}
 VALID_SECONDS = 0.05 * 3600
 TIMEOUT = {**GOV, "name: acc_longitudinal": "name: acc_gov_timeout", "name: acc_longitudinal_policy": "name: acc_timeout_model",
            "timeout_hours: 72": "timeout_hours: 0.01"}  # 36 s; the alias watcher polls every 30 s for it

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from closedloop.spec import template_files
-from tests.conftest import NO_REVIEW, template_text
+from tests.conftest import NO_REVIEW, ONE_APPROVAL, template_text
 
 EXPECTED_EDGES = {
     "generate_dataset": set(),
@@ -176,7 +176,7 @@ def test_a_quorum_of_two_chains_two_approval_tasks_and_the_registry_dags_are_bui
     from closedloop.triggers.registry import AliasWatchTrigger
 
     make_project("acc_two.yaml", template_text(project, incidents=False, **{
-        "name: acc_longitudinal": "name: acc_two", "timeout_hours: 72": "timeout_hours: 72\n  required: 2"}))
+        "name: acc_longitudinal": "name: acc_two", "timeout_hours: 72": "timeout_hours: 72\n  required: 2", **ONE_APPROVAL}))
     dags = build_dags(make_project.root / "include" / "pipelines")
     dag = dags["acc_two"]
     edges = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
@@ -202,7 +202,7 @@ def test_a_quorum_larger_than_the_approver_list_is_a_template_error(make_project
     from closedloop.spec import load_all
 
     make_project("acc_three.yaml", template_text(project, incidents=False, **{
-        "name: acc_longitudinal": "name: acc_three", "timeout_hours: 72": "timeout_hours: 72\n  required: 3"}))
+        "name: acc_longitudinal": "name: acc_three", "timeout_hours: 72": "timeout_hours: 72\n  required: 3", **ONE_APPROVAL}))
     specs, errors = load_all(make_project.root / "include" / "pipelines")
     assert not specs and len(errors) == 1
     assert "approval: required: 3 distinct approvals need at least 3 approvers" in str(errors[0])

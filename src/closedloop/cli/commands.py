@@ -44,6 +44,7 @@ def local_defaults() -> None:
     os.environ.setdefault("AIRFLOW_HOME", str(home / "airflow"))
     os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(PROJECT / "dags"))
     os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    os.environ.update(settings.thread_env())  # before numpy or scikit-learn is imported
     os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -54,7 +55,7 @@ def local_defaults() -> None:
 
 ENV_KEYS = ("CLOSEDLOOP_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__LOAD_EXAMPLES",
             "AIRFLOW__CORE__UNIT_TEST_MODE", "GX_ANALYTICS_ENABLED", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
-            "MLFLOW_TRACKING_URI")
+            "MLFLOW_TRACKING_URI", *settings.THREAD_VARS)
 
 
 def cmd_list(args) -> int:

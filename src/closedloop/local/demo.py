@@ -1,6 +1,6 @@
 """``make demo``: the closed loop, non-interactively, through a real local Airflow.
 
-1. The weekly retrain of ``acc_longitudinal`` (requested by ``ml-engineer`` through the REST API)
+1. The weekly retrain of ``acc_longitudinal`` (the scheduler's run for the latest Monday slot)
    trains on fleet logs where emergency stops are rare: its model is stopped by the statistical
    hard-braking gate (the confidence bound and the counts behind it), and nothing is registered.
 2. ``fleet-monitor`` reports a hard-braking collision as an incident (an Airflow asset event).
@@ -8,8 +8,8 @@
    confidence gate is decided (rounds fanned out over the simulation shards) and registers a
    candidate. ``ml-engineer`` (not a reviewer) is refused by Airflow; ``safety-lead`` and
    ``safety-deputy`` approve (the two-person rule); ``promote`` moves ``production``.
-3. The next weekly run, on a fleet whose conditions shifted (the summer holidays), is compared
-   with that production version: its distribution-shift report, its deltas against production,
+3. A weekly run that ``ml-engineer`` requests through the REST API, on a fleet whose conditions
+   shifted (last summer's holiday traffic: Airflow runs no logical date in the future), is compared with that production version: its distribution-shift report, its deltas against production,
    and the decision the gates reach. Then: lead times, outcomes, the version's audit trail.
 """
 
@@ -104,11 +104,13 @@ def _evidence(report: list[dict], failed_only: bool) -> list[str]:
     return lines
 
 
-def _next_summer_monday() -> datetime:
-    """03:00 UTC on the first Monday of next July (the schedule's slot in the summer holidays)."""
+def _summer_monday() -> datetime:
+    """03:00 UTC on the first Monday of the last July that is over (the schedule's slot in the summer
+    holidays; Airflow runs no logical date in the future)."""
     from datetime import UTC, timedelta
 
-    day = datetime(datetime.now(UTC).year + 1, 7, 1, 3, 0, tzinfo=UTC)
+    now = datetime.now(UTC)
+    day = datetime(now.year if now.month > 8 else now.year - 1, 7, 1, 3, 0, tzinfo=UTC)
     return day + timedelta(days=(7 - day.weekday()) % 7)
 
 
@@ -157,11 +159,14 @@ def run() -> int:
             server.wait_for(lambda d=dag_id: admin.get(f"/dags/{d}", missing_ok=True), 120, f"DAG {dag_id}")
             admin.call("PATCH", f"/dags/{dag_id}", {"is_paused": False})
 
-        print(f"\n[1/3] the weekly retrain of {PIPELINE} (standing request, started by {REQUESTER})", flush=True)
-        status, run = requester.call("POST", f"/dags/{PIPELINE}/dagRuns", {"logical_date": None})
-        if status != 200:
-            print(f"error: the run was refused (HTTP {status}): {run}", file=sys.stderr)
-            return 1
+        print(f"\n[1/3] the weekly retrain of {PIPELINE}: the scheduler starts it for the latest Monday slot "
+              "(the template's standing request)", flush=True)
+
+        def scheduled():
+            runs = admin.get(f"/dags/{PIPELINE}/dagRuns?limit=10")["dag_runs"]
+            return next((r for r in runs if r.get("run_type") == "scheduled"), None)
+
+        run = server.wait_for(scheduled, 120, "the scheduled weekly run")
         periodic_id = run["dag_run_id"]
         _follow(server, PIPELINE, periodic_id, _run_done(server, PIPELINE, periodic_id), 900, "the weekly run")
         periodic = collect_summary(PIPELINE, periodic_id)
@@ -224,9 +229,10 @@ def run() -> int:
 
         shifted_run = None
         if (summary["results"] or {}).get("promote"):
-            summer = _next_summer_monday()
-            print(f"\n[3/3] the weekly run of {summer:%Y-%m-%d}: summer holidays, faster and denser traffic on "
-                  f"the fleet's roads; compared with production", flush=True)
+            summer = _summer_monday()
+            print(f"\n[3/3] the weekly run over the fleet's summer logs (logical date {summer:%Y-%m-%d}: holiday "
+                  "traffic, faster and denser than the logs production learnt from), compared with production",
+                  flush=True)
             status, shifted_run = requester.call("POST", f"/dags/{PIPELINE}/dagRuns",
                                                  {"logical_date": summer.isoformat()})
             if status != 200:

@@ -90,6 +90,16 @@ def run_dag(dag, when: datetime, *, quiet: bool = True, conf: dict | None = None
     return summary
 
 
+def _place(task_id: str) -> tuple[int, int]:
+    """Where a task comes in the step order: ``approval_2`` right after ``approval``."""
+    import re
+
+    m = re.fullmatch(r"(.+)_(\d+)", task_id)
+    if task_id not in TASK_ORDER and m and m.group(1) in TASK_ORDER:
+        return TASK_ORDER.index(m.group(1)), int(m.group(2))
+    return (TASK_ORDER.index(task_id) if task_id in TASK_ORDER else 99), 0
+
+
 def collect_summary(dag_id: str, run_id: str) -> dict | None:
     """Everything a person wants to know about one run, from Airflow's records and MLflow."""
     from airflow.models.dagrun import DagRun
@@ -101,8 +111,7 @@ def collect_summary(dag_id: str, run_id: str) -> dict | None:
         dr = session.scalar(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id))
         if dr is None:
             return None
-        tis = sorted(dr.get_task_instances(session=session),
-                     key=lambda ti: (TASK_ORDER.index(ti.task_id) if ti.task_id in TASK_ORDER else 99, ti.map_index))
+        tis = sorted(dr.get_task_instances(session=session), key=lambda ti: (*_place(ti.task_id), ti.map_index))
         xcoms: dict[tuple[str, str], object] = {}
         shards: dict[str, dict[int, object]] = {}  # a mapped task's (sharded simulate's) results by map index
         for row in session.scalars(select(XComModel).where(XComModel.dag_id == dag_id, XComModel.run_id == run_id)):
@@ -117,6 +126,8 @@ def collect_summary(dag_id: str, run_id: str) -> dict | None:
                           "error": xcoms.get((ti.task_id, "error", ti.map_index)),
                           **({"map_index": ti.map_index} if ti.map_index >= 0 else {})})
         results = {t: _unsealed(xcoms.get((t, "return_value", -1))) for t in TASK_ORDER}
+        results |= {t: _unsealed(v) for (t, key, index), v in xcoms.items()  # approval_2, … of a quorum
+                    if key == "return_value" and index == -1 and t not in results}
         results |= {t: [found[i] for i in sorted(found)] for t, found in shards.items()}
         summary = {"dag_id": dag_id, "run_id": run_id, "state": str(dr.state),
                    "logical_date": dr.logical_date.isoformat() if dr.logical_date else None,

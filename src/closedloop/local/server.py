@@ -17,6 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from closedloop import settings
+
 SERVICE_USER = "closedloop-service"
 SQLITE_CONNECT_ARGS = {"timeout": 30}
 """Connection arguments of the embedded Airflow's SQLite database (``[database]
@@ -79,6 +81,7 @@ class AirflowServer:
         env = env or {}
         self.env = {
             **os.environ,
+            **settings.thread_env(),  # every task: one thread pool per core's worth of work, not per task
             "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
             "AIRFLOW_HOME": str(self.home),
             "CLOSEDLOOP_HOME": env.get("CLOSEDLOOP_HOME", str(root / "closedloop")),

@@ -508,7 +508,8 @@ def launch(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, shard: Shard |
     with open(logfile, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "closedloop.steps.simulation", job],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, "MLFLOW_TRACKING_URI": ctx.tracking_uri})
+                                start_new_session=True,
+                                env={**os.environ, **settings.thread_env(), "MLFLOW_TRACKING_URI": ctx.tracking_uri})
     record = {"spec": spec, "pid": proc.pid, "host": socket.gethostname(), "log": str(logfile),
               "launched_at": launched_at}
     _write_json(fs, f"{path}/job.json", record)
