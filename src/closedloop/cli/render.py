@@ -79,7 +79,10 @@ def format_summary(s: dict) -> str:
         out += ["", "why it stopped:"]
         for t in failed:
             if t.get("error"):
-                out.append(f"  {t['task_id']}: {t['error']['error_class']}: {t['error']['message']}")
+                message = t["error"]["message"]
+                if t["error"].get("report"):  # the gates are listed above: their headline only
+                    message = message.splitlines()[0].rstrip(":")
+                out.append(f"  {t['task_id']}: {t['error']['error_class']}: {message}")
             elif t["state"] == "failed":
                 out.append(f"  {t['task_id']}: failed (see the task log{': ' + s['log_file'] if s.get('log_file') else ''})")
         if not failed:

@@ -98,9 +98,15 @@ def _evidence(report: list[dict], failed_only: bool) -> list[str]:
     for r in report:
         if r.get("upper") is None or (failed_only and r.get("passed")):
             continue
-        side = "upper" if r.get("max") is not None else "lower"
+        lower, upper = r["lower"] * 100, r["upper"] * 100
+        if r.get("max") is not None and r["lower"] > r["max"]:
+            bound = f"lower bound {lower:.3g} %: over the limit whatever more episodes show"
+        elif r.get("max") is not None:
+            bound = f"upper bound {upper:.3g} %" + ("" if r.get("passed") else ": more episodes could still pass it")
+        else:
+            bound = f"lower bound {lower:.3g} %"
         lines.append(f"  {verdict_of(r).upper():<4} {r['metric']}: {r['events']:,} collision(s) in {r['trials']:,} "
-                     f"episodes; {side} bound {r[side] * 100:.3g} %, limit {limit_of(r)}")
+                     f"episodes; {bound}; limit {limit_of(r)}")
     return lines
 
 
@@ -120,7 +126,7 @@ def _shift_report(pipeline: str, run_id: str) -> str:
     from closedloop.steps.tracking import literal, mlflow_client
 
     c = mlflow_client(settings.tracking_uri())
-    exp = c.get_experiment_by_name(vocab.experiment_name(vocab.NAMESPACE))
+    exp = c.get_experiment_by_name(vocab.experiment_name(pipeline))
     runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{vocab.AIRFLOW_RUN_ID}` = {literal(run_id)} and "
                                                              f"tags.`{vocab.STEP}` = 'release_gate'")
     if not runs:

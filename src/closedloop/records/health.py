@@ -88,7 +88,7 @@ def figures(pipelines: dict[str, list[str]], runs: list[dict], tis: list[dict], 
             "lead_time_to_candidate_s": _stats([s for s in candidate if s is not None]),
             "incident_to_production_s": _stats([s for s in production if s is not None]),
             "retries": sum(1 for t in ptis if (t.get("try_number") or 0) > 1),
-            "pending_approvals": sum(1 for t in ptis if t["task_id"] == "approval"
+            "pending_approvals": sum(1 for t in ptis if t["task_id"].startswith("approval")
                                      and t["state"] in ("awaiting_input", "deferred")),
             "per_day": per_day,
         }

@@ -162,7 +162,7 @@ def limit_of(row: dict) -> str:
         if row.get("confidence") is not None else ""
     return " and ".join(x for x in (f">= {row['min']:g}" if row.get("min") is not None else "",
                                      f"<= {row['max']:g}" if row.get("max") is not None else "",
-                                     f"vs production ±{row['max_regression']:g}"
+                                     f"<= {row['max_regression']:g} worse than production"
                                      if row.get("max_regression") is not None else "") if x) + on
 
 

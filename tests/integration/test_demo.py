@@ -1,0 +1,166 @@
+"""``make demo`` on a fresh checkout tells the closed loop's story, end to end: real Airflow (scheduler,
+DAG processor, triggerer, API server), real MLflow, real simulation jobs, the shipped template as it is.
+
+The story it must tell: the weekly run is stopped by a statistical gate (its bound and the counts behind
+it); the incident retrain reaches production through two approvers, its confidence gates decided by the
+adaptive budget; a weekly run on a shifted fleet is compared with that production version (``shift.*``
+metrics, deltas) and the gates decide. Afterwards, as a user would (``make airflow``, then the CLI), the
+stopped runs are reported as gate rejections — in ``closedloop health --json`` and ``closedloop runs`` —
+and never counted as failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+PIPELINE, MODEL = "acc_longitudinal", "acc_longitudinal_policy"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkout")
+    # a fresh checkout: the project's tracked dags/ and include/, no .closedloop from an earlier run
+    tracked = subprocess.run(["git", "ls-files", "dags", "include"], cwd=PROJECT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    for name in tracked:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT / name, root / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_TRACKING", "CLOSEDLOOP"))}
+    env.update({"CLOSEDLOOP_PROJECT_DIR": str(root), "CLOSEDLOOP_HOME": str(root / ".closedloop")})
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "closedloop.cli", "demo"], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=1200)
+    return {"root": root, "env": env, "out": out, "seconds": time.monotonic() - started}
+
+
+@pytest.fixture(scope="module")
+def ui(demo):
+    """``make airflow`` on the demo's stores, for the CLI's read commands."""
+    port = _port()
+    home = demo["root"] / ".closedloop"
+    proc = subprocess.Popen([sys.executable, "-m", "closedloop.cli", "serve", "--port", str(port), "--mlflow-port",
+                             str(_port())], cwd=demo["root"], env=demo["env"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "closedloop serve did not come up"
+                time.sleep(1)
+        users = json.loads((home / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())
+        yield {**demo["env"], "AIRFLOW_API_URL": f"http://127.0.0.1:{port}", "AIRFLOW_USERNAME": "admin",
+               "AIRFLOW_PASSWORD": users["admin"]}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+
+
+def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "closedloop.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def section(text: str, start: str, end: str | None) -> str:
+    return text[text.index(start):text.index(end) if end else None]
+
+
+def client(demo):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{demo['root'] / '.closedloop' / 'mlflow' / 'mlflow.db'}")
+
+
+def test_the_demo_closes_the_loop_on_a_fresh_checkout(demo):
+    out = demo["out"]
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "\nOK: " in out.stdout
+    print(f"make demo's main job on a fresh home: {demo['seconds']:.0f} s")
+
+
+def test_the_weekly_run_is_stopped_by_a_statistical_gate_with_its_evidence(demo):
+    first = section(demo["out"].stdout, "[1/3]", "[2/3]")
+    # 8 emergency stops, 8 collisions: the lower bound of the rate is far above the 5 % limit
+    found = re.search(r"FAIL sim\.hard_braking\.collision_rate: (\d+) collision\(s\) in (\d+) episodes; "
+                      r"lower bound ([\d.]+) %: over the limit whatever more episodes show; "
+                      r"limit <= 0\.05 \(95 % upper bound\)", first)
+    assert found, first[-3000:]
+    events, trials, lower = int(found[1]), int(found[2]), float(found[3])
+    assert 0 < events <= trials and lower > 5
+    assert "-> FAILED" in first and "register_candidate" in first
+
+
+def test_the_incident_retrain_reaches_production_with_two_approvals_and_decided_bounds(demo):
+    second = section(demo["out"].stdout, "[2/3]", "[3/3]")
+    assert "review: Approve by safety-lead" in second and "review: Approve by safety-deputy" in second
+    assert f"promotion: {MODEL} version 1 -> @production" in second
+    needed = dict(re.findall(r"PASS (sim\.[a-z_.]+): 0 collision\(s\) in ([\d,]+) episodes; upper bound", second))
+    assert needed, second[-3000:]
+    assert set(needed) == {"sim.collision_rate", "sim.hard_braking.collision_rate", "sim.cut_in.collision_rate"}
+    # 0 in n stays above 1 % until n >= 299: the adaptive budget simulated that far, not the catalog's 26 once
+    assert int(needed["sim.collision_rate"].replace(",", "")) >= 299
+    mv = client(demo).get_model_version_by_alias(MODEL, "production")
+    assert mv.version == "1"
+
+
+def test_the_shifted_fleets_run_is_compared_with_production(demo):
+    from closedloop import vocab
+
+    c = client(demo)
+    exp = c.get_experiment_by_name(vocab.experiment_name(PIPELINE))
+    gates = c.search_runs([exp.experiment_id], filter_string=f"tags.`{vocab.STEP}` = 'release_gate'",
+                          order_by=["attributes.start_time DESC"])
+    compared = [r for r in gates if r.data.tags.get(vocab.COMPARED_TO_PRODUCTION) == "1"]
+    assert compared, "no weekly run was compared with production version 1"
+    run = compared[0]
+    shift = {k: v for k, v in run.data.metrics.items() if k.startswith("shift.")}
+    assert {"shift.scenario_mix.psi", "shift.ego_speed.psi", "shift.ego_speed.ks"} <= set(shift)
+    assert shift["shift.ego_speed.psi"] > 0.1  # summer traffic is not the logs production learnt from
+    path = c.download_artifacts(run.info.run_id, "gates/report.json", str(demo["root"]))
+    rows = {r["metric"]: r for r in json.loads(Path(path).read_text())}
+    deltas = {m: r for m, r in rows.items() if r.get("production") is not None and r.get("delta") is not None}
+    assert {"offline.rmse", "sim.safety_critical.min_ttc_s"} <= set(deltas), rows
+    for r in deltas.values():
+        assert r["delta"] == pytest.approx(r["value"] - r["production"])
+    third = section(demo["out"].stdout, "[3/3]", "what started each run")
+    assert "distribution shift of the training data against production (version 1)" in third
+    assert re.search(r"shift\.scenario_mix\.psi\s+<= 0\.25\s+value [\d.]+", third)
+
+
+def test_a_gate_doing_its_job_is_a_rejection_in_health_and_runs_not_a_failure(ui):
+    health = cli(ui, "health", "--json")
+    assert health.returncode == 0, health.stderr
+    h = json.loads(health.stdout)["pipelines"][PIPELINE]
+    assert h["gate_rejections"] >= 1 and h["failure_rate"] == 0, h
+    assert "sim.hard_braking.collision_rate" in h["rejected_by"]
+    runs = cli(ui, "runs", PIPELINE, "--json")
+    assert runs.returncode == 0, runs.stderr
+    rows = json.loads(runs.stdout)
+    rejected = [r for r in rows if r["dag_id"] == PIPELINE and r["outcome"] == "rejected"]
+    assert rejected and all(r["reason"].startswith("rejected by gate ") for r in rejected), rows
+    assert not [r for r in rows if r["outcome"] == "failed"], rows
+    assert any(r["dag_id"] == f"{PIPELINE}_incident" and r["outcome"] == "success" for r in rows)
+    text = cli(ui, "runs", PIPELINE)
+    assert "reason: rejected by gate sim.hard_braking.collision_rate" in text.stdout
