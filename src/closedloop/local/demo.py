@@ -28,7 +28,7 @@ INCIDENT_DAG = f"{PIPELINE}_incident"
 MODEL = "acc_longitudinal_policy"
 REQUESTER, REVIEWER, REPORTER = "ml-engineer", "safety-lead", "fleet-monitor"
 SECOND_REVIEWER = "safety-deputy"
-SETTLE_SECONDS = 5
+SETTLE_SECONDS = 3
 INCIDENT = {
     "model": MODEL, "scenario_type": "hard_braking", "severity": "high", "kind": "collision",
     "vehicle": "veh-0042", "occurred_at": "2026-11-25T17:42:10Z",
@@ -219,8 +219,10 @@ def run() -> int:
                     "the incident run to finish")
         summary = collect_summary(INCIDENT_DAG, incident_id)
         print(format_summary(summary))
-        print("\nwhat the confidence gates needed (the adaptive budget simulated until each was decided):\n"
-              + "\n".join(_evidence(_gates(summary), failed_only=False)))
+        sim = (summary["results"] or {}).get("merge_simulation") or (summary["results"] or {}).get("simulate")
+        rounds = (sim or {}).get("adaptive", {}).get("rounds") if isinstance(sim, dict) else None
+        print(f"\nthe evidence behind each confidence gate (the adaptive budget simulated {rounds or '?'} round(s) of the "
+              "catalog, until the last of them was decided):\n" + "\n".join(_evidence(_gates(summary), failed_only=False)))
 
         tis = {t["task_id"]: t for t in admin.get(
             f"/dags/{INCIDENT_DAG}/dagRuns/{incident_id}/taskInstances")["task_instances"]}

@@ -312,17 +312,34 @@ def model_card(client, model: str, version: str) -> str:
                       f"({tags.get(vocab.INCIDENT_PREFIX + 'scenario_type', '-')})")
     lines += ["## Known limitations", *(limits or ["- none found by the gates, incidents or the shift report"]), "",
               "## Approvals"]
-    if tags.get(vocab.REVIEW_DECISION):
+    decisions = sorted((e for e in _events(tags) if str(e.get("event", "")).startswith("review.")),
+                       key=lambda e: e.get("at") or "")
+    for e in decisions:  # every decision of the review (approval, approval_2, … with approval.required > 1)
+        lines.append(f"- {e['event'].removeprefix('review.')} by {e.get('reviewer') or '-'} at {e.get('at')}"
+                     + (f": {e['comment']}" if e.get("comment") else ""))
+    if not decisions and tags.get(vocab.REVIEW_DECISION):
         lines.append(f"- {tags[vocab.REVIEW_DECISION]} by {tags.get(vocab.REVIEW_REVIEWER) or '-'} at "
                      f"{tags.get(vocab.REVIEW_AT)}" + (f": {tags[vocab.REVIEW_COMMENT]}"
                                                             if tags.get(vocab.REVIEW_COMMENT) else ""))
-    else:
+    elif not decisions:
         lines.append("- not reviewed yet")
     lines += ["", "## Lineage", f"- pipeline `{r['pipeline']}`, Airflow run `{r['dag_id']}/{r['run']}`",
               f"- training run `{r['run_id']}`, gate run `{r['gate_run_id']}`, code `{r['code_digest']}`",
               f"- template `{r['template']}@{r['template_hash']}`", "",
               "_Generated from the registry's records by closedloop; rewritten at registration, review and promotion._"]
     return "\n".join(lines)
+
+
+def _events(tags: dict[str, str]) -> list[dict]:
+    """The version's audit events (``closedloop.audit.*`` tags); an unreadable one is skipped."""
+    out = []
+    for k, v in tags.items():
+        if k.startswith(vocab.AUDIT_PREFIX):
+            try:
+                out.append(json.loads(v))
+            except ValueError:
+                continue
+    return out
 
 
 def _n(x) -> str:
