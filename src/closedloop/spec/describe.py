@@ -23,13 +23,16 @@ def describe(loaded: LoadedSpec) -> str:
     ds, lp = s.dataset, s.label_policy
     gates = "\n".join(f"- `{g.describe()}`" + (f": {g.description}" if g.description else "") for g in s.gates)
     sh, budget = s.simulation.shards, s.simulation.adaptive
-    simulate = ""
+    parts = []
+    if budget:
+        parts.append("with an adaptive budget: further rounds of the catalog with fresh seeds until the confidence "
+                     f"gates on {', '.join(f'`{g.metric}`' for g in s.adaptive_gates())} are decided, at most "
+                     f"{budget.max_episodes:,} episodes")
     if sh:
-        simulate = (f"closed-loop simulation in shards ({'one per scenario type' if sh.by == 'scenario_type' else f'{sh.count} slices of the catalog'}; Airflow dynamic task mapping), each a separate job awaited in the triggerer")
-    elif budget:
-        simulate = ("closed-loop simulation with an adaptive budget: further rounds of the catalog with fresh seeds "
-                    f"until the confidence gates on {', '.join(f'`{g.metric}`' for g in s.adaptive_gates())} are "
-                    f"decided, at most {budget.max_episodes:,} episodes")
+        parts.append(f"in shards ({'one per scenario type' if sh.by == 'scenario_type' else f'{sh.count} slices of the catalog'}; "
+                     "Airflow dynamic task mapping)" + (", every round fanned out over them" if budget else "")
+                     + ", each a separate job awaited in the triggerer")
+    simulate = ("closed-loop simulation " + "; ".join(parts)) if parts else ""
     docs = {"simulate": simulate,
             "await_hil": f"wait for hardware-in-the-loop results reported by `{s.hil.reporter}` (timeout "
                          f"{s.hil.timeout_minutes:g} min)" if s.hil else ""}
