@@ -32,8 +32,8 @@ def ts(value: str) -> datetime:
 
 
 def main() -> int:
-    from closedloop.cli.events import incident_asset_id, wait_for_run
     from closedloop.local.server import AirflowServer
+    from closedloop.records.runs import incident_asset_id, wait_for_run
 
     tmp = Path(tempfile.mkdtemp(prefix="closedloop-bench-incident-"))
     root = tmp / "project"

@@ -108,7 +108,7 @@ def first_incidents(env) -> dict:
     started and each one's admission. Posted once per module, by whichever test asks first, before
     any other test posts a hard-braking incident: so each test of this module runs alone too."""
     server = env[0]
-    from closedloop.cli.events import incident_asset_id
+    from closedloop.records.runs import incident_asset_id
 
     before = {r["dag_run_id"] for r in runs(server)}
     asset_id = incident_asset_id(server.client("fleet-monitor"), MODEL)
@@ -140,7 +140,7 @@ def inc1_trained(env, first_incidents) -> str:
 
 def test_rest_incident_starts_one_run_and_a_repeat_is_debounced(env, first_incidents):
     server, root, _ = env
-    from closedloop.cli.events import incident_asset_id
+    from closedloop.records.runs import incident_asset_id
 
     asset_id = incident_asset_id(server.client("fleet-monitor"), MODEL)
     status, _ = server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": INCIDENT}, user="viewer1")
@@ -178,7 +178,7 @@ def test_malformed_incidents_are_refused_and_start_no_retrain(env):
 
     # posted straight to the REST API, a malformed incident reaches the DAG: admission refuses it
     n = len(runs(server))
-    from closedloop.cli.events import incident_asset_id
+    from closedloop.records.runs import incident_asset_id
 
     asset_id = incident_asset_id(server.client("fleet-monitor"), MODEL)
     server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": {
@@ -281,7 +281,7 @@ def incident_goes_on_beside(server, base: str) -> None:
                       for i in d["incidents"] if i["scenario_type"] == "hard_braking")
     time.sleep(max(0.0, 62 - (datetime.now(UTC) - admitted_at).total_seconds()))  # past the 1-minute debounce
     n = len(runs(server))
-    from closedloop.cli.events import incident_asset_id
+    from closedloop.records.runs import incident_asset_id
 
     asset_id = incident_asset_id(server.client("fleet-monitor"), MODEL)
     server.api("POST", "/api/v2/assets/events", {"asset_id": asset_id, "extra": {**INCIDENT, "id": "INC-URGENT"}},
@@ -596,7 +596,7 @@ def test_a_reporter_needs_no_op_role_the_plugin_posts_for_them(env):
     pools; the plugin checks the template's incidents.reporters, posts the event with the deployment's
     identity and records the login as the poster (in the event and in Airflow's audit log)."""
     server, root, _ = env
-    from closedloop.cli.events import incident_asset_id
+    from closedloop.records.runs import incident_asset_id
 
     asset_id = incident_asset_id(server.client("reporter"), MODEL)
     extra = {**INCIDENT, "scenario_type": "stop_and_go", "id": "INC-R"}

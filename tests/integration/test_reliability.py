@@ -192,8 +192,8 @@ def test_rerun_with_unchanged_inputs_hits_the_cache_and_registers_the_same_model
     # gates and registration judge and record this run: never from the cache
     assert found["release_gate"][0].data.tags.get("closedloop.cache") is None
     assert again["registry"]["version"] != first["registry"]["version"]
-    from closedloop.cli.render import format_trace
     from closedloop.records.lineage import trace
+    from closedloop.records.render import format_trace
 
     t = trace(f"{MODEL}/{again['registry']['version']}")
     assert t["training_run"]["cache_hit"]["source_run_key"] == f"acc_faults/{first['run_id']}"

@@ -16,16 +16,17 @@ from mlflow import MlflowClient
 from closedloop import settings
 from closedloop.local.run import load_dag, run_dag
 from closedloop.steps.faults import MATRIX
-from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
+from tests.conftest import NO_REVIEW, SAFE_DATA, SHIPPED_ADAPTIVE, scratch_project, template_text
 
 pytestmark = pytest.mark.integration
 
 WHEN = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)
 MODEL = "acc_sim_model"
 SHARDED = {"scenario_set: standard": "scenario_set: standard\n  shards: {count: 3}"}
-ADAPTIVE = {"scenario_set: standard": "scenario_set: standard\n  adaptive: {max_episodes: 400}",
-            "  - metric: sim.collision_rate\n    max: 0.0\n": "  - metric: sim.collision_rate\n    max: 0.05\n"
-                                                            "    confidence: 0.95\n"}
+# the simulation features, not a safety policy: no adaptive budget, gates any policy meets but the regression one
+PLAIN = {SHIPPED_ADAPTIVE: "", "gates:\n": "gates:\n  - metric: sim.regression.collision_rate\n    max: 0.0\n"}
+ADAPTIVE = {SHIPPED_ADAPTIVE: "  adaptive: {max_episodes: 400}\n",
+            "  - metric: sim.collision_rate\n    max: 1.0\n": "  - metric: sim.collision_rate\n    max: 0.05\n"}
 # the learned policy brakes too late here; the expert behind its labels does not collide (see test_driving)
 INCIDENT = {"id": "INC-2026-0042", "model": MODEL, "scenario_type": "hard_braking", "severity": "critical",
             "kind": "collision", "vehicle": "veh-311", "description": "lead emergency stop at 28 m/s, 20 m gap",
@@ -46,7 +47,7 @@ def runs(airflow_db, tmp_path_factory, project):
 
     root = scratch_project(tmp_path_factory.mktemp("simulation"))
     path = root / "include" / "pipelines" / "acc_sim.yaml"
-    base = {**NO_REVIEW, **SAFE_DATA, "name: acc_longitudinal": "name: acc_sim",
+    base = {**NO_REVIEW, **SAFE_DATA, **PLAIN, "name: acc_longitudinal": "name: acc_sim",
             "name: acc_longitudinal_policy": f"name: {MODEL}", "retries: 2": "retries: 4",
             "retry_delay_seconds: 20": "retry_delay_seconds: 1", "max_retry_delay_seconds: 600": "max_retry_delay_seconds: 2"}
     faults = root / "faults.json"
@@ -56,9 +57,9 @@ def runs(airflow_db, tmp_path_factory, project):
         mp.setenv("CLOSEDLOOP_FAULTS", str(faults))
         old, airflow.settings.DAGS_FOLDER = airflow.settings.DAGS_FOLDER, str(root / "dags")
         try:
-            path.write_text(template_text(project, **base))
+            path.write_text(template_text(project, lax_gates=True, **base))
             out["unsharded"] = run_dag(load_dag("acc_sim"), WHEN)
-            path.write_text(template_text(project, **base, **SHARDED))
+            path.write_text(template_text(project, lax_gates=True, **base, **SHARDED))
             # shard 2 fails once after launching its job; merge_simulation at each of its crash points
             marks = root / "marks"
             marks.mkdir()
@@ -71,11 +72,10 @@ def runs(airflow_db, tmp_path_factory, project):
             faults.unlink()
             out["incident"] = run_dag(load_dag("acc_sim_incident"), WHEN.replace(hour=6), conf={"incident": INCIDENT})
             out["after"] = run_dag(load_dag("acc_sim"), WHEN.replace(hour=7))
-            path.write_text(template_text(project, **base, **ADAPTIVE))
+            path.write_text(template_text(project, lax_gates=True, **{**base, **ADAPTIVE}))
             out["adaptive"] = run_dag(load_dag("acc_sim"), WHEN.replace(hour=8))
-            path.write_text(template_text(project, **base, **{**ADAPTIVE, "scenario_set: standard":
-                                                               ADAPTIVE["scenario_set: standard"]
-                                                               + "\n  shards: {by: scenario_type}"}))
+            path.write_text(template_text(project, lax_gates=True, **{**base, **ADAPTIVE, SHIPPED_ADAPTIVE:
+                                          ADAPTIVE[SHIPPED_ADAPTIVE] + "  shards: {by: scenario_type}\n"}))
             out["adaptive_sharded"] = run_dag(load_dag("acc_sim"), WHEN.replace(hour=9))
         finally:
             airflow.settings.DAGS_FOLDER = old
@@ -161,8 +161,8 @@ def test_an_incident_becomes_a_regression_scenario_the_next_candidate_must_pass(
 
 
 def test_the_trace_names_the_regression_catalog_and_each_incident(runs):
-    from closedloop.cli.render import format_trace
     from closedloop.records.lineage import trace
+    from closedloop.records.render import format_trace
 
     t = trace(runs["after"]["run_id"])
     assert t["simulation"]["shards"] == 3 and t["simulation"]["regression_catalog"].startswith("v1-")

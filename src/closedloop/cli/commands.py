@@ -14,7 +14,8 @@
 ``closedloop trace REF`` / ``impact`` / ``rerun``   lineage: a model's origins, what a change touches, exact reruns
 ``closedloop summary PIPELINE RUN_ID``            the readable summary of any earlier run
 
-Exit codes: 0 success, 1 the operation was refused or the run failed, 2 bad input (unknown
+Exit codes (one error path, :func:`closedloop.cli.common.failure`): 0 success, 1 the operation was refused,
+Airflow was unreachable or the run failed, 2 bad input (unknown
 pipeline, model or version, invalid template or request).
 """
 
@@ -28,7 +29,7 @@ import sys
 from pathlib import Path
 
 from closedloop import settings
-from closedloop.cli.common import arg_dir, arg_json, arg_login, find_pipeline, pipelines_dir
+from closedloop.cli.common import arg_dir, arg_json, arg_login, failure, find_pipeline, pipelines_dir
 
 PROJECT = settings.project_dir()
 DEMO_PIPELINE = "acc_longitudinal"
@@ -147,7 +148,7 @@ def cmd_summary(args) -> int:
 
 
 def _print_summary(summary: dict, args) -> int:
-    from closedloop.cli.render import format_summary
+    from closedloop.records.render import format_summary
 
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
     return 0 if summary["state"] == "success" else 1
@@ -239,20 +240,11 @@ def cmd_prodlike(args) -> int:
 
 
 def cmd_settings_apply(args) -> int:
-    from closedloop.errors import SpecError
     from closedloop.local.airflow_settings import apply_settings, load_settings
-    from closedloop.records.airflow_api import AirflowAPI, AirflowAPIError
+    from closedloop.records.airflow_api import AirflowAPI
 
-    try:
-        settings = load_settings(args.file)
-    except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        done = apply_settings(AirflowAPI(url=args.api_url, user=args.user), settings)
-    except AirflowAPIError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    settings = load_settings(args.file)
+    done = apply_settings(AirflowAPI(url=args.api_url, user=args.user), settings)
     for kind, name, state in done:
         print(f"{kind[:-1]:<11} {name:<32} {state}")
     return 0
@@ -269,9 +261,15 @@ def add_settings_parsers(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command in ("promote", "rollback", "audit", "kpi", "trace", "impact", "rerun", "health"):
+    if getattr(args, "local_env", False):  # the command reads the local stores (set where it is added)
         local_defaults()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        code = failure(exc)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

@@ -14,6 +14,23 @@ OK, REFUSED, BAD_INPUT = 0, 1, 2
 _BAD_INPUT_HTTP = frozenset({400, 404, 409, 422})
 
 
+def failure(exc: BaseException) -> int | None:
+    """The one error path of every command: what failed and where, once, on stderr, and its exit code
+    (1 refused or unreachable, 2 bad input or not found); None for an error that is a bug (re-raised)."""
+    from closedloop.errors import EvidenceError, SpecError
+    from closedloop.records.airflow_api import AirflowAPIError
+    from closedloop.records.lineage import LineageError
+
+    if isinstance(exc, AirflowAPIError):
+        code = exit_code(exc.status)
+    elif isinstance(exc, (SpecError, LineageError, EvidenceError, LookupError)):
+        code = BAD_INPUT
+    else:
+        return None
+    print(f"error: {exc}", file=sys.stderr)
+    return code
+
+
 def exit_code(status: int | None) -> int:
     """The one mapping from an HTTP status (Airflow's REST API) to an exit code."""
     if status is not None and 200 <= status < 300:

@@ -255,7 +255,6 @@ def cmd_verify(args) -> int:
 
 def cmd_keys(args) -> int:
     """``closedloop keys generate|show|rotate``: the deployment's signing key and its pinned public keys."""
-    from closedloop.errors import EvidenceError
     from closedloop.steps.signing import Signer, trusted_keys
 
     if args.keys_action == "generate":
@@ -269,11 +268,7 @@ def cmd_keys(args) -> int:
         return 0
     if args.keys_action == "rotate":
         return rotate_keys(args)
-    try:
-        ring = trusted_keys()
-    except EvidenceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    ring = trusted_keys()
     for k in ring.keys:
         state = f"retired {k.retired}" if k.retired else ("current" if k.verifier is ring.current else "active")
         print(f"{k.verifier.published()}  (key id {k.verifier.key_id}, {state})")
@@ -290,15 +285,10 @@ def rotate_keys(args) -> int:
     import os
     from pathlib import Path
 
-    from closedloop.errors import EvidenceError
     from closedloop.steps.signing import PinnedKey, Signer, keyring_from_json, local_key_path, trusted_keys
     from closedloop.steps.timeutil import utc_now_iso
 
-    try:
-        ring = trusted_keys()
-    except EvidenceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    ring = trusted_keys()
     now = utc_now_iso()
     fresh = Signer.generate()
     keys = [PinnedKey(k.verifier, k.added, k.retired or now, k.note) for k in ring.keys]
@@ -350,7 +340,7 @@ def cmd_audit(args) -> int:
     if args.json:
         print(json.dumps(trail, indent=2, default=str))
         return 0
-    from closedloop.cli.render import format_audit
+    from closedloop.records.render import format_audit
 
     print(format_audit(trail))
     return 0
@@ -391,13 +381,13 @@ def add_parsers(sub, find) -> None:
     sp.add_argument("model")
     sp.add_argument("version")
     arg_login(sp)
-    sp.set_defaults(func=cmd_promote)
+    sp.set_defaults(func=cmd_promote, local_env=True)
     sp = sub.add_parser("rollback", help="give production back to the previous-production version (through "
                         "Airflow, as an approver; audited)")
     sp.add_argument("model")
     sp.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
     arg_login(sp)
-    sp.set_defaults(func=cmd_rollback)
+    sp.set_defaults(func=cmd_rollback, local_env=True)
     sp = sub.add_parser("audit", help="request, gates, review and alias changes of one model version; "
                         "--verify MODEL checks the aliases against the sealed records")
     sp.add_argument("model")
@@ -408,7 +398,7 @@ def add_parsers(sub, find) -> None:
                     "governed version (through Airflow, as an approver)")
     sp.add_argument("--reason", help="with --restore: why")
     arg_login(sp)
-    sp.set_defaults(func=cmd_audit)
+    sp.set_defaults(func=cmd_audit, local_env=True)
     sp = sub.add_parser("keys", help="the deployment's signing key: generate one, show the pinned public keys, "
                         "or rotate (a new key pinned, the old one retired)")
     sp.add_argument("keys_action", choices=["generate", "show", "rotate"])

@@ -6,30 +6,25 @@ import json
 import sys
 
 from closedloop.cli.common import arg_dir, arg_json, arg_login, arg_paging, exit_code
-from closedloop.records.airflow_api import AirflowAPI, AirflowAPIError
-from closedloop.records.lineage import LineageError
+from closedloop.records.airflow_api import AirflowAPI
 
 
 def _answer(compute, fmt, as_json: bool) -> int:
-    try:
-        result = compute()
-    except LineageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = compute()
     print(json.dumps(result, indent=2, default=str) if as_json else fmt(result))
     return 0
 
 
 def cmd_trace(args) -> int:
-    from closedloop.cli.render import format_trace
     from closedloop.records.lineage import trace
+    from closedloop.records.render import format_trace
 
     return _answer(lambda: trace(args.ref, limit=args.limit, offset=args.offset), format_trace, args.json)
 
 
 def cmd_impact(args) -> int:
-    from closedloop.cli.render import format_impact
     from closedloop.records.lineage import impact
+    from closedloop.records.render import format_impact
 
     return _answer(lambda: impact(source=args.source, label_policy=args.label_policy, dataset=args.dataset,
                                   limit=args.limit, offset=args.offset),
@@ -42,26 +37,18 @@ def cmd_rerun(args) -> int:
     from closedloop.spec import load_all
 
     specs, _ = load_all(pipelines_dir(args))
-    try:
-        plan = rerun_plan(args.ref, specs, fresh_data=args.fresh_data, allow_template_change=args.allow_template_change,
-                          no_cache=args.no_cache)
-    except LineageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    plan = rerun_plan(args.ref, specs, fresh_data=args.fresh_data, allow_template_change=args.allow_template_change,
+                      no_cache=args.no_cache)
     for note in plan["notes"]:
         print(f"note: {note}", file=sys.stderr)
     if args.dry_run:
         print(json.dumps(plan, indent=2))
         return 0
     api = AirflowAPI(url=args.api_url, user=args.user)
-    try:
-        status, run = api.call("POST", f"/dags/{api.q(plan['dag_id'])}/dagRuns", {
-            "logical_date": None, "conf": plan["conf"], "note": f"rerun of {plan['original']}"
-            + (" with fresh data" if args.fresh_data else f" on pinned snapshot {plan['pinned']}")
-            + (", step cache off" if args.no_cache else "")})
-    except AirflowAPIError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    status, run = api.call("POST", f"/dags/{api.q(plan['dag_id'])}/dagRuns", {
+        "logical_date": None, "conf": plan["conf"], "note": f"rerun of {plan['original']}"
+        + (" with fresh data" if args.fresh_data else f" on pinned snapshot {plan['pinned']}")
+        + (", step cache off" if args.no_cache else "")})
     if status != 200:
         print(f"error: Airflow refused the rerun (HTTP {status}): {run.get('detail')}", file=sys.stderr)
         return exit_code(status)
@@ -72,7 +59,7 @@ def cmd_rerun(args) -> int:
 
 def cmd_scenarios_list(args) -> int:
     from closedloop import settings
-    from closedloop.cli.render import format_scenarios
+    from closedloop.records.render import format_scenarios
     from closedloop.steps.regression import catalog
 
     return _answer(lambda: catalog(settings.data_root(), args.model), format_scenarios, args.json)
@@ -84,7 +71,7 @@ def add_parsers(sub) -> None:
                                "Airflow dag run id")
     arg_paging(sp, "regression scenarios")
     arg_json(sp)
-    sp.set_defaults(func=cmd_trace)
+    sp.set_defaults(func=cmd_trace, local_env=True)
     sp = sub.add_parser("impact", help="snapshots, training runs and model versions a source, label policy or "
                                       "dataset touches (live ones flagged)")
     g = sp.add_mutually_exclusive_group(required=True)
@@ -93,7 +80,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--dataset", help="dataset snapshot digest (raw or labelled; its first 8+ hex digits will do)")
     arg_paging(sp, "each")
     arg_json(sp)
-    sp.set_defaults(func=cmd_impact)
+    sp.set_defaults(func=cmd_impact, local_env=True)
     sc = sub.add_parser("scenarios", help="a model's regression scenarios (one per admitted incident)")
     scs = sc.add_subparsers(dest="action", required=True)
     sp = scs.add_parser("list", help="the model's regression catalog: version, and each scenario by incident")
@@ -110,4 +97,4 @@ def add_parsers(sub) -> None:
     sp.add_argument("--dry-run", action="store_true", help="print the plan (DAG, conf, notes) and start nothing")
     arg_dir(sp)
     arg_login(sp)
-    sp.set_defaults(func=cmd_rerun)
+    sp.set_defaults(func=cmd_rerun, local_env=True)

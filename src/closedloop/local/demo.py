@@ -20,8 +20,8 @@ import time
 from datetime import datetime
 
 from closedloop import vocab
-from closedloop.cli.render import format_summary
 from closedloop.local.run import collect_summary
+from closedloop.records.render import format_summary
 
 PIPELINE = "acc_longitudinal"
 INCIDENT_DAG = f"{PIPELINE}_incident"
@@ -147,10 +147,10 @@ def _ts(value: str) -> datetime:
 
 def run() -> int:
     from closedloop import settings
-    from closedloop.cli.events import post_incident, wait_for_run
-    from closedloop.cli.render import format_audit
     from closedloop.local.server import local_server
     from closedloop.records.audit import audit_trail
+    from closedloop.records.render import format_audit
+    from closedloop.records.runs import post_incident, wait_for_run
     from closedloop.spec import load_all
     from closedloop.spec.incident import parse_incident, routes_of
     from closedloop.steps.context import RunContext
@@ -252,8 +252,8 @@ def run() -> int:
             print(format_summary(third))
             print("\n" + _shift_report(PIPELINE, shifted_id))
 
-        from closedloop.cli.events import origin
         from closedloop.records.health import outcome
+        from closedloop.records.runs import origin
 
         weekly = admin.get(f"/dags/{PIPELINE}/dagRuns/{periodic_id}")
         said = outcome({"state": weekly["state"], "note": weekly.get("note")})

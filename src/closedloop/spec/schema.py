@@ -29,7 +29,28 @@ NAME_RE = r"^[a-z][a-z0-9_]{1,62}$"
 SOURCE_RE = r"^[A-Za-z0-9_.:/@+-]{1,200}$"
 """A fleet-log source name: no wildcards, commas, quotes or spaces (it is searched for in MLflow)."""
 VERSION_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster; parse time is sacred
+_BASE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster; parse time is sacred
+
+
+class _Loader(_BASE_LOADER):
+    """YAML that refuses a key written twice in one mapping (YAML would keep the last one silently:
+    a second ``adaptive:`` or ``max:`` added below the first would quietly replace it)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen: dict[object, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (list, dict)) and key in seen and key_node.tag != "tag:yaml.org,2002:merge":
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice in one mapping (lines {seen[key] + 1} and "
+                f"{key_node.start_mark.line + 1}): keep one", key_node.start_mark)
+        seen.setdefault(key, key_node.start_mark.line)
+    return yaml.constructor.SafeConstructor.construct_mapping(loader, node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+_LOADER = _Loader
 ENTRY_POINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 Scalar = str | int | float | bool
 

@@ -50,7 +50,7 @@ def test_figures_per_pipeline():
     page = render(h, 7)
     assert '<div class="card alarm" data-figure="registry"><b>Registry: unexplained alias move</b>' in page
     assert "p_model@production → version 5" in page
-    from closedloop.cli.render import format_health
+    from closedloop.records.render import format_health
 
     assert f"  UNEXPLAINED  {moved}" in format_health(h)
 
@@ -61,8 +61,8 @@ def test_cache_figures_count_the_step_runs_tags_in_the_window(tmp_path):
 
     from mlflow import MlflowClient
 
-    from closedloop.cli.render import format_health
     from closedloop.records.health import cache_figures
+    from closedloop.records.render import format_health
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(uri)
@@ -96,6 +96,6 @@ def test_a_gate_rejection_is_an_outcome_not_a_failure():
     page = render(h, 7)
     assert 'data-kind="rejected" data-count="1"' in page and "<b>25%</b>failure rate (errors)" in page
     assert "<b>2 (50%): sim.hard_braking.collision_rate 1" in page
-    from closedloop.cli.render import format_health
+    from closedloop.records.render import format_health
 
     assert "failure rate 25% (errors), rejected by a gate 2 (sim.hard_braking.collision_rate 1" in format_health(h)
