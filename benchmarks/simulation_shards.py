@@ -8,6 +8,8 @@ The scenario set is the shipped one with every entry repeated EPISODE_FACTOR tim
 end sharded). Where it goes, per shard: the job's own time (launch → result: its process start,
 imports, model load and the episodes) and the task's (start → end: its start, the launch, the
 deferral while the job runs, the collect); the merge. Episodes per second per core comes from the simulator in this process.
+Each shard count runs twice: one round of the catalog, and with ``simulation.adaptive`` (rounds until the
+confidence gates decide, fanned out over the shards; "episodes" counts what the jobs simulated).
 Usage: ``python benchmarks/simulation_shards.py [EPISODE_FACTOR]``.
 """
 
@@ -27,6 +29,8 @@ from _common import full_run_project  # noqa: E402
 
 FACTOR = int(sys.argv[1]) if len(sys.argv) > 1 else 40
 SHARDS = (1, 2, 4)
+ADAPTIVE_MAX = 1000
+"""With ``simulation.adaptive``: at most this many episodes per catalog repeat (x EPISODE_FACTOR)."""
 TMP = Path(tempfile.mkdtemp(prefix="closedloop-bench-shards-"))
 os.environ.pop("CLOSEDLOOP_FAULTS", None)
 
@@ -45,12 +49,20 @@ def project() -> Path:
     (scenarios / "bench.yaml").write_text(yaml.safe_dump(cat))
     base = (root / "include" / "pipelines" / "acc_longitudinal.yaml").read_text()
     (root / "include" / "pipelines" / "acc_longitudinal.yaml").unlink()
+    import re
+
+    base = re.sub(r"^  adaptive: .*\n", "", base, flags=re.M)  # full_run_project took the shards out
     for n in SHARDS:
-        text = base.replace("name: acc_longitudinal\n", f"name: acc_shards_{n}\n").replace(
-            "name: acc_longitudinal_policy", f"name: acc_shards_{n}_policy").replace(
-            'schedule: "0 3 * * 1"', "schedule: null").replace(
-            "scenario_set: standard", "scenario_set: bench" + (f"\n  shards: {{count: {n}}}" if n > 1 else ""))
-        (root / "include" / "pipelines" / f"acc_shards_{n}.yaml").write_text(text)
+        for adaptive in (False, True):
+            name = f"acc_shards_{n}" + ("_adaptive" if adaptive else "")
+            text = base.replace("name: acc_longitudinal\n", f"name: {name}\n").replace(
+                "name: acc_longitudinal_policy", f"name: {name}_policy").replace(
+                'schedule: "0 3 * * 1"', "schedule: null").replace(
+                "scenario_set: standard", "scenario_set: bench" + (f"\n  shards: {{count: {n}}}" if n > 1 else "")
+                + (f"\n  adaptive: {{max_episodes: {ADAPTIVE_MAX * FACTOR}}}" if adaptive else ""))
+            if not adaptive:  # one round of the catalog: the point-estimate gates of a plain simulation
+                text = re.sub(r"^    confidence: .*\n", "", text, flags=re.M)
+            (root / "include" / "pipelines" / f"{name}.yaml").write_text(text)
     return root
 
 
@@ -89,8 +101,8 @@ def measure(workers: int, root: Path) -> list[dict]:
     out = []
     try:
         af = shape.airflow
-        for n in SHARDS:
-            dag = f"acc_shards_{n}"
+        for n, adaptive in [(n, a) for a in (False, True) for n in SHARDS]:
+            dag = f"acc_shards_{n}" + ("_adaptive" if adaptive else "")
             af.wait_for(lambda dag=dag: af.api("GET", f"/api/v2/dags/{dag}")[0] == 200, 180, "DAG parsed")
             af.api("PATCH", f"/api/v2/dags/{dag}", {"is_paused": False})
             status, run = af.api("POST", f"/api/v2/dags/{dag}/dagRuns", {"logical_date": None})
@@ -111,14 +123,15 @@ def measure(workers: int, root: Path) -> list[dict]:
             for t in sims:
                 job = Path(str(TMP / f"shape-{workers}"))  # the shape's data root
                 suffix = "" if n == 1 else f"-{max(t['map_index'], 0)}-of-{n}"
-                found = list(job.rglob(f"jobs/*/simulate{suffix}/job.json"))
+                found = list(job.rglob(f"{dag}/jobs/*/simulate{suffix}/job.json"))
                 record = [json.loads(p.read_text()) for p in found]
                 launched = max((r.get("launched_at") or 0) for r in record) if record else None
                 result = [p.parent / "result.json" for p in found if (p.parent / "result.json").exists()]
                 work = (max(p.stat().st_mtime for p in result) - launched) if result and launched else None
                 episodes = len(json.loads(result[0].read_text())["episodes"]) if result else None
                 jobs.append({"task": ts(t["end_date"]) - ts(t["start_date"]), "job": work, "episodes": episodes})
-            out.append({"shards": n, "workers": workers, "state": finished["state"], "wall": end - start,
+            out.append({"shards": n, "adaptive": adaptive, "workers": workers, "state": finished["state"],
+                        "wall": end - start, "simulated": sum(j["episodes"] or 0 for j in jobs),
                         "merge": ts(merge["end_date"]) - ts(merge["start_date"]) if merge else 0.0, "jobs": jobs})
     finally:
         shape.stop()
@@ -131,15 +144,16 @@ def main() -> None:
     episodes, eps = episodes_per_second()
     print(f"\nsimulation of {episodes:,} episodes (the shipped scenario set x{FACTOR}) on the production shape, "
           "2 cores; one run per row:")
-    print(f"  {'workers':>7} {'shards':>6} {'wall s':>7} {'job s (max)':>11} {'task s (max)':>12} {'merge s':>7}  "
-          "run (its gates judge the bigger catalog)")
+    print(f"  {'workers':>7} {'shards':>6} {'adaptive':>8} {'episodes':>8} {'wall s':>7} {'job s (max)':>11} "
+          f"{'task s (max)':>12} {'merge s':>7}  run (its gates judge the bigger catalog)")
     for r in results:
         jobs = r["jobs"]
-        print(f"  {r['workers']:>7} {r['shards']:>6} {r['wall']:>7.1f} {max(j['job'] or 0 for j in jobs):>11.1f} "
-              f"{max(j['task'] for j in jobs):>12.1f} {r['merge']:>7.1f}  {r['state']}")
+        print(f"  {r['workers']:>7} {r['shards']:>6} {'yes' if r['adaptive'] else 'no':>8} {r['simulated']:>8,} "
+              f"{r['wall']:>7.1f} {max(j['job'] or 0 for j in jobs):>11.1f} {max(j['task'] for j in jobs):>12.1f} "
+              f"{r['merge']:>7.1f}  {r['state']}")
     print(f"\nthe simulator alone: {eps:,.0f} episodes/s on one core ({episodes:,} episodes in "
           f"{episodes / eps:.2f} s, median of 3)")
-    base = next(r for r in results if r["workers"] == 2 and r["shards"] == 1)
+    base = next(r for r in results if r["workers"] == 2 and r["shards"] == 1 and not r["adaptive"])
     overhead = base["wall"] - max(j["job"] or 0 for j in base["jobs"])
     print(f"projection: wall(N workers, N shards) ~= {overhead:.1f} s (scheduling, task start, launch, collect; "
           f"measured unsharded) + merge + work / N; work here {episodes / eps:.1f} s, so sharding pays once the "

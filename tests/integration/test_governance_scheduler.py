@@ -56,12 +56,12 @@ with DAG("deploy_acc_rel", schedule=[Asset("closedloop://models/acc_rel_model/pr
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, project):
     root = scratch_project(tmp_path_factory.mktemp("gov-project"))
-    (root / "include" / "pipelines" / "acc_gov.yaml").write_text(template_text(project, incidents=False, **GOV))
-    (root / "include" / "pipelines" / "acc_gov_timeout.yaml").write_text(template_text(project, incidents=False, **TIMEOUT))
-    (root / "include" / "pipelines" / "acc_gov_hil.yaml").write_text(template_text(project, incidents=False, **HIL))
-    (root / "include" / "pipelines" / "acc_gov_solo.yaml").write_text(template_text(project, incidents=False, **SOLO))
-    (root / "include" / "pipelines" / "acc_rel.yaml").write_text(template_text(project, incidents=False, **REL))
-    (root / "include" / "pipelines" / "acc_trust.yaml").write_text(template_text(project, incidents=False, **TRUST))
+    (root / "include" / "pipelines" / "acc_gov.yaml").write_text(template_text(project, gates="point", incidents=False, **GOV))
+    (root / "include" / "pipelines" / "acc_gov_timeout.yaml").write_text(template_text(project, gates="point", incidents=False, **TIMEOUT))
+    (root / "include" / "pipelines" / "acc_gov_hil.yaml").write_text(template_text(project, gates="point", incidents=False, **HIL))
+    (root / "include" / "pipelines" / "acc_gov_solo.yaml").write_text(template_text(project, gates="point", incidents=False, **SOLO))
+    (root / "include" / "pipelines" / "acc_rel.yaml").write_text(template_text(project, gates="point", incidents=False, **REL))
+    (root / "include" / "pipelines" / "acc_trust.yaml").write_text(template_text(project, gates="point", incidents=False, **TRUST))
     # a deployment DAG of the release process, scheduled on the model's production asset: it keeps
     # the events that started it (what it would deploy)
     (root / "dags" / "deploy_acc_rel.py").write_text(DEPLOY_DAG)

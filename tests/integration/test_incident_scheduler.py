@@ -34,12 +34,12 @@ INCIDENT = {"model": MODEL, "scenario_type": "hard_braking", "severity": "high",
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, project):
     root = scratch_project(tmp_path_factory.mktemp("events-project"))
-    (root / "include" / "pipelines" / f"{PIPELINE}.yaml").write_text(template_text(project, **NO_REVIEW, **{
+    (root / "include" / "pipelines" / f"{PIPELINE}.yaml").write_text(template_text(project, gates="point", **NO_REVIEW, **{
         'schedule: "0 3 * * 1"': "schedule: null", "name: acc_longitudinal": f"name: {PIPELINE}",
         "name: acc_longitudinal_policy": f"name: {MODEL}", "window_days: 14": "window_days: 3",
         "kpi_poll_seconds: 60": "kpi_poll_seconds: 2", "debounce_minutes: 30": "debounce_minutes: 1",
         "reporters: [fleet-monitor]": "reporters: [fleet-monitor, reporter]"}))
-    (root / "include" / "pipelines" / f"{OTHER}.yaml").write_text(template_text(project, incidents=False, **NO_REVIEW, **{
+    (root / "include" / "pipelines" / f"{OTHER}.yaml").write_text(template_text(project, gates="point", incidents=False, **NO_REVIEW, **{
         'schedule: "0 3 * * 1"': "schedule: null", "name: acc_longitudinal": f"name: {OTHER}",
         "name: acc_longitudinal_policy": "name: acc_other_model"}))
     work = tmp_path_factory.mktemp("events-airflow")

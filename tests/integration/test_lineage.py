@@ -30,10 +30,10 @@ def runs(airflow_db, tmp_path_factory, project):
     root = scratch_project(tmp_path_factory.mktemp("lineage"))
     pipelines = root / "include" / "pipelines"
     # sources of their own: the session's other tests share this MLflow store and read fleet-eu/us
-    (pipelines / f"{A}.yaml").write_text(template_text(project, **NO_REVIEW, **SAFE_DATA, **{
+    (pipelines / f"{A}.yaml").write_text(template_text(project, gates="point", **NO_REVIEW, **SAFE_DATA, **{
         "name: acc_longitudinal": f"name: {A}", "name: acc_longitudinal_policy": f"name: {MA}",
         "window_days: 14": "window_days: 5", "sources: [fleet-eu, fleet-us]": "sources: [lin-a, lin-b]"}))
-    (pipelines / f"{B}.yaml").write_text(template_text(project, incidents=False, **NO_REVIEW, **SAFE_DATA, **{
+    (pipelines / f"{B}.yaml").write_text(template_text(project, gates="point", incidents=False, **NO_REVIEW, **SAFE_DATA, **{
         "name: acc_longitudinal": f"name: {B}", "name: acc_longitudinal_policy": f"name: {MB}",
         "window_days: 14": "window_days: 5", "sources: [fleet-eu, fleet-us]": "sources: [asia-north, asia-south]"}))
     specs, errors = load_all(pipelines)

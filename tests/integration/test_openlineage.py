@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 def test_pipeline_tasks_report_datasets_and_models_to_openlineage(airflow_db, tmp_path, project):
     pytest.importorskip("airflow.providers.openlineage")
     root = scratch_project(tmp_path / "project")
-    (root / "include" / "pipelines" / "acc_ol.yaml").write_text(template_text(project, incidents=False, **NO_REVIEW,
+    (root / "include" / "pipelines" / "acc_ol.yaml").write_text(template_text(project, gates="point", incidents=False, **NO_REVIEW,
         **SAFE_DATA, **{"name: acc_longitudinal": "name: acc_ol", "name: acc_longitudinal_policy": "name: acc_ol_model",
                         "window_days: 14": "window_days: 5"}))
     events_file = tmp_path / "openlineage.jsonl"

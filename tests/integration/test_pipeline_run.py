@@ -40,7 +40,7 @@ def periodic(airflow_db, tmp_path_factory, project):
 
     root = scratch_project(tmp_path_factory.mktemp("periodic"))
     path = root / "include" / "pipelines" / "acc_longitudinal.yaml"
-    path.write_text(template_text(project, **NO_REVIEW, **SAFE_DATA))
+    path.write_text(template_text(project, gates="point", **NO_REVIEW, **SAFE_DATA))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(root / "dags"))
         old, airflow.settings.DAGS_FOLDER = airflow.settings.DAGS_FOLDER, str(root / "dags")
@@ -135,7 +135,7 @@ def scratch_dag(make_project, project, dags_folder):
     """A DAG from a copy of the shipped template with a new name and some lines changed."""
 
     def build(name: str, **replacements):
-        make_project(f"{name}.yaml", template_text(project, incidents=False, **{
+        make_project(f"{name}.yaml", template_text(project, gates="point", incidents=False, **{
             "name: acc_longitudinal": f"name: {name}", "name: acc_longitudinal_policy": f"name: {name}_model",
             "window_days: 14": "window_days: 7", **SAFE_DATA, **replacements}))
         dags_folder(make_project.root / "dags")

@@ -47,7 +47,7 @@ def pod_project(tmp_path_factory, project):
     from tests.conftest import scratch_project
 
     root = scratch_project(tmp_path_factory.mktemp("pods"))
-    text = template_text(project, incidents=False, **NO_REVIEW, **SAFE_DATA, **{
+    text = template_text(project, gates="point", incidents=False, **NO_REVIEW, **SAFE_DATA, **{
         "name: acc_longitudinal": "name: acc_pods", "name: acc_longitudinal_policy": "name: acc_pods_model",
         "window_days: 14": "window_days: 5"})
     (root / "include" / "pipelines" / "acc_pods.yaml").write_text(text + PODS)

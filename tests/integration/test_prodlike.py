@@ -51,7 +51,7 @@ def shape(tmp_path_factory, project):
         "retry_delay_seconds: 20": "retry_delay_seconds: 10",
         # three days of logs make a policy the safety gates (rightly) refuse; this test is about the
         # machinery under load, so its gates only bound what any trained policy meets
-    }, lax_gates=True))
+    }, gates="lax"))
     shutil.copy(PROBE_DAG_FILE, root / "dags")  # warm tasks: what a Celery task inherits
     base = tmp_path_factory.mktemp("prodlike")
     shape = ProdLike(base, root / "dags", {"admin": ("admin", "admin-pw"), "fleet-monitor": ("viewer", "fleet-monitor-pw")},

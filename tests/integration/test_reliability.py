@@ -50,7 +50,7 @@ class Drill:
         monkeypatch.setattr(airflow.settings, "DAGS_FOLDER", str(self.root / "dags"))
 
     def write_template(self, *, policy_version: str, **replacements: str) -> None:
-        text = template_text(self.project, incidents=False, **NO_REVIEW, **SAFE_DATA, **{
+        text = template_text(self.project, gates="point", incidents=False, **NO_REVIEW, **SAFE_DATA, **{
             "name: acc_longitudinal": "name: acc_faults", "name: acc_longitudinal_policy": f"name: {MODEL}",
             "window_days: 14": "window_days: 7", 'version: "2"': f"version: {policy_version}", **FAST_RETRIES,
             **replacements})

@@ -40,15 +40,15 @@ def runs(airflow_db, tmp_path_factory, project):
         mp.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(root / "dags"))
         old, airflow.settings.DAGS_FOLDER = airflow.settings.DAGS_FOLDER, str(root / "dags")
         try:
-            path.write_text(template_text(project, incidents=False, **base))
+            path.write_text(template_text(project, gates="point", incidents=False, **base))
             out["first"] = run_dag(load_dag("acc_review"), WHEN)
             # production: the first candidate. (The approval and promotion that put it there are
             # tested against a real scheduler in test_governance_scheduler; here the test sets the alias.)
             MlflowClient(settings.tracking_uri()).set_registered_model_alias(
                 MODEL, "production", out["first"]["registry"]["version"])
-            path.write_text(template_text(project, incidents=False, **base, **SHIFTED))
+            path.write_text(template_text(project, gates="point", incidents=False, **base, **SHIFTED))
             out["shifted"] = run_dag(load_dag("acc_review"), WHEN.replace(day=24))
-            path.write_text(template_text(project, incidents=False, **base))
+            path.write_text(template_text(project, gates="point", incidents=False, **base))
             out["second"] = run_dag(load_dag("acc_review"), WHEN.replace(day=25))
         finally:
             airflow.settings.DAGS_FOLDER = old

@@ -25,7 +25,7 @@ def airflow(tmp_path_factory, project):
     # the shipped template without its cron schedule (the scheduler starts no run of its own) and
     # without review (test_governance_scheduler covers it)
     root = scratch_project(tmp_path_factory.mktemp("project"))
-    (root / "include" / "pipelines" / "acc_longitudinal.yaml").write_text(template_text(project, incidents=False, **{
+    (root / "include" / "pipelines" / "acc_longitudinal.yaml").write_text(template_text(project, gates="point", incidents=False, **{
         'schedule: "0 3 * * 1"': "schedule: null", "retry_delay_seconds: 20": "retry_delay_seconds: 1",
         "max_retry_delay_seconds: 600": "max_retry_delay_seconds: 2",
         # enough tries for the crash-point matrix: a step's k-th point is struck on its k-th try
@@ -33,11 +33,11 @@ def airflow(tmp_path_factory, project):
         # the deferral path under the scheduler (a job this short is otherwise waited for in the task)
         "scenario_set: standard": "scenario_set: standard\n  defer_after_seconds: 0"}))
     # a daily pipeline for backfills: each interval must train on its own window's data
-    (root / "include" / "pipelines" / "acc_daily.yaml").write_text(template_text(project, incidents=False, **SAFE_DATA, **{
+    (root / "include" / "pipelines" / "acc_daily.yaml").write_text(template_text(project, gates="point", incidents=False, **SAFE_DATA, **{
         'schedule: "0 3 * * 1"': 'schedule: "0 3 * * *"', "name: acc_longitudinal": "name: acc_daily",
         "name: acc_longitudinal_policy": "name: acc_daily_model", "window_days: 14": "window_days: 3", **NO_REVIEW}))
     # simulation in two shards (Airflow task mapping)
-    (root / "include" / "pipelines" / "acc_shards.yaml").write_text(template_text(project, incidents=False, **{
+    (root / "include" / "pipelines" / "acc_shards.yaml").write_text(template_text(project, gates="point", incidents=False, **{
         'schedule: "0 3 * * 1"': "schedule: null", "retry_delay_seconds: 20": "retry_delay_seconds: 1",
         "max_retry_delay_seconds: 600": "max_retry_delay_seconds: 2", "name: acc_longitudinal": "name: acc_shards",
         "name: acc_longitudinal_policy": "name: acc_shards_model", "window_days: 14": "window_days: 7",

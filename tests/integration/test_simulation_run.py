@@ -57,9 +57,9 @@ def runs(airflow_db, tmp_path_factory, project):
         mp.setenv("CLOSEDLOOP_FAULTS", str(faults))
         old, airflow.settings.DAGS_FOLDER = airflow.settings.DAGS_FOLDER, str(root / "dags")
         try:
-            path.write_text(template_text(project, lax_gates=True, **base))
+            path.write_text(template_text(project, gates="lax", **base))
             out["unsharded"] = run_dag(load_dag("acc_sim"), WHEN)
-            path.write_text(template_text(project, lax_gates=True, **base, **SHARDED))
+            path.write_text(template_text(project, gates="lax", **base, **SHARDED))
             # shard 2 fails once after launching its job; merge_simulation at each of its crash points
             marks = root / "marks"
             marks.mkdir()
@@ -72,9 +72,9 @@ def runs(airflow_db, tmp_path_factory, project):
             faults.unlink()
             out["incident"] = run_dag(load_dag("acc_sim_incident"), WHEN.replace(hour=6), conf={"incident": INCIDENT})
             out["after"] = run_dag(load_dag("acc_sim"), WHEN.replace(hour=7))
-            path.write_text(template_text(project, lax_gates=True, **{**base, **ADAPTIVE}))
+            path.write_text(template_text(project, gates="lax", **{**base, **ADAPTIVE}))
             out["adaptive"] = run_dag(load_dag("acc_sim"), WHEN.replace(hour=8))
-            path.write_text(template_text(project, lax_gates=True, **{**base, **ADAPTIVE, SHIPPED_ADAPTIVE:
+            path.write_text(template_text(project, gates="lax", **{**base, **ADAPTIVE, SHIPPED_ADAPTIVE:
                                           ADAPTIVE[SHIPPED_ADAPTIVE] + "  shards: {by: scenario_type}\n"}))
             out["adaptive_sharded"] = run_dag(load_dag("acc_sim"), WHEN.replace(hour=9))
         finally:

@@ -29,7 +29,7 @@ def text(project, name: str) -> str:
             }
     if name != "iso_a":
         base.update(NO_REVIEW)
-    return template_text(project, incidents=False, lax_gates=True, **base)
+    return template_text(project, incidents=False, gates="lax", **base)
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,11 @@ EXPECTED_EDGES = {
     "register_candidate": {"release_gate"},
 }
 GOVERNED_EDGES = {**EXPECTED_EDGES, "approval": {"register_candidate"}, "promote": {"approval"}}
+SHIPPED_EDGES = {**GOVERNED_EDGES, "merge_simulation": {"simulate"}, "release_gate": {"simulate", "merge_simulation"},
+                 "approval_2": {"approval"}, "promote": {"approval_2"}}
+"""The shipped template: simulation in shards (merged), the two-person rule (approval, approval_2)."""
 REGISTRY = {"closedloop_registry", "closedloop_registry_watch"}
-INCIDENT_EDGES = {**GOVERNED_EDGES, "admit_incident": set(), "generate_dataset": {"admit_incident"}}
+INCIDENT_EDGES = {**SHIPPED_EDGES, "admit_incident": set(), "generate_dataset": {"admit_incident"}}
 
 
 def without_incidents(text: str) -> str:
@@ -43,7 +46,7 @@ def test_dags_folder_has_one_dag_per_template_and_no_import_errors(project):
     assert set(bag.dag_ids) == names | {f"{n}_incident" for n in names} | REGISTRY
     for name in names:
         dag = bag.dags[name]
-        assert {t.task_id: set(t.upstream_task_ids) for t in dag.tasks} == GOVERNED_EDGES
+        assert {t.task_id: set(t.upstream_task_ids) for t in dag.tasks} == SHIPPED_EDGES
         assert dag.doc_md and f"# Pipeline `{name}`" in dag.doc_md
         assert "closedloop" in dag.tags
         incident = bag.dags[f"{name}_incident"]
@@ -71,14 +74,15 @@ def test_dag_settings_come_from_the_template(project):
     assert dag.timetable.expression == "0 3 * * 1"
     assert dag.catchup is False
     assert dag.default_args["owner"] == "acc-ml-team"
-    for step in ("generate_dataset", "train", "simulate", "release_gate", "register_candidate", "promote"):
+    assert type(dag.get_task("simulate")).__name__ == "MappedOperator"  # its shards get the policy when unmapped
+    for step in ("generate_dataset", "train", "merge_simulation", "release_gate", "register_candidate", "promote"):
         task = dag.get_task(step)  # transient errors only: the policy fails gate failures and bugs at once
         assert type(task.retry_policy).__name__ == "TransientOnlyRetryPolicy"
         assert task.retries == (3 if step == "train" else 2)  # reliability.steps.train.retries
         assert task.retry_exponential_backoff == 2.0 and task.retry_delay.total_seconds() == 20
     assert dag.get_task("approval").retries == 2  # recording the decision; the answer is never asked again
     assert type(dag.get_task("approval").retry_policy).__name__ == "TransientOnlyRetryPolicy"
-    assert "sim.hard_braking.collision_rate <= 0" in dag.doc_md
+    assert "sim.hard_braking.collision_rate (its 95% Clopper-Pearson bound) <= 0.05" in dag.doc_md
     assert dag.start_date is None  # no start date + catchup off: unpausing waits for the next tick
     review = dag.get_task("approval")
     assert [u["id"] for u in review.assigned_users] == ["safety-lead", "safety-deputy"]

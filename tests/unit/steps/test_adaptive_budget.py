@@ -19,7 +19,7 @@ from closedloop.spec import GateSpec, load_spec
 from closedloop.steps.catalog import expand_catalog, next_round
 from closedloop.steps.context import RunContext
 from closedloop.steps.simulation import budget_of, simulate_until_decided, simulation_key, undecided
-from tests.conftest import scratch_project, template_text
+from tests.conftest import SHIPPED_ADAPTIVE, scratch_project, template_text
 
 
 @pytest.fixture(scope="module")
@@ -111,23 +111,21 @@ def test_without_a_budget_the_catalog_runs_once(model, catalog):
     assert "adaptive" not in out and len(out["episodes"]) == 26
 
 
-def loaded_with(tmp_path, project, extra: dict):
+def loaded_with(tmp_path, project, extra: dict, **options):
     path = scratch_project(tmp_path) / "include" / "pipelines" / "acc_longitudinal.yaml"
-    path.write_text(template_text(project, **extra))
+    path.write_text(template_text(project, **extra, **options))
     return load_spec(path)
 
 
-ADAPTIVE = {"scenario_set: standard": "scenario_set: standard\n  adaptive: {max_episodes: 2000}",
-            "gates:\n": "gates:\n  - metric: sim.collision_rate\n    max: 0.01\n    confidence: 0.95\n"}
+ADAPTIVE = {SHIPPED_ADAPTIVE: "  adaptive: {max_episodes: 2000}\n"}
 
 
 def test_the_template_refuses_a_budget_nothing_waits_for(tmp_path, project):
     with pytest.raises(SpecError, match="no gate judges a 'sim.\\*' rate with 'confidence'"):
-        loaded_with(tmp_path / "a", project, {"scenario_set: standard": "scenario_set: standard\n  adaptive: "
-                                               "{max_episodes: 2000}"})
+        loaded_with(tmp_path / "a", project, {"    confidence: 0.95 ": "    method: wilson ",
+                                               "    confidence: 0.95\n": "    method: wilson\n"})
     with pytest.raises(SpecError, match="max_episodes"):
-        loaded_with(tmp_path / "c", project, {**ADAPTIVE, "scenario_set: standard": "scenario_set: standard\n  "
-                                              "adaptive: {max_episodes: 0}"})
+        loaded_with(tmp_path / "c", project, {SHIPPED_ADAPTIVE: "  adaptive: {max_episodes: 0}\n"})
 
 
 @pytest.mark.parametrize("shards,together", [("{by: scenario_type}", True), ("{count: 3}", False)])
@@ -154,8 +152,8 @@ def test_rounds_fan_out_over_shards_with_the_unsharded_adaptive_metrics(tmp_path
 
     gate = {"metric": "sim.cut_in.collision_rate", "max": 0.05, "confidence": 0.95}
     loaded = loaded_with(tmp_path / "t", project, {
-        "scenario_set: standard": f"scenario_set: standard\n  adaptive: {{max_episodes: 5000}}\n  shards: {shards}",
-        "gates:\n": "gates:\n  - metric: sim.cut_in.collision_rate\n    max: 0.05\n    confidence: 0.95\n"})
+        SHIPPED_ADAPTIVE: f"  adaptive: {{max_episodes: 5000}}\n  shards: {shards}\n"}, gates="lax")
+    loaded.spec.gates[:] = [GateSpec(**gate)]  # the one gate the unsharded reference waits for
     ctx = RunContext(pipeline=loaded.spec.name, template_digest="", dag_id="d", run_id="r",
                      data_root=str(tmp_path / "data"))
     whole = whole_catalog(loaded, ctx)
@@ -215,7 +213,7 @@ def test_a_merge_missing_a_round_the_budget_takes_is_refused(tmp_path, project, 
 def test_the_budget_is_in_the_simulations_cache_key_and_its_docs(tmp_path, project):
     from closedloop.spec.describe import describe
 
-    plain = loaded_with(tmp_path / "plain", project, {"gates:\n": ADAPTIVE["gates:\n"]})
+    plain = loaded_with(tmp_path / "plain", project, {SHIPPED_ADAPTIVE: ""})
     small = loaded_with(tmp_path / "small", project, ADAPTIVE)
     large = loaded_with(tmp_path / "large", project, {**ADAPTIVE, "max_episodes: 2000": "max_episodes: 4000"})
     assert budget_of(plain) is None and budget_of(small)["gates"][0]["metric"] == "sim.collision_rate"

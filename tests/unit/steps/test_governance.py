@@ -292,10 +292,11 @@ def test_check_aliases_names_direct_moves_and_replayed_records_and_restore_fixes
 def test_a_request_nobody_else_can_approve_is_refused(project):
     from closedloop.spec import load_spec
 
-    spec = load_spec(project / "include" / "pipelines" / "acc_longitudinal.yaml").spec
+    two = load_spec(project / "include" / "pipelines" / "acc_longitudinal.yaml").spec  # the two-person rule
+    spec = two.model_copy(update={"approval": two.approval.model_copy(update={"required": 1})})
     gov.check_reviewers(spec, "ml-engineer")  # not an approver: both approvers remain
     gov.check_reviewers(spec, "safety-lead")  # an approver: the other one remains
-    two = spec.model_copy(update={"approval": spec.approval.model_copy(update={"required": 2})})
+    gov.check_reviewers(two, "ml-engineer")  # both approvers remain for the two approvals
     with pytest.raises(ApprovalError, match="needs 2 approval\\(s\\) from approvers other than the requester"):
         gov.check_reviewers(two, "safety-lead")
     with pytest.raises(ApprovalError, match="'safety-deputy', 'safety-lead' before any compute"):
