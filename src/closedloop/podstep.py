@@ -15,9 +15,11 @@ import os
 import sys
 from pathlib import Path
 
+from closedloop import pipeline
+
 XCOM_PATH = "/airflow/xcom/return.json"
 TERMINATION_LOG = "/dev/termination-log"
-STEPS = ("train", "simulate")
+STEPS = pipeline.POD_STEPS
 
 
 def run(step: str, template: str, payload: dict) -> dict:

@@ -14,6 +14,13 @@ PREVIOUS = "previous-production"
 # -- MLflow tags: identity and lineage of every run and model version ------------------------------
 NAMESPACE = "closedloop."  # every tag of ours starts with it
 
+# -- metric prefixes: where a metric comes from (a gate names it with its prefix) ------------------
+OFFLINE = "offline."  # held-out evaluation (offline_eval)
+SIM = "sim."  # closed-loop simulation (simulate / merge_simulation)
+HIL = "hil."  # hardware-in-the-loop results (await_hil)
+SHIFT = "shift."  # distribution shift from production's training data (release_gate)
+ONLINE = "online."  # the production version's KPIs from the fleet (the KPI watcher)
+
 
 def experiment_name(pipeline: str) -> str:
     """The MLflow experiment of a pipeline's runs."""

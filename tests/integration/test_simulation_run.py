@@ -187,7 +187,7 @@ def test_an_adaptive_budget_simulates_more_rounds_until_the_bound_decides(runs):
     incident's regression scenario) with fresh seeds until the confidence gate on sim.collision_rate
     is decided or 400 episodes are spent; the gate judges every episode and says how many rounds."""
     from closedloop.spec import GateSpec
-    from closedloop.steps.simulation import undecided
+    from closedloop.steps.gates import undecided
 
     ad = runs["adaptive"]
     assert ad["results"]["train"]["model_uri"] == runs["unsharded"]["results"]["train"]["model_uri"]

@@ -207,3 +207,24 @@ def test_no_tag_or_name_of_ours_is_written_outside_the_vocabulary():
     found = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
              and n.value.startswith("closedloop.") and n.value.split(":")[0].rstrip(".") not in mods]
     assert found == ["closedloop.review.decision", "closedloop.request."]
+
+
+def test_metric_prefixes_are_written_once_in_the_vocabulary():
+    """``sim.``, ``offline.``, ``hil.``, ``shift.``, ``online.``: a bare prefix, a ``startswith``/
+    ``removeprefix`` on one, or an f-string that builds a metric name from one, lives in ``vocab.py``."""
+    prefixes = ("sim.", "offline.", "hil.", "shift.", "online.")
+
+    def strays_in(tree) -> list[int]:
+        found = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in prefixes:
+                found.append(node.lineno)
+            elif isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant) \
+                    and str(node.values[0].value).startswith(prefixes):
+                found.append(node.lineno)
+        return sorted(set(found))
+
+    strays = [f"{path.relative_to(SRC)}:{line}" for name, path in modules().items() if name != "closedloop.vocab"
+              for line in strays_in(ast.parse(path.read_text()))]
+    assert strays == []
+    assert strays_in(ast.parse('x.startswith("sim.")\ny = f"offline.{k}"')) == [1, 2]  # the check sees them

@@ -19,7 +19,7 @@ import sys
 import time
 from datetime import datetime
 
-from closedloop import vocab
+from closedloop import pipeline, vocab
 from closedloop.local.run import collect_summary
 from closedloop.records.render import format_summary
 
@@ -132,7 +132,7 @@ def _shift_report(pipeline: str, run_id: str) -> str:
     if not runs:
         return "shift against production: no release gate run"
     m = runs[0].data.metrics
-    psi = sorted(((k.split(".")[1], v) for k, v in m.items() if k.startswith("shift.") and k.endswith(".psi")),
+    psi = sorted(((k.split(".")[1], v) for k, v in m.items() if k.startswith(vocab.SHIFT) and k.endswith(".psi")),
                  key=lambda kv: -kv[1])
     compared = runs[0].data.tags.get(vocab.COMPARED_TO_PRODUCTION, "?")
     return (f"distribution shift of the training data against production (version {compared}), PSI "
@@ -219,7 +219,8 @@ def run() -> int:
                     "the incident run to finish")
         summary = collect_summary(INCIDENT_DAG, incident_id)
         print(format_summary(summary))
-        sim = (summary["results"] or {}).get("merge_simulation") or (summary["results"] or {}).get("simulate")
+        found = summary["results"] or {}
+        sim = next((found[k] for k in pipeline.SIMULATION_RESULT if isinstance(found.get(k), dict)), None)
         rounds = (sim or {}).get("adaptive", {}).get("rounds") if isinstance(sim, dict) else None
         print(f"\nthe evidence behind each confidence gate (the adaptive budget simulated {rounds or '?'} round(s) of the "
               "catalog, until the last of them was decided):\n" + "\n".join(_evidence(_gates(summary), failed_only=False)))
@@ -289,7 +290,7 @@ def run() -> int:
                   + ("" if card_ok else "\n  (INCOMPLETE: " + ", ".join(w for w in wanted if w not in card)
                      + " missing)"))
         gate_failed = periodic["state"] == "failed" and bool(stopped_by)
-        compared = shifted_run is not None and any(r["metric"].startswith("shift.") and r.get("value") is not None
+        compared = shifted_run is not None and any(r["metric"].startswith(vocab.SHIFT) and r.get("value") is not None
                                                    for r in _gates(collect_summary(PIPELINE, shifted_run["dag_run_id"])))
         ok = gate_failed and summary["state"] == "success" and bool(promoted) and card_ok and compared
         print(f"\n{'OK' if ok else 'FAILED'}: " + (

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from closedloop import vocab
+from closedloop import pipeline, vocab
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -59,7 +59,8 @@ class ClosedLoopStepOperator(BaseOperator):
 
     def simulation(self, context: Context) -> dict:
         """The run's simulation result: ``merge_simulation``'s when ``simulate`` is sharded."""
-        return self.upstream(context, "merge_simulation" if self.loaded.spec.simulation.shards else "simulate")
+        merged, alone = pipeline.SIMULATION_RESULT
+        return self.upstream(context, merged if self.loaded.spec.simulation.shards else alone)
 
     def finish(self, context: Context, out: Any) -> Any:
         """Seal a step's result where it is born (what XCom then holds; consumers check the seal)."""

@@ -405,5 +405,5 @@ class HilResultsOperator(HITLOperator):
         from closedloop.operators.base import seal
 
         user = event.get("responded_by_user") or {}
-        return seal(context, {"metrics": {f"hil.{k}": float(v) for k, v in results.items()},
+        return seal(context, {"metrics": {f"{vocab.HIL}{k}": float(v) for k, v in results.items()},
                               "reported_by": user.get("id") if isinstance(user, dict) else None})

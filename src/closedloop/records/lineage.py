@@ -14,7 +14,7 @@ import re
 from collections.abc import Collection
 from typing import Any
 
-from closedloop import vocab
+from closedloop import pipeline, vocab
 from closedloop.errors import ClosedLoopError
 from closedloop.spec.schema import NAME_RE, SOURCE_RE, VERSION_RE
 from closedloop.steps.tracking import literal, mlflow_client, not_found
@@ -213,7 +213,7 @@ def trace(ref: str, tracking_uri: str | None = None, *, limit: int = MAX_LIMIT, 
                        "hash": tags.get(vocab.TEMPLATE_HASH)}
     out["airflow_run"] = {"dag_id": tags.get(vocab.AIRFLOW_DAG_ID), "run_id": tags.get(vocab.AIRFLOW_RUN_ID),
                           "started_by": _origin({**tags, **(dict(mv.tags) if mv is not None else {})})}
-    sim_run = steps.get("merge_simulation") or steps.get("simulate")
+    sim_run = next((steps[k] for k in pipeline.SIMULATION_RESULT if steps.get(k)), None)
     sim = _result(sim_run)
     out["simulation"] = {
         "run_id": sim_run.info.run_id, "episodes": sim.get("episodes"), "shards": sim.get("shards", 1),

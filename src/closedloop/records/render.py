@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from closedloop import pipeline, vocab
 from closedloop.steps.gates import format_report
 
 
@@ -40,16 +41,16 @@ def format_summary(s: dict) -> str:
     if r.get("validate_data"):
         v = r["validate_data"]
         out.append(f"validation: suite {v['suite']}: {v['evaluated'] - v['failed']}/{v['evaluated']} expectations passed")
-    sim = r.get("merge_simulation") or (r["simulate"] if isinstance(r.get("simulate"), dict) else None)
+    sim = next((r[k] for k in pipeline.SIMULATION_RESULT if isinstance(r.get(k), dict)), None)
     runs = {k: r[k]["run_id"] for k in ("train", "offline_eval", "merge_simulation", "simulate", "release_gate")
             if isinstance(r.get(k), dict)}
     if runs:
         out += ["", "MLflow runs: " + ", ".join(f"{k} {v}" for k, v in runs.items())]
     if r.get("offline_eval"):
-        out.append(f"offline metrics:    {_headline(r['offline_eval']['metrics'], 'offline.')}")
+        out.append(f"offline metrics:    {_headline(r['offline_eval']['metrics'], vocab.OFFLINE)}")
     if sim:
         a = sim.get("adaptive")
-        out.append(f"simulation metrics: {_headline(sim['metrics'], 'sim.')}"
+        out.append(f"simulation metrics: {_headline(sim['metrics'], vocab.SIM)}"
                    + (f"\n                    {sim['episodes']:,} episodes"
                       + (f" in {a['rounds']} round(s) of the catalog ({a['stopped']})" if a else "")
                       + (f", {sim['shards']} shards" if sim.get("shards") else "")))

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from closedloop import pipeline
+from closedloop import pipeline, vocab
 from closedloop.errors import SpecError
 
 NAME_RE = r"^[a-z][a-z0-9_]{1,62}$"
@@ -545,10 +545,10 @@ class PipelineSpec(_Part):
     @model_validator(mode="after")
     def _gate_metrics(self) -> PipelineSpec:
         for i, gate in enumerate(self.gates):
-            if gate.metric.startswith("hil.") and self.hil is None:
+            if gate.metric.startswith(vocab.HIL) and self.hil is None:
                 raise ValueError(f"gates[{i}].metric {gate.metric!r} needs hardware-in-the-loop results: add a "
                                  "'hil:' section (reporter, timeout_minutes)")
-            if gate.metric.startswith("offline."):
+            if gate.metric.startswith(vocab.OFFLINE):
                 leaf = gate.metric.rsplit(".", 1)[-1]
                 if leaf not in self.evaluation.metrics:
                     raise ValueError(f"gates[{i}].metric {gate.metric!r} uses offline metric {leaf!r}, "
@@ -561,7 +561,7 @@ class PipelineSpec(_Part):
 
     def adaptive_gates(self) -> list[GateSpec]:
         """The gates an adaptive simulation budget waits for: ``sim.*`` rates judged with ``confidence``."""
-        return [g for g in self.gates if g.metric.startswith("sim.") and g.confidence is not None]
+        return [g for g in self.gates if g.metric.startswith(vocab.SIM) and g.confidence is not None]
 
     def digest(self) -> str:
         """The template hash: sha256 of the validated content (comments and key order don't count)."""

@@ -238,7 +238,7 @@ def render_html(card: dict[str, Any]) -> str:
                                                        for t in per if metric in per[t]["candidate"]],
                       threshold=threshold_of(metric.rsplit(".", 1)[-1], card["gates"]), log=metric.endswith("_s"))
                 for metric in ("sim.collision_rate", "sim.min_ttc_s", "offline.rmse")],
-        groups=metric_groups([m for m in card["metrics"] if not m["metric"].startswith("shift.")]),
+        groups=metric_groups([m for m in card["metrics"] if not m["metric"].startswith(vocab.SHIFT)]),
         hists=[_hist(k, f) for k, f in (shift.get("features") or {}).items()],
         shift_line=(f"scenario mix PSI {mix['psi']:.3f}" if mix else
                     f"no shift report: {cmp['note'] or 'not computed'}"),
@@ -289,15 +289,15 @@ def model_card(client, model: str, version: str) -> str:
     for t, vals in sorted(_per_scenario(m).items()):
         if "sim.collision_rate" not in vals:
             continue
-        k, n = m.get(f"sim.{t}.collisions"), m.get(f"sim.{t}.episodes")
+        k, n = m.get(f"{vocab.SIM}{t}.collisions"), m.get(f"{vocab.SIM}{t}.episodes")
         lines.append(f"| {t} | {vals['sim.collision_rate']:g} | {_n(k)} / {_n(n)} | {vals.get('sim.min_ttc_s', '-')} |")
         if n:
             upper = rate_bounds(int(k or 0), int(n), 0.95)[1]
             if upper > 0.05:
                 limits.append(f"- {t}: {int(k or 0)} collision(s) in {int(n)} simulated episodes: the collision rate "
                               f"could be as high as {upper:.1%} (95 % upper bound); thin evidence")
-    lines += ["", "Offline: " + ", ".join(f"{k.removeprefix('offline.')} {v:g}" for k, v in sorted(m.items())
-                                           if k.startswith("offline.") and k.count(".") == 1), ""]
+    lines += ["", "Offline: " + ", ".join(f"{k.removeprefix(vocab.OFFLINE)} {v:g}" for k, v in sorted(m.items())
+                                           if k.startswith(vocab.OFFLINE) and k.count(".") == 1), ""]
     for g in r["report"]:
         if not g.get("passed"):
             limits.append(f"- gate `{g['metric']}` failed: {g.get('reason')}")

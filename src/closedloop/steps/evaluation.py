@@ -43,12 +43,12 @@ def offline_eval(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, trained
         names = list(spec.evaluation.metrics)
         target = spec.training.target
         pred = predict(model, test_df)
-        metrics = {f"offline.{k}": v for k, v in offline_metrics(test_df[target], pred, names).items()}
+        metrics = {f"{vocab.OFFLINE}{k}": v for k, v in offline_metrics(test_df[target], pred, names).items()}
         by = spec.evaluation.group_by
         if by in test_df:
             for value, idx in test_df.groupby(by).indices.items():
                 part = offline_metrics(test_df[target].iloc[idx], pred[idx], names)
-                metrics.update({f"offline.{value}.{k}": v for k, v in part.items()})
+                metrics.update({f"{vocab.OFFLINE}{value}.{k}": v for k, v in part.items()})
         tracking.log_dataset_input(ctx, run_id, test_df, labelled, context="evaluation",
                                    name=f"{spec.name}-labelled", targets=target)
         tracking.client(ctx).log_batch(run_id, metrics=tracking.metric_entities(metrics))

@@ -68,6 +68,29 @@ def counts_of(metric: str, metrics: dict[str, float]) -> tuple[int, int] | None:
     return int(events), int(trials)
 
 
+def _bounded(gates: list, metrics: dict[str, float]):
+    """``(gate, lower, upper)``: each confidence gate's one-sided bounds, for those whose counts are there
+    (a gate whose counts are missing is not waited for: it fails on its own)."""
+    for g in gates:
+        counts = counts_of(g.metric, metrics)
+        if counts is not None:
+            yield (g, *rate_bounds(*counts, g.confidence, g.method))
+
+
+def undecided(gates: list, metrics: dict[str, float]) -> list[str]:
+    """The confidence gates whose verdict more episodes could still change: for ``max``, the upper
+    bound is above it and the lower bound is not (``min`` the other way round)."""
+    return [g.metric for g, lower, upper in _bounded(gates, metrics)
+            if (g.max is not None and lower <= g.max < upper) or (g.min is not None and lower < g.min <= upper)]
+
+
+def failed_for_sure(gates: list, metrics: dict[str, float]) -> list[str]:
+    """The confidence gates no number of further episodes can pass: for ``max``, the lower bound is
+    already above it (``min``: the upper bound below it). One of them decides the release: rejected."""
+    return [g.metric for g, lower, upper in _bounded(gates, metrics)
+            if (g.max is not None and lower > g.max) or (g.min is not None and upper < g.min)]
+
+
 def _pct(x: float) -> str:
     return f"{x * 100:.3g} %"
 
@@ -231,15 +254,15 @@ def release_gate(loaded: LoadedSpec, ctx: RunContext, *, offline: dict, simulati
                **(drift.metrics_of(shifted) if shifted else {})}
     production, production_version = production_metrics(ctx, loaded.spec.model.name)
     report = evaluate(list(loaded.spec.gates), metrics, production, nothing_to_judge={} if shifted else {
-        "shift.": "no production version (or its training data) to compare with: nothing to judge"})
+        vocab.SHIFT: "no production version (or its training data) to compare with: nothing to judge"})
     adaptive = simulation.get("adaptive")
     for r in report:  # the regression scenarios' outcomes, each by the incident it came from
-        if adaptive and r.get("confidence") is not None and r["metric"].startswith("sim.") and r.get("evidence"):
+        if adaptive and r.get("confidence") is not None and r["metric"].startswith(vocab.SIM) and r.get("evidence"):
             r["evidence"] += (f"; adaptive budget: {adaptive['episodes']:,} episodes in {adaptive['rounds']} "
                               f"round(s) of the catalog, {adaptive['stopped']} (at most {adaptive['max_episodes']:,})")
         if r["metric"].startswith("sim.regression."):
             r["incidents"] = list(simulation.get("regression") or [])
-        if r["metric"].startswith("shift.") and shifted and shifted.get("error"):
+        if r["metric"].startswith(vocab.SHIFT) and shifted and shifted.get("error"):
             r["reason"] = f"{r['reason']}: {shifted['error']}"
     passed = all(r["passed"] for r in report)
     run = tracking.step_run(loaded, ctx, "release_gate")

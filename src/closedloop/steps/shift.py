@@ -78,9 +78,9 @@ def report(reference, candidate, *, group_by: str = "scenario", skip: tuple[str,
 
 def metrics_of(shift: dict[str, Any]) -> dict[str, float]:
     """Gate-able metrics of a shift report."""
-    out = {f"shift.{col}.{k}": v[k] for col, v in shift.get("features", {}).items() for k in ("psi", "ks")}
+    out = {f"{vocab.SHIFT}{col}.{k}": v[k] for col, v in shift.get("features", {}).items() for k in ("psi", "ks")}
     if "scenario_mix" in shift:
-        out["shift.scenario_mix.psi"] = shift["scenario_mix"]["psi"]
+        out[f"{vocab.SHIFT}scenario_mix.psi"] = shift["scenario_mix"]["psi"]
     return out
 
 

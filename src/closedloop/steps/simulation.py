@@ -33,6 +33,7 @@ from closedloop.spec import LoadedSpec
 from closedloop.steps import tracking
 from closedloop.steps.catalog import expand_catalog
 from closedloop.steps.context import RunContext
+from closedloop.steps.gates import failed_for_sure, undecided
 
 log = logging.getLogger(__name__)
 
@@ -238,31 +239,6 @@ def budget_of(loaded: LoadedSpec) -> dict | None:
             "gates": [g.model_dump(mode="json") for g in loaded.spec.adaptive_gates()]}
 
 
-def _bounded(gates: list, metrics: dict[str, float]):
-    """``(gate, lower, upper)``: each confidence gate's one-sided bounds, for those whose counts are there
-    (a gate whose counts are missing is not waited for: it fails on its own)."""
-    from closedloop.steps.gates import counts_of, rate_bounds
-
-    for g in gates:
-        counts = counts_of(g.metric, metrics)
-        if counts is not None:
-            yield (g, *rate_bounds(*counts, g.confidence, g.method))
-
-
-def undecided(gates: list, metrics: dict[str, float]) -> list[str]:
-    """The confidence gates whose verdict more episodes could still change: for ``max``, the upper
-    bound is above it and the lower bound is not (``min`` the other way round)."""
-    return [g.metric for g, lower, upper in _bounded(gates, metrics)
-            if (g.max is not None and lower <= g.max < upper) or (g.min is not None and lower < g.min <= upper)]
-
-
-def failed_for_sure(gates: list, metrics: dict[str, float]) -> list[str]:
-    """The confidence gates no number of further episodes can pass: for ``max``, the lower bound is
-    already above it (``min``: the upper bound below it). One of them decides the release: rejected."""
-    return [g.metric for g, lower, upper in _bounded(gates, metrics)
-            if (g.max is not None and lower > g.max) or (g.min is not None and upper < g.min)]
-
-
 ROUNDS_PER_CALL = 8
 """Further rounds are simulated this many at a time (one call of the simulator: most of its cost is per
 call, not per episode), then taken round by round: the stopping round, and so the metrics, are what a
@@ -320,7 +296,7 @@ def walk_rounds(budget: dict, per_round: int, round_of, *, quiet: bool = False) 
         episodes += got
         rounds += 1
         metrics = summarize(episodes)
-        scoped = {f"sim.{k}": v for k, v in metrics.items()}
+        scoped = {f"{vocab.SIM}{k}": v for k, v in metrics.items()}
         waiting, failed = undecided(gates, scoped), failed_for_sure(gates, scoped)
         if rounds > 1 and not quiet:
             log.info("adaptive budget: round %d, %d episodes; still undecided: %s%s", rounds, len(episodes),
@@ -615,7 +591,7 @@ def collect(loaded: LoadedSpec, ctx: RunContext, *, job: str, trained: dict, sha
 
 def _record(loaded: LoadedSpec, ctx: RunContext, run, result: dict, *, key: str, trained: dict, extra: dict) -> dict:
     """Log a simulation result (metrics, per-episode records, per-incident outcomes) and finish its run."""
-    metrics = {f"sim.{k}": v for k, v in result["metrics"].items()}
+    metrics = {f"{vocab.SIM}{k}": v for k, v in result["metrics"].items()}
     c = tracking.client(ctx)
     c.log_batch(run.info.run_id, metrics=tracking.metric_entities(metrics),
                 params=[_param("scenario_set", loaded.spec.simulation.scenario_set),

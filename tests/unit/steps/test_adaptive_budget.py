@@ -18,7 +18,8 @@ from closedloop.errors import SpecError
 from closedloop.spec import GateSpec, load_spec
 from closedloop.steps.catalog import expand_catalog, next_round
 from closedloop.steps.context import RunContext
-from closedloop.steps.simulation import budget_of, simulate_until_decided, simulation_key, undecided
+from closedloop.steps.gates import undecided
+from closedloop.steps.simulation import budget_of, simulate_until_decided, simulation_key
 from tests.conftest import SHIPPED_ADAPTIVE, scratch_project, template_text
 
 
