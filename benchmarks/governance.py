@@ -39,9 +39,9 @@ def median_ms(fn, n: int = N) -> float:
 def in_process() -> None:
     from mlflow import MlflowClient
 
+    from closedloop.runtime.signing import Binding, Signer, digest
     from closedloop.steps import governance as gov
     from closedloop.steps.registry import artifact_digest
-    from closedloop.steps.signing import Binding, Signer, digest
 
     key = Signer.generate()
     record = {"kind": "release_record", "model": "m", "version": "7", "gates_passed": True, "dag_id": "p",

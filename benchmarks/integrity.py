@@ -26,7 +26,7 @@ COLD = """
 import json, time
 t0 = time.perf_counter()
 from closedloop.spec import load_spec
-from closedloop.steps.cache import key_of
+from closedloop.runtime.cache import key_of
 loaded = load_spec({template!r})
 out = {{}}
 for step in {steps!r}:
@@ -47,8 +47,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from closedloop import pipeline
+    from closedloop.runtime.cache import key_of
     from closedloop.spec import load_spec
-    from closedloop.steps.cache import key_of
 
     template = str(ROOT / "include" / "pipelines" / "acc_longitudinal.yaml")
     steps = list(pipeline.CACHEABLE)
@@ -68,7 +68,7 @@ def main() -> None:
     import numpy as np
     import pandas as pd
 
-    from closedloop.steps.storage import bytes_digest, read_snapshot, to_bytes, write_snapshot
+    from closedloop.runtime.storage import bytes_digest, read_snapshot, to_bytes, write_snapshot
 
     rows = int(args.mb * 1e6 / 8 / 10)  # ten float64 columns
     rng = np.random.default_rng(0)

@@ -26,7 +26,7 @@ def seed(client, start: int, stop: int, versions_every: int = 2) -> None:
     """Pipeline runs ``start..stop-1`` (5 MLflow runs each), a model version for every other one."""
     from mlflow.entities import RunTag
 
-    from closedloop.steps.tracking import metric_entities
+    from closedloop.runtime.tracking import metric_entities
 
     for n in range(start, stop):
         p = n % PIPELINES
@@ -105,7 +105,7 @@ def main() -> int:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     from mlflow import MlflowClient
 
-    from closedloop.steps.tracking import ensure_store
+    from closedloop.runtime.tracking import ensure_store
 
     ensure_store(uri)
     client = MlflowClient(uri)

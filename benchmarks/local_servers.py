@@ -117,7 +117,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="closedloop-bench-servers-") as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
-        subprocess.run([str(VENV_BIN / "python"), "-c", "import sys; from closedloop.steps.tracking import ensure_store; "
+        subprocess.run([str(VENV_BIN / "python"), "-c", "import sys; from closedloop.runtime.tracking import ensure_store; "
                         "ensure_store(sys.argv[1])", uri], check=True)  # the tables exist, as in use
         for _ in range(2):  # interleaved, twice
             port = free_port()

@@ -45,9 +45,9 @@ def timed(fn, *a, **k):
 
 
 def direct_steps(when: date) -> dict[str, float]:
+    from closedloop.runtime.context import RunContext
     from closedloop.spec import load_spec
     from closedloop.steps import dataset, evaluation, gates, labeling, registry, simulation, training, validation
-    from closedloop.steps.context import RunContext
 
     loaded = load_spec(scratch_project() / "include" / "pipelines" / "acc_longitudinal.yaml")
     ctx = RunContext(pipeline="acc_longitudinal", template_digest=loaded.digest, dag_id="acc_longitudinal",
@@ -73,8 +73,8 @@ def log_model_costs() -> tuple[float, float]:
     import mlflow
 
     from closedloop.driving.policy import train_policy
+    from closedloop.runtime.storage import read_snapshot
     from closedloop.steps.models import log_model
-    from closedloop.steps.storage import read_snapshot
     from closedloop.steps.training import pip_requirements
 
     labelled = next((TMP / "home" / "data" / "acc_longitudinal" / "labelled").glob("*.parquet"))

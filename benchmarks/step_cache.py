@@ -55,10 +55,10 @@ def median_ms(fn, n: int = 20) -> float:
 
 def bookkeeping(root: Path) -> None:
     from closedloop import settings
+    from closedloop.runtime import cache, tracking
+    from closedloop.runtime.context import RunContext
+    from closedloop.runtime.faults import inject
     from closedloop.spec import load_spec
-    from closedloop.steps import cache, tracking
-    from closedloop.steps.context import RunContext
-    from closedloop.steps.faults import inject
 
     loaded = load_spec(root / "include" / "pipelines" / "acc_longitudinal.yaml")
     base = RunContext(pipeline="acc_longitudinal", template_digest=loaded.digest, dag_id="acc_longitudinal",

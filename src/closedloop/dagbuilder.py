@@ -45,8 +45,8 @@ def _default_args(loaded: LoadedSpec, **extra: Any) -> dict[str, Any]:
 def _loop(loaded: LoadedSpec):
     """The closed loop's tasks (inside an open DAG context), from the step table
     (:mod:`closedloop.pipeline`); returns the first task."""
+    from closedloop.runtime.context import resolve
     from closedloop.steps.approvals import approval_task_ids
-    from closedloop.steps.context import resolve
 
     spec = loaded.spec
     pods = spec.kubernetes

@@ -16,7 +16,7 @@ Columns:
   (``generate_dataset``'s cache hit follows the chain through the later steps).
 - ``code`` / ``entry_point``: the step module and the template field naming its entry point: with
   the library versions (and a pod's image) they are the step's code identity in its cache key
-  (:mod:`closedloop.steps.identity`).
+  (:mod:`closedloop.runtime.identity`).
 - ``retry``: ``transient`` (retried with backoff on transient errors only), ``decision`` (a human
   decision: asked once; recording it is retried on transient errors, and a retry records the answer
   already given instead of asking again) or ``never``.
@@ -105,7 +105,7 @@ STEPS: tuple[Step, ...] = (
 BY_ID: dict[str, Step] = {s.id: s for s in STEPS}
 ORDER: tuple[str, ...] = tuple(s.id for s in STEPS)
 CACHEABLE: tuple[str, ...] = tuple(s.id for s in STEPS if s.cacheable)
-"""Steps the step cache may answer, in order; the first one's hit plans the others (:mod:`closedloop.steps.plan`)."""
+"""Steps the step cache may answer, in order; the first one's hit plans the others (:mod:`closedloop.runtime.plan`)."""
 PLANNED: tuple[str, ...] = CACHEABLE[1:]
 """Cacheable steps whose result the first one's cache hit may find ahead of time."""
 RETRYABLE: tuple[str, ...] = tuple(s.id for s in STEPS if s.retry == "transient" and s.id != "admit_incident")

@@ -23,8 +23,8 @@ STEPS = pipeline.POD_STEPS
 
 
 def run(step: str, template: str, payload: dict) -> dict:
+    from closedloop.runtime.context import RunContext
     from closedloop.spec import load_spec
-    from closedloop.steps.context import RunContext
 
     loaded = load_spec(template)
     ctx = RunContext(**payload["context"])

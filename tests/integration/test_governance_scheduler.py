@@ -168,7 +168,7 @@ def test_governed_path(env):
     rec_a = xcom(server, "acc_gov", run_a, "register_candidate")
     _, detail = server.api("GET", hitl_path("acc_gov", run_a))
     assert detail["subject"] == f"Release acc_gov_model version {rec_a['version']}? (acc_gov)"
-    from closedloop.steps.signing import digest
+    from closedloop.runtime.signing import digest
 
     assert digest(rec_a) in detail["body"] and rec_a["artifact_digest"] in detail["body"]
     assert "gates passed" in detail["body"] and "| **PASS** | `sim.hard_braking.collision_rate` | <= 0 |" in detail["body"]
@@ -433,7 +433,7 @@ def test_the_hand_off_to_release_review_card_and_model_card(env, released):
     release record; the review card of a later candidate, read in a real browser, shows the numbers
     MLflow holds for it and for production; the production version's model card names its data,
     metrics and approver."""
-    from closedloop.steps.signing import Binding
+    from closedloop.runtime.signing import Binding
     from tests.browser import Browser, chromium_path
 
     server, root = env
@@ -448,7 +448,7 @@ def test_the_hand_off_to_release_review_card_and_model_card(env, released):
     first = next(e for e in events if e.get("changed"))
     assert first["model"] == "acc_rel_model" and first["version"] == str(prod.version)
     # a consumer verifies with the deployment's pinned key (a key in a model tag is a convenience, never trust)
-    from closedloop.steps.signing import trusted_keys
+    from closedloop.runtime.signing import trusted_keys
 
     verifier = trusted_keys(home=server.env["CLOSEDLOOP_HOME"])
     assert verifier.published() == client.get_registered_model("acc_rel_model").tags[gov.PUBLIC_KEY_TAG]
@@ -511,7 +511,7 @@ def test_the_deployments_own_roles_cannot_break_the_trust_chain(env, tmp_path):
     (REST as that person, the MLflow client, the CLI): a key planted as a connection, review state
     forged in a request's text, previous-production moved in MLflow, a cleared rollback, markup in a
     record a page shows. Production ends unchanged each time, with the reason."""
-    from closedloop.steps.signing import Binding, Signer, digest
+    from closedloop.runtime.signing import Binding, Signer, digest
 
     server, root = env
     server.wait_for(lambda: server.api("GET", "/api/v2/dags/acc_trust")[0] == 200, 120, "acc_trust parsed")

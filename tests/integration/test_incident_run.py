@@ -92,7 +92,7 @@ def test_incident_retrain_mines_the_incident_scenario_and_becomes_candidate(runs
     assert mv.tags["closedloop.request.ticket"] == admitted["incidents"][0]["id"]
     # the model card quotes the request (the incident's words) as written, Markdown escaped
     assert "> Incident retrain" in mv.description and "collision in hard\\_braking \\(high\\)" in mv.description
-    from closedloop.steps.pages import quoted
+    from closedloop.runtime.pages import quoted
 
     assert quoted(mv.tags["closedloop.request.purpose"]) in mv.description
     train_run = client.get_run(s["results"]["train"]["run_id"])

@@ -108,7 +108,7 @@ def test_xcom_carries_only_small_json(periodic_run):
 
 def test_running_the_steps_again_creates_nothing_new(periodic, periodic_run):
     """Retrying train/register for the same pipeline run reuses what exists (no second version)."""
-    from closedloop.steps.context import RunContext
+    from closedloop.runtime.context import RunContext
     from closedloop.steps.registry import register_candidate
     from closedloop.steps.training import train
 

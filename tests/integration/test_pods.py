@@ -16,8 +16,8 @@ import pytest
 from mlflow import MlflowClient
 
 from closedloop import settings
+from closedloop.runtime.context import RunContext
 from closedloop.spec import load_spec
-from closedloop.steps.context import RunContext
 from tests.conftest import NO_REVIEW, SAFE_DATA, template_text
 
 pytestmark = pytest.mark.integration
@@ -59,7 +59,7 @@ def task_context(task, dag, results: dict, *, sealed: bool = True) -> dict:
     running task, and no cluster is here to run one). The upstream results are sealed as the upstream
     tasks would have sealed them (with the deployment's key: here the local one)."""
     from closedloop.hooks.signing import signer
-    from closedloop.steps.signing import Binding
+    from closedloop.runtime.signing import Binding
 
     if sealed:
         results = {t: signer().seal(v, Binding(dag.dag_id, "manual__pods", t)) for t, v in results.items()}

@@ -146,7 +146,7 @@ def test_a_transient_error_at_every_crash_point_leaves_what_an_undisturbed_run_l
     """Every point of the crash-point matrix struck in one run (dag.test, Airflow's retry handling):
     each retry finishes what the failed try began; the registry record equals the undisturbed
     no-cache run's, and the data root holds one snapshot per content."""
-    from closedloop.steps.faults import MATRIX
+    from closedloop.runtime.faults import MATRIX
 
     s = runs["matrix"]
     assert s["state"] == "success", states(s)

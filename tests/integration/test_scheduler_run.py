@@ -141,7 +141,7 @@ def test_sigkill_at_every_crash_point_leaves_the_registry_as_an_undisturbed_run(
     began, and the registry and data root look exactly like an undisturbed run's: one run per step,
     one logged model, one described and sealed version, one snapshot per kind, one simulation job."""
     from closedloop import pipeline
-    from closedloop.steps.faults import MATRIX
+    from closedloop.runtime.faults import MATRIX
     from tests.fixtures.runs import PIPELINE_STEPS, crash_points
 
     faults = Path(airflow.env["CLOSEDLOOP_FAULTS"])
@@ -178,7 +178,7 @@ def test_sigkill_at_every_crash_point_leaves_the_registry_as_an_undisturbed_run(
                                   "generate_dataset/xcomEntries/return_value")
     raw = xcom_value(entry)
     assert (data / "raw" / f"{raw['digest']}.parquet").exists()
-    from closedloop.steps.context import RunContext
+    from closedloop.runtime.context import RunContext
     from closedloop.steps.simulation import job_dir
 
     job = Path(job_dir(RunContext(pipeline="acc_longitudinal", template_digest="", dag_id="acc_longitudinal",
@@ -194,7 +194,7 @@ def test_a_killed_shard_is_retried_alone_and_the_merge_waits_for_it(airflow, tmp
     """Simulation in two shards under the scheduler: shard 2's task process is SIGKILLed right after it
     launched its job. Airflow retries that shard only; the retry attaches to the job the dead try
     started; shard 1 is untouched; merge_simulation runs once both are done."""
-    from closedloop.steps.context import RunContext
+    from closedloop.runtime.context import RunContext
     from closedloop.steps.simulation import Shard, job_dir, local_log_path
 
     airflow.wait_for(lambda: airflow.api("GET", "/api/v2/dags/acc_shards")[0] == 200, 120, "DAG parsed")

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from closedloop import settings
 from closedloop.local.run import load_dag, run_dag
-from closedloop.steps.faults import MATRIX
+from closedloop.runtime.faults import MATRIX
 from tests.conftest import NO_REVIEW, SAFE_DATA, SHIPPED_ADAPTIVE, scratch_project, template_text
 
 pytestmark = pytest.mark.integration
@@ -120,7 +120,7 @@ def test_a_failed_shard_is_retried_alone_and_attaches_to_its_job(runs):
     three = runs["sharded"]
     assert {k: v for k, v in tries(three).items() if k.startswith("simulate")} == \
         {"simulate[0]": 1, "simulate[1]": 2, "simulate[2]": 1}
-    from closedloop.steps.context import RunContext
+    from closedloop.runtime.context import RunContext
     from closedloop.steps.simulation import Shard, job_dir, local_log_path
 
     ctx = RunContext(pipeline="acc_sim", template_digest="", dag_id="acc_sim", run_id=three["run_id"])

@@ -16,7 +16,7 @@ def _api(args) -> AirflowAPI:
 
 def _ctx():
     from closedloop import settings
-    from closedloop.steps.context import RunContext
+    from closedloop.runtime.context import RunContext
 
     return RunContext(pipeline="", template_digest="", dag_id="", run_id="", tracking_uri=settings.tracking_uri())
 
@@ -147,12 +147,12 @@ def registry_action(api: AirflowAPI, conf: dict, *, timeout: float = 300) -> tup
 
 def aliases_now(model: str) -> dict[str, str]:
     """The model's aliases as the caller sees them in MLflow (what a registry request names as its move)."""
-    from closedloop.steps.tracking import mlflow_client
+    from closedloop.runtime.tracking import mlflow_client
 
     try:
         rm = mlflow_client().get_registered_model(model)
     except Exception as exc:  # no such model: the deployment says so with the reason
-        from closedloop.steps.tracking import not_found
+        from closedloop.runtime.tracking import not_found
 
         if not_found(exc):
             return {}
@@ -212,9 +212,9 @@ def cmd_rollback(args) -> int:
 def cmd_verify(args) -> int:
     """``closedloop audit --verify MODEL [--restore --reason …]``: aliases against the sealed records."""
     from closedloop.errors import EvidenceError
+    from closedloop.runtime.signing import trusted_keys
+    from closedloop.runtime.tracking import mlflow_client
     from closedloop.steps.governance import check_aliases
-    from closedloop.steps.signing import trusted_keys
-    from closedloop.steps.tracking import mlflow_client
 
     try:
         verifier = trusted_keys()
@@ -255,7 +255,7 @@ def cmd_verify(args) -> int:
 
 def cmd_keys(args) -> int:
     """``closedloop keys generate|show|rotate``: the deployment's signing key and its pinned public keys."""
-    from closedloop.steps.signing import Signer, trusted_keys
+    from closedloop.runtime.signing import Signer, trusted_keys
 
     if args.keys_action == "generate":
         key = Signer.generate()
@@ -285,8 +285,8 @@ def rotate_keys(args) -> int:
     import os
     from pathlib import Path
 
-    from closedloop.steps.signing import PinnedKey, Signer, keyring_from_json, local_key_path, trusted_keys
-    from closedloop.steps.timeutil import utc_now_iso
+    from closedloop.runtime.signing import PinnedKey, Signer, keyring_from_json, local_key_path, trusted_keys
+    from closedloop.runtime.timeutil import utc_now_iso
 
     ring = trusted_keys()
     now = utc_now_iso()

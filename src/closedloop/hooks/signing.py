@@ -8,7 +8,7 @@
 4. the embedded default's key file under ``$CLOSEDLOOP_HOME/keys/`` (created once, mode 0600).
 
 Whatever the source, the key must match the pinned public keys
-(:func:`closedloop.steps.signing.trusted_keys`): a mismatch is a refusal naming it, never a new trust.
+(:func:`closedloop.runtime.signing.trusted_keys`): a mismatch is a refusal naming it, never a new trust.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 
 from closedloop.errors import EvidenceError
 from closedloop.hooks.deployment import connection, env_name, from_secrets_backend
-from closedloop.steps.signing import KeyRing, Signer, local_signer, signer_from_text, trusted_keys
+from closedloop.runtime.signing import KeyRing, Signer, local_signer, signer_from_text, trusted_keys
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,6 @@ def _signer(conn_id: str, home: str, env_key: str, env_key_file: str, env_conn: 
     if seed:
         return signer_from_text(seed, where=f"the secrets backend's {conn_id!r}"), f"the secrets backend's {conn_id!r}"
     log.debug("no signing key in the environment or a secrets backend: the embedded default's key file")
-    from closedloop.steps.signing import local_key_path
+    from closedloop.runtime.signing import local_key_path
 
     return local_signer(), str(local_key_path())

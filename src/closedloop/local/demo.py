@@ -123,7 +123,7 @@ def _summer_monday() -> datetime:
 def _shift_report(pipeline: str, run_id: str) -> str:
     """The run's distribution shift against production's training data (its release gate's MLflow run)."""
     from closedloop import settings
-    from closedloop.steps.tracking import literal, mlflow_client
+    from closedloop.runtime.tracking import literal, mlflow_client
 
     c = mlflow_client(settings.tracking_uri())
     exp = c.get_experiment_by_name(vocab.experiment_name(pipeline))
@@ -151,9 +151,9 @@ def run() -> int:
     from closedloop.records.audit import audit_trail
     from closedloop.records.render import format_audit
     from closedloop.records.runs import post_incident, wait_for_run
+    from closedloop.runtime.context import RunContext
     from closedloop.spec import load_all
     from closedloop.spec.incident import parse_incident, routes_of
-    from closedloop.steps.context import RunContext
 
     server = local_server()
     print(f"starting a local Airflow on {server.url} (scheduler, triggerer, DAG processor, API server; "
@@ -276,7 +276,7 @@ def run() -> int:
         promoted = (summary["results"] or {}).get("promote")
         card_ok = True
         if promoted:  # the model card in the registry, written from the records (data, metrics, incident, approver)
-            from closedloop.steps.tracking import mlflow_client
+            from closedloop.runtime.tracking import mlflow_client
 
             mv = mlflow_client(settings.tracking_uri()).get_model_version(promoted["model"], promoted["version"])
             card = mv.description or ""

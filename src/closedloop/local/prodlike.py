@@ -182,7 +182,7 @@ class ProdLike:
         }
         # the deployment's signing key in the environment (what a secrets backend holds in production), never
         # Airflow's metadata database; its public key pinned beside it: every verifier believes only that
-        from closedloop.steps.signing import local_signer
+        from closedloop.runtime.signing import local_signer
 
         key = local_signer(home=celery.get("CLOSEDLOOP_HOME", str(root / "closedloop")))
         celery["CLOSEDLOOP_SIGNING_KEY"] = key.seed_b64()

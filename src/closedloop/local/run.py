@@ -148,7 +148,7 @@ def _unsealed(value):
 def _registry_state(registered: dict | None) -> dict | None:
     if not registered:
         return None
-    from closedloop.steps.tracking import mlflow_client
+    from closedloop.runtime.tracking import mlflow_client
 
     c = mlflow_client()
     mv = c.get_model_version(registered["model"], registered["version"])

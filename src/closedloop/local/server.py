@@ -171,11 +171,11 @@ class AirflowServer:
             fcntl.flock(lock, fcntl.LOCK_EX)
             subprocess.run([airflow, "db", "migrate"], env=self.env, stdout=logfile, stderr=subprocess.STDOUT,
                            check=True, timeout=600)
-            from closedloop.steps.tracking import ensure_store
+            from closedloop.runtime.tracking import ensure_store
 
             ensure_store(self.env["MLFLOW_TRACKING_URI"])  # MLflow's tables, before tasks or a UI race to
             if not any(k in self.env for k in ("CLOSEDLOOP_SIGNING_KEY", "AIRFLOW_CONN_CLOSEDLOOP_SIGNING")):
-                from closedloop.steps.signing import ensure_local_key
+                from closedloop.runtime.signing import ensure_local_key
 
                 ensure_local_key(home=self.env["CLOSEDLOOP_HOME"])  # the embedded default's key and pin, once
 
@@ -288,7 +288,7 @@ def mlflow_ui_command(port: int, uri: str, artifacts: str | None) -> tuple[list[
 
 def start_mlflow_ui(port: int, log: Path) -> subprocess.Popen:
     from closedloop import settings
-    from closedloop.steps.tracking import ensure_store
+    from closedloop.runtime.tracking import ensure_store
 
     uri = settings.tracking_uri()
     ensure_store(uri)  # created and migrated here, once, under the store's lock: never by the UI and a task at once

@@ -13,8 +13,8 @@ from closedloop import pipeline, vocab
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from closedloop.runtime.context import RunContext
     from closedloop.spec import LoadedSpec
-    from closedloop.steps.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,9 @@ class ClosedLoopStepOperator(BaseOperator):
 
     def planned(self, context: Context) -> dict | None:
         """This step's result if ``generate_dataset`` already found it in the step cache
-        (:func:`closedloop.steps.plan.plan_ahead`): returned without importing MLflow."""
+        (:func:`closedloop.runtime.plan.plan_ahead`): returned without importing MLflow."""
         from closedloop import pipeline
-        from closedloop.steps.cache import PLAN_KEY
+        from closedloop.runtime.cache import PLAN_KEY
 
         if self.task_id not in pipeline.PLANNED:
             return None
@@ -115,12 +115,12 @@ class ClosedLoopStepOperator(BaseOperator):
         in XCom (key ``error``: alerts, summaries and the UI show it without digging in logs;
         gate and validation reports travel with it), then re-raise it for the retry policy.
 
-        ``start``/``end``: fault-drill injection points around the step (:mod:`closedloop.steps.faults`).
+        ``start``/``end``: fault-drill injection points around the step (:mod:`closedloop.runtime.faults`).
         """
         from airflow.sdk.exceptions import AirflowException
 
         from closedloop.errors import classify
-        from closedloop.steps.faults import inject
+        from closedloop.runtime.faults import inject
 
         ti = context["ti"]
         where = {"dag_id": ti.dag_id, "task_id": ti.task_id, "try_number": int(ti.try_number or 1),
@@ -223,7 +223,7 @@ def refuse_unreviewable(loaded: LoadedSpec, context: Context) -> None:
 def seal(context: Context, value: dict, key: str = "return_value") -> dict:
     """``value`` sealed for this task instance (and XCom ``key``) with the deployment's key."""
     from closedloop.hooks.signing import signer
-    from closedloop.steps.signing import Binding
+    from closedloop.runtime.signing import Binding
 
     ti = context["ti"]
     return signer().seal(value, Binding(ti.dag_id, ti.run_id, ti.task_id, _mapped(key, map_index_of(ti))))
@@ -251,7 +251,7 @@ def pull_sealed(context: Context, task_id: str, key: str = "return_value", *, re
     the task pushed nothing.
     """
     from closedloop.hooks.signing import verifier
-    from closedloop.steps.signing import Binding
+    from closedloop.runtime.signing import Binding
 
     ti = context["ti"]
     if map_index is None:
@@ -273,7 +273,7 @@ def run_context(loaded: LoadedSpec, mlflow_conn_id: str, context: Context) -> Ru
     import os
 
     from closedloop.hooks.mlflow import MLflowHook
-    from closedloop.steps.context import RunContext
+    from closedloop.runtime.context import RunContext
 
     hook = MLflowHook(mlflow_conn_id)
     os.environ.update(hook.credentials_env())  # MLflow's client reads credentials from the environment

@@ -7,12 +7,12 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from closedloop.operators.base import ClosedLoopStepOperator
-from closedloop.steps.storage import short
+from closedloop.runtime.storage import short
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from closedloop.steps.context import RunContext
+    from closedloop.runtime.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ class GenerateDatasetOperator(ClosedLoopStepOperator):
         out = self._generate(ctx, context)
         if (out.get("cache") or {}).get("hit"):
             from closedloop.operators.base import seal
-            from closedloop.steps.cache import PLAN_KEY
-            from closedloop.steps.plan import plan_ahead
+            from closedloop.runtime.cache import PLAN_KEY
+            from closedloop.runtime.plan import plan_ahead
 
             context["ti"].xcom_push(key=PLAN_KEY, value=seal(context, plan_ahead(self.loaded, ctx, out), PLAN_KEY))
         return out
@@ -53,7 +53,7 @@ class GenerateDatasetOperator(ClosedLoopStepOperator):
 
         rerun = rerun_of(context)
         if rerun:
-            from closedloop.steps.tracking import link_rerun
+            from closedloop.runtime.tracking import link_rerun
 
             link_rerun(self.loaded, ctx, of=str(rerun["of"]))
             if rerun.get("raw") and not rerun.get("fresh_data"):

@@ -13,13 +13,13 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from closedloop import vocab
 from closedloop.operators.base import ClosedLoopStepOperator
-from closedloop.steps.pages import quoted
+from closedloop.runtime.pages import quoted
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from closedloop.runtime.context import RunContext
     from closedloop.spec import LoadedSpec
-    from closedloop.steps.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +162,9 @@ class ReviewOperator(ApprovalOperator):
     def execute(self, context: Context):
         from closedloop.notifiers import announce
         from closedloop.operators.base import pull_sealed, request_of, run_context, seal
+        from closedloop.runtime.signing import digest
+        from closedloop.runtime.timeutil import utc_now_iso
         from closedloop.steps.governance import current_production
-        from closedloop.steps.signing import digest
-        from closedloop.steps.timeutil import utc_now_iso
 
         answered = self.earlier_answer(context)
         if answered is not None:
@@ -189,7 +189,7 @@ class ReviewOperator(ApprovalOperator):
         context["ti"].xcom_push(key=OPENED_KEY, value=opened)
         # kept where a retry of this task finds it (its XCom is cleared): the review's state is this sealed
         # record, never text read back from the review's body
-        from closedloop.steps import tracking
+        from closedloop.runtime import tracking
 
         tracking.client(ctx).set_model_version_tag(model, str(version), vocab.REVIEW_OPENED_PREFIX + self.task_id,
                                                    json.dumps(opened, sort_keys=True))
@@ -244,8 +244,8 @@ class ReviewOperator(ApprovalOperator):
         from closedloop.errors import EvidenceError
         from closedloop.hooks.signing import verifier
         from closedloop.operators.base import pull_sealed, run_context
-        from closedloop.steps import tracking
-        from closedloop.steps.signing import Binding, digest
+        from closedloop.runtime import tracking
+        from closedloop.runtime.signing import Binding, digest
 
         ti = context["ti"]
         record = pull_sealed(context, "register_candidate")
@@ -272,8 +272,8 @@ class ReviewOperator(ApprovalOperator):
 
         from closedloop.notifiers import record_alert
         from closedloop.operators.base import pull_sealed, run_context, seal
+        from closedloop.runtime.timeutil import utc_now_iso
         from closedloop.steps.governance import APPROVAL_TAG, record_decision
-        from closedloop.steps.timeutil import utc_now_iso
 
         opened = pull_sealed(context, self.task_id, key=OPENED_KEY)
         timed_out = bool(event.get("timedout")) or "error" in event
@@ -302,7 +302,7 @@ class ReviewOperator(ApprovalOperator):
                                 "responded_at": at_text, "responded_by_user": user or None, "statement": statement})
         # recorded before Airflow's own handling: a rejection skips downstream by raising
         from closedloop.errors import with_retries
-        from closedloop.steps.faults import inject
+        from closedloop.runtime.faults import inject
 
         ti = context["ti"]
         inject(dag_id=ti.dag_id, task_id=self.task_id, try_number=int(ti.try_number or 1), point="decision_received")
@@ -347,7 +347,7 @@ def sealed_record_of(ctx: RunContext, model: str, version: str) -> dict | None:
     """The sealed release record kept on a version (what the ``production`` asset event hands on)."""
     import json
 
-    from closedloop.steps import tracking
+    from closedloop.runtime import tracking
     from closedloop.steps.governance import RECORD_TAG
 
     raw = tracking.client(ctx).get_model_version(model, str(version)).tags.get(RECORD_TAG)

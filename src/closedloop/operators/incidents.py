@@ -13,7 +13,7 @@ from closedloop.operators.base import ClosedLoopStepOperator
 if TYPE_CHECKING:
     from airflow.sdk import Asset, Context
 
-    from closedloop.steps.context import RunContext
+    from closedloop.runtime.context import RunContext
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from closedloop.operators.base import ClosedLoopStepOperator
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from closedloop.steps.context import RunContext
+    from closedloop.runtime.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class RegisterCandidateOperator(ClosedLoopStepOperator):
         from closedloop.hooks.signing import signer
         from closedloop.operators.base import request_of, requesters, seal
         from closedloop.operators.governance import requester_of
-        from closedloop.steps import tracking
+        from closedloop.runtime import tracking
         from closedloop.steps.governance import PUBLIC_KEY_TAG, RECORD_TAG
         from closedloop.steps.registry import register_candidate
 

@@ -114,8 +114,8 @@ class RegistryOperator(BaseOperator):
 def evidence_on_version(ctx, model: str, version: str, policy, verifier) -> tuple[dict, list[dict]]:
     """The sealed release record and approval statements kept on a model version's MLflow tags."""
     from closedloop.errors import ApprovalError
+    from closedloop.runtime import tracking
     from closedloop.steps import governance as gov
-    from closedloop.steps import tracking
 
     where = f"{model} version {version}"
     if not version:
@@ -158,7 +158,7 @@ class AliasAlarmOperator(BaseOperator):
     def execute(self, context: Context) -> dict:
         from closedloop.hooks.signing import verifier
         from closedloop.notifiers import announce
-        from closedloop.steps import tracking
+        from closedloop.runtime import tracking
         from closedloop.steps.governance import check_aliases
 
         models = set()

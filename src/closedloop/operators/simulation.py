@@ -11,7 +11,7 @@ from closedloop.operators.base import ClosedLoopStepOperator
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from closedloop.steps.context import RunContext
+    from closedloop.runtime.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class SimulateOperator(ClosedLoopStepOperator):
         return None if self.shard is None else Shard(int(self.shard), len(self.shards or ()))
 
     def run_step(self, ctx: RunContext, context: Context) -> dict:
-        from closedloop.steps.faults import strike
+        from closedloop.runtime.faults import strike
         from closedloop.steps.simulation import launch, reuse
         from closedloop.triggers.simulation import SimulationJobTrigger
 

@@ -6,9 +6,9 @@ import json
 from datetime import UTC, datetime
 
 from closedloop import vocab
-from closedloop.steps.context import RunContext
+from closedloop.runtime.context import RunContext
+from closedloop.runtime.tracking import mlflow_client
 from closedloop.steps.governance import APPROVAL_TAG, AUDIT_PREFIX
-from closedloop.steps.tracking import mlflow_client
 
 
 def audit_trail(ctx: RunContext, model: str, version: str) -> dict:

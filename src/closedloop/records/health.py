@@ -150,7 +150,7 @@ def records_from_api(api, dag_ids: list[str], since: datetime) -> tuple[list[dic
 
 def current_versions(specs, tracking_uri: str | None = None) -> dict[str, dict[str, str | None]]:
     """``production`` and ``candidate`` version of each pipeline's model (None where unset)."""
-    from closedloop.steps.tracking import mlflow_client
+    from closedloop.runtime.tracking import mlflow_client
 
     c = mlflow_client(tracking_uri)
     out = {}
@@ -168,8 +168,8 @@ def current_versions(specs, tracking_uri: str | None = None) -> dict[str, dict[s
 def registry_problems(client, model: str) -> list[str]:
     """Alias moves of ``model`` that no sealed record explains (:func:`~closedloop.steps.governance.check_aliases`)."""
     from closedloop.errors import EvidenceError
+    from closedloop.runtime.signing import trusted_keys
     from closedloop.steps.governance import check_aliases
-    from closedloop.steps.signing import trusted_keys
 
     try:
         verifier = trusted_keys()
@@ -182,7 +182,7 @@ def cache_figures(specs, since: datetime, tracking_uri: str | None = None) -> di
     """Step-cache use per pipeline since ``since``, from the step runs' ``closedloop.cache`` tags in MLflow:
     hits, misses, runs with the cache off, the hit rate and the hits per step."""
     from closedloop.records.lineage import _pages
-    from closedloop.steps.tracking import mlflow_client
+    from closedloop.runtime.tracking import mlflow_client
 
     c = mlflow_client(tracking_uri)
     ms = int(since.timestamp() * 1000)

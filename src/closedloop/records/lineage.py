@@ -16,8 +16,8 @@ from typing import Any
 
 from closedloop import pipeline, vocab
 from closedloop.errors import ClosedLoopError
+from closedloop.runtime.tracking import literal, mlflow_client, not_found
 from closedloop.spec.schema import NAME_RE, SOURCE_RE, VERSION_RE
-from closedloop.steps.tracking import literal, mlflow_client, not_found
 
 LIVE_ALIASES = ("production", "candidate")
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -354,7 +354,7 @@ def rerun_plan(ref: str, specs, *, fresh_data: bool = False, allow_template_chan
     ``no_cache``: every step does its work again (the step cache is bypassed for this run).
     ``notes`` say what is not identical (e.g. another code version).
     """
-    from closedloop.steps.context import code_version
+    from closedloop.runtime.context import code_version
 
     t = trace(ref, tracking_uri)
     ar, tp = t["airflow_run"], t["template"]

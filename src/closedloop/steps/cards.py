@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from closedloop import vocab
-from closedloop.steps.pages import shown
+from closedloop.runtime.pages import shown
 
 CARD_JSON = "review/card.json"
 CARD_HTML = "review/card.html"
@@ -222,7 +222,7 @@ def gate_row(g: dict) -> dict:
 
 def render_html(card: dict[str, Any]) -> str:
     """The review card as one self-contained HTML page (``templates/review_card.html``; every value escaped)."""
-    from closedloop.steps.pages import render
+    from closedloop.runtime.pages import render
 
     cmp = card["compared_with"]
     per = card["per_scenario"]
@@ -267,7 +267,7 @@ def model_card(client, model: str, version: str) -> str:
     tags, m = r["tags"], r["metrics"]
     raw, lab = (r["manifest"].get("raw") or {}), (r["manifest"].get("labelled") or {})
     purpose = tags.get(vocab.REQUEST_PURPOSE)
-    from closedloop.steps.pages import quoted
+    from closedloop.runtime.pages import quoted
 
     who = quoted(tags.get(vocab.REQUEST_REQUESTER) or "scheduler").removeprefix("> ")
     lines = ([f"Request by {who} (quoted as written):", "", quoted(purpose), ""] if purpose else [])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 
+from closedloop.runtime.context import RunContext, resolve
+from closedloop.runtime.storage import write_snapshot
 from closedloop.spec import LoadedSpec
-from closedloop.steps.context import RunContext, resolve
-from closedloop.steps.storage import write_snapshot
 
 
 def data_window(spec_window_days: int, interval_end: date) -> tuple[date, date]:
@@ -18,7 +18,7 @@ def dataset_key(loaded: LoadedSpec, ctx: RunContext, *, window_start: str, windo
                 focus: dict | None) -> str:
     """Cache key of ``generate_dataset``: the dataset section, the window, the sampling and where
     snapshots live."""
-    from closedloop.steps.cache import key_of
+    from closedloop.runtime.cache import key_of
 
     return key_of(loaded, "generate_dataset", pipeline=loaded.spec.name, dataset=loaded.spec.dataset.model_dump(mode="json"),
                   window=[window_start, window_end], focus=focus or {}, root=ctx.data_root)
@@ -36,7 +36,7 @@ def generate_dataset(loaded: LoadedSpec, ctx: RunContext, *, interval_end: date,
     :param pinned: an earlier run's raw snapshot to read back instead (``closedloop rerun``).
     :return: ``{uri, digest, rows, sources, window_start, window_end, scenarios, cache_key}``.
     """
-    from closedloop.steps.cache import run_cached, snapshot_exists
+    from closedloop.runtime.cache import run_cached, snapshot_exists
 
     ds = loaded.spec.dataset
     if pinned is not None:
@@ -60,7 +60,7 @@ def _generate(loaded: LoadedSpec, ctx: RunContext, start: date, end: date, focus
     frame = generator(sources=list(ds.sources), window_start=start, window_end=end,
                       scenarios=list(ds.scenarios), seed=ds.seed, **ds.params, **extra)
     ref = write_snapshot(frame, root=ctx.data_root, pipeline=loaded.spec.name, kind="raw")
-    from closedloop.steps.faults import strike
+    from closedloop.runtime.faults import strike
 
     strike(ctx, "snapshot_written")
     counts = frame["scenario"].value_counts().to_dict() if "scenario" in frame else {}
@@ -80,7 +80,7 @@ def check_pin(raw: dict, *, root: str, pipeline: str) -> None:
     import os
 
     from closedloop.errors import PermanentError
-    from closedloop.steps.storage import DIGEST_RE, snapshot_uri
+    from closedloop.runtime.storage import DIGEST_RE, snapshot_uri
 
     digest, uri = str(raw.get("digest") or ""), str(raw.get("uri") or "")
     if not DIGEST_RE.match(digest):
@@ -102,7 +102,7 @@ def pinned_snapshot(raw: dict, *, root: str, pipeline: str) -> dict:
     :raises PermanentError: when the snapshot is out of bounds, gone, or its content changed.
     """
     from closedloop.errors import PermanentError
-    from closedloop.steps.storage import read_snapshot
+    from closedloop.runtime.storage import read_snapshot
 
     check_pin(raw, root=root, pipeline=pipeline)
     try:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from closedloop import vocab
+from closedloop.runtime import tracking
+from closedloop.runtime.context import RunContext
+from closedloop.runtime.storage import read_snapshot
 from closedloop.spec import LoadedSpec
-from closedloop.steps import tracking
-from closedloop.steps.context import RunContext
 from closedloop.steps.models import load_model
-from closedloop.steps.storage import read_snapshot
 from closedloop.steps.training import split
 
 
@@ -30,7 +30,7 @@ def offline_eval(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, trained
 
     :return: ``{run_id, metrics: {"offline.rmse": …, "offline.cut_in.rmse": …}, cache_key}``.
     """
-    from closedloop.steps.cache import run_cached
+    from closedloop.runtime.cache import run_cached
 
     spec = loaded.spec
     key = evaluation_key(loaded, labelled, trained)
@@ -66,7 +66,7 @@ def plan(loaded: LoadedSpec, ctx, results: dict):
 
 def evaluation_key(loaded: LoadedSpec, labelled: dict, trained: dict) -> str:
     """Cache key of ``offline_eval``: the model (through the training's key), the held-out split, the metrics."""
-    from closedloop.steps.cache import key_of
+    from closedloop.runtime.cache import key_of
 
     spec = loaded.spec
     return key_of(loaded, "offline_eval", dataset=labelled["digest"], evaluation=spec.evaluation.model_dump(mode="json"),

@@ -6,9 +6,9 @@ import math
 
 from closedloop import vocab
 from closedloop.errors import GateFailed
+from closedloop.runtime import tracking
+from closedloop.runtime.context import RunContext
 from closedloop.spec import GateSpec, LoadedSpec
-from closedloop.steps import tracking
-from closedloop.steps.context import RunContext
 
 
 def _binom_cdf(k: int, n: int, p: float) -> float:

@@ -1,6 +1,6 @@
 """Governance in the registry: review decisions, guarded promotion, rollback, audit, alias checks.
 
-Promotion believes only sealed evidence (:mod:`closedloop.steps.signing`): the **release
+Promotion believes only sealed evidence (:mod:`closedloop.runtime.signing`): the **release
 record** ``register_candidate`` sealed (model, version, artifact digest, gate report digest,
 template, data, run, requester) and the **approval statements** the approval tasks sealed from
 Airflow's human-in-the-loop response (decision, responder, time, the record's digest, the
@@ -20,11 +20,11 @@ from datetime import UTC, datetime, timedelta
 
 from closedloop import vocab
 from closedloop.errors import ApprovalError, EvidenceError
-from closedloop.steps import tracking
+from closedloop.runtime import tracking
+from closedloop.runtime.context import RunContext
+from closedloop.runtime.faults import strike
+from closedloop.runtime.signing import Binding, KeyRing, Signer, Verifier, bound_of, digest
 from closedloop.steps.approvals import approval_task_ids  # noqa: F401 - part of this module's interface
-from closedloop.steps.context import RunContext
-from closedloop.steps.faults import strike
-from closedloop.steps.signing import Binding, KeyRing, Signer, Verifier, bound_of, digest
 
 PRODUCTION, PREVIOUS, CANDIDATE = vocab.PRODUCTION, vocab.PREVIOUS, vocab.CANDIDATE
 AUDIT_PREFIX = vocab.AUDIT_PREFIX

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from closedloop import settings, vocab
-from closedloop.steps.tracking import alias_version, mlflow_client
+from closedloop.runtime.tracking import alias_version, mlflow_client
 
 PRODUCTION = "production"
 
@@ -39,7 +39,7 @@ def report_kpis(model: str, metrics: dict[str, float], *, version: str | None = 
         experiment_name(model), artifact_location=settings.artifact_root(c.tracking_uri))
     run = c.create_run(exp_id, run_name=f"kpis v{version}", tags={
         vocab.MONITORED_MODEL: model, vocab.MODEL_VERSION: str(version), vocab.MONITORING_SOURCE: source})
-    from closedloop.steps.tracking import metric_entities
+    from closedloop.runtime.tracking import metric_entities
 
     c.log_batch(run.info.run_id, metrics=metric_entities(metrics))
     c.set_terminated(run.info.run_id, "FINISHED")

@@ -6,10 +6,10 @@ import logging
 
 from closedloop import vocab
 from closedloop.errors import PermanentError
+from closedloop.runtime import tracking
+from closedloop.runtime.context import RunContext
+from closedloop.runtime.faults import strike
 from closedloop.spec import LoadedSpec
-from closedloop.steps import tracking
-from closedloop.steps.context import RunContext
-from closedloop.steps.faults import strike
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def release_record(loaded: LoadedSpec, ctx: RunContext, version, *, trained: dic
     operator seals it; the reviewer approves its digest; ``promote`` believes nothing else."""
     from datetime import UTC, datetime
 
-    from closedloop.steps.signing import digest
+    from closedloop.runtime.signing import digest
 
     spec = loaded.spec
     uri = f"models:/{spec.model.name}/{version.version}"

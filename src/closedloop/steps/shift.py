@@ -94,7 +94,7 @@ def labelled_of_run(client, run_id: str) -> dict | None:
 def against_production(client, model: str, training_run_id: str, group_by: str) -> tuple[dict | None, str | None]:
     """(the shift report, production's version) between the training snapshot of ``training_run_id``
     and that of the version behind ``production``; (None, None) when there is no production yet."""
-    from closedloop.steps.storage import read_snapshot
+    from closedloop.runtime.storage import read_snapshot
 
     try:
         prod = client.get_model_version_by_alias(model, vocab.PRODUCTION)

@@ -29,10 +29,10 @@ from pathlib import Path
 import yaml
 
 from closedloop import settings, vocab
+from closedloop.runtime import tracking
+from closedloop.runtime.context import RunContext
 from closedloop.spec import LoadedSpec
-from closedloop.steps import tracking
 from closedloop.steps.catalog import expand_catalog
-from closedloop.steps.context import RunContext
 from closedloop.steps.gates import failed_for_sure, undecided
 
 log = logging.getLogger(__name__)
@@ -282,8 +282,8 @@ def walk_rounds(budget: dict, per_round: int, round_of, *, quiet: bool = False) 
     and the next round fits in ``max_episodes``: the one stopping rule of an adaptive budget, for one
     job, for a shard watching its siblings and for the merge of shards. None: a needed round is
     missing; else the result over the rounds taken, with ``adaptive`` saying how it stopped."""
+    from closedloop.runtime.context import resolve
     from closedloop.spec import GateSpec
-    from closedloop.steps.context import resolve
 
     gates = [GateSpec(**g) for g in budget["gates"]]
     summarize = resolve(budget["summarize"])
@@ -440,7 +440,7 @@ def simulate_shard_rounds(simulate, model, catalog: dict, budget: dict) -> dict:
             batch = batch[size:]
             write(r, mine[r])
     episodes = [e for part in mine for e in part]
-    from closedloop.steps.context import resolve
+    from closedloop.runtime.context import resolve
 
     return {"metrics": resolve(budget["summarize"])(episodes), "episodes": episodes,
             "adaptive": {"rounds": len(mine), "episodes": len(episodes), "max_episodes": budget["max_episodes"],
@@ -541,7 +541,7 @@ def simulation_key(loaded: LoadedSpec, ctx: RunContext, trained: dict, shard: Sh
     """Cache key of ``simulate`` (or one shard): the model (through the training's key), the
     simulator, and the exact scenarios simulated — the scenario set's and the regression catalog's
     entries in this shard."""
-    from closedloop.steps.cache import key_of
+    from closedloop.runtime.cache import key_of
 
     whole = whole_catalog(loaded, ctx)
     part = shard_catalog(loaded, whole, shard)
@@ -563,7 +563,7 @@ def _shard_tags(loaded: LoadedSpec, ctx: RunContext, shard: Shard | None) -> dic
 
 def reuse(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, shard: Shard | None = None) -> dict | None:
     """The simulation result this run already has (a retry) or the step cache holds; None: launch."""
-    from closedloop.steps import cache
+    from closedloop.runtime import cache
 
     _, result = cache.reuse(loaded, ctx, "simulate", simulation_key(loaded, ctx, trained, shard),
                             step_tags=_shard_tags(loaded, ctx, shard))
@@ -572,7 +572,7 @@ def reuse(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, shard: Shard | 
 
 def collect(loaded: LoadedSpec, ctx: RunContext, *, job: str, trained: dict, shard: Shard | None = None) -> dict:
     """Log the finished job's metrics and per-episode results into the ``simulate`` MLflow run (of the shard)."""
-    from closedloop.steps.cache import KEY_TAG
+    from closedloop.runtime.cache import KEY_TAG
 
     key = simulation_key(loaded, ctx, trained, shard)
     run = tracking.step_run(loaded, ctx, "simulate", step_tags={KEY_TAG: key, **_shard_tags(loaded, ctx, shard)})
@@ -634,8 +634,8 @@ def merge(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, shards: list[di
     metrics are the same for the same seeds. Every episode of the catalog must be there exactly
     once; a shard missing some, or one with a record of another run's catalog, fails the step."""
     from closedloop.errors import PermanentError
-    from closedloop.steps import cache
-    from closedloop.steps.context import resolve
+    from closedloop.runtime import cache
+    from closedloop.runtime.context import resolve
 
     whole = whole_catalog(loaded, ctx)
     key = hashlib.sha256("|".join(sorted(s["cache_key"] for s in shards)).encode()).hexdigest()
@@ -701,7 +701,7 @@ def main(job: str) -> int:
     """Entry point of the job process."""
     import traceback
 
-    from closedloop.steps.context import resolve
+    from closedloop.runtime.context import resolve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     import threading

@@ -6,10 +6,11 @@ import hashlib
 import logging
 
 from closedloop import vocab
+from closedloop.runtime import tracking
+from closedloop.runtime.context import RunContext, resolve
+from closedloop.runtime.storage import read_snapshot
 from closedloop.spec import LoadedSpec
-from closedloop.steps import models, tracking
-from closedloop.steps.context import RunContext, resolve
-from closedloop.steps.storage import read_snapshot
+from closedloop.steps import models
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def train(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, validation: di
     :param raw: the ``generate_dataset`` result (sources, window, sampling) for the lineage tags.
     :return: ``{run_id, model_uri, train_rows, test_rows, dataset_digest, cache_key}``.
     """
-    from closedloop.steps.cache import run_cached
+    from closedloop.runtime.cache import run_cached
 
     return run_cached(loaded, ctx, "train", train_key(loaded, labelled, validation),
                       lambda run: _fit(loaded, ctx, run, labelled, raw), tags=dataset_tags(raw, labelled, validation))
@@ -85,7 +86,7 @@ def plan(loaded: LoadedSpec, ctx, results: dict):
 
 def train_key(loaded: LoadedSpec, labelled: dict, validation: dict | None) -> str:
     """Cache key of ``train``: the labelled snapshot (validated) and the training section."""
-    from closedloop.steps.cache import key_of
+    from closedloop.runtime.cache import key_of
 
     return key_of(loaded, "train", dataset=labelled["digest"], training=loaded.spec.training.model_dump(mode="json"),
                   upstream=(validation or {}).get("cache_key") or labelled.get("cache_key"))
@@ -94,7 +95,7 @@ def train_key(loaded: LoadedSpec, labelled: dict, validation: dict | None) -> st
 def _fit(loaded: LoadedSpec, ctx: RunContext, run, labelled: dict, raw: dict | None) -> dict:
     import mlflow
 
-    from closedloop.steps.faults import strike
+    from closedloop.runtime.faults import strike
 
     spec = loaded.spec
     run_id = run.info.run_id

@@ -6,9 +6,9 @@ import json
 
 from closedloop import vocab
 from closedloop.errors import DataValidationError
+from closedloop.runtime.context import RunContext
+from closedloop.runtime.storage import read_snapshot
 from closedloop.spec import LoadedSpec
-from closedloop.steps.context import RunContext
-from closedloop.steps.storage import read_snapshot
 
 
 def load_suite(path) -> dict:
@@ -59,7 +59,7 @@ def format_failures(report: dict) -> str:
 def validate_data(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict) -> dict:
     """Raise :class:`DataValidationError` (permanent) with the failing expectations, or return the report.
     Cached by the labelled digest and the suite's content (a failure is never cached)."""
-    from closedloop.steps.cache import run_cached
+    from closedloop.runtime.cache import run_cached
 
     suite = load_suite(loaded.suite_path)
     key = validation_key(loaded, labelled, suite)
@@ -89,7 +89,7 @@ def validation_key(loaded: LoadedSpec, labelled: dict, suite: dict | None = None
     """Cache key of ``validate_data``: the labelled snapshot and the suite's content."""
     import hashlib
 
-    from closedloop.steps.cache import key_of
+    from closedloop.runtime.cache import key_of
 
     suite = suite if suite is not None else load_suite(loaded.suite_path)
     suite_digest = hashlib.sha256(json.dumps(suite, sort_keys=True).encode()).hexdigest()[:16]

@@ -43,8 +43,8 @@ class AliasWatchTrigger(BaseEventTrigger):
     def check(self) -> dict[str, dict]:
         from closedloop.hooks.mlflow import MLflowHook
         from closedloop.hooks.signing import verifier as trusted_verifier
+        from closedloop.runtime.tracking import mlflow_client, not_found
         from closedloop.steps.governance import check_aliases
-        from closedloop.steps.tracking import mlflow_client, not_found
 
         hook = MLflowHook(self.mlflow_conn_id)
         os.environ.update(hook.credentials_env())

@@ -91,8 +91,8 @@ def health_figures(days: int, caller: Caller, *, limit: int = MAX_HEALTH_PIPELIN
     from datetime import UTC, datetime, timedelta
 
     from closedloop.records.health import cache_figures, current_versions, figures, pipelines_of, records_from_db
+    from closedloop.runtime.faults import inject
     from closedloop.spec import load_all
-    from closedloop.steps.faults import inject
 
     inject(dag_id="closedloop_web", task_id="health", try_number=1, point="start")  # a drill can hold it here
     specs, errors = load_all(_pipelines_dir())
@@ -140,9 +140,9 @@ def review_of(caller: Caller, dag_id: str, run_id: str) -> dict:
     """The review card of the version ``dag_id``/``run_id`` registered (404: a DAG the caller may
     not read — said the same way as a run that registered nothing)."""
     from closedloop.records.health import pipelines_of
+    from closedloop.runtime.tracking import literal, mlflow_client
     from closedloop.spec import load_all
     from closedloop.steps.cards import review_card
-    from closedloop.steps.tracking import literal, mlflow_client
 
     specs, _ = load_all(_pipelines_dir())
     spec = next((s.spec for s in specs if dag_id in pipelines_of([s]).get(s.spec.name, ())), None)
@@ -259,7 +259,7 @@ def create_app() -> FastAPI:
         caller = await _caller_or_redirect(request)
         if isinstance(caller, RedirectResponse):
             return caller
-        from closedloop.steps.pages import render as render_page
+        from closedloop.runtime.pages import render as render_page
 
         return HTMLResponse(render_page("lineage.html", ref=request.query_params.get("ref", "")))
 

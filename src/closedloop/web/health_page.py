@@ -90,6 +90,6 @@ def view(h: dict[str, Any], days: int) -> dict[str, Any]:
 
 
 def render(h: dict[str, Any], days: int) -> str:
-    from closedloop.steps.pages import render as render_page
+    from closedloop.runtime.pages import render as render_page
 
     return render_page("health.html", **view(h, days))

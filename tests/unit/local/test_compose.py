@@ -89,7 +89,7 @@ def test_docker_compose_config_accepts_the_file(project, tmp_path):
     cli = compose_cli()
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MLFLOW_SERVICE_PASSWORD": "svc-secret-1",
            "MLFLOW_SECRET_KEY": "flask-secret"}
-    from closedloop.steps.signing import Signer
+    from closedloop.runtime.signing import Signer
 
     signer = Signer.generate()
     unsigned = subprocess.run([*cli, "-f", str(project / "docker-compose.yaml"), "config"], capture_output=True,

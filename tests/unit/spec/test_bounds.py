@@ -67,7 +67,7 @@ def test_the_step_checks_the_pin_again_and_resolves_symlinks(tmp_path):
 def test_filter_values_are_quoted_never_spliced(tmp_path):
     from mlflow import MlflowClient
 
-    from closedloop.steps.tracking import literal
+    from closedloop.runtime.tracking import literal
 
     c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     exp = c.create_experiment("bounds")

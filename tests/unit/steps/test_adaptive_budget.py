@@ -15,9 +15,9 @@ from closedloop.driving.logs import synthesize_drive_logs
 from closedloop.driving.policy import train_policy
 from closedloop.driving.simulator import run_catalog, summarize
 from closedloop.errors import SpecError
+from closedloop.runtime.context import RunContext
 from closedloop.spec import GateSpec, load_spec
 from closedloop.steps.catalog import expand_catalog, next_round
-from closedloop.steps.context import RunContext
 from closedloop.steps.gates import undecided
 from closedloop.steps.simulation import budget_of, simulate_until_decided, simulation_key
 from tests.conftest import SHIPPED_ADAPTIVE, scratch_project, template_text

@@ -1,4 +1,4 @@
-"""Fault drills (``closedloop.steps.faults``): which drills fire where, and the ``pause`` drill that holds a
+"""Fault drills (``closedloop.runtime.faults``): which drills fire where, and the ``pause`` drill that holds a
 task at a known moment (the production-shape tests kill a worker or restart MLflow during it)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from closedloop.steps import faults
+from closedloop.runtime import faults
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_pause_ends_after_its_seconds(drill):
 
 def test_the_readme_lists_the_crash_point_matrix_as_the_code_has_it(project):
     """The README's crash-point table is the matrix the tests strike (one row per point, in order)."""
-    from closedloop.steps.faults import MATRIX
+    from closedloop.runtime.faults import MATRIX
 
     text = (project / "README.md").read_text().split("### The crash-point matrix", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in text.splitlines() if line.startswith("| `") and line.count("`") >= 4

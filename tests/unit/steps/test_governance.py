@@ -11,12 +11,12 @@ from mlflow import MlflowClient
 
 from closedloop.errors import ApprovalError
 from closedloop.records.audit import audit_trail
+from closedloop.runtime.context import RunContext
+from closedloop.runtime.signing import Signer, digest
 from closedloop.spec import GateSpec
 from closedloop.spec.request import validate_request
 from closedloop.steps import governance as gov
-from closedloop.steps.context import RunContext
 from closedloop.steps.gates import evaluate
-from closedloop.steps.signing import Signer, digest
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 POLICY = gov.ApprovalPolicy(approvers=["bob", "carol", "dave"], required=1, valid_hours=24)
@@ -172,8 +172,8 @@ import base64, json, sys
 from dataclasses import replace
 from datetime import datetime
 from closedloop.steps import governance as gov
-from closedloop.steps.context import RunContext
-from closedloop.steps.signing import Signer
+from closedloop.runtime.context import RunContext
+from closedloop.runtime.signing import Signer
 args = json.loads(sys.argv[1])
 policy = gov.ApprovalPolicy(**args["policy"])
 ctx = RunContext(**args["ctx"])
@@ -183,7 +183,7 @@ gov.promote(ctx, args["record"], args["statements"], model="m", policy=policy,
 
 
 @pytest.mark.parametrize("fault", ["transient", "kill"])
-@pytest.mark.parametrize("point", [p for p, _ in __import__("closedloop.steps.faults", fromlist=["MATRIX"])
+@pytest.mark.parametrize("point", [p for p, _ in __import__("closedloop.runtime.faults", fromlist=["MATRIX"])
                                    .MATRIX["promote"] if p != "end"])
 def test_promote_crashing_at_each_point_finishes_on_retry_with_one_record_and_its_audit(registry, tmp_path,
                                                                                       monkeypatch, point, fault):

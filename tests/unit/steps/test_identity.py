@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 
 import closedloop
+from closedloop.runtime import identity
+from closedloop.runtime.context import RunContext
 from closedloop.spec import load_spec
-from closedloop.steps import identity
-from closedloop.steps.context import RunContext
 
 SRC = Path(closedloop.__file__).resolve().parent
 
 PROBE = """
 import json
-from closedloop.steps import identity
-from closedloop.steps.context import code_version
+from closedloop.runtime import identity
+from closedloop.runtime.context import code_version
 print(json.dumps({"train": identity.identity("closedloop.steps.training")["digest"],
                   "file": identity.__file__, "commit": identity.git_commit(), "version": code_version()}))
 """

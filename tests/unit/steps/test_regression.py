@@ -93,8 +93,8 @@ def test_the_cli_lists_a_models_scenarios(tmp_path, monkeypatch, capsys):
 
 def test_a_run_keeps_the_catalog_it_first_read(tmp_path, project):
     """An incident admitted while a run simulates joins the next run, not the shards or the merge of this one."""
+    from closedloop.runtime.context import RunContext
     from closedloop.spec import load_spec
-    from closedloop.steps.context import RunContext
     from closedloop.steps.simulation import pinned_regression, whole_catalog
 
     loaded = load_spec(project / "include" / "pipelines" / "acc_longitudinal.yaml")

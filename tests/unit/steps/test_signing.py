@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from closedloop.errors import EvidenceError
-from closedloop.steps.signing import (
+from closedloop.runtime.signing import (
     SEAL,
     Binding,
     KeyRing,

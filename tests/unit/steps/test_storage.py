@@ -7,11 +7,11 @@ from datetime import date
 import pytest
 
 from closedloop.errors import IntegrityError
+from closedloop.runtime.context import RunContext
+from closedloop.runtime.storage import intact, read_snapshot, write_snapshot
 from closedloop.spec import load_spec
-from closedloop.steps.context import RunContext
 from closedloop.steps.dataset import generate_dataset
 from closedloop.steps.labeling import label
-from closedloop.steps.storage import intact, read_snapshot, write_snapshot
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,7 @@ def test_charts_show_the_gate_limit_on_a_scale_that_shows_the_margin_and_regress
 def test_the_lineage_graph_shows_full_labels_in_boxes_that_hold_them(tmp_path):
     """The lineage page's graph, drawn from a trace in a real browser: every label whole (no "approved by
     safety-lea"), inside its box, no two boxes overlapping, and markup in a label stays text."""
-    from closedloop.steps.pages import render
+    from closedloop.runtime.pages import render
 
     (tmp_path / "lineage.html").write_text(render("lineage.html", ref=""), encoding="utf-8")
     trace = {"ref": "m@production", "model_version": {"name": "acc_longitudinal_policy", "version": "12", "aliases": []},

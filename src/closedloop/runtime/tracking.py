@@ -7,9 +7,9 @@ import json
 import logging
 
 from closedloop import settings, vocab
+from closedloop.runtime.context import RunContext, code_version
+from closedloop.runtime.identity import git_commit
 from closedloop.spec import LoadedSpec
-from closedloop.steps.context import RunContext, code_version
-from closedloop.steps.identity import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def step_run(loaded: LoadedSpec, ctx: RunContext, step: str, *, step_tags: dict[
             "mlflow.parentRunId": parent.info.run_id, **(step_tags or {})}
     if run is None:
         run = c.create_run(exp_id, run_name=step, tags=tags)
-        from closedloop.steps.faults import strike
+        from closedloop.runtime.faults import strike
 
         strike(ctx, "run_created")
     else:
@@ -190,7 +190,7 @@ def finished_result(run) -> dict | None:
 
 def finish(ctx: RunContext, run_id: str, result: dict) -> dict:
     """Record the step's result on its run and mark it FINISHED (the idempotency marker)."""
-    from closedloop.steps.faults import strike
+    from closedloop.runtime.faults import strike
 
     strike(ctx, "before_finish")
     c = client(ctx)

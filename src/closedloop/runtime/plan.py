@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 
 from closedloop import pipeline
+from closedloop.runtime.cache import enabled, reuse
+from closedloop.runtime.context import RunContext, resolve
 from closedloop.spec import LoadedSpec
-from closedloop.steps.cache import enabled, reuse
-from closedloop.steps.context import RunContext, resolve
 
 log = logging.getLogger(__name__)
 

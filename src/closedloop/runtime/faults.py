@@ -81,7 +81,7 @@ def inject(*, dag_id: str, task_id: str, try_number: int, point: str, map_index:
 
 
 def strike(ctx, point: str) -> None:
-    """:func:`inject` at ``point`` of the step run ``ctx`` (a :class:`~closedloop.steps.context.RunContext`)."""
+    """:func:`inject` at ``point`` of the step run ``ctx`` (a :class:`~closedloop.runtime.context.RunContext`)."""
     inject(dag_id=ctx.dag_id, task_id=ctx.task_id, try_number=ctx.try_number, point=point,
            map_index=ctx.map_index if ctx.map_index >= 0 else None)
 

@@ -355,7 +355,7 @@ def pin_paths(home=None) -> list:
 
 def pin_local_key(verifier: Verifier, home=None) -> bool:
     """Pin the embedded default's key at first start (never over an existing pin)."""
-    from closedloop.steps.timeutil import utc_now_iso
+    from closedloop.runtime.timeutil import utc_now_iso
 
     doc = {"keys": [PinnedKey(verifier, added=utc_now_iso(), note="embedded default, pinned at first start")
                     .as_dict()]}

@@ -2,7 +2,7 @@
 
 A step's **cache key** is a sha256 over what decides its result: the step, its code identity (the
 content of the code it executes, its entry point's package, the computing libraries' versions and
-a pod's image: :mod:`closedloop.steps.identity`), its own template section, the content digests
+a pod's image: :mod:`closedloop.runtime.identity`), its own template section, the content digests
 it reads, and the cache keys of the steps before it (so a change anywhere upstream misses
 everything downstream, like Kubeflow's and Flyte's caches). The key is tagged on the step's MLflow
 run (``closedloop.cache_key``, with ``closedloop.code_digest``). Looking a key up is one indexed tag
@@ -29,9 +29,9 @@ from collections.abc import Callable
 from typing import Any
 
 from closedloop import vocab
+from closedloop.runtime import identity, tracking
+from closedloop.runtime.context import RunContext
 from closedloop.spec import LoadedSpec
-from closedloop.steps import identity, tracking
-from closedloop.steps.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,10 @@ def run_cached(loaded: LoadedSpec, ctx: RunContext, step: str, key: str, compute
 
 def snapshot_exists(result: dict) -> bool:
     """A cached snapshot is only reusable while its file is there, byte for byte as it was written."""
-    from closedloop.steps.storage import intact
+    from closedloop.runtime.storage import intact
 
     return intact(result["uri"], result["digest"])
 
 
 PLAN_KEY = vocab.XCOM_CACHE_PLAN
-"""XCom key (on ``generate_dataset``) of the results :func:`closedloop.steps.plan.plan_ahead` found in the cache."""
+"""XCom key (on ``generate_dataset``) of the results :func:`closedloop.runtime.plan.plan_ahead` found in the cache."""

@@ -50,7 +50,7 @@ def code_version() -> str:
     the same in a checkout and in an image built without ``.git``. The git commit is recorded
     beside it (``closedloop.git_commit``) where there is one."""
     from closedloop import __version__
-    from closedloop.steps.identity import package_digest
+    from closedloop.runtime.identity import package_digest
 
     return f"{__version__}+c{package_digest()[:12]}"
 
