@@ -93,7 +93,7 @@ STEPS: tuple[Step, ...] = (
     Step("register_candidate", f"{OPS}.model:RegisterCandidateOperator", upstream=("release_gate",),
          reads=("train", "label", "release_gate"), lineage_in=("model",), lineage_out=("registered",),
          doc="register one model version per run, seal its release record, set alias 'candidate'"),
-    Step("approval", f"{OPS}.governance:ReviewOperator", upstream=("register_candidate",), reads=("register_candidate",),
+    Step("approval", f"{OPS}.governance:ReviewOperator", upstream=("register_candidate",), reads=("register_candidate", "release_gate"),
          when="approval", retry="decision",
          doc="wait (no worker slot) for an approver's decision in Airflow; timeout = rejection"),
     Step("promote", f"{OPS}.governance:PromoteOperator", upstream=("approval",),
@@ -114,8 +114,25 @@ SIMULATION_RESULT = ("merge_simulation", "simulate")
 POD_STEPS: tuple[str, ...] = tuple(s.id for s in STEPS if s.pod)
 
 
+RUN_CONTEXT: tuple[str, ...] = ("admit_incident",)
+"""Results every step may read besides its ``reads``: what started the run (an incident run's admission)."""
+
+
 def step(step_id: str) -> Step:
     return BY_ID[step_id]
+
+
+def row_id(task_id: str) -> str:
+    """The row a task belongs to: ``approval_2`` (the second approval of a quorum) is a task of ``approval``."""
+    base, _, n = task_id.rpartition("_")
+    return base if n.isdigit() and base in BY_ID else task_id
+
+
+def may_read(reader: str, source: str) -> bool:
+    """Whether task ``reader`` may read the result of task ``source``: its row's ``reads``, its own row's
+    tasks (a quorum's earlier approvals, its own earlier try), and :data:`RUN_CONTEXT`."""
+    mine, theirs = row_id(reader), row_id(source)
+    return mine == theirs or theirs in RUN_CONTEXT or theirs in BY_ID[mine].reads
 
 
 def steps_of(*, hil: bool, approval: bool, incidents: bool = False, shards: bool = False) -> tuple[Step, ...]:

@@ -51,10 +51,11 @@ class ClosedLoopStepOperator(BaseOperator):
     def run_context(self, context: Context) -> RunContext:
         return run_context(self.loaded, self.mlflow_conn_id, context)
 
-    def upstream(self, context: Context, task_id: str) -> dict:
-        """The result of ``task_id`` in this run, believed only with its seal (:func:`pull_sealed`)."""
-        value = pull_sealed(context, task_id)
-        self.seen[task_id] = value
+    def upstream(self, context: Context, task_id: str, **kwargs: Any) -> dict:
+        """The result of ``task_id`` in this run, believed only with its seal (:func:`read`: only what the
+        step's row ``reads``)."""
+        value = read(context, self.task_id, task_id, **kwargs)
+        self.seen[task_id if kwargs.get("map_index") is None else f"{task_id}[{kwargs['map_index']}]"] = value
         return value
 
     def simulation(self, context: Context) -> dict:
@@ -293,6 +294,19 @@ def uses_cache(context: Context) -> bool:
 
 
 RUN_TYPES = {"scheduled": "schedule", "backfill": "backfill", "manual": "request", "asset_triggered": "asset"}
+
+
+def read(context: Context, reader: str, source: str, **kwargs: Any) -> Any:
+    """What task ``reader`` may read of this run: the sealed result of ``source`` (:func:`pull_sealed`), if
+    ``reader``'s row in :data:`closedloop.pipeline.STEPS` lists it in ``reads`` — a step sees exactly the
+    inputs its row declares (what a pod is handed, what OpenLineage reports); anything else is a bug."""
+    from closedloop.errors import PermanentError
+
+    if not pipeline.may_read(reader, source):
+        raise PermanentError(f"step {reader!r} reads the result of {source!r}, which its row in "
+                             f"closedloop.pipeline.STEPS does not list in 'reads' "
+                             f"({', '.join(pipeline.step(pipeline.row_id(reader)).reads) or 'none'}): add it there")
+    return pull_sealed(context, source, **kwargs)
 
 
 def admission(loaded: LoadedSpec, context: Context) -> dict | None:

@@ -161,7 +161,7 @@ class ReviewOperator(ApprovalOperator):
 
     def execute(self, context: Context):
         from closedloop.notifiers import announce
-        from closedloop.operators.base import pull_sealed, request_of, run_context, seal
+        from closedloop.operators.base import read, request_of, run_context, seal
         from closedloop.runtime.signing import digest
         from closedloop.runtime.timeutil import utc_now_iso
         from closedloop.steps.governance import current_production
@@ -169,8 +169,8 @@ class ReviewOperator(ApprovalOperator):
         answered = self.earlier_answer(context)
         if answered is not None:
             return self.execute_complete(context, answered)
-        record = pull_sealed(context, "register_candidate")
-        earlier = [pull_sealed(context, t).get("statement") or {} for t in self.prior]
+        record = read(context, self.task_id, "register_candidate")
+        earlier = [read(context, self.task_id, t).get("statement") or {} for t in self.prior]
         excluded = {p for p in [record.get("requester_user"), *(record.get("excluded_reviewers") or [])] if p}
         taken = {s.get("responder") for s in earlier if s.get("responder")}
         reviewers = [u for u in self.approvers if u not in excluded and u not in taken]
@@ -200,7 +200,7 @@ class ReviewOperator(ApprovalOperator):
         params, requested_by = request_of(self.loaded, context)
         from closedloop.steps.gates import duration_text, report_table
 
-        gate = pull_sealed(context, "release_gate")
+        gate = read(context, self.task_id, "release_gate")
         self.body = (
             f"**{model} version {version}** from run `{context['run_id']}`\n\n"
             f"- Release record: `{record_digest}`\n- Model files: `{record['artifact_digest']}`\n"
@@ -243,12 +243,12 @@ class ReviewOperator(ApprovalOperator):
 
         from closedloop.errors import EvidenceError
         from closedloop.hooks.signing import verifier
-        from closedloop.operators.base import pull_sealed, run_context
+        from closedloop.operators.base import read, run_context
         from closedloop.runtime import tracking
         from closedloop.runtime.signing import Binding, digest
 
         ti = context["ti"]
-        record = pull_sealed(context, "register_candidate")
+        record = read(context, self.task_id, "register_candidate")
         record_digest = digest(record)
         ctx = run_context(self.loaded, self.mlflow_conn_id, context)
         raw = tracking.client(ctx).get_model_version(record["model"], str(record["version"])).tags.get(
@@ -271,11 +271,11 @@ class ReviewOperator(ApprovalOperator):
         import json
 
         from closedloop.notifiers import record_alert
-        from closedloop.operators.base import pull_sealed, run_context, seal
+        from closedloop.operators.base import read, run_context, seal
         from closedloop.runtime.timeutil import utc_now_iso
         from closedloop.steps.governance import APPROVAL_TAG, record_decision
 
-        opened = pull_sealed(context, self.task_id, key=OPENED_KEY)
+        opened = read(context, self.task_id, self.task_id, key=OPENED_KEY)
         timed_out = bool(event.get("timedout")) or "error" in event
         chosen = list(event.get("chosen_options") or [])
         user = event.get("responded_by_user") or {}

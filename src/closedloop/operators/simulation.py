@@ -116,13 +116,10 @@ class MergeSimulationOperator(ClosedLoopStepOperator):
     exactly as they read an unsharded simulation's."""
 
     def run_step(self, ctx: RunContext, context: Context) -> dict:
-        from closedloop.operators.base import pull_sealed
         from closedloop.steps.simulation import merge, shard_names
 
         names = shard_names(self.loaded)
-        shards = [pull_sealed(context, "simulate", map_index=i) for i in range(len(names))]
-        for i, shard in enumerate(shards):
-            self.seen[f"simulate[{i}]"] = shard
+        shards = [self.upstream(context, "simulate", map_index=i) for i in range(len(names))]
         out = merge(self.loaded, ctx, trained=self.upstream(context, "train"), shards=shards)
         log.info("merged %d simulation shards (%s): %d episodes", len(names), ", ".join(names), out["episodes"])
         return out
