@@ -42,9 +42,10 @@ def _default_args(loaded: LoadedSpec, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _loop(loaded: LoadedSpec):
+def _loop(loaded: LoadedSpec, incident_asset: Any = None):
     """The closed loop's tasks (inside an open DAG context), from the step table
-    (:mod:`closedloop.pipeline`); returns the first task."""
+    (:mod:`closedloop.pipeline`): each row's operator, retries, fan-out and edges; with
+    ``incident_asset`` (the incident DAG) also the rows that need incidents, which read that asset."""
     from closedloop.runtime.context import resolve
     from closedloop.steps.approvals import approval_task_ids
 
@@ -52,20 +53,22 @@ def _loop(loaded: LoadedSpec):
     pods = spec.kubernetes
     tasks: dict[str, Any] = {}
     for row in pipeline.steps_of(hil=spec.hil is not None, approval=spec.approval is not None,
-                                 shards=spec.simulation.shards is not None):
+                                 shards=spec.simulation.shards is not None, incidents=incident_asset is not None):
         kwargs: dict[str, Any] = {"loaded": loaded, "retries": spec.reliability.retries_of(row.id)
                                   if row.retry in ("transient", "decision") else 0}
+        if row.when == "incidents":
+            kwargs["asset"] = incident_asset
         operator = resolve(row.operator)
         if row.pod and pods is not None and getattr(pods, row.id, None):
             from closedloop.operators.pod import StepPodOperator
 
             operator, kwargs = StepPodOperator, {**kwargs, "step": row.id}
-        if row.id == "approval":  # one human decision per required approval, by distinct people
+        if row.fan_out == "quorum":  # one human decision per required approval, by distinct people
             ids = approval_task_ids(spec.approval.required)
             made = [operator(task_id=t, prior=ids[:i], **kwargs) for i, t in enumerate(ids)]
             for earlier, later in zip(made, made[1:], strict=False):
                 earlier >> later
-        elif row.id == "simulate" and spec.simulation.shards is not None:  # one mapped task instance per shard
+        elif row.fan_out == "shards" and spec.simulation.shards is not None:  # one mapped task instance per shard
             from closedloop.steps.simulation import shard_names
 
             shards = shard_names(loaded)
@@ -140,8 +143,6 @@ def build_incident_dag(loaded: LoadedSpec, routes: dict[str, list[str]] | None =
     first: it rejects malformed incidents, debounces repeats and tells ``generate_dataset`` which
     scenario types to mine more of.
     """
-    from closedloop.operators.incidents import AdmitIncidentOperator
-
     spec = loaded.spec
     inc = spec.incidents
     assert inc is not None
@@ -162,7 +163,7 @@ def build_incident_dag(loaded: LoadedSpec, routes: dict[str, list[str]] | None =
         tags=sorted({"closedloop", "incident", *spec.tags}),
         params=rerun_params(spec),
     ) as dag:
-        AdmitIncidentOperator(task_id="admit_incident", asset=asset, loaded=loaded) >> _loop(loaded)
+        _loop(loaded, incident_asset=asset)
     return dag
 
 

@@ -24,6 +24,12 @@ Columns:
   ``simulation.shards``), else always.
 - ``lineage_in`` / ``lineage_out``: what the step consumes and makes, by kind (``sources``,
   ``raw``, ``labelled``, ``model``, ``scenarios``, ``registered``, ``production``).
+- ``crash_points``: the step's fault-drill points in order — after each side effect — and what a retry
+  after a crash there does (:data:`closedloop.runtime.faults.MATRIX`, the README's crash-point table
+  and the reliability tests read them).
+- ``fan_out``: how one row becomes several tasks: ``quorum`` (one task per required approval, one after
+  the other: ``approval``, ``approval_2`` …) or ``shards`` (one mapped task instance per simulation
+  shard, when the template has ``simulation.shards``); else one task.
 - ``doc``: one line for ``describe`` and the DAG's docs.
 """
 
@@ -48,6 +54,8 @@ class Step:
     pod: bool = False
     lineage_in: tuple[str, ...] = ()
     lineage_out: tuple[str, ...] = ()
+    crash_points: tuple[tuple[str, str], ...] = ()
+    fan_out: str | None = None
 
 
 OPS = "closedloop.operators"
@@ -59,46 +67,107 @@ STEPS: tuple[Step, ...] = (
     Step("generate_dataset", f"{OPS}.data:GenerateDatasetOperator", upstream=("admit_incident",), cacheable=True,
          reads=("admit_incident",), code=f"{STEPS_PKG}.dataset", entry_point="dataset.generator",
          lineage_in=("sources",), lineage_out=("raw",),
+         crash_points=(
+             ("run_created", "finds its MLflow run by the run's tags and carries on in it"),
+             ("snapshot_written", "writes the same bytes under the same sha256 name: the file is checked, not doubled"),
+             ("before_finish", "the same: one run, one snapshot"),
+             ("end", "the run is FINISHED: returns its recorded result"),
+         ),
          doc="build the raw fleet-log snapshot for the run's data window (Parquet, content-addressed)"),
     Step("label", f"{OPS}.data:LabelOperator", upstream=("generate_dataset",), reads=("generate_dataset",),
          cacheable=True, plan=f"{STEPS_PKG}.labeling:plan", code=f"{STEPS_PKG}.labeling",
          entry_point="label_policy.entry_point", lineage_in=("raw",), lineage_out=("labelled",),
+         crash_points=(
+             ("run_created", "carries on in the same MLflow run"),
+             ("snapshot_written", "the labelled snapshot is already there under its sha256: checked, not doubled"),
+             ("before_finish", "the same"),
+             ("end", "returns the recorded result"),
+         ),
          doc="apply the label policy; write the labelled snapshot"),
     Step("validate_data", f"{OPS}.data:ValidateDataOperator", upstream=("label",), reads=("label",), cacheable=True,
          plan=f"{STEPS_PKG}.validation:plan", code=f"{STEPS_PKG}.validation", lineage_in=("labelled",),
+         crash_points=(
+             ("run_created", "carries on in the same MLflow run"),
+             ("before_finish", "validates again (no side effect) and finishes the same run"),
+             ("end", "returns the recorded result"),
+         ),
          doc="check the labelled snapshot with the Great Expectations suite; stop on failure"),
     Step("train", f"{OPS}.model:TrainOperator", upstream=("validate_data",),
          reads=("generate_dataset", "label", "validate_data"), cacheable=True, plan=f"{STEPS_PKG}.training:plan",
          code=f"{STEPS_PKG}.training", entry_point="training.entry_point",
          pod=True, lineage_in=("labelled",), lineage_out=("model",),
+         crash_points=(
+             ("run_created", "carries on in the same MLflow run"),
+             ("before_checkpoint", "finds the model the dead try logged (its logged model, READY) and tags it: no second model"),
+             ("model_logged", "the checkpoint tag names the model: reused, not trained again"),
+             ("before_finish", "the same"),
+             ("end", "returns the recorded result"),
+         ),
          doc="fit the trainer; log params, dataset input and model to MLflow"),
     Step("offline_eval", f"{OPS}.model:OfflineEvalOperator", upstream=("train", "label"), reads=("label", "train"),
          cacheable=True, plan=f"{STEPS_PKG}.evaluation:plan", code=f"{STEPS_PKG}.evaluation",
          lineage_in=("labelled", "model"),
+         crash_points=(
+             ("run_created", "carries on in the same MLflow run"),
+             ("before_finish", "logs the same metrics again in the same run"),
+             ("end", "returns the recorded result"),
+         ),
          doc="metrics on held-out episodes of the same snapshot, overall and per group"),
     Step("simulate", f"{OPS}.simulation:SimulateOperator", upstream=("offline_eval",), reads=("train",),
          cacheable=True, plan=f"{STEPS_PKG}.simulation:plan", code=f"{STEPS_PKG}.simulation",
          entry_point="simulation.entry_point", pod=True, lineage_in=("model", "scenarios"),
-         doc="closed-loop simulation as a separate job, awaited in the triggerer (no worker slot)"),
+         crash_points=(
+             ("run_created", "carries on in the same MLflow run"),
+             ("job_launched", "attaches to the running (or finished) job of this run: no second job"),
+             ("before_finish", "collects the same job's result into the same run"),
+             ("end", "returns the recorded result"),
+         ),
+         fan_out="shards", doc="closed-loop simulation as a separate job, awaited in the triggerer (no worker slot)"),
     Step("merge_simulation", f"{OPS}.simulation:MergeSimulationOperator", upstream=("simulate",),
          reads=("train", "simulate"), when="shards", code=f"{STEPS_PKG}.simulation", entry_point="simulation.summarize",
          lineage_in=("scenarios",),
+         crash_points=(
+             ("run_created", "carries on in the same MLflow run"),
+             ("before_finish", "merges the same shards' episodes again into the same run"),
+             ("end", "returns the recorded result"),
+         ),
          doc="merge the simulation shards' episodes (catalog order) into the run's simulation metrics"),
     Step("await_hil", f"{OPS}.governance:HilResultsOperator", upstream=("simulate", "merge_simulation"), when="hil",
          retry="decision",
          doc="wait (no worker slot) for the hardware-in-the-loop rig's results; none in time fails the run"),
     Step("release_gate", f"{OPS}.model:ReleaseGateOperator", upstream=("simulate", "merge_simulation", "await_hil"),
          reads=("offline_eval", "simulate", "merge_simulation", "await_hil", "train"), lineage_in=("model",),
+         crash_points=(
+             ("run_created", "carries on in the same MLflow run"),
+             ("before_finish", "judges the same metrics again"),
+             ("end", "returns the recorded result"),
+         ),
          doc="compare metrics with the gate thresholds; stop (no retry) if any fails"),
     Step("register_candidate", f"{OPS}.model:RegisterCandidateOperator", upstream=("release_gate",),
          reads=("train", "label", "release_gate"), lineage_in=("model",), lineage_out=("registered",),
+         crash_points=(
+             ("version_registered", "finds the version this run registered (its tags and source) and describes it: no second version"),
+             ("version_described", "the same version"),
+             ("record_sealed", "seals the same record again"),
+             ("alias_moved", "candidate already points at it"),
+             ("end", "the same"),
+         ),
          doc="register one model version per run, seal its release record, set alias 'candidate'"),
     Step("approval", f"{OPS}.governance:ReviewOperator", upstream=("register_candidate",), reads=("register_candidate", "release_gate"),
          when="approval", retry="decision",
-         doc="wait (no worker slot) for an approver's decision in Airflow; timeout = rejection"),
+         crash_points=(
+             ("decision_received", "the retry reads the reviewer's answer to the earlier try from Airflow and records it: never asked again, one audit entry"),
+         ),
+         fan_out="quorum", doc="wait (no worker slot) for an approver's decision in Airflow; timeout = rejection"),
     Step("promote", f"{OPS}.governance:PromoteOperator", upstream=("approval",),
          reads=("register_candidate", "approval"), when="approval", lineage_in=("registered",),
          lineage_out=("production",),
+         crash_points=(
+             ("promotion_recorded", "finds its own sealed promotion record (same version, same run) and moves the aliases: no second record"),
+             ("previous_moved", "the same record; moves production"),
+             ("production_moved", "production already points at it: nothing changes, and the record was written before the move"),
+             ("end", "the same"),
+         ),
          doc="verify the sealed release record and approvals for this exact version; move alias 'production'"),
 )
 

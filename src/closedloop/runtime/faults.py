@@ -31,6 +31,8 @@ import signal
 import time
 from pathlib import Path
 
+from closedloop import pipeline
+
 log = logging.getLogger(__name__)
 
 ENV = "CLOSEDLOOP_FAULTS"
@@ -90,63 +92,7 @@ def strike(ctx, point: str) -> None:
 #: and what a retry after a crash there does. Every point is an injection point of the step's code;
 #: the reliability tests strike each one (a transient error and a SIGKILL) and compare the registry
 #: and the data root with an undisturbed run's.
-MATRIX: dict[str, tuple[tuple[str, str], ...]] = {
-    "generate_dataset": (
-        ("run_created", "finds its MLflow run by the run's tags and carries on in it"),
-        ("snapshot_written", "writes the same bytes under the same sha256 name: the file is checked, not doubled"),
-        ("before_finish", "the same: one run, one snapshot"),
-        ("end", "the run is FINISHED: returns its recorded result")),
-    "label": (
-        ("run_created", "carries on in the same MLflow run"),
-        ("snapshot_written", "the labelled snapshot is already there under its sha256: checked, not doubled"),
-        ("before_finish", "the same"),
-        ("end", "returns the recorded result")),
-    "validate_data": (
-        ("run_created", "carries on in the same MLflow run"),
-        ("before_finish", "validates again (no side effect) and finishes the same run"),
-        ("end", "returns the recorded result")),
-    "train": (
-        ("run_created", "carries on in the same MLflow run"),
-        ("before_checkpoint", "finds the model the dead try logged (its logged model, READY) and tags it: no "
-                              "second model"),
-        ("model_logged", "the checkpoint tag names the model: reused, not trained again"),
-        ("before_finish", "the same"),
-        ("end", "returns the recorded result")),
-    "offline_eval": (
-        ("run_created", "carries on in the same MLflow run"),
-        ("before_finish", "logs the same metrics again in the same run"),
-        ("end", "returns the recorded result")),
-    "simulate": (
-        ("run_created", "carries on in the same MLflow run"),
-        ("job_launched", "attaches to the running (or finished) job of this run: no second job"),
-        ("before_finish", "collects the same job's result into the same run"),
-        ("end", "returns the recorded result")),
-    "merge_simulation": (
-        ("run_created", "carries on in the same MLflow run"),
-        ("before_finish", "merges the same shards' episodes again into the same run"),
-        ("end", "returns the recorded result")),
-    "release_gate": (
-        ("run_created", "carries on in the same MLflow run"),
-        ("before_finish", "judges the same metrics again"),
-        ("end", "returns the recorded result")),
-    "register_candidate": (
-        ("version_registered", "finds the version this run registered (its tags and source) and describes it: "
-                               "no second version"),
-        ("version_described", "the same version"),
-        ("record_sealed", "seals the same record again"),
-        ("alias_moved", "candidate already points at it"),
-        ("end", "the same")),
-    "approval": (
-        ("decision_received", "the retry reads the reviewer's answer to the earlier try from Airflow and records "
-                              "it: never asked again, one audit entry"),),
-    "promote": (
-        ("promotion_recorded", "finds its own sealed promotion record (same version, same run) and moves the "
-                               "aliases: no second record"),
-        ("previous_moved", "the same record; moves production"),
-        ("production_moved", "production already points at it: nothing changes, and the record was written "
-                             "before the move"),
-        ("end", "the same")),
-}
+MATRIX: dict[str, tuple[tuple[str, str], ...]] = {s.id: s.crash_points for s in pipeline.STEPS if s.crash_points}
 
 
 def _pause(seconds: float, until: str | None, where: str) -> None:
