@@ -71,7 +71,7 @@ def inject(*, dag_id: str, task_id: str, try_number: int, point: str, map_index:
         where = f"{dag_id}.{task_id} try {try_number} at {point!r}"
         log.warning("FAULT DRILL: injecting a %s fault in %s", kind, where)
         if f.get("mark"):
-            Path(f["mark"]).write_text(f"{where} pid {os.getpid()}\n")
+            _write_mark(Path(f["mark"]), f"{where} pid {os.getpid()}\n")
         if kind == "pause":
             _pause(float(f.get("seconds", 600)), f.get("until"), where)
             continue
@@ -100,3 +100,10 @@ def _pause(seconds: float, until: str | None, where: str) -> None:
     while time.monotonic() < deadline and not (until and os.path.exists(until)):
         time.sleep(0.2)
     log.warning("FAULT DRILL: pause in %s over, going on", where)
+
+
+def _write_mark(path: Path, text: str) -> None:
+    """Create the mark whole (written aside, then renamed): whoever sees it exists reads all of it."""
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    part.write_text(text)
+    os.replace(part, path)

@@ -168,9 +168,11 @@ REJECTED = "rejected by gate"
 
 
 def rejection_note(report: list[dict]) -> str:
-    """``rejected by gate <metric>[, <metric>…]: <reason of the first>`` (a run's note, at most 1,000 characters)."""
+    """``rejected by gate <metric>[, <metric>…]: [<first metric>] <its reason>`` (a run's note, at most 1,000
+    characters; the metric list ends at the first colon)."""
     failed = [r for r in report if not r.get("passed")]
-    text = f"{REJECTED} {', '.join(r['metric'] for r in failed)}" + (f": {failed[0]['reason']}" if failed else "")
+    first = (f"{failed[0]['metric']} " if len(failed) > 1 else "") + (failed[0]["reason"] if failed else "")
+    text = f"{REJECTED} {', '.join(r['metric'] for r in failed)}" + (f": {first}" if failed else "")
     return text[:1000]
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from closedloop.spec import GateSpec
-from closedloop.steps.gates import evaluate, format_report
+from closedloop.records.health import _rejected_by
+from closedloop.steps.gates import evaluate, format_report, rejection_note
 
 
 def test_verdicts():
@@ -18,6 +19,17 @@ def test_verdicts():
     assert report[3]["value"] is None and "not produced" in report[3]["reason"]
     text = format_report(report)
     assert "FAIL  sim.collision_rate" in text and "PASS  sim.min_ttc_s" in text and "value missing" in text
+
+
+def test_a_rejection_note_names_every_failed_gate_and_whose_reason_it_gives():
+    gates = [GateSpec(metric="sim.collision_rate", max=0.0), GateSpec(metric="sim.min_ttc_s", min=1.0),
+             GateSpec(metric="offline.rmse", max=0.3)]
+    both = rejection_note(evaluate(gates, {"sim.collision_rate": 0.25, "sim.min_ttc_s": 0.5, "offline.rmse": 0.1}))
+    assert both == "rejected by gate sim.collision_rate, sim.min_ttc_s: sim.collision_rate 0.25 > max 0"
+    one = rejection_note(evaluate(gates, {"sim.collision_rate": 0.0, "sim.min_ttc_s": 0.5, "offline.rmse": 0.1}))
+    assert one == "rejected by gate sim.min_ttc_s: 0.5 < min 1"
+    # the health page counts each gate from the note: the list ends at the first colon
+    assert _rejected_by([{"note": both}, {"note": one}]) == {"sim.min_ttc_s": 2, "sim.collision_rate": 1}
 
 
 def test_confidence_bounds_match_the_beta_quantiles_and_the_wilson_formula():
