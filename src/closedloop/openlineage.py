@@ -76,25 +76,28 @@ def operator_lineage(operator, task_instance) -> Any:
 
     spec = operator.loaded.spec
     tracking = settings.tracking_uri()
-    raw, labelled, trained, reg = result("generate_dataset"), result("label"), result("train"), \
-        result("register_candidate")
+    made_by = {kind: row.id for row in pipeline.STEPS for kind in row.lineage_out}  # kind → the row that makes it
+
+    def made(kind: str) -> dict:
+        return result(made_by[kind]) if kind in made_by else {}
 
     def datasets(kind: str, output: bool) -> list:
+        got = made(kind)
         if kind == "sources":
-            return [_dataset(FLEET_NAMESPACE, s) for s in raw.get("sources") or spec.dataset.sources]
+            return [_dataset(FLEET_NAMESPACE, s) for s in made("raw").get("sources") or spec.dataset.sources]
         if kind in ("raw", "labelled"):
-            return _snapshot(raw if kind == "raw" else labelled, output=output)
+            return _snapshot(got, output=output)
         if kind == "model":
-            return _model(trained.get("model_uri"), tracking, output=output)
+            return _model(got.get("model_uri"), tracking, output=output)
         if kind == "scenarios":
             return [_dataset("file", str(operator.loaded.scenario_path))]
         if kind == "registered":
-            return _model(reg.get("model_uri"), tracking, version=reg.get("version"), output=output)
-        done = result("promote")  # production
-        return _model(f"models:/{spec.model.name}@production", tracking, version=str(done.get("version") or ""),
-                      output=True) if done else []
+            return _model(got.get("model_uri"), tracking, version=got.get("version"), output=output)
+        # production
+        return _model(f"models:/{spec.model.name}@production", tracking, version=str(got.get("version") or ""),
+                      output=True) if got else []
 
-    row = pipeline.BY_ID.get(operator.task_id)
+    row = pipeline.BY_ID.get(pipeline.row_id(operator.task_id))
     if row is None:
         return OperatorLineage(inputs=[], outputs=[])
     return OperatorLineage(inputs=[d for k in row.lineage_in for d in datasets(k, False)],

@@ -8,7 +8,12 @@ the DAG processor reads it at parse time.
 Columns:
 
 - ``id``: the task id.
-- ``operator``: ``module:Class`` of the Airflow operator (imported when a DAG is built).
+- ``operator``: ``module:Class`` of the Airflow operator (imported when a DAG is built); a step that needs
+  no Airflow behaviour of its own names :data:`GENERIC` and its ``function``.
+- ``function``: for :data:`GENERIC` rows, ``module:function`` of the step function, called as
+  ``function(loaded, ctx, inputs)`` with the sealed results its row ``reads`` (``inputs``: step id →
+  result); it returns the step's result (a small JSON dict). The operator gives it its MLflow run (one per
+  pipeline run, found again on a retry), records the result and seals it.
 - ``upstream``: the steps it runs after (the DAG's edges).
 - ``reads``: the steps whose results it reads (a pod is handed these; OpenLineage's inputs).
 - ``cacheable``: found in the step cache when its inputs are identical; ``plan`` names the
@@ -25,7 +30,7 @@ Columns:
 - ``lineage_in`` / ``lineage_out``: what the step consumes and makes, by kind (``sources``,
   ``raw``, ``labelled``, ``model``, ``scenarios``, ``registered``, ``production``).
 - ``crash_points``: the step's fault-drill points in order — after each side effect — and what a retry
-  after a crash there does (:data:`closedloop.runtime.faults.MATRIX`, the README's crash-point table
+  after a crash there does (:func:`closedloop.runtime.faults.matrix`, the README's crash-point table
   and the reliability tests read them).
 - ``fan_out``: how one row becomes several tasks: ``quorum`` (one task per required approval, one after
   the other: ``approval``, ``approval_2`` …) or ``shards`` (one mapped task instance per simulation
@@ -56,10 +61,19 @@ class Step:
     lineage_out: tuple[str, ...] = ()
     crash_points: tuple[tuple[str, str], ...] = ()
     fan_out: str | None = None
+    function: str | None = None
 
 
 OPS = "closedloop.operators"
 STEPS_PKG = "closedloop.steps"
+GENERIC = f"{OPS}.base:StepOperator"
+"""The operator of a step that is only a function of what it reads (its row's ``function``)."""
+GENERIC_CRASH_POINTS = (
+    ("run_created", "carries on in the same MLflow run"),
+    ("before_finish", "calls the function again on the same inputs and finishes the same run"),
+    ("end", "returns the recorded result"),
+)
+"""What a retry of a :data:`GENERIC` step does after a crash at each of its points."""
 
 STEPS: tuple[Step, ...] = (
     Step("admit_incident", f"{OPS}.incidents:AdmitIncidentOperator", when="incidents", retry="never",
@@ -171,16 +185,58 @@ STEPS: tuple[Step, ...] = (
          doc="verify the sealed release record and approvals for this exact version; move alias 'production'"),
 )
 
-BY_ID: dict[str, Step] = {s.id: s for s in STEPS}
-ORDER: tuple[str, ...] = tuple(s.id for s in STEPS)
-CACHEABLE: tuple[str, ...] = tuple(s.id for s in STEPS if s.cacheable)
+BY_ID: dict[str, Step]
+ORDER: tuple[str, ...]
+CACHEABLE: tuple[str, ...]
 """Steps the step cache may answer, in order; the first one's hit plans the others (:mod:`closedloop.runtime.plan`)."""
-PLANNED: tuple[str, ...] = CACHEABLE[1:]
+PLANNED: tuple[str, ...]
 """Cacheable steps whose result the first one's cache hit may find ahead of time."""
-RETRYABLE: tuple[str, ...] = tuple(s.id for s in STEPS if s.retry == "transient" and s.id != "admit_incident")
+RETRYABLE: tuple[str, ...]
+POD_STEPS: tuple[str, ...]
 SIMULATION_RESULT = ("merge_simulation", "simulate")
 """Where a run's simulation metrics are: the merge of the shards when ``simulate`` is sharded, else ``simulate``."""
-POD_STEPS: tuple[str, ...] = tuple(s.id for s in STEPS if s.pod)
+
+
+def _index(steps: tuple[Step, ...]) -> None:
+    """The table and what is derived from it, as module attributes (read them as ``pipeline.X``)."""
+    global STEPS, BY_ID, ORDER, CACHEABLE, PLANNED, RETRYABLE, POD_STEPS
+    ids = [s.id for s in steps]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"step ids must be unique: {ids}")
+    for s in steps:
+        unknown = [u for u in (*s.upstream, *s.reads) if u not in ids]
+        if unknown:
+            raise ValueError(f"step {s.id!r} names steps the table does not have: {unknown}")
+        if s.operator == GENERIC and not s.function:
+            raise ValueError(f"step {s.id!r} uses the generic operator: its row needs a 'function'")
+    STEPS = tuple(steps)
+    BY_ID = {s.id: s for s in STEPS}
+    ORDER = tuple(ids)
+    CACHEABLE = tuple(s.id for s in STEPS if s.cacheable)
+    PLANNED = CACHEABLE[1:]
+    RETRYABLE = tuple(s.id for s in STEPS if s.retry == "transient" and s.id != "admit_incident")
+    POD_STEPS = tuple(s.id for s in STEPS if s.pod)
+
+
+_index(STEPS)
+
+
+def with_row(row: Step, *, before: str | None = None):
+    """A context manager in which the table has one more row (before ``before``, else last): how a test
+    shows that a new step is one row and one function. The table is restored on exit."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def _cm():
+        saved = STEPS
+        at = ORDER.index(before) if before else len(saved)
+        _index((*saved[:at], row, *saved[at:]))
+        try:
+            yield BY_ID[row.id]
+        finally:
+            _index(saved)
+
+    return _cm()
 
 
 RUN_CONTEXT: tuple[str, ...] = ("admit_incident",)

@@ -146,14 +146,14 @@ def test_a_transient_error_at_every_crash_point_leaves_what_an_undisturbed_run_l
     """Every point of the crash-point matrix struck in one run (dag.test, Airflow's retry handling):
     each retry finishes what the failed try began; the registry record equals the undisturbed
     no-cache run's, and the data root holds one snapshot per content."""
-    from closedloop.runtime.faults import MATRIX
+    from closedloop.runtime.faults import matrix
 
     s = runs["matrix"]
     assert s["state"] == "success", states(s)
     struck = sorted(p.name for p in runs["marks"].iterdir())
     assert struck == sorted(f"{d['task']}.{d['point']}" for d in runs["matrix_drills"])  # every point fired
     tries = {t["task_id"]: t["try_number"] for t in s["tasks"]}
-    assert tries == {step: len(MATRIX[step]) + 1 for step in STEPS}
+    assert tries == {step: len(matrix()[step]) + 1 for step in STEPS}
     assert alerts_of(s) == []
     calm = registry_record(client(), runs["no_cache"]["run_id"], "acc_faults", MODEL)
     hit = registry_record(client(), s["run_id"], "acc_faults", MODEL)

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from closedloop import settings
 from closedloop.local.run import load_dag, run_dag
-from closedloop.runtime.faults import MATRIX
+from closedloop.runtime.faults import matrix
 from tests.conftest import NO_REVIEW, SAFE_DATA, SHIPPED_ADAPTIVE, scratch_project, template_text
 
 pytestmark = pytest.mark.integration
@@ -63,7 +63,7 @@ def runs(airflow_db, tmp_path_factory, project):
             # shard 2 fails once after launching its job; merge_simulation at each of its crash points
             marks = root / "marks"
             marks.mkdir()
-            out["merge_points"] = [p for p, _ in MATRIX["merge_simulation"]]
+            out["merge_points"] = [p for p, _ in matrix()["merge_simulation"]]
             faults.write_text(json.dumps([{"task": "simulate", "map_index": 1, "point": "job_launched",
                                            "fault": "transient", "tries": [1]}] + [
                 {"task": "merge_simulation", "point": p, "fault": "transient", "once": True, "dag": "acc_sim",

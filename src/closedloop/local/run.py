@@ -16,7 +16,6 @@ from pathlib import Path
 
 from closedloop import pipeline, settings
 
-TASK_ORDER = pipeline.ORDER
 
 
 def ensure_db() -> None:
@@ -95,9 +94,10 @@ def _place(task_id: str) -> tuple[int, int]:
     import re
 
     m = re.fullmatch(r"(.+)_(\d+)", task_id)
-    if task_id not in TASK_ORDER and m and m.group(1) in TASK_ORDER:
-        return TASK_ORDER.index(m.group(1)), int(m.group(2))
-    return (TASK_ORDER.index(task_id) if task_id in TASK_ORDER else 99), 0
+    order = pipeline.ORDER
+    if task_id not in order and m and m.group(1) in order:
+        return order.index(m.group(1)), int(m.group(2))
+    return (order.index(task_id) if task_id in order else 99), 0
 
 
 def collect_summary(dag_id: str, run_id: str) -> dict | None:
@@ -125,7 +125,7 @@ def collect_summary(dag_id: str, run_id: str) -> dict | None:
                           "duration_s": round(dur, 2) if dur is not None else None,
                           "error": xcoms.get((ti.task_id, "error", ti.map_index)),
                           **({"map_index": ti.map_index} if ti.map_index >= 0 else {})})
-        results = {t: _unsealed(xcoms.get((t, "return_value", -1))) for t in TASK_ORDER}
+        results = {t: _unsealed(xcoms.get((t, "return_value", -1))) for t in pipeline.ORDER}
         results |= {t: _unsealed(v) for (t, key, index), v in xcoms.items()  # approval_2, … of a quorum
                     if key == "return_value" and index == -1 and t not in results}
         results |= {t: [found[i] for i in sorted(found)] for t, found in shards.items()}

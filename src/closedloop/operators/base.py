@@ -158,6 +158,33 @@ class ClosedLoopStepOperator(BaseOperator):
         return operator_lineage(self, task_instance)
 
 
+class StepOperator(ClosedLoopStepOperator):
+    """A step that is only a function of what it reads (:data:`closedloop.pipeline.GENERIC`): its row's
+    ``function(loaded, ctx, inputs)`` runs in the step's MLflow run of this pipeline run (found again on a
+    retry: a finished one returns its recorded result), with the sealed results its row ``reads``."""
+
+    def run_step(self, ctx: RunContext, context: Context) -> dict:
+        from closedloop.runtime import tracking
+        from closedloop.runtime.context import resolve
+
+        row = pipeline.step(pipeline.row_id(self.task_id))
+        present = set(self.dag.task_ids) if self.has_dag() else set(row.reads)
+        inputs = {r: self.upstream(context, r) for r in row.reads if r in present}
+        run = tracking.step_run(self.loaded, ctx, row.id)
+        done = tracking.finished_result(run)
+        if done is not None:
+            log.info("%s already finished in MLflow run %s: returning its recorded result", row.id, run.info.run_id)
+            return done
+        try:
+            out = resolve(row.function)(self.loaded, ctx, inputs)
+        except Exception:
+            tracking.fail(ctx, run.info.run_id)
+            raise
+        if not isinstance(out, dict):
+            raise TypeError(f"step function {row.function} returned {type(out).__name__}, not a dict (its result)")
+        return tracking.finish(ctx, run.info.run_id, {**out, "run_id": run.info.run_id})
+
+
 class TemplateErrorOperator(BaseOperator):
     """The one task of a pipeline held back by its template's error: fails with that error (no retry).
 

@@ -222,6 +222,9 @@ def trace(ref: str, tracking_uri: str | None = None, *, limit: int = MAX_LIMIT, 
         "regression": sim.get("regression") or [],
     } if sim_run is not None and sim else None
     out["gates"] = {"passed": gate.get("passed"), "report": gate.get("report")} if gate else None
+    out["steps"] = [{"id": row.id, "run_id": steps[row.id].info.run_id, "status": steps[row.id].info.status,
+                     "cache": steps[row.id].data.tags.get(vocab.CACHE)}
+                    for row in pipeline.STEPS if row.id in steps]  # in the table's order
     review = {k.removeprefix(vocab.REVIEW_PREFIX): v for k, v in (mv.tags.items() if mv is not None else ())
               if k.startswith(vocab.REVIEW_PREFIX)}
     out["review"] = review or None

@@ -137,6 +137,10 @@ def format_trace(t: dict[str, Any]) -> str:
     if started.get("reruns"):
         how += f"; rerun as {started['reruns']}"
     lines.append(f"airflow run     {ar['dag_id']} / {ar['run_id']}  started by {how}")
+    if t.get("steps"):
+        lines.append("steps           " + ", ".join(
+            f"{s['id']} {s['status'].lower()}" + (" (cache hit)" if s.get("cache") == "hit" else "")
+            for s in t["steps"]))
     sim = t.get("simulation")
     if sim:
         lines.append(f"simulation      {sim['episodes']} episodes of {sim.get('scenario_set') or '-'}"

@@ -9,7 +9,7 @@ be started and stopped while Airflow runs). The file holds a list of faults::
 
 ``point``: ``start`` (before the step does anything), ``end`` (after it made everything, before
 the task reports success), ``before_finish`` (its work done and recorded, its MLflow run not yet
-marked finished) or any point of the crash-point matrix (:data:`MATRIX`: every point between two
+marked finished) or any point of the crash-point matrix (:func:`matrix`: every point between two
 side effects of a step, e.g. ``train``'s ``before_checkpoint``: the model is logged, its run does
 not say so yet). ``fault``: ``transient`` (a ``ConnectionResetError``: retried), ``permanent``
 (a ``TypeError``, like a bug: not retried), ``kill`` (SIGKILL of the task process) or ``pause``
@@ -92,7 +92,10 @@ def strike(ctx, point: str) -> None:
 #: and what a retry after a crash there does. Every point is an injection point of the step's code;
 #: the reliability tests strike each one (a transient error and a SIGKILL) and compare the registry
 #: and the data root with an undisturbed run's.
-MATRIX: dict[str, tuple[tuple[str, str], ...]] = {s.id: s.crash_points for s in pipeline.STEPS if s.crash_points}
+def matrix() -> dict[str, tuple[tuple[str, str], ...]]:
+    """The crash-point matrix: step → its points in order and what a retry after a crash there does,
+    read from the step table's ``crash_points`` (a row added to the table is in it)."""
+    return {s.id: s.crash_points for s in pipeline.STEPS if s.crash_points}
 
 
 def _pause(seconds: float, until: str | None, where: str) -> None:

@@ -183,8 +183,8 @@ gov.promote(ctx, args["record"], args["statements"], model="m", policy=policy,
 
 
 @pytest.mark.parametrize("fault", ["transient", "kill"])
-@pytest.mark.parametrize("point", [p for p, _ in __import__("closedloop.runtime.faults", fromlist=["MATRIX"])
-                                   .MATRIX["promote"] if p != "end"])
+@pytest.mark.parametrize("point", [p for p, _ in __import__("closedloop.runtime.faults", fromlist=["matrix"])
+                                   .matrix()["promote"] if p != "end"])
 def test_promote_crashing_at_each_point_finishes_on_retry_with_one_record_and_its_audit(registry, tmp_path,
                                                                                       monkeypatch, point, fault):
     """A connection error, or a SIGKILL of the promoting process, at every point between promote's
