@@ -91,6 +91,7 @@ AUDIT_PREFIX = "closedloop.audit."
 RELEASE_RECORD = "closedloop.release_record"
 APPROVAL_PREFIX = "closedloop.approval."
 PROMOTION = "closedloop.promotion.production"
+DOSSIER = "closedloop.dossier"  # on a model version: {"uri", "digest"} of its release dossier
 PUBLIC_KEY = "closedloop.signing.public_key"
 
 # -- run conf keys (REST ``conf``, ``closedloop rerun``) ----------------------------------------------

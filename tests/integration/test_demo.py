@@ -166,3 +166,34 @@ def test_a_gate_doing_its_job_is_a_rejection_in_health_and_runs_not_a_failure(ui
     reasons = [line.strip() for line in text.stdout.splitlines() if line.strip().startswith("reason: ")]
     assert reasons and all(r.startswith("reason: rejected by gate ") for r in reasons), text.stdout
     assert any("sim.hard_braking.collision_rate" in r.split(":")[1] for r in reasons), text.stdout
+
+
+def test_the_production_version_has_a_dossier_that_verifies_offline_and_names_a_changed_byte(demo, tmp_path):
+    mv = client(demo).get_model_version_by_alias(MODEL, "production")
+    where = json.loads(mv.tags["closedloop.dossier"])
+    folder = Path(where["uri"].removeprefix("file://")).parent
+    taken = tmp_path / "taken-away"  # what a release engineer takes away: the folder, and the published key
+    shutil.copytree(folder, taken)
+    pins = json.loads((demo["root"] / ".closedloop" / "keys" / "trusted_keys.json").read_text())
+    public = pins["keys"][-1]["public_key"]
+    # a process with no server and none of the deployment's settings: the bundle and the key, nothing else
+    bare = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CLOSEDLOOP_HOME": str(tmp_path / "nothing")}
+    ok = subprocess.run([sys.executable, "-m", "closedloop.cli", "dossier", "verify", str(taken), "--key", public],
+                        env=bare, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"release dossier of {MODEL} v{mv.version}" in ok.stdout and "3 sealed record(s)" in ok.stdout
+    body = json.loads((taken / "dossier.json").read_text())["body"]
+    assert body["verdict"]["verdict"] in ("accepted", "conditionally accepted")
+    assert [s["responder"] for s in body["approvals"]["statements"]] == ["safety-lead", "safety-deputy"]
+    assert body["approvals"]["independent_of_requester"] and body["data"]["independence"]["independent"]
+    assert "cut_out" in body["coverage"]["not_covered"]  # in the ODD, not in the catalog: said, not hidden
+    gates = {g["metric"]: g for g in body["acceptance"]["gates"]}
+    assert gates["sim.collision_rate"]["trials"] >= 299 and gates["sim.collision_rate"]["upper"] <= 0.01
+    assert "sha256:" + __import__("hashlib").sha256((taken / "dossier.json").read_bytes()).hexdigest() == where["digest"]
+    evidence = taken / "evidence" / "gate_report.json"
+    data = bytearray(evidence.read_bytes())
+    data[len(data) // 2] ^= 1
+    evidence.write_bytes(bytes(data))
+    bad = subprocess.run([sys.executable, "-m", "closedloop.cli", "dossier", "verify", str(taken), "--key", public],
+                         env=bare, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "evidence/gate_report.json: its sha256" in bad.stderr, bad.stdout + bad.stderr

@@ -20,10 +20,12 @@ EXPECTED_EDGES = {
     "simulate": {"offline_eval"},
     "release_gate": {"simulate"},
     "register_candidate": {"release_gate"},
+    "dossier": {"register_candidate"},
 }
-GOVERNED_EDGES = {**EXPECTED_EDGES, "approval": {"register_candidate"}, "promote": {"approval"}}
+GOVERNED_EDGES = {**EXPECTED_EDGES, "approval": {"register_candidate"}, "dossier": {"register_candidate", "approval"},
+                  "promote": {"dossier"}}
 SHIPPED_EDGES = {**GOVERNED_EDGES, "merge_simulation": {"simulate"}, "release_gate": {"simulate", "merge_simulation"},
-                 "approval_2": {"approval"}, "promote": {"approval_2"}}
+                 "approval_2": {"approval"}, "dossier": {"register_candidate", "approval_2"}}
 """The shipped template: simulation in shards (merged), the two-person rule (approval, approval_2)."""
 REGISTRY = {"closedloop_registry", "closedloop_registry_watch"}
 INCIDENT_EDGES = {**SHIPPED_EDGES, "admit_incident": set(), "generate_dataset": {"admit_incident"}}
@@ -185,7 +187,7 @@ def test_a_quorum_of_two_chains_two_approval_tasks_and_the_registry_dags_are_bui
     dag = dags["acc_two"]
     edges = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
     assert edges == {**EXPECTED_EDGES, "approval": {"register_candidate"}, "approval_2": {"approval"},
-                     "promote": {"approval_2"}}
+                     "dossier": {"register_candidate", "approval_2"}, "promote": {"dossier"}}
     second = dag.get_task("approval_2")
     assert isinstance(second, ReviewOperator) and second.prior == ["approval"]
 

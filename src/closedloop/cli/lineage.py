@@ -65,6 +65,45 @@ def cmd_scenarios_list(args) -> int:
     return _answer(lambda: catalog(settings.data_root(), args.model), format_scenarios, args.json)
 
 
+def cmd_dossier_show(args) -> int:
+    from closedloop.records.lineage import dossier_of
+    from closedloop.records.render import format_dossier
+
+    return _answer(lambda: dossier_of(args.ref), format_dossier, args.json)
+
+
+def cmd_dossier_verify(args) -> int:
+    """Offline: the bundle and a public key, nothing else (no Airflow, no MLflow, no network)."""
+    from closedloop.errors import EvidenceError
+    from closedloop.steps.dossier import verify
+
+    keys = _keys(args.key)
+    try:
+        body = verify(args.path, keys)
+    except EvidenceError as exc:
+        print(f"NOT VERIFIED: {exc}", file=sys.stderr)
+        return 1
+    statements = body.get("approvals", {}).get("statements") or []
+    print(f"verified: release dossier of {body['model']} v{body['version']} ({body['verdict']['verdict']}); "
+          f"signature, every cited file and {1 + len(statements)} sealed record(s) match key "
+          f"{', '.join(keys.ids()) if hasattr(keys, 'ids') else keys.key_id}")
+    return 0
+
+
+def _keys(key: str | None):
+    """``--key``: the published key (``ed25519:…``), a file holding it, or a pinned-keys JSON file; without
+    it, the deployment's pinned keys."""
+    from pathlib import Path
+
+    from closedloop.runtime.signing import Verifier, keyring_from_json, trusted_keys
+
+    if not key:
+        return trusted_keys()
+    path = Path(key)
+    text = path.read_text() if path.is_file() else key
+    return keyring_from_json(text, str(path)) if text.lstrip().startswith(("{", "[")) else Verifier.from_text(text)
+
+
 def add_parsers(sub) -> None:
     sp = sub.add_parser("trace", help="the chain behind a model version or run: data, labels, template, run, gates, review")
     sp.add_argument("ref", help="models:/NAME@ALIAS, models:/NAME/VERSION, NAME/VERSION, an MLflow run id or an "
@@ -81,6 +120,19 @@ def add_parsers(sub) -> None:
     arg_paging(sp, "each")
     arg_json(sp)
     sp.set_defaults(func=cmd_impact, local_env=True)
+    dp = sub.add_parser("dossier", help="a model version's signed release dossier: where it is, and offline "
+                                        "verification")
+    dps = dp.add_subparsers(dest="action", required=True)
+    sp = dps.add_parser("show", help="where the version's dossier is, its digest and verdict")
+    sp.add_argument("ref", help="models:/NAME@ALIAS, NAME/VERSION, an MLflow run id or an Airflow dag run id")
+    arg_json(sp)
+    sp.set_defaults(func=cmd_dossier_show, local_env=True)
+    sp = dps.add_parser("verify", help="check a dossier bundle with the published public key only (offline): "
+                                       "signature, every file's digest, every sealed record")
+    sp.add_argument("path", help="the bundle's folder or its dossier.json")
+    sp.add_argument("--key", help="the published public key (ed25519:…), a file holding it, or a pinned-keys "
+                                  "JSON file (default: this deployment's pinned keys)")
+    sp.set_defaults(func=cmd_dossier_verify)
     sc = sub.add_parser("scenarios", help="a model's regression scenarios (one per admitted incident)")
     scs = sc.add_subparsers(dest="action", required=True)
     sp = scs.add_parser("list", help="the model's regression catalog: version, and each scenario by incident")

@@ -233,7 +233,7 @@ def asset_extra(uri: str, out: dict) -> dict | None:
     if uri.endswith("/production"):  # ``changed`` False: a retried promote found it already done
         return {"model": out.get("model"), "version": str(out.get("version")), "previous": out.get("previous"),
                 "changed": bool(out.get("changed")), "approved_by": out.get("approved_by"),
-                "release_record": out.get("release_record")}
+                "release_record": out.get("release_record"), "dossier": out.get("dossier")}
     return None
 
 

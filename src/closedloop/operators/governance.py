@@ -338,8 +338,33 @@ class PromoteOperator(ClosedLoopStepOperator):
         out = promote(ctx, record, statements, model=spec.model.name, policy=policy, signer=signer(),
                       actor=f"airflow:{ti.dag_id}/{ti.run_id}", run=(ti.dag_id, ti.run_id), verifier=verifier())
         out["release_record"] = sealed_record_of(ctx, spec.model.name, out["version"])  # for the asset event
+        dossier = self.upstream(context, "dossier")
+        out["dossier"] = {k: dossier.get(k) for k in ("uri", "digest", "verdict")}
         log.info("%s version %s is production%s (approved by %s)", out["model"], out["version"],
                  "" if out["changed"] else " already (nothing changed)", ", ".join(out["approved_by"]))
+        return out
+
+
+class DossierOperator(ClosedLoopStepOperator):
+    """Build, sign and write the version's release dossier (``dossier``): after the last approval (before
+    ``production`` moves), or after registration in a pipeline without review
+    (:func:`closedloop.steps.dossier.build_for_run`). Signs with the deployment's key, like every seal."""
+
+    def run_step(self, ctx: RunContext, context: Context) -> dict:
+        from closedloop import pipeline
+        from closedloop.hooks.signing import signer
+        from closedloop.steps.approvals import approval_task_ids
+        from closedloop.steps.dossier import build_for_run
+
+        present = set(self.dag.task_ids)
+        inputs = {r: self.upstream(context, r) for r in pipeline.step("dossier").reads
+                  if r in present and not r.startswith("approval")}
+        spec = self.loaded.spec
+        tasks = approval_task_ids(spec.approval.required) if spec.approval else []
+        out = build_for_run(self.loaded, ctx, inputs, signer=signer(),
+                            approval_tasks=tasks)
+        log.info("release dossier of %s v%s: %s (%s), verdict %s", out["model"], out["version"], out["uri"],
+                 out["digest"], out["verdict"])
         return out
 
 

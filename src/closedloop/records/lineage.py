@@ -228,12 +228,37 @@ def trace(ref: str, tracking_uri: str | None = None, *, limit: int = MAX_LIMIT, 
     review = {k.removeprefix(vocab.REVIEW_PREFIX): v for k, v in (mv.tags.items() if mv is not None else ())
               if k.startswith(vocab.REVIEW_PREFIX)}
     out["review"] = review or None
+    out["dossier"] = json.loads(mv.tags[vocab.DOSSIER]) if mv is not None and mv.tags.get(vocab.DOSSIER) else None
     outcomes = (out["simulation"] or {}).get("regression") or []
     if out["simulation"]:
         out["simulation"]["regression"] = outcomes[offset:offset + limit]
     for row in (out["gates"] or {}).get("report") or []:
         row.pop("incidents", None)  # the same outcomes as simulation.regression: listed (and paged) once
     out.update(totals={"regression": len(outcomes)}, limit=limit, offset=offset)
+    return out
+
+
+def dossier_of(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Where the release dossier of the version ``ref`` names is (``{"model", "version", "uri", "digest",
+    "verdict", "html"}``), from the version's tag; :class:`LineageError` when it has none."""
+    found = resolve(ref, tracking_uri)
+    mv = found["version"]
+    if mv is None:
+        raise LineageError(f"{ref}: names no model version")
+    tag = mv.tags.get(vocab.DOSSIER)
+    if not tag:
+        raise LineageError(f"{mv.name} v{mv.version} has no release dossier (it is built after the last approval, "
+                           "or after registration in a pipeline without review)")
+    where = json.loads(tag)
+    out = {"model": mv.name, "version": str(mv.version), "uri": where.get("uri"), "digest": where.get("digest"),
+           "html": str(where.get("uri") or "").rsplit("/", 1)[0] + "/dossier.html", "verdict": None}
+    try:
+        import fsspec
+
+        with fsspec.open(out["uri"], "rb") as fh:
+            out["verdict"] = json.loads(fh.read())["body"]["verdict"]["verdict"]
+    except (OSError, ValueError, KeyError) as exc:
+        out["error"] = f"cannot read {out['uri']}: {exc}"
     return out
 
 

@@ -67,6 +67,10 @@ def format_summary(s: dict) -> str:
     for review in reviews:  # approval, approval_2, … with approval.required > 1
         who = (review.get("responded_by_user") or {}).get("name") or "nobody (timeout)"
         out.append(f"review: {', '.join(review.get('chosen_options') or [])} by {who}")
+    if isinstance(r.get("dossier"), dict) and r["dossier"].get("uri"):
+        d = r["dossier"]
+        out.append(f"release dossier: {d.get('verdict')}; {d['uri']} ({str(d.get('digest'))[:19]}…); check it "
+                   f"offline: closedloop dossier verify {d['uri'].rsplit('/', 1)[0]} --key PUBLIC_KEY")
     if r.get("promote"):
         p = r["promote"]
         out.append(f"promotion: {p['model']} version {p['version']} -> @production"
@@ -159,11 +163,20 @@ def format_trace(t: dict[str, Any]) -> str:
 
         lines.append(f"gates           {'passed' if g['passed'] else 'FAILED'}")
         lines.extend("  " + line for line in format_report(g["report"] or []).splitlines())
+    if t.get("dossier"):
+        lines.append(f"dossier         {t['dossier'].get('uri')}  ({t['dossier'].get('digest')})")
     r = t.get("review")
     if r:
         lines.append(f"review          {r.get('decision')} by {r.get('reviewer') or '-'} at {r.get('at') or '-'}"
                      + (f": {r['comment']}" if r.get("comment") else ""))
     return "\n".join(lines)
+
+
+def format_dossier(d: dict[str, Any]) -> str:
+    folder = str(d["uri"]).rsplit("/", 1)[0]
+    return "\n".join([f"release dossier of {d['model']} v{d['version']}: {d.get('verdict') or d.get('error')}",
+                      f"  json     {d['uri']}  ({d['digest']})", f"  html     {d['html']}",
+                      f"  verify   closedloop dossier verify {folder} --key PUBLIC_KEY   (offline)"])
 
 
 def format_impact(i: dict[str, Any]) -> str:

@@ -293,6 +293,25 @@ class ApprovalSpec(_Part):
 Severity = Literal["low", "medium", "high", "critical"]
 
 
+class OddSpec(_Part):
+    """The intended function and operational design domain the release dossier argues for (UL 4600,
+    ISO 21448): what the model is for, and where it is meant to work."""
+
+    intended_function: str = Field(min_length=10, description="what the model does in the vehicle")
+    regions: list[str] = Field(default_factory=list, description="where it is released (e.g. EU motorways)")
+    speed_kph: tuple[float, float] | None = Field(default=None, description="[min, max] ego speed in km/h")
+    conditions: list[str] = Field(default_factory=list, description="weather, light, road conditions in scope")
+    scenario_types: list[str] = Field(default_factory=list,
+                                      description="scenario types in scope; the dossier names those the "
+                                                  "simulation catalog does not cover")
+
+    @model_validator(mode="after")
+    def _speeds(self) -> OddSpec:
+        if self.speed_kph is not None and not 0 <= self.speed_kph[0] < self.speed_kph[1]:
+            raise ValueError(f"odd.speed_kph must be [min, max] with 0 <= min < max, got {list(self.speed_kph)}")
+        return self
+
+
 class KpiRuleSpec(_Part):
     """A production KPI bound: crossing it raises an incident (once per degradation)."""
 
@@ -483,6 +502,8 @@ class PipelineSpec(_Part):
     simulation: SimulationSpec
     gates: list[GateSpec] = Field(min_length=1)
     hil: HilSpec | None = None
+    odd: OddSpec | None = Field(default=None, description="intended function and operational design domain "
+                                "(the release dossier's scope)")
     approval: ApprovalSpec | None = None
     incidents: IncidentsSpec | None = None
     reliability: ReliabilitySpec = Field(default_factory=ReliabilitySpec)
