@@ -223,7 +223,26 @@ def build_registry_dags(specs: list[LoadedSpec]) -> dict[str, DAG]:
         tags=["closedloop", "governance"],
     ) as watch:
         AliasAlarmOperator(task_id="alert", specs=gov, retries=1)
-    return {REGISTRY_DAG_ID: registry, WATCH_DAG_ID: watch}
+    from closedloop.operators.release import RELEASE_DAG_ID, ReleaseOperator
+
+    productions = [Asset(name=u, uri=u, group="closedloop") for u in
+                   (f"closedloop://models/{m}/production" for m in models)]
+    schedule = productions[0]
+    for more in productions[1:]:
+        schedule = schedule | more
+    with DAG(
+        dag_id=RELEASE_DAG_ID,
+        description="Example release process: verify each production version's release dossier, then deploy it",
+        doc_md="# Release (example)\n\nRuns on every `production` asset event of a governed model. The event names "
+               "the version's release dossier (URI and digest); this DAG verifies it with the deployment's pinned "
+               "public keys — signature, every cited file, every sealed record — and only then deploys it (here: "
+               "copies it to `$CLOSEDLOOP_HOME/deployed/<model>/v<version>`). A dossier that does not verify fails "
+               "the run and nothing is deployed: anyone with role `op` can post an asset event.",
+        schedule=schedule, start_date=None, catchup=False, max_active_runs=1,
+        tags=["closedloop", "governance", "release"],
+    ) as release:
+        ReleaseOperator(task_id="verify_and_deploy", retries=0)
+    return {REGISTRY_DAG_ID: registry, WATCH_DAG_ID: watch, RELEASE_DAG_ID: release}
 
 
 def held_back_dag(dag_id: str, error: SpecError) -> DAG:

@@ -197,3 +197,46 @@ def test_the_production_version_has_a_dossier_that_verifies_offline_and_names_a_
     bad = subprocess.run([sys.executable, "-m", "closedloop.cli", "dossier", "verify", str(taken), "--key", public],
                          env=bare, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "evidence/gate_report.json: its sha256" in bad.stderr, bad.stdout + bad.stderr
+
+
+def test_the_release_dag_deployed_the_verified_version_and_refuses_a_tampered_dossier(demo, ui, tmp_path):
+    """The hand-off under the real scheduler: the production event of the demo started ``closedloop_release``,
+    which verified the dossier and deployed it; an event an ``op`` could post, naming a tampered copy, deploys
+    nothing and fails with the reason."""
+    assert "release hand-off: closedloop_release ran on the production event (success)" in demo["out"].stdout
+    deployed = json.loads((demo["root"] / ".closedloop" / "deployed" / MODEL / "v1" / "DEPLOYED.json").read_text())
+    mv = client(demo).get_model_version_by_alias(MODEL, "production")
+    assert deployed["dossier"] == json.loads(mv.tags["closedloop.dossier"])
+    base = ui["AIRFLOW_API_URL"]
+
+    def call(method, path, body=None):
+        token = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"{base}/auth/token", data=json.dumps({"username": ui["AIRFLOW_USERNAME"],
+                                                   "password": ui["AIRFLOW_PASSWORD"]}).encode(),
+            headers={"Content-Type": "application/json"}, method="POST"), timeout=30).read())["access_token"]
+        req = urllib.request.Request(f"{base}/api/v2{path}", data=json.dumps(body).encode() if body else None,
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                                     method=method)
+        return json.loads(urllib.request.urlopen(req, timeout=30).read() or b"null")
+
+    folder = Path(json.loads(mv.tags["closedloop.dossier"])["uri"]).parent
+    forged = tmp_path / "forged"
+    shutil.copytree(folder, forged)
+    (forged / "evidence" / "gate_report.json").write_text("[]\n")  # every gate gone: nothing to show
+    digest = "sha256:" + __import__("hashlib").sha256((forged / "dossier.json").read_bytes()).hexdigest()
+    asset = next(a for a in call("GET", "/assets?limit=100")["assets"]
+                 if a["uri"] == f"closedloop://models/{MODEL}/production")
+    before = {r["dag_run_id"] for r in call("GET", "/dags/closedloop_release/dagRuns?limit=50")["dag_runs"]}
+    call("POST", "/assets/events", {"asset_id": asset["id"], "extra": {
+        "model": MODEL, "version": str(mv.version), "dossier": {"uri": str(forged / "dossier.json"), "digest": digest}}})
+    deadline = time.monotonic() + 180
+    while True:
+        runs = [r for r in call("GET", "/dags/closedloop_release/dagRuns?limit=50")["dag_runs"]
+                if r["dag_run_id"] not in before]
+        if runs and runs[0]["state"] in ("success", "failed"):
+            break
+        assert time.monotonic() < deadline, "no closedloop_release run on the posted event"
+        time.sleep(2)
+    assert runs[0]["state"] == "failed"
+    assert json.loads((demo["root"] / ".closedloop" / "deployed" / MODEL / "v1" / "DEPLOYED.json").read_text()) \
+        == deployed  # nothing deployed over the verified version

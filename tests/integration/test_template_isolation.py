@@ -57,7 +57,7 @@ def import_errors(server) -> list[dict]:
 
 def test_a_broken_template_holds_back_only_its_own_dags_under_the_real_dag_processor(env):
     server, root, project = env
-    every = {*GOOD, BROKEN, "closedloop_registry", "closedloop_registry_watch"}
+    every = {*GOOD, BROKEN, "closedloop_registry", "closedloop_registry_watch", "closedloop_release"}
     server.wait_for(lambda: every <= set(dags(server)), 180, "the three pipelines and the registry parsed")
     path = root / "include" / "pipelines" / f"{BROKEN}.yaml"
     for kind, ((old, new), named) in BREAKS.items():
@@ -74,7 +74,7 @@ def test_a_broken_template_holds_back_only_its_own_dags_under_the_real_dag_proce
         (err,) = server.wait_for(reported, 120, f"the {kind} break to be reported and its DAG held back")
         assert str(path) in err["stack_trace"], err["stack_trace"]
         now = dags(server)
-        for dag_id in (*GOOD, "closedloop_registry", "closedloop_registry_watch"):
+        for dag_id in (*GOOD, "closedloop_registry", "closedloop_registry_watch", "closedloop_release"):
             assert dag_id in now and not now[dag_id]["is_stale"], (kind, dag_id, now.get(dag_id))
             assert "template-error" not in {t["name"] for t in now[dag_id]["tags"]}
         assert now[BROKEN]["description"].startswith("HELD BACK by a template error")

@@ -27,7 +27,7 @@ GOVERNED_EDGES = {**EXPECTED_EDGES, "approval": {"register_candidate"}, "dossier
 SHIPPED_EDGES = {**GOVERNED_EDGES, "merge_simulation": {"simulate"}, "release_gate": {"simulate", "merge_simulation"},
                  "approval_2": {"approval"}, "dossier": {"register_candidate", "approval_2"}}
 """The shipped template: simulation in shards (merged), the two-person rule (approval, approval_2)."""
-REGISTRY = {"closedloop_registry", "closedloop_registry_watch"}
+REGISTRY = {"closedloop_registry", "closedloop_registry_watch", "closedloop_release"}
 INCIDENT_EDGES = {**SHIPPED_EDGES, "admit_incident": set(), "generate_dataset": {"admit_incident"}}
 
 
@@ -155,7 +155,7 @@ def test_parse_imports_nothing_heavy(make_project, project, templates):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"dags": 2 * templates + 2, "errors": 0, "heavy": []}  # periodic + incident each, registry + watch
+    assert result == {"dags": 2 * templates + 3, "errors": 0, "heavy": []}  # periodic + incident each; registry, watch, release
 
 
 def test_watcher_triggers_survive_airflows_storage_round_trip(project):

@@ -19,7 +19,7 @@ import sys
 import time
 from datetime import datetime
 
-from closedloop import pipeline, vocab
+from closedloop import pipeline, settings, vocab
 from closedloop.local.run import collect_summary
 from closedloop.records.render import format_summary
 
@@ -63,6 +63,21 @@ def _run_done(server, dag_id, run_id):
         r = server.client("admin").get(f"/dags/{dag_id}/dagRuns/{run_id}")
         return r["state"] if r["state"] in ("success", "failed") else None
     return done
+
+
+def _released(server, admin) -> None:
+    """The hand-off: the example release DAG ran on the production event and verified the dossier."""
+    from closedloop.operators.release import RELEASE_DAG_ID
+
+    def finished():
+        runs = admin.get(f"/dags/{RELEASE_DAG_ID}/dagRuns?limit=5&order_by=-start_date", missing_ok=True) or {}
+        return next((r for r in runs.get("dag_runs") or [] if r["state"] in ("success", "failed")), None)
+
+    run = server.wait_for(finished, 120, f"the {RELEASE_DAG_ID} run on the production event")
+    print(f"release hand-off: {RELEASE_DAG_ID} ran on the production event ({run['state']}): "
+          + ("verified the version's release dossier with the pinned public key, then deployed it to "
+             f"{settings.home() / 'deployed'}" if run["state"] == "success" else "the dossier did not verify; "
+             "nothing deployed (see its task log)"), flush=True)
 
 
 def _approve_second(server, client, dag_id: str, run_id: str) -> int:
@@ -235,6 +250,9 @@ def run() -> int:
         print(f"\nlead times from the incident event: first task started after {first:.1f} s; "
               + ", ".join(f"{k} after {v:.0f} s" for k, v in lead.items())
               + (" (including the reviewer's decision)" if "production" in lead else ""))
+
+        if (summary["results"] or {}).get("promote"):
+            _released(server, admin)
 
         shifted_run = None
         if (summary["results"] or {}).get("promote"):

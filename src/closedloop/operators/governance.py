@@ -358,7 +358,8 @@ class DossierOperator(ClosedLoopStepOperator):
 
         present = set(self.dag.task_ids)
         inputs = {r: self.upstream(context, r) for r in pipeline.step("dossier").reads
-                  if r in present and not r.startswith("approval")}
+                  if r in present and not r.startswith("approval") and r not in pipeline.SIMULATION_RESULT}
+        inputs["simulation"] = self.simulation(context)  # the merge of the shards when simulate is sharded
         spec = self.loaded.spec
         tasks = approval_task_ids(spec.approval.required) if spec.approval else []
         out = build_for_run(self.loaded, ctx, inputs, signer=signer(),

@@ -391,6 +391,7 @@ def _check_records(folder: Path, body: dict, keys) -> None:
 
 
 def build_for_run(loaded, ctx, inputs: dict, *, signer, approval_tasks: list[str]) -> dict:
+    # inputs: the results the row reads (step id → result), the run's simulation result as "simulation"
     """The ``dossier`` step: assemble, sign and write the bundle of this run's version (once per run: a
     retry finds the finished step's result; a crash before it finished writes the same bytes again), and
     name it on the model version (tag ``closedloop.dossier``)."""
@@ -426,7 +427,7 @@ def build_for_run(loaded, ctx, inputs: dict, *, signer, approval_tasks: list[str
     if prod_version and prod_version != version:
         prod_record = c.get_model_version(model, prod_version).tags.get(vocab.RELEASE_RECORD)
         production = {"version": prod_version, "record": json.loads(prod_record) if prod_record else None}
-    simulation = inputs.get("merge_simulation") or inputs["simulate"]
+    simulation = inputs["simulation"]
     body, evidence = assemble(loaded, ctx, raw=inputs["generate_dataset"], labelled=labelled,
                               validation=inputs["validate_data"], trained=trained, offline=inputs["offline_eval"],
                               simulation=simulation, gate=gate, record=record, approvals=approvals, shift=shift,
