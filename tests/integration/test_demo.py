@@ -206,7 +206,8 @@ def test_the_release_dag_deployed_the_verified_version_and_refuses_a_tampered_do
     assert "release hand-off: closedloop_release ran on the production event (success)" in demo["out"].stdout
     deployed = json.loads((demo["root"] / ".closedloop" / "deployed" / MODEL / "v1" / "DEPLOYED.json").read_text())
     mv = client(demo).get_model_version_by_alias(MODEL, "production")
-    assert deployed["dossier"] == json.loads(mv.tags["closedloop.dossier"])
+    assert {k: deployed["dossier"][k] for k in ("uri", "digest")} == json.loads(mv.tags["closedloop.dossier"])
+    assert deployed["verdict"] in ("accepted", "conditionally accepted")
     base = ui["AIRFLOW_API_URL"]
 
     def call(method, path, body=None):
@@ -240,3 +241,25 @@ def test_the_release_dag_deployed_the_verified_version_and_refuses_a_tampered_do
     assert runs[0]["state"] == "failed"
     assert json.loads((demo["root"] / ".closedloop" / "deployed" / MODEL / "v1" / "DEPLOYED.json").read_text()) \
         == deployed  # nothing deployed over the verified version
+
+
+def test_the_dossier_renders_in_a_real_browser_with_every_section(demo):
+    from tests.browser import Browser, chromium_path
+
+    if chromium_path() is None:
+        pytest.skip("needs Debian's chromium (installed by .ci/run)")
+    mv = client(demo).get_model_version_by_alias(MODEL, "production")
+    html = Path(json.loads(mv.tags["closedloop.dossier"])["uri"]).parent / "dossier.html"
+    with Browser() as b:
+        b.goto(f"file://{html}")
+        sections = b.eval("Array.from(document.querySelectorAll('section')).map(s => s.id + '|' + "
+                          "s.querySelector('h2').textContent + '|' + (s.querySelector('.clause') || {}).textContent)")
+        ids = [s.split("|")[0] for s in sections]
+        assert ids == ["verdict", "identity", "odd", "data", "coverage", "acceptance", "monitoring", "approvals",
+                       "change"], sections
+        assert all(s.split("|")[2] for s in sections)  # each names its clause family
+        assert b.eval("document.querySelector('.verdict').dataset.verdict") in ("accepted", "conditionally accepted")
+        assert b.eval("document.querySelector('#version').textContent") == str(mv.version)
+        assert "cut_out" in b.eval("document.querySelector('#not-covered').textContent")
+        assert b.eval("document.querySelectorAll('#acceptance tr').length") >= 9  # header + every gate
+        assert b.eval("document.querySelectorAll('script').length") == 0

@@ -141,7 +141,8 @@ def verdict_of(report: list[dict], approvals: list[dict], reviewed: bool, shift:
 
 def assemble(loaded, ctx, *, raw: dict, labelled: dict, validation: dict, trained: dict, offline: dict,
              simulation: dict, gate: dict, record: dict, approvals: list[dict], shift: dict | None,
-             frame, production: dict | None, hil: dict | None = None) -> tuple[dict, dict[str, bytes]]:
+             frame, production: dict | None, hil: dict | None = None,
+             episodes: bytes | None = None) -> tuple[dict, dict[str, bytes]]:
     """The dossier's body and the evidence files it cites (name → bytes), from the run's records.
 
     ``record``: the sealed release record; ``approvals``: the sealed approval records (each with its
@@ -161,6 +162,8 @@ def assemble(loaded, ctx, *, raw: dict, labelled: dict, validation: dict, traine
     }
     if shift:
         evidence["evidence/shift_report.json"] = _json_bytes(shift)
+    if episodes is not None:  # every simulated episode and its outcome, as the simulation logged them
+        evidence["evidence/episodes.json"] = episodes
     statements = []
     for a in approvals:
         st = a.get("statement") or {}
@@ -219,6 +222,7 @@ def assemble(loaded, ctx, *, raw: dict, labelled: dict, validation: dict, traine
             "known_unsafe_scenarios": regression,
             "not_covered": sorted(set(in_scope) - set(catalog_types)),
             "evidence": "evidence/simulation.json",
+            "episodes_evidence": "evidence/episodes.json" if episodes is not None else None,
         },
         "acceptance": {
             "gates": [{k: r.get(k) for k in ("metric", "min", "max", "confidence", "value", "lower", "upper",
@@ -399,6 +403,7 @@ def build_for_run(loaded, ctx, inputs: dict, *, signer, approval_tasks: list[str
     from closedloop.runtime.faults import strike
     from closedloop.runtime.storage import read_snapshot
     from closedloop.steps.gates import SHIFT_ARTIFACT
+    from closedloop.steps.simulation import EPISODES_ARTIFACT
 
     run = tracking.step_run(loaded, ctx, "dossier")
     done = tracking.finished_result(run)
@@ -431,7 +436,8 @@ def build_for_run(loaded, ctx, inputs: dict, *, signer, approval_tasks: list[str
     body, evidence = assemble(loaded, ctx, raw=inputs["generate_dataset"], labelled=labelled,
                               validation=inputs["validate_data"], trained=trained, offline=inputs["offline_eval"],
                               simulation=simulation, gate=gate, record=record, approvals=approvals, shift=shift,
-                              frame=frame, production=production, hil=inputs.get("await_hil"))
+                              frame=frame, production=production, hil=inputs.get("await_hil"),
+                              episodes=_artifact_bytes(c, simulation["run_id"], EPISODES_ARTIFACT))
     files = bundle(body, evidence, signer)
     out = write(files, location(ctx.data_root, model, version))
     strike(ctx, "bundle_written")
@@ -440,11 +446,19 @@ def build_for_run(loaded, ctx, inputs: dict, *, signer, approval_tasks: list[str
     return tracking.finish(ctx, run.info.run_id, {**out, "run_id": run.info.run_id})
 
 
-def _artifact_json(client, run_id: str, path: str) -> dict | None:
+def _artifact_bytes(client, run_id: str | None, path: str) -> bytes | None:
+    """An artifact of an MLflow run as it was logged (None when the run has none)."""
     import tempfile
 
+    if not run_id:
+        return None
     folder = path.rpartition("/")[0]
     if path not in {a.path for a in client.list_artifacts(run_id, folder or None)}:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
+        return Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
+
+
+def _artifact_json(client, run_id: str, path: str) -> dict | None:
+    data = _artifact_bytes(client, run_id, path)
+    return json.loads(data) if data is not None else None
