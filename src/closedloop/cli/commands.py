@@ -13,6 +13,7 @@
 ``closedloop health``                              failure rate, queue wait, lead times per pipeline (Airflow's records)
 ``closedloop trace REF`` / ``impact`` / ``rerun``   lineage: a model's origins, what a change touches, exact reruns
 ``closedloop summary PIPELINE RUN_ID``            the readable summary of any earlier run
+``closedloop dossier show REF`` / ``verify PATH``  a version's signed release dossier; verified offline
 
 Exit codes (one error path, :func:`closedloop.cli.common.failure`): 0 success, 1 the operation was refused,
 Airflow was unreachable or the run failed, 2 bad input (unknown

@@ -293,6 +293,11 @@ class ApprovalSpec(_Part):
 Severity = Literal["low", "medium", "high", "critical"]
 
 
+ALWAYS_OFFLINE = (f"{vocab.OFFLINE}leaked_episodes",)
+"""Offline metrics every evaluation computes, whatever ``evaluation.metrics`` lists: the train/test
+independence check (:data:`closedloop.steps.evaluation.LEAK_METRIC`)."""
+
+
 class OddSpec(_Part):
     """The intended function and operational design domain the release dossier argues for (UL 4600,
     ISO 21448): what the model is for, and where it is meant to work."""
@@ -571,7 +576,7 @@ class PipelineSpec(_Part):
                                  "'hil:' section (reporter, timeout_minutes)")
             if gate.metric.startswith(vocab.OFFLINE):
                 leaf = gate.metric.rsplit(".", 1)[-1]
-                if leaf not in self.evaluation.metrics:
+                if leaf not in self.evaluation.metrics and gate.metric not in ALWAYS_OFFLINE:
                     raise ValueError(f"gates[{i}].metric {gate.metric!r} uses offline metric {leaf!r}, "
                                      f"which evaluation.metrics does not compute ({self.evaluation.metrics})")
         if self.simulation.adaptive is not None and not self.adaptive_gates():

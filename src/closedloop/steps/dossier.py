@@ -28,6 +28,7 @@ from typing import Any
 from closedloop import vocab
 from closedloop.errors import EvidenceError
 from closedloop.runtime.signing import ALGORITHM, canonical, digest
+from closedloop.steps.evaluation import LEAK_METRIC, independence
 
 FORMAT = "closedloop.dossier/1"
 JSON_NAME, HTML_NAME = "dossier.json", "dossier.html"
@@ -67,31 +68,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
-
-
-def independence(frame, test_fraction: float) -> dict:
-    """Train/test independence of the labelled snapshot, split as training splits it: episodes in both,
-    and near-duplicate episodes (the same rounded feature rows) across the two sides."""
-    from closedloop.steps.training import split
-
-    train, test = split(frame, test_fraction)
-    features = [c for c in ("ego_speed", "lead_speed", "gap", "rel_speed", "lead_accel") if c in frame]
-
-    def fingerprints(part) -> set[str]:
-        if "episode_id" not in part or not features:
-            return set()
-        rounded = part[["episode_id", *features]].round(3)
-        return {sha256_hex(g[features].to_csv(index=False).encode()) for _, g in rounded.groupby("episode_id")}
-
-    both = sorted(set(train.get("episode_id", [])) & set(test.get("episode_id", [])))
-    near = fingerprints(train) & fingerprints(test)
-    return {"train_rows": int(len(train)), "test_rows": int(len(test)),
-            "train_episodes": int(train["episode_id"].nunique()) if "episode_id" in train else None,
-            "test_episodes": int(test["episode_id"].nunique()) if "episode_id" in test else None,
-            "episodes_in_both": len(both), "near_duplicates": len(near),
-            "independent": not both and not near,
-            "method": "split by whole episodes (sha256 of the episode id); near-duplicates: episodes whose "
-                      "feature rows, rounded to 3 decimals, are identical"}
 
 
 def shift_rows(shift: dict | None) -> dict[str, dict]:
@@ -211,6 +187,8 @@ def assemble(loaded, ctx, *, raw: dict, labelled: dict, validation: dict, traine
                            "expectations": _expectations(json.loads(suite_text), validation),
                            "evidence": "evidence/validation.json"},
             "independence": independence(frame, spec.training.test_fraction) if frame is not None else None,
+            "independence_gate": next((f"{r['metric']}: {r.get('verdict') or ('pass' if r.get('passed') else 'fail')}"
+                                       for r in report if r["metric"] == LEAK_METRIC), "no gate on it"),
         },
         "coverage": {
             "scenario_set": spec.simulation.scenario_set,

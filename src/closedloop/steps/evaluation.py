@@ -25,6 +25,44 @@ def predict(model, frame):
     return model.predict(frame[list(cols)] if cols is not None else frame)
 
 
+LEAK_METRIC = f"{vocab.OFFLINE}leaked_episodes"
+"""Episodes of the test split that are also in training — by id, or as near-duplicates: a gate ``max: 0`` on it
+stops a model judged on data it learnt from (ISO/PAS 8800: independence of training and test data)."""
+
+
+def independence(frame, test_fraction: float) -> dict:
+    """Train/test independence of a labelled snapshot, split as training splits it: episodes in both, and
+    near-duplicate episodes (the same feature rows, rounded to 3 decimals) across the two sides."""
+    import hashlib
+
+    train, test = split(frame, test_fraction)
+    features = [c for c in ("ego_speed", "lead_speed", "gap", "rel_speed", "lead_accel") if c in frame]
+
+    def fingerprints(part) -> set[str]:
+        if "episode_id" not in part or not features:
+            return set()
+        rounded = part[["episode_id", *features]].round(3)
+        return {hashlib.sha256(g[features].to_csv(index=False).encode()).hexdigest()
+                for _, g in rounded.groupby("episode_id")}
+
+    has_ids = "episode_id" in frame
+    both = set(train["episode_id"]) & set(test["episode_id"]) if has_ids else set()
+    near = fingerprints(train) & fingerprints(test)
+    return {"train_rows": int(len(train)), "test_rows": int(len(test)),
+            "train_episodes": int(train["episode_id"].nunique()) if has_ids else None,
+            "test_episodes": int(test["episode_id"].nunique()) if has_ids else None,
+            "episodes_in_both": len(both), "near_duplicates": len(near),
+            "independent": not both and not near,
+            "method": "split by whole episodes (sha256 of the episode id); near-duplicates: episodes whose "
+                      "feature rows, rounded to 3 decimals, are identical"}
+
+
+def leak_metrics(frame, test_fraction: float) -> dict[str, float]:
+    """The independence check as metrics the gates judge (:data:`LEAK_METRIC`)."""
+    found = independence(frame, test_fraction)
+    return {LEAK_METRIC: float(found["episodes_in_both"] + found["near_duplicates"])}
+
+
 def offline_eval(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, trained: dict) -> dict:
     """Evaluate on the test split of the same snapshot the model was trained on.
 
@@ -49,6 +87,7 @@ def offline_eval(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict, trained
             for value, idx in test_df.groupby(by).indices.items():
                 part = offline_metrics(test_df[target].iloc[idx], pred[idx], names)
                 metrics.update({f"{vocab.OFFLINE}{value}.{k}": v for k, v in part.items()})
+        metrics.update(leak_metrics(frame, spec.training.test_fraction))
         tracking.log_dataset_input(ctx, run_id, test_df, labelled, context="evaluation",
                                    name=f"{spec.name}-labelled", targets=target)
         tracking.client(ctx).log_batch(run_id, metrics=tracking.metric_entities(metrics))

@@ -101,7 +101,9 @@ def test_independence_finds_no_leak_in_the_real_split_and_finds_a_copied_episode
 
     frame = synthesize_drive_logs(sources=["fleet-eu"], window_start=date(2026, 11, 1), window_end=date(2026, 11, 8),
                                   scenarios=["cruise", "cut_in"], episodes_per_day=2, seed=3)
-    clean = dossier.independence(frame, 0.2)
+    from closedloop.steps.evaluation import independence
+
+    clean = independence(frame, 0.2)
     assert clean["independent"] and clean["episodes_in_both"] == 0 and clean["near_duplicates"] == 0
     assert clean["test_episodes"] > 0 and clean["train_episodes"] > clean["test_episodes"]
     from closedloop.steps.training import split
@@ -112,5 +114,17 @@ def test_independence_finds_no_leak_in_the_real_split_and_finds_a_copied_episode
     new_id = next(f"copy-{i}" for i in range(10_000) if len(split(leaked.assign(episode_id=f"copy-{i}"), 0.2)[0]))
     import pandas as pd
 
-    leaky = dossier.independence(pd.concat([frame, leaked.assign(episode_id=new_id)]), 0.2)
+    leaking = pd.concat([frame, leaked.assign(episode_id=new_id)])
+    leaky = independence(leaking, 0.2)
     assert not leaky["independent"] and leaky["near_duplicates"] == 1 and leaky["episodes_in_both"] == 0
+    # and the shipped template's independence gate stops a model judged on it
+    from closedloop.spec import load_spec
+    from closedloop.steps.evaluation import LEAK_METRIC, leak_metrics
+    from closedloop.steps.gates import evaluate
+    from tests.conftest import PROJECT
+
+    gates = [g for g in load_spec(PROJECT / "include" / "pipelines" / "acc_longitudinal.yaml").spec.gates
+             if g.metric == LEAK_METRIC]
+    assert gates, "the shipped template has no independence gate"
+    assert evaluate(gates, leak_metrics(leaking, 0.2))[0]["passed"] is False
+    assert evaluate(gates, leak_metrics(frame, 0.2))[0]["passed"] is True
