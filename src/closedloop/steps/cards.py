@@ -273,7 +273,10 @@ def model_card(client, model: str, version: str) -> str:
     lines = ([f"Request by {who} (quoted as written):", "", quoted(purpose), ""] if purpose else [])
     lines += [f"Release candidate from pipeline {r['pipeline']} run {r['run']}; dataset {tags.get(vocab.DATASET_VERSION)}, "
               f"label policy {r['label_policy']}, template {r['template']}@{r['template_hash']}.", ""]
+    dossier = json.loads(tags[vocab.DOSSIER]) if tags.get(vocab.DOSSIER) else None
     lines += [f"# {model} version {version}", "",
+              *([f"Release dossier: `{dossier.get('uri')}` ({dossier.get('digest')}); verify it offline with "
+                 "`closedloop dossier verify`.", ""] if dossier else []),
               f"Aliases when this card was written: {', '.join(sorted(r['aliases'])) or 'none'}", "",
               "## Intended use", quoted(purpose) if purpose else "Release candidate of pipeline "
               f"`{r['pipeline']}`; see the template's description.", "",

@@ -254,6 +254,33 @@ def create_app() -> FastAPI:
         card = await run_in_threadpool(review_of, caller, dag_id, run_id)
         return HTMLResponse(render_html(card))
 
+    @app.get("/dossier", response_class=HTMLResponse)
+    async def dossier_page(request: Request, ref: Annotated[str, Query(min_length=1, max_length=500)]):
+        """The release dossier of the version ``ref`` names, as its bundle renders it (read rights as for its
+        trace); ``closedloop dossier verify`` checks the bundle itself."""
+        caller = await _caller_or_redirect(request)
+        if isinstance(caller, RedirectResponse):
+            return caller
+
+        def page() -> str:
+            import fsspec
+
+            from closedloop.records.lineage import LineageError, dossier_of, trace
+            from closedloop.spec import load_all
+
+            try:
+                t = trace(ref, _tracking_uri(), limit=1)
+                if not visible_trace(t, caller, load_all(_pipelines_dir())[0]):
+                    raise LineageError("nothing you may read")
+                found = dossier_of(ref, _tracking_uri())
+                with fsspec.open(found["html"], "rb") as fh:
+                    return fh.read().decode("utf-8")
+            except (LineageError, OSError) as exc:
+                raise HTTPException(status_code=404, detail=f"{ref!r}: no release dossier you may read ({exc})") \
+                    from None
+
+        return HTMLResponse(await run_in_threadpool(page))
+
     @app.get("/lineage", response_class=HTMLResponse)
     async def lineage_page(request: Request):
         caller = await _caller_or_redirect(request)
