@@ -172,6 +172,8 @@ def test_the_production_version_has_a_dossier_that_verifies_offline_and_names_a_
     mv = client(demo).get_model_version_by_alias(MODEL, "production")
     where = json.loads(mv.tags["closedloop.dossier"])
     folder = Path(where["uri"].removeprefix("file://")).parent
+    shown = cli(demo["env"], "dossier", "show", f"{MODEL}@production")
+    assert shown.returncode == 0 and where["uri"] in shown.stdout and where["digest"] in shown.stdout, shown
     taken = tmp_path / "taken-away"  # what a release engineer takes away: the folder, and the published key
     shutil.copytree(folder, taken)
     pins = json.loads((demo["root"] / ".closedloop" / "keys" / "trusted_keys.json").read_text())
