@@ -39,9 +39,13 @@ def fetch_bundle(uri: str, dest: Path) -> Path:
     return dest
 
 
-def release(event_extra: dict, deploy_root: Path, keys) -> dict:
+def release(event_extra: dict, deploy_root: Path, keys, *, production: str | None = "any") -> dict:
     """Verify the dossier an event names and deploy its version; :class:`AirflowFailException` when it does
-    not verify (no retry: a forged or tampered dossier does not get better)."""
+    not verify (no retry: a forged or tampered dossier does not get better).
+
+    :param production: the version the registry's sealed promotion record puts in production now (None: no
+        promotion); an event naming any other version — an old event posted again — deploys nothing.
+        ``"any"`` skips the check (no registry to ask)."""
     import hashlib
 
     from closedloop.errors import EvidenceError
@@ -51,6 +55,9 @@ def release(event_extra: dict, deploy_root: Path, keys) -> dict:
     model, version = event_extra.get("model"), str(event_extra.get("version"))
     if not where.get("uri") or not where.get("digest"):
         raise AirflowFailException(f"production event of {model} v{version} names no release dossier: not deployed")
+    if production != "any" and production != version:
+        raise AirflowFailException(f"the event names {model} v{version}, but the registry's sealed promotion record "
+                                   f"puts v{production} in production: an old or posted event; not deployed")
     with tempfile.TemporaryDirectory() as tmp:
         folder = fetch_bundle(where["uri"], Path(tmp))
         actual = "sha256:" + hashlib.sha256((folder / JSON_NAME).read_bytes()).hexdigest()
@@ -91,4 +98,22 @@ class ReleaseOperator(BaseOperator):
         if not events:
             raise AirflowFailException("no production event triggered this run: nothing to release")
         keys = verifier()
-        return [release(dict(e.extra or {}), settings.home() / "deployed", keys) for e in events]
+        return [release(dict(e.extra or {}), settings.home() / "deployed", keys,
+                        production=_promoted((e.extra or {}).get("model"), keys)) for e in events]
+
+
+def _promoted(model: str | None, keys) -> str | None:
+    """The version the last sealed promotion record of ``model`` put in production (None: none)."""
+    from closedloop.errors import EvidenceError
+    from closedloop.hooks.mlflow import MLflowHook
+    from closedloop.runtime.tracking import mlflow_client
+    from closedloop.steps.governance import last_promotion
+
+    if not model:
+        return None
+    try:
+        record = last_promotion(mlflow_client(MLflowHook().tracking_uri()), model, keys)
+    except EvidenceError as exc:
+        raise AirflowFailException(f"{model}: the registry's promotion record does not verify ({exc}): not "
+                                   "deployed") from None
+    return str(record["version"]) if record else None

@@ -20,7 +20,7 @@ def _event(folder, out):
 def test_a_verified_dossier_is_deployed_and_a_tampered_or_swapped_one_is_not(tmp_path):
     signer = Signer.generate()
     folder, out = _bundle(tmp_path, signer)
-    note = release(_event(folder, out), tmp_path / "deployed", signer.verifier)
+    note = release(_event(folder, out), tmp_path / "deployed", signer.verifier, production="3")
     assert note["verdict"] == "accepted"
     deployed = tmp_path / "deployed" / "m" / "v3"
     assert json.loads((deployed / "DEPLOYED.json").read_text())["dossier"]["digest"] == out["digest"]
@@ -37,6 +37,8 @@ def test_a_verified_dossier_is_deployed_and_a_tampered_or_swapped_one_is_not(tmp
     report.write_bytes(b"[{}]\n")
     with pytest.raises(AirflowFailException, match="gate_report.json: its sha256"):
         release(_event(folder, out), tmp_path / "d5", signer.verifier)
-    assert not any((tmp_path / d).exists() for d in ("d2", "d3", "d4", "d5"))
+    assert not any((tmp_path / d).exists() for d in ("d2", "d3", "d4", "d5", "d7"))
+    with pytest.raises(AirflowFailException, match="puts v4 in production: an old or posted event"):
+        release(_event(folder, out), tmp_path / "d7", signer.verifier, production="4")
     with pytest.raises(AirflowFailException, match="names no release dossier"):
         release({"model": "m", "version": "3"}, tmp_path / "d6", signer.verifier)
