@@ -352,7 +352,7 @@ class DossierOperator(ClosedLoopStepOperator):
 
     def run_step(self, ctx: RunContext, context: Context) -> dict:
         from closedloop import pipeline
-        from closedloop.hooks.signing import signer
+        from closedloop.hooks.signing import signer, verifier
         from closedloop.steps.approvals import approval_task_ids
         from closedloop.steps.dossier import build_for_run
 
@@ -362,8 +362,7 @@ class DossierOperator(ClosedLoopStepOperator):
         inputs["simulation"] = self.simulation(context)  # the merge of the shards when simulate is sharded
         spec = self.loaded.spec
         tasks = approval_task_ids(spec.approval.required) if spec.approval else []
-        out = build_for_run(self.loaded, ctx, inputs, signer=signer(),
-                            approval_tasks=tasks)
+        out = build_for_run(self.loaded, ctx, inputs, signer=signer(), verifier=verifier(), approval_tasks=tasks)
         log.info("release dossier of %s v%s: %s (%s), verdict %s", out["model"], out["version"], out["uri"],
                  out["digest"], out["verdict"])
         return out

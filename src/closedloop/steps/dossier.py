@@ -372,7 +372,7 @@ def _check_records(folder: Path, body: dict, keys) -> None:
                                 "dossier states")
 
 
-def build_for_run(loaded, ctx, inputs: dict, *, signer, approval_tasks: list[str]) -> dict:
+def build_for_run(loaded, ctx, inputs: dict, *, signer, verifier, approval_tasks: list[str]) -> dict:
     # inputs: the results the row reads (step id → result), the run's simulation result as "simulation"
     """The ``dossier`` step: assemble, sign and write the bundle of this run's version (once per run: a
     retry finds the finished step's result; a crash before it finished writes the same bytes again), and
@@ -395,8 +395,14 @@ def build_for_run(loaded, ctx, inputs: dict, *, signer, approval_tasks: list[str
     if not isinstance(record, dict) or digest(record) != digest(reg):
         raise EvidenceError(f"{model} v{version}: the release record on the version is not the one this run "
                             "sealed; no dossier is built from it")
-    approvals = [json.loads(mv.tags[vocab.APPROVAL_PREFIX + t]) for t in approval_tasks
-                 if mv.tags.get(vocab.APPROVAL_PREFIX + t)]
+    approvals = []
+    for task in approval_tasks:  # the sealed statements kept on the version, believed only with their seal
+        sealed = json.loads(mv.tags.get(vocab.APPROVAL_PREFIX + task) or "null")
+        statement = verifier.unseal(sealed, None, what=f"{model} v{version}'s {task} statement").get("statement") or {}
+        if statement.get("record_digest") != digest(record) or statement.get("decision") != "approved":
+            raise EvidenceError(f"{model} v{version}: the {task} statement on the version is not an approval of this "
+                                "release record; no dossier is built from it")
+        approvals.append(sealed)
     trained = dict(inputs["train"])
     ttags = c.get_run(trained["run_id"]).data.tags
     trained.update(code_version=ttags.get(vocab.CODE_VERSION), code_digest=ttags.get(vocab.CODE_DIGEST),
