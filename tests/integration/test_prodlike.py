@@ -34,7 +34,8 @@ from tests.fixtures.warm import PROBE_DAG_FILE, check_warm_and_isolated, probe_c
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 PIPELINE, INCIDENT_DAG, MODEL = "acc_prod", "acc_prod_incident", "acc_prod_model"
-STEPS = ("generate_dataset", "label", "validate_data", "train", "offline_eval", "simulate", "release_gate")
+STEPS = ("generate_dataset", "label", "validate_data", "train", "offline_eval", "simulate", "release_gate", "dossier")
+"""The steps of a run that have an MLflow run of their own (register_candidate's record is on the version)."""
 NO_CACHE = {"closedloop_cache": False}  # every run does all its work
 
 

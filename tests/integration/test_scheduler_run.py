@@ -170,7 +170,7 @@ def test_sigkill_at_every_crash_point_leaves_the_registry_as_an_undisturbed_run(
         record.pop("train_run")
     assert hit.pop("candidate_is_it") is True
     calm.pop("candidate_is_it")
-    assert hit == calm == {"steps": {s: ["FINISHED"] for s in pipeline.CACHEABLE + ("release_gate",)}
+    assert hit == calm == {"steps": {s: ["FINISHED"] for s in pipeline.CACHEABLE + ("release_gate", "dossier")}
                            | {"pipeline": ["RUNNING"]}, "logged_models": 1, "versions": 1, "described": [True]}
     data = Path(airflow.env["CLOSEDLOOP_HOME"]) / "data" / "acc_longitudinal"
     assert not list(data.rglob("*.tmp"))  # no half-written snapshot or job file
