@@ -160,6 +160,11 @@ class ReviewOperator(ApprovalOperator):
         )
 
     def execute(self, context: Context):
+        """Open the review (or take the answer an earlier try got); an error is recorded like every step's
+        (XCom ``error``: the reason in alerts, summaries and the UI) before it fails the task."""
+        return ClosedLoopStepOperator.guarded(context, lambda: self._open(context), start=False, end=False)
+
+    def _open(self, context: Context):
         from closedloop.notifiers import announce
         from closedloop.operators.base import read, request_of, run_context, seal
         from closedloop.runtime.signing import digest
@@ -268,6 +273,9 @@ class ReviewOperator(ApprovalOperator):
         return opened
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        return ClosedLoopStepOperator.guarded(context, lambda: self._complete(context, event), start=False, end=False)
+
+    def _complete(self, context: Context, event: dict[str, Any]) -> Any:
         import json
 
         from closedloop.notifiers import record_alert
