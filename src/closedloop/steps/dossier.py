@@ -20,7 +20,6 @@ body reads as a safety case: claim, argument, evidence.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 from closedloop import vocab
 from closedloop.errors import EvidenceError
 from closedloop.runtime.signing import ALGORITHM, canonical, digest
+from closedloop.runtime.storage import bytes_digest
 from closedloop.steps.evaluation import LEAK_METRIC, independence
 
 FORMAT = "closedloop.dossier/1"
@@ -48,10 +48,6 @@ CLAUSES = {
 }
 
 SHIFTED_PSI = 0.1  # a feature with a PSI above this is named a residual risk (above 0.25: shifted)
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -268,7 +264,7 @@ def bundle(body: dict, evidence: dict[str, bytes], signer) -> dict[str, bytes]:
     """Every file of the bundle (name → bytes): the evidence, the HTML and the signed ``dossier.json``."""
     files = dict(evidence)
     files[HTML_NAME] = render_html(body).encode("utf-8")
-    manifest = {name: sha256_hex(data) for name, data in sorted(files.items())}
+    manifest = {name: bytes_digest(data) for name, data in sorted(files.items())}
     signed = {"body": body, "files": manifest}
     document = {**signed, "format": FORMAT,
                 "signature": {"alg": ALGORITHM, "key_id": signer.verifier.key_id,
@@ -293,7 +289,7 @@ def write(files: dict[str, bytes], dest: str) -> dict:
             fh.write(data)
         fs.mv(tmp, path)
     return {"uri": f"{dest.rstrip('/')}/{JSON_NAME}", "folder": dest.rstrip("/"),
-            "digest": "sha256:" + sha256_hex(files[JSON_NAME])}
+            "digest": "sha256:" + bytes_digest(files[JSON_NAME])}
 
 
 def location(data_root: str, model: str, version: str) -> str:
@@ -332,7 +328,7 @@ def verify(path: str | Path, keys) -> dict:
         if not target.resolve().is_relative_to(folder.resolve()):
             raise EvidenceError(f"{name}: a cited file outside the bundle")
         try:
-            actual = sha256_hex(target.read_bytes())
+            actual = bytes_digest(target.read_bytes())
         except OSError:
             raise EvidenceError(f"{name}: cited by the dossier but missing from the bundle") from None
         if actual != expected:
