@@ -184,7 +184,7 @@ def build_registry_dags(specs: list[LoadedSpec]) -> dict[str, DAG]:
 
     gov = [s for s in specs if s.spec.approval is not None]
     if not gov:
-        return {}
+        return build_recall_dag(specs, []) if specs else {}
     models = sorted({s.spec.model.name for s in gov})
     with DAG(
         dag_id=REGISTRY_DAG_ID,
@@ -242,7 +242,48 @@ def build_registry_dags(specs: list[LoadedSpec]) -> dict[str, DAG]:
         tags=["closedloop", "governance", "release"],
     ) as release:
         ReleaseOperator(task_id="verify_and_deploy", retries=0)
-    return {REGISTRY_DAG_ID: registry, WATCH_DAG_ID: watch, RELEASE_DAG_ID: release}
+    return {REGISTRY_DAG_ID: registry, WATCH_DAG_ID: watch, RELEASE_DAG_ID: release,
+            **build_recall_dag(specs, productions)}
+
+
+def build_recall_dag(specs: list[LoadedSpec], productions: list) -> dict[str, DAG]:
+    """``closedloop_recall``: a person opens, closes or re-starts the retrains of a recall; every
+    ``production`` move of a governed model closes the recalls that are done."""
+    from airflow.sdk import Param
+
+    from closedloop.operators.recall import ACTIONS, RECALL_DAG_ID, RecallOperator
+
+    schedule = None
+    for asset in productions:
+        schedule = asset if schedule is None else schedule | asset
+    text = {"type": ["string", "null"], "maxLength": 200}
+    with DAG(
+        dag_id=RECALL_DAG_ID,
+        description="Recall a bad data source, label policy or code version: hold what it touched, propose "
+                    "a rollback, retrain without it, close when production is clean",
+        doc_md=("# Recall\n\nTriggered by `closedloop recall open --source S [--window A..B] --reason …` "
+                "(or `--label-policy NAME@VERSION`, `--code-digest HEX`, `--snapshot HEX`), `closedloop recall "
+                "close ID` and `closedloop recall retrain ID` — or this form. The run records who asked; only the "
+                "recall openers of every pipeline the recall touches may (`recall.openers`, default the approvers). "
+                "Every affected model version gets a sealed hold: promote, rollback and restore refuse it and the "
+                "alias watcher flags it in production. Each affected pipeline is retrained without the recalled "
+                "input as an update request that goes through every gate and review. Runs on every `production` "
+                "asset event too, and closes the recalls that are done."),
+        schedule=schedule, start_date=None, catchup=False, max_active_runs=1,
+        tags=["closedloop", "governance", "recall"],
+        params={"action": Param("open", type="string", enum=list(ACTIONS), title="Action"),
+                "source": Param(None, **text, title="Source (open)"),
+                "window": Param(None, type=["string", "null"], pattern=r"^\d{4}-\d{2}-\d{2}\.\.\d{4}-\d{2}-\d{2}$",
+                                title="Days of the source, FIRST..LAST (open; empty: all)"),
+                "label_policy": Param(None, **text, title="Label policy NAME@VERSION (open)"),
+                "code_digest": Param(None, **text, title="Code digest (open)"),
+                "snapshot": Param(None, **text, title="Snapshot digest (open)"),
+                "recall": Param(None, type=["string", "null"], pattern=r"^R-[0-9a-f]{10}$",
+                                title="Recall id (close, retrain)"),
+                "reason": Param("", type="string", maxLength=2000, title="Reason (open; close before it is done)")},
+    ) as dag:
+        RecallOperator(task_id="recall", specs=specs, retries=2)
+    return {RECALL_DAG_ID: dag}
 
 
 def held_back_dag(dag_id: str, error: SpecError) -> DAG:

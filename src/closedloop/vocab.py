@@ -93,11 +93,25 @@ APPROVAL_PREFIX = "closedloop.approval."
 PROMOTION = "closedloop.promotion.production"
 DOSSIER = "closedloop.dossier"  # on a model version: {"uri", "digest"} of its release dossier
 PUBLIC_KEY = "closedloop.signing.public_key"
+HOLD_PREFIX = "closedloop.hold."  # on a model version: + a recall's id → that recall's sealed hold
+
+# -- recalls (one MLflow run per recall in RECALL_EXPERIMENT; closedloop.steps.recall) -----------------
+RECALL_EXPERIMENT = "closedloop/recalls"
+RECALL_ID = "closedloop.recall.id"
+RECALL_STATE = "closedloop.recall.state"  # open | closed (a convenience: the sealed close record decides)
+RECALL_CLOSED = "closedloop.recall.closed"  # the sealed close record
+RECALL_KIND = "closedloop.recall.kind"  # source | label_policy | code_digest | snapshot
+RECALL_RETRAIN_PREFIX = "closedloop.recall.retrain."  # + pipeline → the retrain's Airflow run id
+RECALL_AFFECTED = "closedloop.recall.affected_versions"
+RECALL_PARAM = "recall"
+RETRAIN_FOR = "closedloop.retrain_for"  # on a pipeline run: the recall whose retrain it is  # the run's param: the sealed opening record (MLflow never changes a param)
+DATASET_EXCLUDED = "closedloop.dataset.excluded"  # JSON: the (source, window) a recall took out of the data
 
 # -- run conf keys (REST ``conf``, ``closedloop rerun``) ----------------------------------------------
 CONF_RERUN = "closedloop_rerun"
 CONF_CACHE = "closedloop_cache"
 CONF_INCIDENT = "incident"
+CONF_RECALL = "closedloop_recall"  # a recall's retrain: the recall's id
 
 # -- asset event fields the deployment writes (an event posted through Airflow's REST API also carries
 #    Airflow's own ``from_rest_api`` mark, and is then not believed to come from the deployment) --------------

@@ -10,10 +10,9 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
-
-from pathlib import Path
 
 from tests.conftest import NO_REVIEW, SAFE_DATA, scratch_project, template_text
 

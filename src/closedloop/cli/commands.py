@@ -14,6 +14,7 @@
 ``closedloop trace REF`` / ``impact`` / ``rerun``   lineage: a model's origins, what a change touches, exact reruns
 ``closedloop summary PIPELINE RUN_ID``            the readable summary of any earlier run
 ``closedloop dossier show REF`` / ``verify PATH``  a version's signed release dossier; verified offline
+``closedloop recall open|close|retrain|list|show`` a bad input: hold what it touched, roll back, retrain, close
 
 Exit codes (one error path, :func:`closedloop.cli.common.failure`): 0 success, 1 the operation was refused,
 Airflow was unreachable or the run failed, 2 bad input (unknown
@@ -215,6 +216,9 @@ def parser() -> argparse.ArgumentParser:
     from closedloop.cli.lineage import add_parsers as add_lineage_parsers
 
     add_lineage_parsers(sub)
+    from closedloop.cli.recall import add_parsers as add_recall_parsers
+
+    add_recall_parsers(sub)
     add_settings_parsers(sub)
 
     sp = sub.add_parser("prodlike", help="the production shape on this machine: PostgreSQL, Redis, MLflow server, "

@@ -117,32 +117,40 @@ def cmd_hil_report(args) -> int:
     return 0
 
 
-def registry_action(api: AirflowAPI, conf: dict, *, timeout: float = 300) -> tuple[int, dict]:
-    """Ask the deployment to act on the registry (DAG ``closedloop_registry``) as ``api.user`` and wait
-    for its answer: ``(0, result)``, or ``(exit code, {"error": reason})``."""
-    from closedloop.operators.registry import REGISTRY_DAG_ID
-
-    status, data = api.call("POST", f"/dags/{REGISTRY_DAG_ID}/dagRuns",
-                            {"logical_date": None, "conf": conf, "note": f"{conf['action']} {conf['model']}"})
+def dag_action(api: AirflowAPI, dag_id: str, task_id: str, conf: dict, *, note: str,
+               timeout: float = 300) -> tuple[int, dict]:
+    """Ask the deployment to act (a run of ``dag_id``, one task ``task_id``) as ``api.user`` and wait for
+    its answer: ``(0, result)``, or ``(exit code, {"error": reason})``."""
+    status, data = api.call("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf, "note": note})
     if status != 200:
-        hint = {404: "no governed pipeline is deployed (no template with approval:)",
+        hint = {404: f"{dag_id} is not deployed (no template, or none with approval:)",
                 403: "your Airflow role may not trigger DAG runs"}.get(status, "")
         return exit_code(status), {
             "error": f"Airflow refused the request (HTTP {status}): {data.get('detail') if data else ''}"
                      + (f"; {hint}" if hint else "")}
-    run_path = api.run_path(REGISTRY_DAG_ID, data["dag_run_id"])
+    run_path = api.run_path(dag_id, data["dag_run_id"])
     deadline = time.monotonic() + timeout
     state = data.get("state")
     while state not in ("success", "failed") and time.monotonic() < deadline:
         time.sleep(1)
         state = api.get(run_path)["state"]
-    task = f"{run_path}/taskInstances/registry_action"
+    task = f"{run_path}/taskInstances/{task_id}"
     if state == "success":
         return 0, xcom_value(api.get(f"{task}/xcomEntries/return_value", missing_ok=True)) or {}
     if state != "failed":
-        return 1, {"error": f"no answer within {timeout:g} s: run {data['dag_run_id']} of {REGISTRY_DAG_ID} is {state}"}
+        return 1, {"error": f"no answer within {timeout:g} s: run {data['dag_run_id']} of {dag_id} is {state}"}
     error = xcom_value(api.get(f"{task}/xcomEntries/error", missing_ok=True)) or {}
-    return 1, {"error": error.get("message") or f"run {data['dag_run_id']} of {REGISTRY_DAG_ID} failed; see its log"}
+    code = 2 if error.get("error_class") == "RecallError" else 1
+    return code, {"error": error.get("message") or f"run {data['dag_run_id']} of {dag_id} failed; see its log"}
+
+
+def registry_action(api: AirflowAPI, conf: dict, *, timeout: float = 300) -> tuple[int, dict]:
+    """Ask the deployment to act on the registry (DAG ``closedloop_registry``) as ``api.user`` and wait
+    for its answer: ``(0, result)``, or ``(exit code, {"error": reason})``."""
+    from closedloop.operators.registry import REGISTRY_DAG_ID
+
+    return dag_action(api, REGISTRY_DAG_ID, "registry_action", conf, note=f"{conf['action']} {conf['model']}",
+                      timeout=timeout)
 
 
 def aliases_now(model: str) -> dict[str, str]:
@@ -199,8 +207,9 @@ def cmd_rollback(args) -> int:
     except Exception as exc:
         print(f"error: cannot read {args.model}'s aliases in MLflow: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
+    to = str(args.to) if getattr(args, "to", None) else now.get("previous-production", "")
     code, out = ask_registry(args, action="rollback", model=args.model, reason=args.reason,
-                             from_version=now.get("production") or "none", to_version=now.get("previous-production", ""))
+                             from_version=now.get("production") or "none", to_version=to)
     if code:
         return code
     print(f"{out['model']}: production is version {out['production']} again"
@@ -386,6 +395,8 @@ def add_parsers(sub, find) -> None:
                         "Airflow, as an approver; audited)")
     sp.add_argument("model")
     sp.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
+    sp.add_argument("--to", metavar="VERSION", help="roll back to this older version instead (one a sealed promotion "
+                    "once put in production and no recall holds: what `closedloop recall show` proposes)")
     arg_login(sp)
     sp.set_defaults(func=cmd_rollback, local_env=True)
     sp = sub.add_parser("audit", help="request, gates, review and alias changes of one model version; "

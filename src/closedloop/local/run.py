@@ -17,7 +17,6 @@ from pathlib import Path
 from closedloop import pipeline, settings
 
 
-
 def ensure_db() -> None:
     """Create or upgrade Airflow's metadata database (idempotent)."""
     from airflow.utils.db import upgradedb

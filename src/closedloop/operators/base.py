@@ -370,13 +370,20 @@ def origin_of(loaded: LoadedSpec, context: Context) -> dict[str, str]:
     user = getattr(dag_run, "triggering_user_name", None)
     if user:
         tags[vocab.REQUESTER] = str(user)
+    recalled = (getattr(dag_run, "conf", None) or {}).get(vocab.CONF_RECALL)
+    if isinstance(recalled, dict) and recalled.get("id"):
+        tags[vocab.RETRAIN_FOR] = str(recalled["id"])[:40]
     return tags
 
 
 def requesters(loaded: LoadedSpec, context: Context) -> list[str]:
-    """The people behind this run, who may not review it: the Airflow user who triggered it and, in an
-    incident run, the users who posted its incidents (from Airflow's audit log; watchers are no one)."""
+    """The people behind this run, who may not review it: the Airflow user who triggered it, the opener of
+    the recall it retrains for and, in an incident run, the users who posted its incidents (from Airflow's
+    audit log; watchers are no one)."""
     people = {getattr(context["dag_run"], "triggering_user_name", None)}
+    recalled = (getattr(context["dag_run"], "conf", None) or {}).get(vocab.CONF_RECALL)
+    if isinstance(recalled, dict) and recalled.get("opened_by"):  # a recall's retrain: its opener asked for it
+        people.add(str(recalled["opened_by"]))
     admitted = admission(loaded, context)
     if admitted is not None:
         people |= {i.get("posted_by") for i in admitted["incidents"]}

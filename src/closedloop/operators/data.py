@@ -66,12 +66,32 @@ class GenerateDatasetOperator(ClosedLoopStepOperator):
                else self.default_interval_end(context))
         admitted = admission(self.loaded, context)
         focus = focus_of(self.loaded.spec, admitted["focus_types"]) if admitted else None
-        out = generate_dataset(self.loaded, ctx, interval_end=end, focus=focus)
+        out = generate_dataset(self.loaded, ctx, interval_end=end, focus=focus, exclude=self.recalled(ctx))
         log.info("dataset snapshot %s: %d rows, window %s..%s, sampling %s, %s", short(out["digest"]), out["rows"],
                  out["window_start"], out["window_end"], out["focus"] or "uniform",
                  "from the step cache" if out.get("cache", {}).get("hit")
                  else "written" if out["created"] else "already present")
+        for e in out.get("excluded") or []:
+            log.info("recall %s: source %s %s taken out of the data", e["recall"], e["source"],
+                     "..".join(e["window"]) if e.get("window") else "(all of it)")
         return out
+
+    def recalled(self, ctx: RunContext) -> list[dict]:
+        """What the deployment's sealed recalls take out of this pipeline's data; a run that would label with a
+        recalled label policy is stopped here, before any compute."""
+        from closedloop.errors import PermanentError
+        from closedloop.hooks.signing import verifier
+        from closedloop.runtime import tracking
+        from closedloop.steps import recall
+
+        spec, ring, c = self.loaded.spec, verifier(), tracking.client(ctx)
+        bad = recall.refused_inputs(c, ring, label_policy=spec.label_policy.ref)
+        if bad:
+            raise PermanentError(f"label policy {spec.label_policy.ref} is recalled ({bad[0]['id']}: "
+                                 f"{bad[0]['reason']}): change label_policy in {self.loaded.path.name} to a fixed "
+                                 "version before training again")
+        return recall.exclusions(c, ring, list(spec.dataset.sources),
+                                 may_exclude=spec.recall.may_exclude if spec.recall else None)
 
 
 class LabelOperator(ClosedLoopStepOperator):

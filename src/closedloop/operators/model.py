@@ -60,7 +60,7 @@ class RegisterCandidateOperator(ClosedLoopStepOperator):
         """Register, then seal the release record and keep it on the version (``closedloop.release_record``)."""
         import json
 
-        from closedloop.hooks.signing import signer
+        from closedloop.hooks.signing import signer, verifier
         from closedloop.operators.base import request_of, requesters, seal
         from closedloop.operators.governance import requester_of
         from closedloop.runtime import tracking
@@ -79,7 +79,7 @@ class RegisterCandidateOperator(ClosedLoopStepOperator):
         sealed = register_candidate(self.loaded, ctx, trained=self.upstream(context, "train"),
                                     labelled=self.upstream(context, "label"),
                                     gate=self.upstream(context, "release_gate"),
-                                    request=request, requester=requester, keep=keep)
+                                    request=request, requester=requester, keep=keep, verifier=verifier())
         out = sealed
         log.info("registered %s version %s as @%s; release record sealed (files %s)", out["model"], out["version"],
                  out["alias"], out["artifact_digest"])

@@ -156,7 +156,7 @@ def _origin(tags: dict[str, str]) -> dict[str, Any]:
     incident = {k.removeprefix(vocab.INCIDENT_PREFIX): v for k, v in tags.items() if k.startswith(vocab.INCIDENT_PREFIX)}
     if incident:
         out["incident"] = incident
-    for key in (vocab.RERUN_OF, vocab.RERUNS):
+    for key in (vocab.RERUN_OF, vocab.RERUNS, vocab.RETRAIN_FOR):
         if tags.get(key):
             out[key.removeprefix(vocab.NAMESPACE)] = tags[key]
     return out

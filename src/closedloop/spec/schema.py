@@ -290,6 +290,18 @@ class ApprovalSpec(_Part):
         return self.valid_hours if self.valid_hours is not None else self.timeout_hours
 
 
+class RecallSpec(_Part):
+    """Who may open a recall that touches this pipeline's models, and what a recall may take out of
+    its data (``closedloop recall open``)."""
+
+    openers: list[str] = Field(default_factory=list, description="Airflow users who may open a recall touching "
+                               "this pipeline (default: the approvers)")
+    may_exclude: list[str] | None = Field(default=None, description="sources a recall may take out of the data "
+                                          "for its retrain (default: every source of dataset.sources)")
+    retrain: bool = Field(default=True, description="a recall starts a retrain of this pipeline without the "
+                          "recalled input (an update request that goes through every gate and review)")
+
+
 Severity = Literal["low", "medium", "high", "critical"]
 
 
@@ -510,6 +522,8 @@ class PipelineSpec(_Part):
     odd: OddSpec | None = Field(default=None, description="intended function and operational design domain "
                                 "(the release dossier's scope)")
     approval: ApprovalSpec | None = None
+    recall: RecallSpec | None = Field(default=None, description="recalls of a bad source, label policy or code "
+                                      "version (default: the approvers open them; every source may be excluded)")
     incidents: IncidentsSpec | None = None
     reliability: ReliabilitySpec = Field(default_factory=ReliabilitySpec)
     kubernetes: KubernetesSpec | None = Field(default=None, description="steps (train, simulate) that run as "
@@ -560,6 +574,20 @@ class PipelineSpec(_Part):
         if not croniter.is_valid(v):
             raise ValueError(f"expected a cron expression like '0 3 * * 1' (minute hour day month weekday), got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _recall_sources(self) -> PipelineSpec:
+        if self.recall is not None and self.recall.may_exclude is not None:
+            unknown = sorted(set(self.recall.may_exclude) - set(self.dataset.sources))
+            if unknown:
+                raise ValueError(f"recall.may_exclude {unknown} are not in dataset.sources {self.dataset.sources}")
+        return self
+
+    def recall_openers(self) -> list[str]:
+        """Who may open a recall touching this pipeline: ``recall.openers``, else the approvers."""
+        if self.recall is not None and self.recall.openers:
+            return list(self.recall.openers)
+        return list(self.approval.approvers) if self.approval is not None else []
 
     @model_validator(mode="after")
     def _catchup_needs_start(self) -> PipelineSpec:

@@ -25,6 +25,9 @@ from closedloop.runtime.context import RunContext
 from closedloop.runtime.faults import strike
 from closedloop.runtime.signing import Binding, KeyRing, Signer, Verifier, bound_of, digest
 from closedloop.steps.approvals import approval_task_ids  # noqa: F401 - part of this module's interface
+from closedloop.steps.trail import PROMOTION_BINDING  # noqa: F401 - part of this module's interface
+from closedloop.steps.trail import audit as _audit
+from closedloop.steps.trail import promotion_binding as _promotion_binding
 
 PRODUCTION, PREVIOUS, CANDIDATE = vocab.PRODUCTION, vocab.PREVIOUS, vocab.CANDIDATE
 AUDIT_PREFIX = vocab.AUDIT_PREFIX
@@ -145,17 +148,6 @@ def unseal_statement(verifier: Verifier, value: dict, record: dict, *, what: str
     return body.get("statement") or {}
 
 
-def _audit(client, model: str, version: str, event: str, *, when: datetime | None = None, key: str = "",
-           **details) -> None:
-    """Append an audit event to a version's trail. With ``when`` (the time the event happened, e.g. a
-    reviewer's answer) and ``key`` (what makes it unique), writing it again — a retry — rewrites the
-    same entry instead of adding one."""
-    now = when or datetime.now(UTC)
-    tag = f"{AUDIT_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%f')}.{event}" + (f".{key}" if key else "")
-    client.set_model_version_tag(model, version, tag, json.dumps({"event": event, "at": now.isoformat(), **details},
-                                                                  sort_keys=True))
-
-
 def record_decision(ctx: RunContext, model: str, version: str, *, decision: str, reviewer: str | None,
                     at: str, comment: str, run_id: str, statement_tag: tuple[str, str] | None = None,
                     task_id: str = "approval") -> None:
@@ -199,13 +191,6 @@ def check_reviewers(spec, requesters: str | list[str] | None) -> None:
         raise ApprovalError(f"refusing the request of {who} before any compute: {spec.name} needs "
                             f"{a.required} approval(s) from approvers other than the requester, and only "
                             f"{others or 'nobody'} remain; add approvers to the template or ask another requester")
-
-
-PROMOTION_BINDING = "registry"
-
-
-def _promotion_binding(model: str) -> Binding:
-    return Binding(PROMOTION_BINDING, model, PRODUCTION, "promotion")
 
 
 def last_promotion(client, model: str, verifier: Verifier) -> dict | None:
@@ -354,6 +339,9 @@ def promote(ctx: RunContext, record: dict, statements: list[dict], *, model: str
         if tracking.not_found(exc):
             raise ApprovalError(f"refusing to promote {where}: the registry has no such version any more") from None
         raise
+    from closedloop.steps import recall
+
+    recall.refuse_if_held(c, model, version, verifier or signer.verifier, what="promote")
     if mv.source != record.get("source"):
         raise ApprovalError(f"refusing to promote {where}: it now loads {mv.source}, the release record says "
                             f"{record.get('source')}")
@@ -419,18 +407,28 @@ def rollback(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: l
             + (f"the last sealed promotion (seq {last['seq']}) left production on {last['version']} and "
                f"{PREVIOUS} on {last.get('previous') or 'nothing'}" if last else "no sealed promotion explains them")
             + f": an alias moved outside the pipeline is never rolled back to (`closedloop audit --verify {model}`)")
+    from closedloop.steps import recall
+
+    ring = verifier or signer.verifier
+    target = previous
     if move is not None:
         _check_source(move, current, f"roll back {model}")
         if move.target != previous:
-            raise ApprovalError(f"refusing to roll back {model}: the request names {move.describe()}, but "
-                                f"{PREVIOUS} is version {previous} now; ask again for the move you mean")
-    _record_promotion(c, signer, model, previous, previous=current, kind="rollback", by=actor, reason=reason,
+            # a recall's proposal: back to an older version, which must have been approved and promoted once
+            if move.target is None or move.target not in recall.once_promoted(c, model, ring):
+                raise ApprovalError(f"refusing to roll back {model}: the request names {move.describe()}, but "
+                                    f"{PREVIOUS} is version {previous} now and version {move.target} was never "
+                                    "approved and promoted; a rollback goes to previous-production or to a version "
+                                    "a sealed promotion once put in production")
+            target = move.target
+    recall.refuse_if_held(c, model, target, ring, what="roll back to")
+    _record_promotion(c, signer, model, target, previous=current, kind="rollback", by=actor, reason=reason,
                       rollback=True, nonce=move.nonce if move else "", verifier=verifier)
-    c.set_registered_model_alias(model, PRODUCTION, previous)
+    c.set_registered_model_alias(model, PRODUCTION, target)
     if current is not None:
         c.set_registered_model_alias(model, PREVIOUS, current)
-        _audit(c, model, current, "alias.previous-production", by=actor, replaced_by=previous, rollback=True)
-    return {"model": model, "production": previous, "previous-production": current, "changed": True}
+        _audit(c, model, current, "alias.previous-production", by=actor, replaced_by=target, rollback=True)
+    return {"model": model, "production": target, "previous-production": current, "changed": True}
 
 
 def restore(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: list[str], signer: Signer,
@@ -451,6 +449,9 @@ def restore(ctx: RunContext, model: str, *, actor: str, reason: str, allowed: li
         if move.target not in (None, str(last["version"])):
             raise ApprovalError(f"refusing to restore {model}: the request names {move.describe()}, but the last "
                                 f"sealed promotion put version {last['version']} there")
+    from closedloop.steps import recall
+
+    recall.refuse_if_held(c, model, str(last["version"]), verifier or signer.verifier, what="restore")
     if current != last["version"]:
         c.set_registered_model_alias(model, PRODUCTION, last["version"])
     prev_now, prev_sealed = tracking.alias_version(c, model, PREVIOUS), last.get("previous")
@@ -501,6 +502,13 @@ def check_aliases(client, model: str, verifier: Verifier) -> dict:
             "there" if sealed_prev else "no sealed promotion put a version there") + " (moved directly in MLflow?)")
     elif prev is None and sealed_prev is not None and prod is not None:
         problems.append(f"{model}@{PREVIOUS} was removed; the last sealed promotion kept version {sealed_prev} there")
+    from closedloop.steps import recall
+
+    for alias in (PRODUCTION, CANDIDATE):
+        if aliases.get(alias) is not None:
+            for h in recall.holds(client, model, aliases[alias], verifier):
+                problems.append(f"{model}@{alias} → version {aliases[alias]}, which recall {h['id']} holds "
+                                f"({h['query']}: {h['how']})")
     cand = aliases.get(CANDIDATE)
     if cand is not None:
         try:

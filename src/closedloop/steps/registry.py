@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from closedloop import vocab
@@ -72,13 +73,14 @@ def artifact_digest(model_uri: str, tracking_uri: str | None = None) -> str:
 
 def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, labelled: dict,
                        gate: dict, request: dict | None = None, requester: str | None = None,
-                       keep=None) -> dict:
+                       keep=None, verifier=None) -> dict:
     """Register the trained model (once) with its lineage and point the ``candidate`` alias at it.
 
     Refuses a model whose gates did not pass: the check lives here, not only in the DAG wiring.
 
     :param keep: called with the release record before the alias moves (the operator seals it and
         keeps it on the version), so the alias never points at a version without its record.
+    :param verifier: the deployment's public keys: a version a recall holds is refused here (never candidate).
     """
     import mlflow
 
@@ -94,6 +96,9 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
             vocab.TRAINING_RUN_ID: trained["run_id"],
             vocab.CODE_DIGEST: trained.get("code_digest"),  # the code that trained it (its identity)
             vocab.DATASET_SOURCES: trained.get("sources"),
+            vocab.DATASET_WINDOW: "..".join(trained["window"]) if all(trained.get("window") or [None]) else None,
+            vocab.DATASET_EXCLUDED: json.dumps(trained["excluded"], sort_keys=True) if trained.get("excluded")
+            else None,
             vocab.GATE_RUN_ID: gate["run_id"],
             vocab.GATES: "passed",
             vocab.REQUEST_REQUESTER: requester or "scheduler",
@@ -120,6 +125,13 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
     record = release_record(loaded, ctx, version, trained=trained, labelled=labelled, gate=gate, requester=requester)
     if keep is not None:
         record = keep(record)
+        if verifier is not None:  # a recall opened while this run trained: the version stays, never candidate
+            from closedloop.steps.recall import refuse_if_held
+
+            try:
+                refuse_if_held(c, spec.model.name, str(version.version), verifier, what="make candidate")
+            except Exception as exc:
+                raise PermanentError(str(exc)) from None
     strike(ctx, "record_sealed")
     c.set_registered_model_alias(spec.model.name, CANDIDATE, version.version)
     strike(ctx, "alias_moved")
@@ -147,6 +159,10 @@ def release_record(loaded: LoadedSpec, ctx: RunContext, version, *, trained: dic
         "pipeline": spec.name, "template": loaded.path.name, "template_hash": loaded.digest,
         "dataset_digest": labelled["digest"], "raw_dataset_digest": labelled.get("raw_digest"),
         "label_policy": spec.label_policy.ref, "dag_id": ctx.dag_id, "run_id": ctx.run_id,
+        # what a recall matches (closedloop.steps.recall): sealed here, so editing a tag hides nothing
+        "sources": [s for s in str(trained.get("sources") or "").split(",") if s],
+        "window": trained.get("window") if all(trained.get("window") or [None]) else None,
+        "excluded": trained.get("excluded") or [], "code_digest": trained.get("code_digest"),
         "requester": requester or "scheduler",
         "registered_at": datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).isoformat(),
     }

@@ -44,9 +44,11 @@ def dataset_tags(raw: dict | None, labelled: dict, validation: dict | None) -> d
             vocab.DATASET_SOURCES: "," + ",".join(raw.get("sources") or []) + ",",  # ",a,b,": exact LIKE
             vocab.DATASET_WINDOW: f"{raw.get('window_start')}..{raw.get('window_end')}",
         })
+        if raw.get("excluded"):
+            tags[vocab.DATASET_EXCLUDED] = json.dumps(raw["excluded"], sort_keys=True)
     manifest = {
         "raw": {k: raw.get(k) for k in ("uri", "digest", "rows", "sources", "scenarios", "window_start",
-                                        "window_end", "focus", "rows_per_scenario")} if raw else None,
+                                        "window_end", "focus", "rows_per_scenario", "excluded")} if raw else None,
         "labelled": {k: labelled.get(k) for k in ("uri", "digest", "rows", "label_policy", "raw_digest")},
         "validation": {k: validation.get(k) for k in ("suite", "success", "evaluated", "failed")}
         if validation else None,
@@ -120,4 +122,6 @@ def _fit(loaded: LoadedSpec, ctx: RunContext, run, labelled: dict, raw: dict | N
     strike(ctx, "model_logged")
     return {"run_id": run_id, "model_uri": model_uri, "train_rows": int(len(train_df)),
             "test_rows": int(len(test_df)), "dataset_digest": labelled["digest"],
-            "sources": "," + ",".join((raw or {}).get("sources") or []) + ","}
+            "sources": "," + ",".join((raw or {}).get("sources") or []) + ",",
+            "window": [(raw or {}).get("window_start"), (raw or {}).get("window_end")],
+            "excluded": (raw or {}).get("excluded") or []}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from closedloop.spec import GateSpec
 from closedloop.records.health import _rejected_by
+from closedloop.spec import GateSpec
 from closedloop.steps.gates import evaluate, format_report, rejection_note
 
 
