@@ -22,7 +22,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 GOV = {'schedule: "0 3 * * 1"': "schedule: null", "window_days: 14": "window_days: 5", **SAFE_DATA,
        "name: acc_longitudinal": "name: acc_gov", "name: acc_longitudinal_policy": "name: acc_gov_model",
        # approvals expire after 3 minutes here (replays are tested), the alias watcher looks every 5 s
-       "timeout_hours: 72": "timeout_hours: 72\n  valid_hours: 0.05\n  alias_poll_seconds: 5", **ONE_APPROVAL}
+       "timeout_hours: 72": "timeout_hours: 72\n  valid_hours: 0.05\n  alias_poll_seconds: 5", **ONE_APPROVAL,
+       # a recall retrains only acc_trust here (each retrain is a whole pipeline run)
+       "owner: acc-ml-team\n": "owner: acc-ml-team\nrecall: {retrain: false}\n"}
 VALID_SECONDS = 0.05 * 3600
 TIMEOUT = {**GOV, "name: acc_longitudinal": "name: acc_gov_timeout", "name: acc_longitudinal_policy": "name: acc_timeout_model",
            "timeout_hours: 72": "timeout_hours: 0.01"}  # 36 s; the alias watcher polls every 30 s for it
@@ -32,7 +34,8 @@ HIL = {**GOV, "name: acc_longitudinal": "name: acc_gov_hil", "name: acc_longitud
        # the two-person rule: two approval tasks, two different people
        "timeout_hours: 72": "timeout_hours: 72\n  valid_hours: 0.05\n  required: 2"}
 REL = {**GOV, "name: acc_longitudinal": "name: acc_rel", "name: acc_longitudinal_policy": "name: acc_rel_model"}
-TRUST = {**GOV, "name: acc_longitudinal": "name: acc_trust", "name: acc_longitudinal_policy": "name: acc_trust_model"}
+TRUST = {**GOV, "name: acc_longitudinal": "name: acc_trust", "name: acc_longitudinal_policy": "name: acc_trust_model",
+         "owner: acc-ml-team\n": "owner: acc-ml-team\nrecall: {retrain: true}\n"}
 SOLO = {**GOV, "name: acc_longitudinal": "name: acc_gov_solo", "name: acc_longitudinal_policy": "name: acc_solo_model",
         "approvers: [safety-lead, safety-deputy]": "approvers: [safety-lead]"}
 USERS = {"admin": "admin", "ml-engineer": "user", "safety-lead": "user", "safety-deputy": "user", "intruder": "user",
@@ -665,3 +668,86 @@ def test_the_deployments_own_roles_cannot_break_the_trust_chain(env, tmp_path):
         assert b.eval("document.querySelectorAll('#gates img, #gates script').length") == 0
         assert markup in b.eval("document.getElementById('gates').textContent")
         assert "<img src=x onerror=alert(1)>" in b.eval("document.getElementById('request').textContent")
+
+
+def test_a_recall_holds_what_a_bad_source_touched_and_retrains_without_it(env):
+    """A day of fleet-eu logs turns out bad: as the deployment's people would, through Airflow — an outsider
+    may not open the recall; an approver does (twice: one recall); every version trained on that day is
+    held across the pipelines, the watcher's check names held production versions, promotion and rollback
+    through the registry DAG refuse them, acc_trust is retrained without the day as an update request the
+    opener may not approve, its approval by the other approver moves production, and the recall is closed."""
+    from datetime import UTC, datetime, timedelta
+
+    server, root = env
+    client = MlflowClient(server.env["MLFLOW_TRACKING_URI"])
+    day = (datetime.now(UTC).date() - timedelta(days=2)).isoformat()  # inside every run's 5-day window
+    recall_args = ("recall", "open", "--source", "fleet-eu", "--window", f"{day}..{day}",
+                   "--reason", "clock drift in the EU loggers", "--json")
+
+    out = cli(server, root, "intruder", *recall_args)
+    assert out.returncode == 1 and "'intruder' may not open a recall touching" in out.stderr, out.stderr
+    out = cli(server, root, "safety-lead", *recall_args)
+    assert out.returncode == 0, out.stderr
+    opened = json.loads(out.stdout)
+    rid = opened["id"]
+    held = {(r["model"], r["version"]) for r in opened["affected"]}
+    assert opened["new"] and opened["opened_by"] == "safety-lead"
+    prod = str(client.get_model_version_by_alias("acc_trust_model", "production").version)
+    assert ("acc_trust_model", prod) in held and ("acc_gov_model", "1") in held
+    assert {m for m, _ in held} >= {"acc_gov_model", "acc_rel_model", "acc_trust_model"}
+    for mv in client.search_model_versions("name = 'acc_trust_model'"):  # every version of it: same days
+        assert ("acc_trust_model", str(mv.version)) in held
+    proposal = next(p for p in opened["proposals"] if p["model"] == "acc_trust_model")
+    assert proposal["held"] and proposal["target"] is None and "no approved version" in proposal["why"]
+    retrains = {r["pipeline"]: r for r in opened["retrains"]}
+    assert "recall.retrain is false" in retrains["acc_gov"]["why"]
+    retrain_run = retrains["acc_trust"]["run_id"]
+    assert retrain_run, retrains
+    again = json.loads(cli(server, root, "safety-deputy", *recall_args).stdout)
+    assert again["id"] == rid and not again["new"] and again["opened_by"] == "safety-lead"
+    assert {r["pipeline"]: r["run_id"] for r in again["retrains"]}["acc_trust"] == retrain_run  # not twice
+
+    # -- held versions: the watcher's check names them; promote and rollback through Airflow refuse them ----
+    out = cli(server, root, "ml-engineer", "audit", "--verify", "acc_trust_model")
+    assert out.returncode == 1 and f"which recall {rid} holds" in out.stdout, out.stdout
+    prev = str(client.get_model_version_by_alias("acc_trust_model", "previous-production").version)
+    out = cli(server, root, "safety-lead", "rollback", "acc_trust_model", "--reason", "recall")
+    assert out.returncode == 1 and f"refusing to roll back to acc_trust_model version {prev}: it is held by recall " \
+        f"{rid}" in out.stderr, out.stderr
+    out = cli(server, root, "safety-lead", "promote", "acc_trust_model", prev)
+    assert out.returncode == 1 and f"held by recall {rid}" in out.stderr, out.stderr
+    assert str(client.get_model_version_by_alias("acc_trust_model", "production").version) == prod
+    shown = cli(server, root, "fleet-monitor", "recall", "show", rid)
+    assert shown.returncode == 0 and f"recall {rid} (source fleet-eu {day}..{day}): open" in shown.stdout
+    assert "acc_trust_model: production" in shown.stdout and "waiting: acc_trust_model" in shown.stdout
+
+    # -- the retrain: the recalled day out of its data, requested for the opener, who may not approve it ------
+    server.wait_for(lambda: states(server, "acc_trust", retrain_run).get("approval") == "awaiting_input", 900,
+                    "the recall's retrain to wait for review")
+    data = xcom(server, "acc_trust", retrain_run, "generate_dataset")
+    assert data["excluded"] and data["excluded"][0]["source"] == "fleet-eu" and data["excluded"][0]["rows"] > 0
+    _, run = server.api("GET", f"/api/v2/dags/acc_trust/dagRuns/{retrain_run}")
+    assert run["conf"]["ticket"] == rid and rid in run["conf"]["purpose"]
+    _, hitl = server.api("GET", hitl_path("acc_trust", retrain_run))
+    assert [u["id"] for u in hitl["assigned_users"]] == ["safety-deputy"], hitl["assigned_users"]
+    assert cli(server, root, "safety-deputy", "approve", "acc_trust", retrain_run).returncode == 0
+    server.wait_for(lambda: states(server, "acc_trust", retrain_run).get("promote") in ("success", "failed"), 600,
+                    "the retrain's promotion")
+    new = xcom(server, "acc_trust", retrain_run, "register_candidate")["version"]
+    assert states(server, "acc_trust", retrain_run)["promote"] == "success"
+    assert str(client.get_model_version_by_alias("acc_trust_model", "production").version) == new
+    assert ("acc_trust_model", new) not in held
+    # the production move ran the recall DAG (asset event): the recall stays open, other models are held
+    server.wait_for(lambda: any(r["run_type"] == "asset_triggered" and r["state"] == "success" for r in server.api(
+        "GET", "/api/v2/dags/closedloop_recall/dagRuns?limit=50")[1]["dag_runs"]), 300, "the recall sweep")
+    out = json.loads(cli(server, root, "admin", "recall", "show", rid, "--json").stdout)
+    assert out["state"] == "open" and not any("acc_trust_model" in w for w in out["waiting"]), out["waiting"]
+    out = cli(server, root, "safety-lead", "recall", "close", rid)
+    assert out.returncode == 1 and "is not done" in out.stderr and "acc_gov_model" in out.stderr, out.stderr
+    out = cli(server, root, "safety-lead", "recall", "close", rid, "--reason", "the other test models are retired")
+    assert out.returncode == 0 and "closed by safety-lead" in out.stdout, out.stderr
+    listed = cli(server, root, "fleet-monitor", "recall", "list", "--json")
+    (entry,) = [r for r in json.loads(listed.stdout) if r["id"] == rid]
+    assert entry["state"] == "closed" and entry["close_reason"] == "the other test models are retired"
+    trace = json.loads(cli(server, root, "admin", "trace", f"acc_trust_model/{new}", "--json").stdout)
+    assert trace["airflow_run"]["started_by"].get("retrain_for") == rid
