@@ -695,8 +695,9 @@ def test_a_recall_holds_what_a_bad_source_touched_and_retrains_without_it(env):
     prod = str(client.get_model_version_by_alias("acc_trust_model", "production").version)
     assert ("acc_trust_model", prod) in held and ("acc_gov_model", "1") in held
     assert {m for m, _ in held} >= {"acc_gov_model", "acc_rel_model", "acc_trust_model"}
-    for mv in client.search_model_versions("name = 'acc_trust_model'"):  # every version of it: same days
-        assert ("acc_trust_model", str(mv.version)) in held
+    for mv in client.search_model_versions("name = 'acc_trust_model'"):  # every version it made: same days
+        assert (("acc_trust_model", str(mv.version)) in held) == (gov.RECORD_TAG in mv.tags)  # not the one
+        # registered out of band (no lineage), above
     proposal = next(p for p in opened["proposals"] if p["model"] == "acc_trust_model")
     assert proposal["held"] and proposal["target"] is None and "no approved version" in proposal["why"]
     retrains = {r["pipeline"]: r for r in opened["retrains"]}

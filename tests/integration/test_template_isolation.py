@@ -57,7 +57,7 @@ def import_errors(server) -> list[dict]:
 
 def test_a_broken_template_holds_back_only_its_own_dags_under_the_real_dag_processor(env):
     server, root, project = env
-    every = {*GOOD, BROKEN, "closedloop_registry", "closedloop_registry_watch", "closedloop_release"}
+    every = {*GOOD, BROKEN, "closedloop_registry", "closedloop_registry_watch", "closedloop_release", "closedloop_recall"}
     server.wait_for(lambda: every <= set(dags(server)), 180, "the three pipelines and the registry parsed")
     path = root / "include" / "pipelines" / f"{BROKEN}.yaml"
     for kind, ((old, new), named) in BREAKS.items():

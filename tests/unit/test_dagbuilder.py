@@ -27,7 +27,7 @@ GOVERNED_EDGES = {**EXPECTED_EDGES, "approval": {"register_candidate"}, "dossier
 SHIPPED_EDGES = {**GOVERNED_EDGES, "merge_simulation": {"simulate"}, "release_gate": {"simulate", "merge_simulation"},
                  "approval_2": {"approval"}, "dossier": {"register_candidate", "approval_2"}}
 """The shipped template: simulation in shards (merged), the two-person rule (approval, approval_2)."""
-REGISTRY = {"closedloop_registry", "closedloop_registry_watch", "closedloop_release"}
+REGISTRY = {"closedloop_registry", "closedloop_registry_watch", "closedloop_release", "closedloop_recall"}
 INCIDENT_EDGES = {**SHIPPED_EDGES, "admit_incident": set(), "generate_dataset": {"admit_incident"}}
 
 

@@ -150,6 +150,7 @@ def cmd_health(args) -> int:
         current_versions,
         figures,
         pipelines_of,
+        recall_figures,
         records_from_api,
     )
     from closedloop.records.render import format_health
@@ -164,6 +165,7 @@ def cmd_health(args) -> int:
     h = figures(pipelines, runs, tis, since=since, until=until)
     h["versions"] = current_versions(specs)
     h["cache"] = cache_figures(specs, since)
+    h["recalls"] = recall_figures()
     from closedloop.spec.schema import template_problems
 
     h["template_errors"] = template_problems(pipelines_dir(args))

@@ -9,7 +9,7 @@ readers feed it: :func:`records_from_db` (the plugin, inside Airflow's API serve
 from __future__ import annotations
 
 import statistics
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from closedloop import vocab
@@ -176,6 +176,33 @@ def registry_problems(client, model: str) -> list[str]:
     except EvidenceError as exc:
         return [f"cannot verify: {exc}"]
     return check_aliases(client, model, verifier)["problems"]
+
+
+def recall_figures(tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """Every recall: what it recalls, its state, how many versions it held when it opened, who opened and
+    closed it and how long it was (or has been) open — newest first; [] when the keys cannot be read."""
+    from closedloop.errors import EvidenceError
+    from closedloop.runtime.signing import trusted_keys
+    from closedloop.runtime.tracking import mlflow_client
+    from closedloop.steps import recall
+
+    try:
+        ring = trusted_keys()
+    except EvidenceError:
+        return []
+    c = mlflow_client(tracking_uri)
+    out = []
+    now = datetime.now(UTC)
+    for r in recall.recalls(c, ring):
+        closed = r.get("closed") or {}
+        end = _ts(closed.get("closed_at")) or now
+        held = c.get_run(r["mlflow_run_id"]).data.tags.get(vocab.RECALL_AFFECTED)
+        out.append({"id": r["id"], "query": recall.Query.of(r["query"]).describe(), "state": r["state"],
+                    "reason": r.get("reason"), "opened_by": r.get("opened_by"), "opened_at": r["opened_at"],
+                    "closed_by": closed.get("closed_by"), "closed_at": closed.get("closed_at"),
+                    "held_versions": int(held) if held and held.isdigit() else None,
+                    "hours_open": round((end - _ts(r["opened_at"])).total_seconds() / 3600, 2)})
+    return sorted(out, key=lambda r: r["opened_at"], reverse=True)
 
 
 def cache_figures(specs, since: datetime, tracking_uri: str | None = None) -> dict[str, dict[str, Any]]:

@@ -229,6 +229,7 @@ def trace(ref: str, tracking_uri: str | None = None, *, limit: int = MAX_LIMIT, 
               if k.startswith(vocab.REVIEW_PREFIX)}
     out["review"] = review or None
     out["dossier"] = json.loads(mv.tags[vocab.DOSSIER]) if mv is not None and mv.tags.get(vocab.DOSSIER) else None
+    out["recalls"] = _recalls_of(c, mv) if mv is not None else []
     outcomes = (out["simulation"] or {}).get("regression") or []
     if out["simulation"]:
         out["simulation"]["regression"] = outcomes[offset:offset + limit]
@@ -236,6 +237,22 @@ def trace(ref: str, tracking_uri: str | None = None, *, limit: int = MAX_LIMIT, 
         row.pop("incidents", None)  # the same outcomes as simulation.regression: listed (and paged) once
     out.update(totals={"regression": len(outcomes)}, limit=limit, offset=offset)
     return out
+
+
+def _recalls_of(c, mv) -> list[dict]:
+    """The recalls that hold the version (checked with the pinned keys; without them, the hold tags as they
+    stand, marked unverified)."""
+    from closedloop.errors import EvidenceError
+    from closedloop.runtime.signing import trusted_keys
+    from closedloop.steps import recall
+
+    try:
+        ring = trusted_keys()
+    except EvidenceError:
+        return [{"id": k.removeprefix(vocab.HOLD_PREFIX), "verified": False, **{
+                 f: (json.loads(v) if v.startswith("{") else {}).get(f) for f in ("query", "how", "reason")}}
+                for k, v in mv.tags.items() if k.startswith(vocab.HOLD_PREFIX)]
+    return [{**h, "verified": True} for h in recall.holds(c, mv.name, str(mv.version), ring, tags=dict(mv.tags))]
 
 
 def dossier_of(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:

@@ -119,7 +119,9 @@ def format_trace(t: dict[str, Any]) -> str:
         if d["kind"] == "raw" and d.get("sources"):
             extra = (f"  sources {', '.join(d['sources'])}, window {d.get('window_start')}..{d.get('window_end')}, "
                      f"scenarios {', '.join(d.get('scenarios') or [])}"
-                     + (f", sampling {d['focus']}" if d.get("focus") else ""))
+                     + (f", sampling {d['focus']}" if d.get("focus") else "")
+                     + "".join(f"; without {e['source']} " + ("..".join(e["window"]) if e.get("window") else "(all)")
+                               + f" (recall {e.get('recall')})" for e in d.get("excluded") or []))
         rows = f", {d['rows']} rows" if d.get("rows") is not None else ""
         lines.append(f"dataset {d['kind']:<8} {d['digest']}{rows}{extra}")
     v = t.get("validation")
@@ -140,7 +142,12 @@ def format_trace(t: dict[str, Any]) -> str:
         how += f"; rerun of {started['rerun_of']}"
     if started.get("reruns"):
         how += f"; rerun as {started['reruns']}"
+    if started.get("retrain_for"):
+        how += f"; the retrain of recall {started['retrain_for']}"
     lines.append(f"airflow run     {ar['dag_id']} / {ar['run_id']}  started by {how}")
+    for h in t.get("recalls") or []:
+        lines.append(f"HELD            by recall {h['id']} ({h.get('state') or 'open'}): {h.get('query')}: {h.get('how')}"
+                     + ("" if h.get("verified", True) else " [unverified: no pinned keys here]"))
     if t.get("steps"):
         lines.append("steps           " + ", ".join(
             f"{s['id']} {s['status'].lower()}" + (" (cache hit)" if s.get("cache") == "hit" else "")
@@ -232,6 +239,12 @@ def format_health(h: dict[str, Any]) -> str:
                          f"{cache['off']} with the cache off"
                          + (f"; hits: {', '.join(f'{k} {n}' for k, n in cache['hits_by_step'].items())}"
                             if cache["hits_by_step"] else ""))
+    recalls = h.get("recalls") or []
+    if recalls:
+        lines.append("\nrecalls:")
+        lines += [f"  {r['id']}  {r['state']:<6}  {r['query']}: {r['held_versions'] if r['held_versions'] is not None else '?'}"
+                  f" version(s) held, open {r['hours_open']:.1f} h (opened by {r['opened_by']}"
+                  + (f", closed by {r['closed_by']}" if r.get("closed_by") else "") + ")" for r in recalls]
     return "\n".join(lines)
 
 

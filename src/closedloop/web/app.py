@@ -90,7 +90,14 @@ def health_figures(days: int, caller: Caller, *, limit: int = MAX_HEALTH_PIPELIN
     incident DAG the caller may not read is left out of its pipeline's figures."""
     from datetime import UTC, datetime, timedelta
 
-    from closedloop.records.health import cache_figures, current_versions, figures, pipelines_of, records_from_db
+    from closedloop.records.health import (
+        cache_figures,
+        current_versions,
+        figures,
+        pipelines_of,
+        recall_figures,
+        records_from_db,
+    )
     from closedloop.runtime.faults import inject
     from closedloop.spec import load_all
 
@@ -105,6 +112,7 @@ def health_figures(days: int, caller: Caller, *, limit: int = MAX_HEALTH_PIPELIN
     out = figures(pipelines, runs, tis, since=since, until=until)
     out["versions"] = current_versions(page_specs, _tracking_uri())
     out["cache"] = cache_figures(page_specs, since, _tracking_uri())
+    out["recalls"] = recall_figures(_tracking_uri())  # deployment-wide: a recall spans pipelines
     out["template_errors"] = readable_template_errors(caller, specs, errors)
     out.update(total_pipelines=len(visible), limit=limit, offset=offset)
     return out

@@ -86,7 +86,8 @@ def view(h: dict[str, Any], days: int) -> dict[str, Any]:
                          "problems": v.get("registry_problems") or [], "runs": runs_chart(p, h["days"]),
                          "cache_bars": cache_bars(cache)})
     return {"sections": sections, "days": days, "day_options": (1, 7, 30, 90), "since": h["since"][:16],
-            "until": h["until"][:16], "wait": wait_chart(h), "template_errors": h.get("template_errors") or []}
+            "until": h["until"][:16], "wait": wait_chart(h), "template_errors": h.get("template_errors") or [],
+            "recalls": h.get("recalls") or []}
 
 
 def render(h: dict[str, Any], days: int) -> str:
