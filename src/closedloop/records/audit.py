@@ -22,7 +22,16 @@ def audit_trail(ctx: RunContext, model: str, version: str) -> dict:
         import mlflow
 
         gates = mlflow.artifacts.load_dict(f"runs:/{tags[vocab.GATE_RUN_ID]}/gates/report.json")
-    events = sorted((json.loads(v) for k, v in tags.items() if k.startswith(AUDIT_PREFIX)), key=lambda e: e["at"])
+    events = [json.loads(v) for k, v in tags.items() if k.startswith(AUDIT_PREFIX)]
+    for k, v in tags.items():  # a recall's hold is its own sealed record on the version: in the trail as an event
+        if k.startswith(vocab.HOLD_PREFIX):
+            try:
+                hold = json.loads(v)
+                events.append({"event": "recall.hold", "at": hold["at"], "recall": hold.get("recall"),
+                               "how": hold.get("how"), "reason": hold.get("reason")})
+            except (ValueError, KeyError, TypeError):
+                events.append({"event": "recall.hold (unreadable)", "at": "", "tag": k})
+    events.sort(key=lambda e: e["at"])
     review = {k.removeprefix(vocab.REVIEW_PREFIX): v for k, v in tags.items() if k.startswith(vocab.REVIEW_PREFIX)}
     approvals = []
     for key in sorted(k for k in tags if k.startswith(APPROVAL_TAG)):

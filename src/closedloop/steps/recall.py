@@ -219,9 +219,13 @@ def affected(client, query: Query, verifier, *, also: list[dict] | tuple = ()) -
                     raise
     aliases_of: dict[str, dict[str, list[str]]] = {}
     rows = []
+    listed = {(str(r["model"]), str(r["version"])) for r in also}
     for (name, version), mv in sorted(found.items(), key=lambda kv: (kv[0][0], int(kv[0][1]))):
-        lineage = lineage_of(dict(mv.tags), verifier)
-        how = how_affected(query, lineage)
+        tags = dict(mv.tags)
+        if (name, version) not in listed and how_affected(query, lineage_of(tags, None)) is None:
+            continue  # cheap first: the lineage tags say no (an edited tag still holds: promotion reads the record)
+        lineage = lineage_of(tags, verifier)
+        how = how_affected(query, lineage)  # the sealed record decides
         if how is None:
             continue
         if name not in aliases_of:  # search results carry no aliases: one read per model
@@ -387,8 +391,6 @@ def open_recall(client, query: Query, *, reason: str, by: str, signer: Signer, v
     """Record the recall (once: the same query is the same recall) and hold every affected version.
 
     Idempotent: opening it again (or a retry after a crash) finds the recall and writes the same holds."""
-    from closedloop.steps.trail import audit as _audit
-
     if not (reason or "").strip():
         raise RecallError("a recall needs a reason (--reason)")
     rows = affected(client, query, verifier) if rows is None else rows
@@ -417,8 +419,6 @@ def open_recall(client, query: Query, *, reason: str, by: str, signer: Signer, v
         client.set_model_version_tag(row["model"], row["version"], vocab.HOLD_PREFIX + rid,
                                      json.dumps(signer.seal(hold, _hold_binding(rid, row["model"], row["version"])),
                                                 sort_keys=True))
-        _audit(client, row["model"], row["version"], "recall.hold", when=datetime.fromisoformat(at), key=rid,
-               recall=rid, how=row["how"], by=existing["opened_by"])
     client.log_dict(existing["mlflow_run_id"], {"recall": rid, "affected": rows}, "affected.json")
     client.set_tag(existing["mlflow_run_id"], vocab.RECALL_AFFECTED, str(len(rows)))
     return {**existing, "affected": rows, "new": first}
