@@ -34,6 +34,7 @@ def seed(uri_path: Path, key, start: int, stop: int, versions: int, exp_ids: dic
     """Pipeline runs ``start..stop-1`` (5 MLflow runs each) and ``versions`` model versions spread over them."""
     from closedloop import vocab
     from closedloop.runtime.signing import Binding
+    from closedloop.steps.recall import months_tag
 
     db = sqlite3.connect(uri_path)
     runs, tags, mvs, mv_tags = [], [], [], []
@@ -54,6 +55,7 @@ def seed(uri_path: Path, key, start: int, stop: int, versions: int, exp_ids: dic
                 vocab.AIRFLOW_DAG_ID: pipeline, vocab.AIRFLOW_RUN_ID: run_id,
                 vocab.DATASET_VERSION: f"{n:064x}", vocab.RAW_DATASET_VERSION: f"{n + 10**9:064x}",
                 vocab.DATASET_SOURCES: "," + ",".join(sources) + ",", vocab.DATASET_WINDOW: "..".join(window),
+                vocab.DATASET_MONTHS: months_tag(*window),
                 vocab.CODE_DIGEST: hashlib.sha256(str(n % 50).encode()).hexdigest()}
         train = None
         for step in ("pipeline", *STEPS):

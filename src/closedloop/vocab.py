@@ -51,6 +51,7 @@ DATASET_VERSION = "closedloop.dataset_version"
 RAW_DATASET_VERSION = "closedloop.raw_dataset_version"
 DATASET_SOURCES = "closedloop.dataset.sources"
 DATASET_WINDOW = "closedloop.dataset.window"
+DATASET_MONTHS = "closedloop.dataset.months"  # ",2026-10,2026-11,": the months the window touches (recall search)
 DATASET_MANIFEST = "closedloop.dataset.manifest"
 MODEL_URI = "closedloop.model_uri"
 MODEL_VERSION = "closedloop.model_version"

@@ -24,7 +24,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from closedloop import vocab
@@ -171,12 +171,34 @@ def how_affected(query: Query, lineage: dict[str, Any]) -> str | None:
     return None
 
 
+def months(first: str, last: str) -> list[str]:
+    """The months (``YYYY-MM``) from day ``first`` to day ``last``, both included."""
+    y, m = int(first[:4]), int(first[5:7])
+    out = []
+    while f"{y:04d}-{m:02d}" <= last[:7]:
+        out.append(f"{y:04d}-{m:02d}")
+        y, m = (y + 1, 1) if m == 12 else (y, m + 1)
+    return out
+
+
+def months_tag(window_start: str, window_end: str) -> str:
+    """``,YYYY-MM,…,``: the months a data window [start, end) touches (what a windowed recall searches for)."""
+    last = (date.fromisoformat(window_end) - timedelta(days=1)).isoformat()
+    return "," + ",".join(months(window_start, max(window_start, last))) + ","
+
+
 def _candidates_filter(query: Query) -> list[str]:
-    """MLflow filters (indexed tag lookups) that find every version the query may touch."""
+    """MLflow filters (indexed tag lookups) that find every version the query may touch; a windowed source
+    recall searches month by month (MLflow's filters have no OR), so it loads only the versions whose
+    data window touches a recalled month."""
     from closedloop.runtime.tracking import literal
 
     if query.kind == "source":
-        return [f"tags.`{vocab.DATASET_SOURCES}` LIKE {literal('%,' + query.value + ',%')}"]
+        source = f"tags.`{vocab.DATASET_SOURCES}` LIKE {literal('%,' + query.value + ',%')}"
+        if query.window is None:
+            return [source]
+        return [f"{source} and tags.`{vocab.DATASET_MONTHS}` LIKE {literal('%,' + m + ',%')}"
+                for m in months(*query.window)]
     if query.kind == "label_policy":
         return [f"tags.`{vocab.LABEL_POLICY}` = {literal(query.value)}"]
     if query.kind == "code_digest":

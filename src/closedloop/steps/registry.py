@@ -90,6 +90,8 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
     c = tracking.client(ctx)
     version = find_version(ctx, spec.model.name, trained["model_uri"])
     if version is None:
+        from closedloop.steps.recall import months_tag
+
         tags = tracking.lineage_tags(loaded, ctx, **{
             vocab.DATASET_VERSION: labelled["digest"],
             vocab.RAW_DATASET_VERSION: labelled.get("raw_digest"),
@@ -97,6 +99,7 @@ def register_candidate(loaded: LoadedSpec, ctx: RunContext, *, trained: dict, la
             vocab.CODE_DIGEST: trained.get("code_digest"),  # the code that trained it (its identity)
             vocab.DATASET_SOURCES: trained.get("sources"),
             vocab.DATASET_WINDOW: "..".join(trained["window"]) if all(trained.get("window") or [None]) else None,
+            vocab.DATASET_MONTHS: months_tag(*trained["window"]) if all(trained.get("window") or [None]) else None,
             vocab.DATASET_EXCLUDED: json.dumps(trained["excluded"], sort_keys=True) if trained.get("excluded")
             else None,
             vocab.GATE_RUN_ID: gate["run_id"],

@@ -44,6 +44,10 @@ def dataset_tags(raw: dict | None, labelled: dict, validation: dict | None) -> d
             vocab.DATASET_SOURCES: "," + ",".join(raw.get("sources") or []) + ",",  # ",a,b,": exact LIKE
             vocab.DATASET_WINDOW: f"{raw.get('window_start')}..{raw.get('window_end')}",
         })
+        if raw.get("window_start") and raw.get("window_end"):
+            from closedloop.steps.recall import months_tag
+
+            tags[vocab.DATASET_MONTHS] = months_tag(raw["window_start"], raw["window_end"])
         if raw.get("excluded"):
             tags[vocab.DATASET_EXCLUDED] = json.dumps(raw["excluded"], sort_keys=True)
     manifest = {

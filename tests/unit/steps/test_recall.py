@@ -50,6 +50,7 @@ class Store:
         raw, labelled = f"{self.n:064x}", f"{self.n + 1000:064x}"
         tags = {vocab.PIPELINE: pipeline, vocab.AIRFLOW_DAG_ID: pipeline, vocab.AIRFLOW_RUN_ID: f"run{self.n}",
                 vocab.DATASET_SOURCES: "," + ",".join(sources) + ",", vocab.DATASET_WINDOW: "..".join(window),
+                vocab.DATASET_MONTHS: recall.months_tag(*window),
                 vocab.LABEL_POLICY: label_policy, vocab.CODE_DIGEST: code, vocab.DATASET_VERSION: labelled,
                 vocab.RAW_DATASET_VERSION: raw, vocab.TRAINING_RUN_ID: run.info.run_id}
         if excluded:
@@ -173,6 +174,12 @@ def test_a_source_recall_holds_what_it_touched_across_pipelines_and_only_that(st
     # closed, the input stays bad: its versions stay held
     with pytest.raises(ApprovalError, match="held by recall"):
         store.promote(acc3)
+
+
+def test_a_windowed_recall_searches_the_months_it_covers():
+    assert recall.months("2026-11-20", "2027-01-03") == ["2026-11", "2026-12", "2027-01"]
+    assert recall.months_tag("2026-10-25", "2026-11-01") == ",2026-10,"  # the end day is not in the window
+    assert recall.months_tag("2026-10-25", "2026-11-08") == ",2026-10,2026-11,"
 
 
 def test_label_policy_and_code_recalls_hold_their_versions(store):
