@@ -40,6 +40,9 @@ SOLO = {**GOV, "name: acc_longitudinal": "name: acc_gov_solo", "name: acc_longit
         "approvers: [safety-lead, safety-deputy]": "approvers: [safety-lead]"}
 USERS = {"admin": "admin", "ml-engineer": "user", "safety-lead": "user", "safety-deputy": "user", "intruder": "user",
          "hil-rig": "user", "fleet-monitor": "viewer"}  # the deployment's roles: nobody but the admin has op
+EXPIRED: dict = {}
+"""Run A of the governed path: its promote is cleared again once its approval expired (the module's last test,
+so the wait for the expiry overlaps the other tests)."""
 REQUEST = {"purpose": "Retrain on the latest fleet logs for the test.", "change": ["data"],
            "expected_impact": "No regression in any gate.", "scope": "test fleet", "ticket": "T-1"}
 
@@ -371,17 +374,8 @@ def test_governed_path(env):
     assert out.returncode == 0 and f"production is version {va} again (was {vb})" in out.stdout, out.stderr
     assert cli(server, root, "ml-engineer", "audit", "--verify", "acc_gov_model").returncode == 0
 
-    # -- replay: A's promote cleared after its approval expired: refused, production unchanged ---
-    time.sleep(max(0.0, VALID_SECONDS + 5 - (time.monotonic() - approved_at)))
-    status, body = server.api("POST", "/api/v2/dags/acc_gov/clearTaskInstances", {
-        "dry_run": False, "dag_run_id": run_a, "task_ids": ["promote"], "only_failed": False,
-        "reset_dag_runs": True}, user="ml-engineer")
-    assert status == 200, (status, body)
-    server.wait_for(lambda: states(server, "acc_gov", run_a)["promote"] in ("success", "failed"), 600,
-                    "the cleared promote to run again")
-    assert states(server, "acc_gov", run_a)["promote"] == "failed"
-    assert "approvals are valid for 0.05 h" in refusal("acc_gov", run_a)
-    assert str(client.get_model_version_by_alias("acc_gov_model", "production").version) == va
+    # (the replay of A's promote after its approval expired: the module's last test, when it has)
+    EXPIRED.update(run_a=run_a, va=va, approved_at=approved_at)
 
     # -- reviewer shopping: the requester clears B's rejected approval (and promote) to be asked again:
     #    the cleared task takes the answer already given (Reject), asks nobody, promotes nothing ---
@@ -752,3 +746,26 @@ def test_a_recall_holds_what_a_bad_source_touched_and_retrains_without_it(env):
     assert entry["state"] == "closed" and entry["close_reason"] == "the other test models are retired"
     trace = json.loads(cli(server, root, "admin", "trace", f"acc_trust_model/{new}", "--json").stdout)
     assert trace["airflow_run"]["started_by"].get("retrain_for") == rid
+
+
+def test_a_cleared_promote_after_its_approval_expired_is_refused(env):
+    """Replay: A's promote cleared by the requester after its approval expired — refused, production unchanged."""
+    server, root = env
+    client = MlflowClient(server.env["MLFLOW_TRACKING_URI"])
+    run_a, va, approved_at = EXPIRED["run_a"], EXPIRED["va"], EXPIRED["approved_at"]
+
+    def refusal(dag_id, run_id, task="promote") -> str:
+        _, entry = server.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task}/xcomEntries/error")
+        return (xcom_value(entry) or {}).get("message", "")
+
+    time.sleep(max(0.0, VALID_SECONDS + 5 - (time.monotonic() - approved_at)))
+    status, body = server.api("POST", "/api/v2/dags/acc_gov/clearTaskInstances", {
+        "dry_run": False, "dag_run_id": run_a, "task_ids": ["promote"], "only_failed": False,
+        "reset_dag_runs": True}, user="ml-engineer")
+    assert status == 200, (status, body)
+    server.wait_for(lambda: states(server, "acc_gov", run_a)["promote"] in ("success", "failed"), 600,
+                    "the cleared promote to run again")
+    assert states(server, "acc_gov", run_a)["promote"] == "failed"
+    assert "approvals are valid for 0.05 h" in refusal("acc_gov", run_a)
+    assert str(client.get_model_version_by_alias("acc_gov_model", "production").version) == va
+
