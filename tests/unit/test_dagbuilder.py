@@ -155,7 +155,7 @@ def test_parse_imports_nothing_heavy(make_project, project, templates):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"dags": 2 * templates + 3, "errors": 0, "heavy": []}  # periodic + incident each; registry, watch, release
+    assert result == {"dags": 2 * templates + 4, "errors": 0, "heavy": []}  # periodic + incident each; registry, watch, release, recall
 
 
 def test_watcher_triggers_survive_airflows_storage_round_trip(project):
