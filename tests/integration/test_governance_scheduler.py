@@ -702,9 +702,15 @@ def test_a_recall_holds_what_a_bad_source_touched_and_retrains_without_it(env):
     assert again["id"] == rid and not again["new"] and again["opened_by"] == "safety-lead"
     assert {r["pipeline"]: r["run_id"] for r in again["retrains"]}["acc_trust"] == retrain_run  # not twice
 
-    # -- held versions: the watcher's check names them; promote and rollback through Airflow refuse them ----
+    # -- held versions: the watcher alerts on them; promote and rollback through Airflow refuse them ----
     out = cli(server, root, "ml-engineer", "audit", "--verify", "acc_trust_model")
     assert out.returncode == 1 and f"which recall {rid} holds" in out.stdout, out.stdout
+
+    def held_alerts():
+        lines = (server.root / "closedloop" / "alerts.jsonl").read_text().splitlines()
+        return [a for a in map(json.loads, lines) if a["kind"] == "recall_hold"
+                and f"acc_trust_model@production → version {prod}, which recall {rid} holds" in a["message"]]
+    server.wait_for(held_alerts, 180, "the alias watcher to alert on the held production version")
     prev = str(client.get_model_version_by_alias("acc_trust_model", "previous-production").version)
     out = cli(server, root, "safety-lead", "rollback", "acc_trust_model", "--reason", "recall")
     assert out.returncode == 1 and f"refusing to roll back to acc_trust_model version {prev}: it is held by recall " \

@@ -177,11 +177,18 @@ class AliasAlarmOperator(BaseOperator):
             ctx = run_context(loaded, "mlflow_default", context)
             state = check_aliases(tracking.client(ctx), model, verifier())
             found[model] = state["problems"]
-            if state["problems"]:
+            held = [p for p in state["problems"] if ", which recall " in p]
+            moved = [p for p in state["problems"] if p not in held]
+            if moved:
                 announce(loaded.spec, "alias_unexplained",
-                         f"{model}: alias moved outside the pipeline: " + "; ".join(state["problems"])
+                         f"{model}: alias moved outside the pipeline: " + "; ".join(moved)
                          + f" — `closedloop audit --verify {model}`, `--restore` puts back the governed version",
-                         model=model, problems=state["problems"], aliases=state["aliases"])
-            else:
+                         model=model, problems=moved, aliases=state["aliases"])
+            if held:
+                announce(loaded.spec, "recall_hold",
+                         f"{model}: an alias points at a version a recall holds: " + "; ".join(held)
+                         + " — `closedloop recall show ID` proposes where production should go",
+                         model=model, problems=held, aliases=state["aliases"])
+            if not state["problems"]:
                 log.info("%s: the aliases match the sealed records again; no alert", model)
         return found
