@@ -175,8 +175,17 @@ def cmd_serve(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="closedloop", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    from closedloop import __version__
+
+    p = argparse.ArgumentParser(
+        prog="closedloop", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Closed-loop retraining of driving models on Airflow and MLflow: pipelines from YAML\n"
+                    "templates, gates, review, governed promotion, lineage and recalls.",
+        epilog="Exit codes: 0 done; 1 refused, a check failed or Airflow was unreachable; 2 bad input or not "
+               "found.\nExample: closedloop pipelines validate; closedloop demo; closedloop trace "
+               "models:/acc_longitudinal_policy@production")
+    p.add_argument("--version", action="version", version=f"closedloop {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pl = sub.add_parser("pipelines", help="list, validate and describe pipeline templates")
     pls = pl.add_subparsers(dest="action", required=True)

@@ -100,3 +100,12 @@ def test_mlflow_telemetry_is_off_unless_asked_for(tmp_path):
     answers = [subprocess.run([sys.executable, "-c", code], env={**clean, **extra}, capture_output=True, text=True,
                               timeout=120).stdout.strip() for extra in ({}, {"MLFLOW_DISABLE_TELEMETRY": "false"})]
     assert answers == ["True", "False"]
+
+
+def test_version_and_help_speak_plainly():
+    from closedloop import __version__
+
+    out = closedloop("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"closedloop {__version__}"
+    out = closedloop("--help")
+    assert out.returncode == 0 and "``" not in out.stdout and "Exit codes: 0 done" in out.stdout
