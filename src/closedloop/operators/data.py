@@ -80,10 +80,11 @@ class GenerateDatasetOperator(ClosedLoopStepOperator):
         """What the deployment's sealed recalls take out of this pipeline's data; a run that would label with a
         recalled label policy is stopped here, before any compute."""
         from closedloop.errors import PermanentError
-        from closedloop.hooks.signing import verifier
+        from closedloop.hooks.signing import signer, verifier
         from closedloop.runtime import tracking
         from closedloop.steps import recall
 
+        signer()  # the run's first task: the embedded default makes and pins its key here (it seals this result)
         spec, ring, c = self.loaded.spec, verifier(), tracking.client(ctx)
         bad = recall.refused_inputs(c, ring, label_policy=spec.label_policy.ref)
         if bad:
