@@ -233,7 +233,10 @@ def cmd_verify(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        print(f"error: cannot read model {args.model}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        from closedloop.runtime.tracking import not_found
+
+        why = "no such registered model" if not_found(exc) else str(exc).splitlines()[0]
+        print(f"error: cannot verify model {args.model!r}: {why}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({**state, "public_key": verifier.published(), "key_from": where}, indent=2, default=str))
