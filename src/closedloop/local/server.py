@@ -25,6 +25,22 @@ SQLITE_CONNECT_ARGS = {"timeout": 30}
 sql_alchemy_connect_args``): a writer waits up to 30 s for the lock instead of sqlite3's 5 s."""
 
 
+def wal(env: dict[str, str]) -> str | None:
+    """Put the embedded Airflow's SQLite database in write-ahead-log mode (kept in the file): readers no longer
+    block the one writer, so a long read by the API server cannot hold the scheduler's heartbeat or an audit-log
+    write past the lock timeout (Airflow then answers 500 "database is locked"). The file's path, or None when
+    the database is not SQLite."""
+    import sqlite3
+
+    url = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN") or f"sqlite:///{env['AIRFLOW_HOME']}/airflow.db"
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///").split("?")[0]
+    with sqlite3.connect(path, timeout=30) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+    return path
+
+
 def threading_main() -> bool:
     import threading
 
@@ -171,6 +187,7 @@ class AirflowServer:
             fcntl.flock(lock, fcntl.LOCK_EX)
             subprocess.run([airflow, "db", "migrate"], env=self.env, stdout=logfile, stderr=subprocess.STDOUT,
                            check=True, timeout=600)
+            wal(self.env)
             from closedloop.runtime.tracking import ensure_store
 
             ensure_store(self.env["MLFLOW_TRACKING_URI"])  # MLflow's tables, before tasks or a UI race to

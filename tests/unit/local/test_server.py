@@ -75,3 +75,17 @@ def test_first_starts_two_at_a_time_on_fresh_state_create_every_store_once(tmp_p
         public = (root / "closedloop" / "keys" / "release-signing.pub").read_text().strip()
         assert [k["public_key"] for k in pins] == [public]
         assert MlflowClient(f"sqlite:///{root / 'mlflow.db'}").search_experiments()[0].name == "Default"
+
+
+def test_the_embedded_database_is_put_in_write_ahead_log_mode(tmp_path):
+    """Readers must not block the one writer (a long API read held the scheduler's heartbeat past the lock
+    timeout): the file is switched to WAL once, and stays so for every later connection."""
+    import sqlite3
+
+    from closedloop.local.server import wal
+
+    path = tmp_path / "airflow.db"
+    sqlite3.connect(path).execute("create table t (x)").connection.commit()
+    assert wal({"AIRFLOW_HOME": str(tmp_path)}) == str(path)
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert wal({"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://x/y"}) is None
