@@ -208,8 +208,7 @@ def recall_figures(tracking_uri: str | None = None) -> list[dict[str, Any]]:
 def cache_figures(specs, since: datetime, tracking_uri: str | None = None) -> dict[str, dict[str, Any]]:
     """Step-cache use per pipeline since ``since``, from the step runs' ``closedloop.cache`` tags in MLflow:
     hits, misses, runs with the cache off, the hit rate and the hits per step."""
-    from closedloop.records.lineage import _pages
-    from closedloop.runtime.tracking import mlflow_client
+    from closedloop.runtime.tracking import mlflow_client, pages
 
     c = mlflow_client(tracking_uri)
     ms = int(since.timestamp() * 1000)
@@ -220,7 +219,7 @@ def cache_figures(specs, since: datetime, tracking_uri: str | None = None) -> di
         by_step: dict[str, int] = {}
         if exp is not None:
             for state in counts:
-                found = _pages(lambda token, state=state, exp=exp: c.search_runs(
+                found = pages(lambda token, state=state, exp=exp: c.search_runs(
                     [exp.experiment_id], filter_string=f"tags.`closedloop.cache` = '{state}' and "
                     f"attributes.start_time >= {ms}", max_results=5000, page_token=token))
                 counts[state] = len(found)

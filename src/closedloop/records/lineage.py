@@ -16,7 +16,7 @@ from typing import Any
 
 from closedloop import pipeline, vocab
 from closedloop.errors import ClosedLoopError
-from closedloop.runtime.tracking import literal, mlflow_client, not_found
+from closedloop.runtime.tracking import literal, mlflow_client, not_found, pages
 from closedloop.spec.schema import NAME_RE, SOURCE_RE, VERSION_RE
 
 LIVE_ALIASES = ("production", "candidate")
@@ -279,22 +279,14 @@ def dossier_of(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
     return out
 
 
-def _pages(search) -> list:
-    """Every result of an MLflow search, page by page (``search(page_token)``)."""
-    out, token = [], None
-    while True:
-        page = search(token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
+
 
 
 def _all_runs(c, filter_string: str) -> list:
     exps = _experiments(c)
     if not exps:
         return []
-    return _pages(lambda token: c.search_runs(exps, filter_string=filter_string, max_results=10_000, page_token=token))
+    return pages(lambda token: c.search_runs(exps, filter_string=filter_string, max_results=10_000, page_token=token))
 
 
 def impact(*, source: str | None = None, label_policy: str | None = None, dataset: str | None = None,
@@ -387,7 +379,7 @@ def impact(*, source: str | None = None, label_policy: str | None = None, datase
 
 
 def _versions_where(c, filter_string: str) -> list:
-    return _pages(lambda token: c.search_model_versions(filter_string, max_results=10_000, page_token=token))
+    return pages(lambda token: c.search_model_versions(filter_string, max_results=10_000, page_token=token))
 
 
 def rerun_plan(ref: str, specs, *, fresh_data: bool = False, allow_template_change: bool = False,

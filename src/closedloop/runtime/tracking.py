@@ -71,6 +71,17 @@ def mlflow_client(tracking_uri: str | None = None):
     return MlflowClient(tracking_uri=uri)
 
 
+def pages(search) -> list:
+    """Every result of an MLflow search, page by page (``search(page_token)`` returns one page)."""
+    out, token = [], None
+    while True:
+        page = search(token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
 def literal(value: str) -> str:
     """``value`` as a string literal of an MLflow search filter, whatever it holds.
 

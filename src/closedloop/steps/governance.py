@@ -528,17 +528,12 @@ def check_aliases(client, model: str, verifier: Verifier) -> dict:
 
 def _newest_audited_promotion(client, model: str, verifier: Verifier | KeyRing, nonce: str = "") -> dict | None:
     """The newest sealed promotion record in any version's audit trail (with ``nonce``: of that request)."""
+    from closedloop.steps.trail import sealed_promotions
+
     newest = None
-    for mv in client.search_model_versions(f"name = '{model}'"):
-        for key, raw in mv.tags.items():
-            if not key.startswith(AUDIT_PREFIX) or '"promotion"' not in raw:
-                continue
-            try:
-                rec = verifier.unseal(json.loads(raw)["promotion"], _promotion_binding(model), what="promotion")
-            except (EvidenceError, ValueError, KeyError, TypeError):
-                continue
-            if nonce and rec.get("nonce") != nonce:
-                continue
-            if newest is None or rec["seq"] > newest["seq"]:
-                newest = rec
+    for _, rec in sealed_promotions(client, model, verifier):
+        if nonce and rec.get("nonce") != nonce:
+            continue
+        if newest is None or rec["seq"] > newest["seq"]:
+            newest = rec
     return newest

@@ -30,6 +30,7 @@ from typing import Any
 from closedloop import vocab
 from closedloop.errors import ApprovalError, EvidenceError, PermanentError
 from closedloop.runtime.signing import Binding, Signer
+from closedloop.runtime.tracking import pages
 
 log = logging.getLogger(__name__)
 
@@ -208,16 +209,6 @@ def _candidates_filter(query: Query) -> list[str]:
             f"tags.`{vocab.RAW_DATASET_VERSION}` LIKE {literal(query.value + '%')}"]
 
 
-def _pages(search) -> list:
-    out, token = [], None
-    while True:
-        page = search(token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
-
-
 def affected(client, query: Query, verifier, *, also: list[dict] | tuple = ()) -> list[dict[str, Any]]:
     """Every model version ``query`` touches, across pipelines: ``{model, version, pipeline, dag_id,
     run_id, training_run_id, snapshots, how, aliases, live}``, by model then version.
@@ -226,7 +217,7 @@ def affected(client, query: Query, verifier, *, also: list[dict] | tuple = ()) -
     search — those a recall listed when it opened (tags are anybody's to edit in MLflow)."""
     found: dict[tuple[str, str], Any] = {}
     for flt in _candidates_filter(query):
-        for mv in _pages(lambda token, flt=flt: client.search_model_versions(flt, max_results=10_000,
+        for mv in pages(lambda token, flt=flt: client.search_model_versions(flt, max_results=10_000,
                                                                                page_token=token)):
             found[(mv.name, str(mv.version))] = mv
     for row in also:
@@ -287,7 +278,7 @@ def _runs(client, recall_id: str | None = None) -> list:
     if exp is None:
         return []
     flt = f"tags.`{vocab.RECALL_ID}` = {literal(recall_id)}" if recall_id else ""
-    return _pages(lambda token: client.search_runs([exp.experiment_id], filter_string=flt,
+    return pages(lambda token: client.search_runs([exp.experiment_id], filter_string=flt,
                                                    run_view_type=ViewType.ALL, max_results=1000,
                                                    order_by=["attributes.start_time ASC"], page_token=token))
 
@@ -448,21 +439,10 @@ def open_recall(client, query: Query, *, reason: str, by: str, signer: Signer, v
 
 def once_promoted(client, model: str, verifier) -> dict[str, dict]:
     """Version → its newest sealed promotion that put it in production (kind ``promotion``: approved)."""
-    from closedloop.steps.trail import AUDIT_PREFIX
-    from closedloop.steps.trail import promotion_binding as _promotion_binding
+    from closedloop.steps.trail import sealed_promotions
 
-    out: dict[str, dict] = {}
-    for mv in client.search_model_versions(f"name = '{model}'"):
-        for key, raw in mv.tags.items():
-            if not key.startswith(AUDIT_PREFIX) or '"promotion"' not in raw:
-                continue
-            try:
-                rec = verifier.unseal(json.loads(raw)["promotion"], _promotion_binding(model), what="promotion")
-            except (EvidenceError, ValueError, KeyError, TypeError):
-                continue
-            if rec.get("kind") == "promotion" and str(rec.get("version")) == str(mv.version):
-                out[str(mv.version)] = rec
-    return out
+    return {version: rec for version, rec in sealed_promotions(client, model, verifier)
+            if rec.get("kind") == "promotion" and str(rec.get("version")) == version}
 
 
 def proposal(client, model: str, verifier, *, held: set[str] | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime
 
 from closedloop import vocab
+from closedloop.errors import EvidenceError
 from closedloop.runtime.signing import Binding
 
 AUDIT_PREFIX = vocab.AUDIT_PREFIX
@@ -31,3 +32,17 @@ def promotion_binding(model: str) -> Binding:
     return Binding(PROMOTION_BINDING, model, vocab.PRODUCTION, "promotion")
 
 
+
+
+def sealed_promotions(client, model: str, verifier):
+    """Every sealed promotion record kept in the audit trail of any version of ``model``, as ``(version, record)``
+    (a trail entry that does not verify is no record)."""
+    for mv in client.search_model_versions(f"name = '{model}'"):
+        for key, raw in mv.tags.items():
+            if not key.startswith(AUDIT_PREFIX) or '"promotion"' not in raw:
+                continue
+            try:
+                rec = verifier.unseal(json.loads(raw)["promotion"], promotion_binding(model), what="promotion")
+            except (EvidenceError, ValueError, KeyError, TypeError):
+                continue
+            yield str(mv.version), rec
