@@ -414,3 +414,26 @@ def _push_error(context: Context, exc: Exception, *, permanent: bool) -> None:
         context["ti"].xcom_push(key="error", value=error)
     except Exception:  # never hide the real error behind a bookkeeping one
         log.warning("could not record the error in XCom", exc_info=True)
+
+
+class DeploymentActionOperator(BaseOperator):
+    """A governed action the deployment takes for the person who triggered the run (registry moves, recalls):
+    retried only for transient errors, its error recorded like a step's, its result sealed. Subclasses define
+    ``act(context)``.
+
+    :param specs: the templates it acts for (trusted: templates are reviewed code).
+    """
+
+    def __init__(self, *, specs: list[LoadedSpec], **kwargs: Any) -> None:
+        from closedloop.retry import TransientOnlyRetryPolicy
+
+        kwargs.setdefault("retry_policy", TransientOnlyRetryPolicy())
+        super().__init__(**kwargs)
+        self.specs = specs
+
+    def execute(self, context: Context) -> Any:
+        out = ClosedLoopStepOperator.guarded(context, lambda: self.act(context))
+        return seal(context, out)
+
+    def act(self, context: Context) -> dict:
+        raise NotImplementedError

@@ -12,11 +12,9 @@ account, which the pipeline then judges like any other (every gate, every review
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from airflow.sdk import BaseOperator
-
-from closedloop.operators.base import ClosedLoopStepOperator, seal
+from closedloop.operators.base import DeploymentActionOperator
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -101,7 +99,7 @@ def retrain_request(loaded: LoadedSpec, recall: dict) -> tuple[dict | None, str]
     return conf, how
 
 
-class RecallOperator(BaseOperator):
+class RecallOperator(DeploymentActionOperator):
     """Open, close or re-start the retrains of a recall for the person who triggered the run; on a
     ``production`` asset event, close the recalls that are done.
 
@@ -109,17 +107,6 @@ class RecallOperator(BaseOperator):
     """
 
     ui_color = "#fde8e8"
-
-    def __init__(self, *, specs: list[LoadedSpec], **kwargs: Any) -> None:
-        from closedloop.retry import TransientOnlyRetryPolicy
-
-        kwargs.setdefault("retry_policy", TransientOnlyRetryPolicy())
-        super().__init__(**kwargs)
-        self.specs = specs
-
-    def execute(self, context: Context) -> Any:
-        out = ClosedLoopStepOperator.guarded(context, lambda: self.act(context))
-        return seal(context, out)
 
     def client(self):
         import os

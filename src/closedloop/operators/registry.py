@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from closedloop.operators.base import ClosedLoopStepOperator, run_context, seal
+from closedloop.operators.base import DeploymentActionOperator, run_context
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -49,24 +49,13 @@ def governed(specs: list[LoadedSpec], model: str) -> LoadedSpec:
     raise ApprovalError(f"no governed pipeline has model {model!r} (governed models: {', '.join(names) or 'none'})")
 
 
-class RegistryOperator(BaseOperator):
+class RegistryOperator(DeploymentActionOperator):
     """Promote, roll back or restore ``production`` for the person who triggered the run.
 
     :param specs: every template with ``approval:`` (trusted: templates are reviewed code).
     """
 
     ui_color = "#fdf2e3"
-
-    def __init__(self, *, specs: list[LoadedSpec], **kwargs: Any) -> None:
-        from closedloop.retry import TransientOnlyRetryPolicy
-
-        kwargs.setdefault("retry_policy", TransientOnlyRetryPolicy())
-        super().__init__(**kwargs)
-        self.specs = specs
-
-    def execute(self, context: Context) -> Any:
-        out = ClosedLoopStepOperator.guarded(context, lambda: self.act(context))
-        return seal(context, out)
 
     def act(self, context: Context) -> dict:
         from closedloop.errors import ApprovalError
