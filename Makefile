@@ -4,6 +4,7 @@
 #                 make test-alone runs each test module by itself
 #   make airflow  Airflow UI (127.0.0.1:8080) + MLflow UI (127.0.0.1:5000) on these DAGs
 #   make bench    benchmarks/ (prints figures)
+#   make docs     the documentation: regenerate docs/reference/ from the code, build docs/_build/ strictly
 #   make prodlike the production shape without Docker: PostgreSQL, Redis, MLflow server, Airflow + Celery
 #                 workers on 127.0.0.1 (needs Debian's postgresql and redis-server)
 SHELL := /bin/bash
@@ -12,7 +13,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .closedloop/tools/bin/uv)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast test-alone airflow prodlike bench lint validate clean
+.PHONY: demo test test-fast test-alone airflow prodlike bench docs lint validate clean
 
 $(UV):
 	@echo "uv not found: installing it into .closedloop/tools with pip"
@@ -50,6 +51,12 @@ prodlike: $(BIN)/closedloop
 
 bench: $(BIN)/closedloop
 	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# strict: a warning (a dead link or anchor, a page outside the table of contents) fails the build
+docs: $(BIN)/closedloop
+	$(BIN)/python docs/generate.py
+	$(BIN)/python -m sphinx -W -n --keep-going -q -b html docs docs/_build
+	@echo "docs: docs/_build/index.html"
 
 lint: $(BIN)/closedloop
 	$(BIN)/ruff check src tests dags plugins benchmarks

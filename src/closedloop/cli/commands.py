@@ -174,6 +174,59 @@ def cmd_serve(args) -> int:
     return serve(args.port, args.mlflow_port)
 
 
+EXAMPLES = {
+    "pipelines list": "closedloop pipelines list",
+    "pipelines validate": "closedloop pipelines validate include/pipelines/acc_longitudinal.yaml",
+    "pipelines describe": "closedloop pipelines describe acc_longitudinal",
+    "run": "closedloop run acc_longitudinal --date 2026-11-30",
+    "demo": "closedloop demo",
+    "serve": "closedloop serve --port 8081 --mlflow-port 5001",
+    "request": "closedloop request acc_longitudinal --purpose 'EU-only policy for the winter fleet' --change data "
+               "--impact 'fewer EU cut-in errors'",
+    "approve": "closedloop approve acc_longitudinal manual__2026-12-07T10:00:00+00:00 --comment 'gates and shift ok'",
+    "reject": "closedloop reject acc_longitudinal manual__2026-12-07T10:00:00+00:00 --comment 'too few cut-ins'",
+    "hil report": "closedloop hil report acc_longitudinal manual__2026-12-07T10:00:00+00:00 "
+                  "--metric collision_rate=0 --metric max_decel=7.9",
+    "promote": "closedloop promote acc_longitudinal_policy 3",
+    "rollback": "closedloop rollback acc_longitudinal_policy --reason 'harsh braking reported in the field'",
+    "audit": "closedloop audit acc_longitudinal_policy 3",
+    "keys": "closedloop keys show",
+    "incident report": "closedloop incident report --model acc_longitudinal_policy --scenario-type hard_braking "
+                       "--severity high --log-ref s3://fleet/logs/veh42/2026-12-06.mcap",
+    "kpi report": "closedloop kpi report acc_longitudinal_policy --metric hard_brake_rate=0.02",
+    "health": "closedloop health --days 7",
+    "runs": "closedloop runs acc_longitudinal --limit 5",
+    "trace": "closedloop trace models:/acc_longitudinal_policy@production",
+    "impact": "closedloop impact --source fleet-eu",
+    "dossier show": "closedloop dossier show models:/acc_longitudinal_policy@production",
+    "dossier verify": "closedloop dossier verify ./dossier-v3 --key ed25519:2f1c…",
+    "scenarios list": "closedloop scenarios list acc_longitudinal_policy",
+    "rerun": "closedloop rerun acc_longitudinal/manual__2026-12-07T10:00:00+00:00 --dry-run",
+    "recall open": "closedloop recall open --source fleet-eu --window 2026-11-01..2026-11-08 "
+                   "--reason 'logs mis-synchronised'",
+    "recall close": "closedloop recall close R-0123456789 --reason 'fleet-eu re-synchronised; versions stay held'",
+    "recall retrain": "closedloop recall retrain R-0123456789",
+    "recall list": "closedloop recall list --state open",
+    "recall show": "closedloop recall show R-0123456789",
+    "settings apply": "closedloop settings apply airflow_settings.yaml",
+    "prodlike": "closedloop prodlike --workers 2",
+    "env": "eval \"$(closedloop env)\"",
+    "summary": "closedloop summary acc_longitudinal manual__2026-12-07T10:00:00+00:00",
+}
+"""One example per command (its help shows it; the tests parse each and check the table covers every command)."""
+
+
+def commands(p: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every command of the parser, depth first: (words after ``closedloop``, its parser, whether it has
+    subcommands)."""
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                has = any(isinstance(a, argparse._SubParsersAction) for a in sub._actions)
+                yield (*path, name), sub, has
+                yield from commands(sub, (*path, name))
+
+
 def parser() -> argparse.ArgumentParser:
     from closedloop import __version__
 
@@ -198,11 +251,11 @@ def parser() -> argparse.ArgumentParser:
         if name == "validate":
             sp.add_argument("files", nargs="*", help="template files (default: every file in --dir)")
         if name == "describe":
-            sp.add_argument("name")
+            sp.add_argument("name", help="pipeline name (its template's `name`), e.g. acc_longitudinal")
 
     sp = sub.add_parser("run", help="run one pipeline end to end through Airflow (dag.test); a review step "
                         "waits for a decision from the UI (`make airflow`) or `closedloop approve`")
-    sp.add_argument("pipeline")
+    sp.add_argument("pipeline", help="pipeline name, e.g. acc_longitudinal")
     sp.add_argument("--date", help="logical date YYYY-MM-DD (default: now); the data window ends there")
     arg_dir(sp)
     arg_json(sp, "print the summary as JSON")
@@ -212,8 +265,8 @@ def parser() -> argparse.ArgumentParser:
                         "gates, candidate, approval by a reviewer, production, audit")
     sp.set_defaults(func=cmd_demo)
     sp = sub.add_parser("serve", help="local Airflow UI + MLflow UI on 127.0.0.1 (make airflow)")
-    sp.add_argument("--port", type=int, default=8080)
-    sp.add_argument("--mlflow-port", type=int, default=5000)
+    sp.add_argument("--port", type=int, default=8080, help="Airflow's port on 127.0.0.1")
+    sp.add_argument("--mlflow-port", type=int, default=5000, help="MLflow's port on 127.0.0.1")
     sp.set_defaults(func=cmd_serve)
 
     from closedloop.cli.governance import add_parsers
@@ -232,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("prodlike", help="the production shape on this machine: PostgreSQL, Redis, MLflow server, "
                                          "Airflow with Celery workers, all on 127.0.0.1 (make prodlike)")
-    sp.add_argument("--workers", type=int, default=2)
+    sp.add_argument("--workers", type=int, default=2, help="Celery workers to start")
     sp.add_argument("--dir", help="scratch folder (default: a new temporary one)")
     sp.set_defaults(func=cmd_prodlike)
 
@@ -240,10 +293,14 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_env)
 
     sp = sub.add_parser("summary", help="summary of an earlier run")
-    sp.add_argument("pipeline")
-    sp.add_argument("run_id")
+    sp.add_argument("pipeline", help="pipeline name, e.g. acc_longitudinal")
+    sp.add_argument("run_id", help="Airflow run id, as `closedloop runs PIPELINE` prints it")
     arg_json(sp)
     sp.set_defaults(func=cmd_summary)
+    for words, sp, has_subcommands in commands(p):
+        if not has_subcommands and " ".join(words) in EXAMPLES:
+            sp.epilog = f"example: {EXAMPLES[' '.join(words)]}"
+            sp.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
 
 
@@ -268,7 +325,7 @@ def add_settings_parsers(sub) -> None:
     sp = sub.add_parser("settings", help="Airflow connections, pools and variables from airflow_settings.yaml")
     ss = sp.add_subparsers(dest="settings_command", required=True)
     ap = ss.add_parser("apply", help="create or update them in an Airflow through its REST API (idempotent)")
-    ap.add_argument("file", nargs="?", default="airflow_settings.yaml")
+    ap.add_argument("file", nargs="?", default="airflow_settings.yaml", help="settings file (Astro CLI format)")
     arg_login(ap)
     ap.set_defaults(func=cmd_settings_apply)
 

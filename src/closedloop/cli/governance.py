@@ -360,7 +360,7 @@ def cmd_audit(args) -> int:
 
 def add_parsers(sub, find) -> None:
     sp = sub.add_parser("request", help="file a model update request: start a run through Airflow's REST API")
-    sp.add_argument("pipeline")
+    sp.add_argument("pipeline", help="pipeline name, e.g. acc_longitudinal")
     sp.add_argument("--purpose", required=True, help="why (at least 10 characters)")
     sp.add_argument("--change", required=True, action="append",
                     help="what changed: data, label_policy, architecture, hyperparameters, code, other (repeatable)")
@@ -372,17 +372,18 @@ def add_parsers(sub, find) -> None:
     sp.set_defaults(func=lambda a: cmd_request(a, find))
     for name, decision in (("approve", "Approve"), ("reject", "Reject")):
         sp = sub.add_parser(name, help=f"{name} a waiting release candidate (as an assigned reviewer)")
-        sp.add_argument("pipeline")
-        sp.add_argument("run_id")
-        sp.add_argument("--comment", default="")
+        sp.add_argument("pipeline", help="pipeline name, e.g. acc_longitudinal")
+        sp.add_argument("run_id", help="Airflow run id of the run under review, e.g. "
+                        "manual__2026-12-07T10:00:00+00:00 (`closedloop runs PIPELINE` lists them)")
+        sp.add_argument("--comment", default="", help="the reviewer's comment, recorded with the decision")
         sp.add_argument("--wait", type=float, default=60, help="seconds to wait for the review to open (default 60)")
         arg_login(sp)
         sp.set_defaults(func=lambda a, d=decision: cmd_decide(a, d))
     sp = sub.add_parser("hil", help="hardware-in-the-loop rig: report results for a waiting run")
     hs = sp.add_subparsers(dest="hil_action", required=True)
     sp = hs.add_parser("report", help="report results (as the rig's Airflow user)")
-    sp.add_argument("pipeline")
-    sp.add_argument("run_id")
+    sp.add_argument("pipeline", help="pipeline name, e.g. acc_longitudinal")
+    sp.add_argument("run_id", help="Airflow run id of the run waiting for the rig")
     sp.add_argument("--results", help="JSON file: an object of metric name -> number")
     sp.add_argument("--metric", action="append", help="name=number (repeatable)")
     sp.add_argument("--wait", type=float, default=60, help="seconds to wait for the run to ask (default 60)")
@@ -390,13 +391,13 @@ def add_parsers(sub, find) -> None:
     sp.set_defaults(func=cmd_hil_report)
     sp = sub.add_parser("promote", help="move alias production to an approved version (through Airflow: the "
                         "deployment checks the sealed release record and approvals)")
-    sp.add_argument("model")
-    sp.add_argument("version")
+    sp.add_argument("model", help="registered model name, e.g. acc_longitudinal_policy")
+    sp.add_argument("version", help="model version number, e.g. 3")
     arg_login(sp)
     sp.set_defaults(func=cmd_promote, local_env=True)
     sp = sub.add_parser("rollback", help="give production back to the previous-production version (through "
                         "Airflow, as an approver; audited)")
-    sp.add_argument("model")
+    sp.add_argument("model", help="registered model name, e.g. acc_longitudinal_policy")
     sp.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
     sp.add_argument("--to", metavar="VERSION", help="roll back to this older version instead (one a sealed promotion "
                     "once put in production and no recall holds: what `closedloop recall show` proposes)")
@@ -404,8 +405,8 @@ def add_parsers(sub, find) -> None:
     sp.set_defaults(func=cmd_rollback, local_env=True)
     sp = sub.add_parser("audit", help="request, gates, review and alias changes of one model version; "
                         "--verify MODEL checks the aliases against the sealed records")
-    sp.add_argument("model")
-    sp.add_argument("version", nargs="?")
+    sp.add_argument("model", help="registered model name, e.g. acc_longitudinal_policy")
+    sp.add_argument("version", nargs="?", help="model version number (default: with --verify, every version)")
     arg_json(sp)
     sp.add_argument("--verify", action="store_true", help="exit 1 naming every alias no sealed record explains")
     sp.add_argument("--restore", action="store_true", help="with --verify: put production back on the last "
@@ -415,7 +416,8 @@ def add_parsers(sub, find) -> None:
     sp.set_defaults(func=cmd_audit, local_env=True)
     sp = sub.add_parser("keys", help="the deployment's signing key: generate one, show the pinned public keys, "
                         "or rotate (a new key pinned, the old one retired)")
-    sp.add_argument("keys_action", choices=["generate", "show", "rotate"])
+    sp.add_argument("keys_action", choices=["generate", "show", "rotate"],
+                    help="generate the key pair, show the pinned public keys, or rotate to a new key")
     sp.add_argument("--pins", help="rotate: write the new pinned set to this file (production: commit it)")
     sp.add_argument("--note", help="rotate: why (kept in the pinned set)")
     sp.set_defaults(func=cmd_keys)

@@ -137,9 +137,7 @@ def add_parsers(sub) -> None:
     sp = sub.add_parser("recall", help="recall a bad data source, label policy or code version: hold every model "
                         "version it touched, propose a rollback, retrain without it")
     rs = sp.add_subparsers(dest="recall_action", required=True)
-    op = rs.add_parser("open", help="open a recall (through Airflow, as a recall opener of every pipeline it touches)",
-                       description="example: closedloop recall open --source fleet-eu --window 2026-11-01..2026-11-08 "
-                                   "--reason 'logs mis-synchronised'")
+    op = rs.add_parser("open", help="open a recall (through Airflow, as a recall opener of every pipeline it touches)")
     what = op.add_mutually_exclusive_group(required=True)
     what.add_argument("--source", help="a data source (e.g. fleet-eu)")
     what.add_argument("--label-policy", help="a label policy version NAME@VERSION (e.g. expert_idm_smoothed@2)")
@@ -148,12 +146,11 @@ def add_parsers(sub) -> None:
     op.add_argument("--window", help="with --source: only these days, FIRST..LAST (e.g. 2026-11-01..2026-11-08)")
     op.add_argument("--reason", required=True, help="why the input is bad (recorded, sealed, shown everywhere)")
     cp = rs.add_parser("close", help="close a recall (done when every affected pipeline has an unaffected version "
-                       "in production; --reason to close it anyway)",
-                       description="example: closedloop recall close R-0123456789")
+                       "in production; --reason to close it anyway)")
     cp.add_argument("recall", help="the recall's id, e.g. R-0123456789")
     cp.add_argument("--reason", help="why it is closed although something is left")
     tp = rs.add_parser("retrain", help="start the retrains a recall could not start yet (e.g. after the template "
-                       "names a fixed label policy)", description="example: closedloop recall retrain R-0123456789")
+                       "names a fixed label policy)")
     tp.add_argument("recall", help="the recall's id, e.g. R-0123456789")
     for p, fn in ((op, cmd_open), (cp, cmd_close), (tp, cmd_retrain)):
         arg_login(p)

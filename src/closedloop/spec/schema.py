@@ -82,7 +82,8 @@ class ModelSpec(_Part):
 
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{1,99}$",
                       description="MLflow registered model name")
-    description: str = ""
+    description: str = Field(default="",
+                             description="the registered model's description heading (the model card follows)")
 
 
 class DatasetSpec(_Part):
@@ -96,7 +97,8 @@ class DatasetSpec(_Part):
     params: dict[str, Scalar] = Field(default_factory=dict, description="extra generator arguments")
     sampling: dict[str, float] = Field(default_factory=dict, description="share of each scenario type's logs "
                                        "to sample (default 1.0); passed to the generator as 'focus'")
-    seed: int = 0
+    seed: int = Field(default=0,
+                      description="random seed of the generator (the same seed and window give the same snapshot)")
 
     _ep = field_validator("generator")(lambda cls, v: _check_entry_point(v))
 
@@ -122,10 +124,11 @@ class DatasetSpec(_Part):
 class LabelPolicySpec(_Part):
     """How labels are made; name and version are recorded on every run and model."""
 
-    name: str = Field(pattern=NAME_RE)
-    version: str = Field(pattern=VERSION_RE)
+    name: str = Field(pattern=NAME_RE, description="label policy name, recorded on every run and version")
+    version: str = Field(pattern=VERSION_RE, description="its version; a new version misses the label cache")
     entry_point: EntryPoint = "closedloop.driving.labels:expert_acceleration"
-    params: dict[str, Scalar] = Field(default_factory=dict)
+    params: dict[str, Scalar] = Field(default_factory=dict,
+                                      description="extra arguments of the label policy's entry point")
 
     _ep = field_validator("entry_point")(lambda cls, v: _check_entry_point(v))
 
@@ -147,10 +150,15 @@ class ValidationSpec(_Part):
 
 
 class TrainingSpec(_Part):
+    """How the model is trained on the labelled snapshot."""
+
     entry_point: EntryPoint = "closedloop.driving.policy:train_policy"
-    hyperparameters: dict[str, Scalar] = Field(default_factory=dict)
-    test_fraction: float = Field(default=0.2, gt=0.0, lt=0.9)
-    target: str = "target_accel"
+    hyperparameters: dict[str, Scalar] = Field(default_factory=dict,
+                                               description="given to the training entry point and logged as "
+                                                           "MLflow params")
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=0.9,
+                                 description="share of episodes held out for offline evaluation (split by episode)")
+    target: str = Field(default="target_accel", description="label column the model predicts")
 
     _ep = field_validator("entry_point")(lambda cls, v: _check_entry_point(v))
 
@@ -159,7 +167,10 @@ OfflineMetric = Literal["mae", "rmse", "max_abs_error", "bias"]
 
 
 class EvaluationSpec(_Part):
-    metrics: list[OfflineMetric] = Field(default_factory=lambda: ["mae", "rmse"], min_length=1)
+    """Offline evaluation on the held-out episodes."""
+
+    metrics: list[OfflineMetric] = Field(default_factory=lambda: ["mae", "rmse"], min_length=1,
+                                       description="offline metrics computed on the held-out episodes")
     group_by: str = Field(default="scenario", description="column whose values get per-group metrics")
 
 
@@ -167,7 +178,9 @@ class ShardsSpec(_Part):
     """How ``simulate`` is split: ``by: scenario_type`` (one shard per scenario type of the scenario
     set) or ``count: N`` (the catalog's episodes in N contiguous slices)."""
 
-    by: Literal["scenario_type", "episodes"] = "episodes"
+    by: Literal["scenario_type", "episodes"] = Field(default="episodes",
+                                                     description="scenario_type: one shard per scenario type; "
+                                                                 "episodes: count shards of contiguous episodes")
     count: int | None = Field(default=None, ge=1, le=256, description="number of shards (by: episodes)")
 
     @model_validator(mode="after")
@@ -190,10 +203,13 @@ class AdaptiveSpec(_Part):
 
 
 class SimulationSpec(_Part):
+    """Closed-loop simulation of the trained model on the scenario set (and the regression catalog)."""
+
     entry_point: EntryPoint = "closedloop.driving.simulator:run_catalog"
     scenario_set: str = Field(pattern=r"^[A-Za-z0-9_.-]+$",
                               description="file name (without .yaml) under include/scenarios/")
-    timeout_minutes: int = Field(default=60, ge=1, le=24 * 60)
+    timeout_minutes: int = Field(default=60, ge=1, le=24 * 60,
+                                 description="a simulation job running longer fails the task")
     dead_after_seconds: float = Field(default=60, ge=3, le=3600, description="a job silent this long (no "
                                       "heartbeat in its job folder, seen from any host) is declared dead")
     defer_after_seconds: float = Field(default=30, ge=0, le=3600, description="wait for the job in the task "
@@ -218,8 +234,8 @@ class GateSpec(_Part):
                         description="'offline.<metric>', 'sim.<metric>', 'hil.<metric>' or 'shift.<feature>.psi|ks' "
                                     "(distribution shift from production's training data), e.g. "
                                     "sim.hard_braking.collision_rate, shift.ego_speed.psi")
-    min: float | None = None
-    max: float | None = None
+    min: float | None = Field(default=None, description="the metric must be at least this")
+    max: float | None = Field(default=None, description="the metric must be at most this")
     max_regression: float | None = Field(default=None, ge=0,
                                          description="allowed worsening vs production (absolute)")
     higher_is_better: bool = Field(default=False, description="direction, for max_regression")
@@ -229,7 +245,7 @@ class GateSpec(_Part):
                                      "sim.collisions and sim.episodes for sim.collision_rate)")
     method: Literal["clopper_pearson", "wilson"] = Field(default="clopper_pearson", description="confidence "
                                                          "interval of a rate gate with 'confidence'")
-    description: str = ""
+    description: str = Field(default="", description="why the gate exists (shown in the gate report and the dossier)")
 
     @model_validator(mode="after")
     def _bounds(self) -> GateSpec:
@@ -334,10 +350,10 @@ class KpiRuleSpec(_Part):
 
     metric: str = Field(pattern=r"^[A-Za-z0-9_.\-/ ]{1,250}$",
                         description="metric that online monitoring logs for the production version")
-    min: float | None = None
-    max: float | None = None
+    min: float | None = Field(default=None, description="an incident is raised when the KPI falls below this")
+    max: float | None = Field(default=None, description="an incident is raised when the KPI rises above this")
     scenario_type: str = Field(description="scenario type the incident retrain mines more of")
-    severity: Severity = "high"
+    severity: Severity = Field(default="high", description="severity of the incident a breach raises")
 
     @model_validator(mode="after")
     def _bound(self) -> KpiRuleSpec:
@@ -363,7 +379,8 @@ class IncidentsSpec(_Part):
                          "scenario type in the incident run's dataset")
     debounce_minutes: float = Field(default=30, ge=0, le=7 * 24 * 60, description="a second incident of the "
                                     "same scenario type within this time joins the first run instead of starting one")
-    priority_weight: int = Field(default=100, ge=1, le=10_000)
+    priority_weight: int = Field(default=100, ge=1, le=10_000,
+                                 description="Airflow priority weight of the incident DAG's tasks (absolute)")
     regression_repeats: int = Field(default=3, ge=1, le=1000, description="episodes of the regression scenario "
                                     "each admitted incident adds to the model's catalog (seeds seed..seed+N-1)")
     pool: str = Field(default="closedloop_incident", pattern=r"^[A-Za-z0-9_.-]{1,256}$",
@@ -377,7 +394,8 @@ class IncidentsSpec(_Part):
     reporters: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.@-]{1,100}$")]] = Field(
         default_factory=list, description="Airflow users who may report incidents of this model through the "
         "plugin (POST /closedloop/api/incidents, `closedloop incident report`): any role, viewer is enough")
-    kpi_poll_seconds: float = Field(default=60, ge=1, le=86_400)
+    kpi_poll_seconds: float = Field(default=60, ge=1, le=86_400,
+                                    description="how often the KPI watcher reads production's KPIs")
     kpis: list[KpiRuleSpec] = Field(default_factory=list, description="production KPI bounds that raise incidents")
 
 
@@ -390,8 +408,10 @@ RETRYABLE_STEPS = pipeline.RETRYABLE
 class StepPolicySpec(_Part):
     """Per-step overrides of ``reliability``."""
 
-    retries: int | None = Field(default=None, ge=0, le=20)
-    cache: bool | None = None
+    retries: int | None = Field(default=None, ge=0, le=20,
+                                description="retries of this step (default: reliability.retries)")
+    cache: bool | None = Field(default=None,
+                               description="step cache on or off for this step (default: reliability.cache)")
 
 
 class ReliabilitySpec(_Part):
@@ -401,7 +421,8 @@ class ReliabilitySpec(_Part):
                          "5xx/429, timeout, resource exhaustion); permanent errors are never retried")
     retry_delay_seconds: float = Field(default=20, ge=0, le=86_400, description="first retry delay; doubles "
                                        "each try (exponential backoff)")
-    max_retry_delay_seconds: float = Field(default=600, ge=0, le=7 * 86_400)
+    max_retry_delay_seconds: float = Field(default=600, ge=0, le=7 * 86_400,
+                                           description="the longest wait between retries (backoff doubles up to it)")
     cache: bool = Field(default=True, description="reuse the result of an earlier finished step with "
                         "identical inputs (content-addressed step cache)")
     cache_ttl_days: float | None = Field(default=30, gt=0, le=3650, description="a cached result older "
@@ -445,7 +466,8 @@ class AlertSpec(_Part):
     whose URL is the ``host`` of an Airflow connection; ``email``: through Airflow's SMTP provider
     and its connection. Secrets stay in the connections, never here."""
 
-    kind: Literal["local", "webhook", "email"]
+    kind: Literal["local", "webhook", "email"] = Field(description="local: the log and .closedloop/alerts.jsonl; "
+                                                                   "webhook: a chat webhook; email: Airflow's SMTP")
     conn_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,250}$",
                                 description="Airflow connection (webhook: its host is the URL; email: SMTP)")
     to: list[Annotated[str, Field(pattern=EMAIL_RE)]] = Field(default_factory=list,
@@ -468,21 +490,23 @@ class PodSpec(_Part):
     image holds this package and the project's ``include/``; the step code inside is the same."""
 
     image: str = Field(min_length=1, description="container image with airflow-closedloop and include/")
-    namespace: str = Field(default="default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str = Field(default="default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                           description="Kubernetes namespace of the pod")
     kubernetes_conn_id: str = Field(default="kubernetes_default", description="Airflow connection to the cluster")
     cpu: str | None = Field(default=None, pattern=r"^[0-9.]+m?$", description="CPU request, e.g. '8' or '500m'")
     memory: str | None = Field(default=None, pattern=r"^[0-9]+(Ki|Mi|Gi|Ti|K|M|G|T)?$",
                                description="memory request and limit, e.g. 32Gi")
     gpu: int = Field(default=0, ge=0, le=64, description="GPUs (limit of gpu_resource)")
     gpu_resource: str = Field(default="nvidia.com/gpu", description="extended resource name of a GPU")
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, str] = Field(default_factory=dict, description="node labels the pod must run on")
     tolerations: list[dict[str, str]] = Field(default_factory=list,
                                               description="e.g. [{key: nvidia.com/gpu, operator: Exists, "
                                                           "effect: NoSchedule}]")
-    service_account: str | None = None
+    service_account: str | None = Field(default=None, description="Kubernetes service account of the pod")
     env_from_secrets: list[str] = Field(default_factory=list, description="Kubernetes secrets whose keys become "
                                         "environment variables (e.g. MLFLOW_TRACKING_USERNAME / PASSWORD)")
-    startup_timeout_seconds: int = Field(default=600, ge=10, le=86_400)
+    startup_timeout_seconds: int = Field(default=600, ge=10, le=86_400,
+                                         description="a pod not started by then fails the try (retried)")
 
 
 class KubernetesSpec(_Part):
@@ -504,12 +528,12 @@ class PipelineSpec(_Part):
 
     name: str = Field(pattern=NAME_RE, description="pipeline name; also the DAG id")
     description: str = Field(min_length=10, description="purpose: why this pipeline exists")
-    owner: str = Field(min_length=1)
+    owner: str = Field(min_length=1, description="team or person answerable for the pipeline (the DAG's owner)")
     schedule: str | None = Field(default=None, description="cron expression, or null for no schedule")
     start_date: date | None = Field(default=None, description="first interval the schedule knows; needed "
                                     "for catchup. Without it, unpausing waits for the next cron tick")
-    catchup: bool = False
-    tags: list[str] = Field(default_factory=list)
+    catchup: bool = Field(default=False, description="run the intervals missed since start_date (Airflow's catchup)")
+    tags: list[str] = Field(default_factory=list, description="Airflow tags of the DAGs")
     model: ModelSpec
     dataset: DatasetSpec
     label_policy: LabelPolicySpec

@@ -66,14 +66,3 @@ def test_pause_ends_after_its_seconds(drill):
     started = time.monotonic()
     faults.inject(dag_id="a", task_id="train", try_number=1, point="start")
     assert 0.25 <= time.monotonic() - started < 5
-
-
-def test_the_readme_lists_the_crash_point_matrix_as_the_code_has_it(project):
-    """The README's crash-point table is the matrix the tests strike (one row per point, in order)."""
-    from closedloop.runtime.faults import matrix
-
-    text = (project / "README.md").read_text().split("### The crash-point matrix", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in text.splitlines() if line.startswith("| `") and line.count("`") >= 4
-            and line.split("`")[1] in matrix()]
-    listed = [(r.split("`")[1], r.split("`")[3]) for r in rows]
-    assert listed == [(step, point) for step, points in matrix().items() for point, _ in points]
