@@ -79,6 +79,23 @@ def finished_runs(api, dag_id: str, n: int) -> list[dict] | None:
     return runs if len(runs) >= n and all(r["state"] in ("success", "failed") for r in runs) else None
 
 
+def test_the_mlflow_connection_test_checks_reachability_and_credentials(shape, monkeypatch):
+    """Airflow's Test button on the `mlflow` connection type, against the production shape's MLflow auth app."""
+    import json
+
+    from closedloop.hooks.mlflow import MLflowHook
+
+    host, port = shape.mlflow_url.removeprefix("http://").split(":")
+    for conn, login, password in (("ok", *shape.mlflow_service), ("bad", shape.mlflow_service[0], "wrong-pw")):
+        monkeypatch.setenv(f"AIRFLOW_CONN_MLFLOW_{conn.upper()}", json.dumps(
+            {"conn_type": "mlflow", "host": host, "port": int(port), "login": login, "password": password}))
+    assert MLflowHook("mlflow_ok").test_connection() == (True, f"MLflow at {shape.mlflow_url} answers as "
+                                                              f"{shape.mlflow_service[0]}")
+    ok, message = MLflowHook("mlflow_bad").test_connection()
+    assert not ok and "refused the credentials of connection 'mlflow_bad' (HTTP 401)" in message
+    assert "wrong-pw" not in message
+
+
 def test_ten_runs_at_once_periodic_and_incident(shape):
     from closedloop.records.runs import post_incident
 

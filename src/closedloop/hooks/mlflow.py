@@ -47,8 +47,9 @@ class MLflowHook(BaseHook):
         if conn is None:
             return settings.tracking_uri()
         extra = conn.extra_dejson or {}
-        if extra.get("tracking_uri"):
-            return extra["tracking_uri"]
+        given = extra.get("tracking_uri") or extra.get("extra__mlflow__tracking_uri")  # the form's field
+        if given:
+            return given
         scheme = conn.schema or ("https" if conn.port == 443 else "http")
         host = conn.host or "127.0.0.1"
         if "://" in host:
@@ -60,3 +61,36 @@ class MLflowHook(BaseHook):
         if conn is None or not conn.login:
             return {}
         return {"MLFLOW_TRACKING_USERNAME": conn.login, "MLFLOW_TRACKING_PASSWORD": conn.password or ""}
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Airflow's *Test* button: can this connection read MLflow's experiments (credentials included)?"""
+        uri = self.tracking_uri()
+        if uri.startswith(("http://", "https://")):
+            import base64
+            import urllib.error
+            import urllib.request
+
+            request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+            creds = self.credentials_env()
+            if creds:
+                token = f"{creds['MLFLOW_TRACKING_USERNAME']}:{creds['MLFLOW_TRACKING_PASSWORD']}"
+                request.add_header("Authorization", "Basic " + base64.b64encode(token.encode()).decode())
+            try:
+                with urllib.request.urlopen(request, timeout=10):
+                    pass
+            except urllib.error.HTTPError as exc:
+                if exc.code in (401, 403):
+                    return False, f"MLflow at {uri} refused the credentials of connection {self.mlflow_conn_id!r} " \
+                                  f"(HTTP {exc.code})"
+                return False, f"MLflow at {uri} answered HTTP {exc.code}"
+            except (OSError, ValueError) as exc:
+                return False, f"cannot reach MLflow at {uri}: {getattr(exc, 'reason', exc)}"
+            who = f" as {creds['MLFLOW_TRACKING_USERNAME']}" if creds else ""
+            return True, f"MLflow at {uri} answers{who}"
+        try:
+            from mlflow import MlflowClient
+
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as exc:
+            return False, f"cannot read MLflow at {uri}: {exc}"
+        return True, f"MLflow store {uri} is readable"
