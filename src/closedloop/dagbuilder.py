@@ -21,7 +21,7 @@ from closedloop import pipeline
 from closedloop.errors import SpecError
 from closedloop.spec import LoadedSpec, load_all
 from closedloop.spec.describe import describe
-from closedloop.spec.request import dag_params, rerun_params
+from closedloop.spec.request import dag_params
 from closedloop.spec.schema import claimed_name
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,6 @@ def build_incident_dag(loaded: LoadedSpec, routes: dict[str, list[str]] | None =
         default_args=_default_args(loaded, pool=inc.pool, priority_weight=inc.priority_weight,
                                    weight_rule="absolute"),
         tags=sorted({"closedloop", "incident", *spec.tags}),
-        params=rerun_params(spec),
     ) as dag:
         _loop(loaded, incident_asset=asset)
     return dag

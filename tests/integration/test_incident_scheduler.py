@@ -422,20 +422,6 @@ def test_a_slow_health_request_does_not_hold_other_requests(env):
     assert held["answer"][0] == 200 and PIPELINE in held["answer"][1]
 
 
-def test_a_rerun_conf_naming_data_outside_the_root_is_refused_before_a_run_exists(env):
-    server, _, _ = env
-    before = len(runs(server))
-    digest = "0" * 64
-    for uri in ("http://attacker.example/logs.parquet", f"file:///etc/{digest}.parquet", f"/tmp/{digest}.parquet"):
-        conf = {"closedloop_rerun": {"of": f"{DAG}/x", "raw": {"uri": uri, "digest": digest,
-                                                              "window_start": "2026-11-01", "window_end": "2026-11-04"}}}
-        status, body = server.api("POST", f"/api/v2/dags/{DAG}/dagRuns", {"logical_date": None, "conf": conf})
-        assert status == 400 and "closedloop_rerun" in json.dumps(body), (uri, body)
-        status, body = server.api("POST", f"/api/v2/dags/{PIPELINE}/dagRuns", {"logical_date": None, "conf": conf})
-        assert status == 400 and "closedloop_rerun" in json.dumps(body), (uri, body)
-    assert len(runs(server)) == before
-
-
 def test_rerun_of_an_incident_run_through_the_cli(env, inc1_trained):
     """`closedloop rerun` posts a run with the pinned snapshot; an incident rerun is never debounced."""
     server, root, _ = env

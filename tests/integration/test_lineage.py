@@ -47,7 +47,7 @@ def runs(airflow_db, tmp_path_factory, project):
                 "incident": {"id": "INC-77", "model": MA, "scenario_type": "hard_braking", "severity": "critical",
                              "kind": "near_miss", "log_refs": ["s3://fleet/a.mcap"]}})
             plan = rerun_plan(out["periodic"]["run_id"], specs)
-            out["plan"] = plan
+            out["plan"], out["specs"], out["dir"] = plan, specs, pipelines
             out["rerun"] = run_dag(load_dag(plan["dag_id"]), datetime(2026, 11, 24, 3, tzinfo=UTC), conf=plan["conf"])
             out["other"] = run_dag(load_dag(B), datetime(2026, 11, 22, 3, tzinfo=UTC))
         finally:
@@ -95,6 +95,66 @@ def test_rerun_pins_the_original_snapshot_and_links_both_ways(runs):
     assert trace(original["run_id"])["airflow_run"]["started_by"]["reruns"] == f"{A}/{rerun['run_id']}"
 
 
+def test_every_run_reference_trace_prints_is_accepted_back(runs):
+    """`DAG_ID/RUN_ID`, the form `trace`, `runs` and `impact` print, names the same pipeline run as the run id."""
+    original, rerun = runs["periodic"], runs["rerun"]
+    printed = trace(version_of(rerun))["airflow_run"]["started_by"]["rerun_of"]
+    assert printed == f"{A}/{original['run_id']}"
+    again = trace(printed)
+    assert again["airflow_run"]["run_id"] == original["run_id"]
+    assert again["model_version"]["version"] == trace(original["run_id"])["model_version"]["version"]
+    assert rerun_plan(printed, runs["specs"])["original"] == printed
+
+
+def test_a_rerun_conf_naming_a_file_is_refused_by_the_first_step_before_any_compute(runs, project):
+    """`closedloop_rerun` is not a trigger-form field: what Airflow cannot refuse at trigger time, the run's
+    first step refuses on its first try (no retry, no MLflow run, no snapshot read)."""
+    import airflow.settings
+    from mlflow import MlflowClient
+
+    root = runs["dir"].parents[1]
+    bad = {"of": f"{A}/{runs['periodic']['run_id']}", "raw": {
+        "uri": "http://attacker.example/logs.parquet", "digest": "0" * 64,
+        "window_start": "2026-11-01", "window_end": "2026-11-04"}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(root / "dags"))
+        old, airflow.settings.DAGS_FOLDER = airflow.settings.DAGS_FOLDER, str(root / "dags")
+        try:
+            out = run_dag(load_dag(A), datetime(2026, 11, 26, 3, tzinfo=UTC), conf={"closedloop_rerun": bad})
+        finally:
+            airflow.settings.DAGS_FOLDER = old
+    assert out["state"] == "failed"
+    first = next(task for task in out["tasks"] if task["task_id"] == "generate_dataset")
+    assert first["state"] == "failed" and first["try_number"] == 1, first
+    assert "closedloop_rerun.raw.uri: extra inputs are not permitted" in str(first["error"]), first
+    made = MlflowClient(settings.tracking_uri()).search_runs(
+        [e.experiment_id for e in MlflowClient(settings.tracking_uri()).search_experiments()],
+        filter_string=f"tags.`airflow.run_id` = '{out['run_id']}'")
+    assert made == []
+
+
+def test_rerun_dry_run_prints_text_and_json_on_request(runs, capsys, monkeypatch):
+    import json
+
+    from closedloop import cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri())
+    ref = f"{A}/{runs['periodic']['run_id']}"
+    before = set(os.environ)
+    try:
+        assert cli.main(["rerun", ref, "--dry-run", "--no-cache", "--dir", str(runs["dir"])]) == 0
+        text = capsys.readouterr().out
+        assert cli.main(["rerun", ref, "--dry-run", "--json", "--dir", str(runs["dir"])]) == 0
+        plan = json.loads(capsys.readouterr().out)
+    finally:
+        for key in set(os.environ) - before:
+            del os.environ[key]
+    pinned = runs["periodic"]["results"]["generate_dataset"]["digest"]
+    assert text.splitlines()[0] == f"would rerun {ref} as a new run of {A}"
+    assert f"the pinned snapshot {pinned}" in text and "step cache: off" in text and not text.lstrip().startswith("{")
+    assert plan["original"] == ref and plan["pinned"] == pinned and plan["dag_id"] == A
+
+
 def test_impact_of_a_source_lists_only_the_pipelines_that_read_it(runs):
     asia = impact(source="asia-north")
     assert {e["pipeline"] for e in asia["training_runs"]} == {B}
@@ -119,6 +179,7 @@ def test_impact_of_a_source_lists_only_the_pipelines_that_read_it(runs):
     (["trace", "manual__1999-01-01T00:00:00+00:00"], "is no model"),
     (["impact", "--source", "a,b"], "no wildcards, commas or quotes"),
     (["rerun", "manual__1999-01-01T00:00:00+00:00", "--dry-run"], "is no model"),
+    (["rerun", f"{A}/manual__1999-01-01T00:00:00+00:00", "--dry-run"], "no pipeline run DAG_ID/RUN_ID"),
 ])
 def test_unknown_references_exit_2_with_a_clear_message(runs, args, message, capsys, monkeypatch):
     # in this process (the CLI's own process start is covered by the trace test below): an uncaught

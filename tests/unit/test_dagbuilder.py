@@ -89,8 +89,7 @@ def test_dag_settings_come_from_the_template(project):
     review = dag.get_task("approval")
     assert [u["id"] for u in review.assigned_users] == ["safety-lead", "safety-deputy"]
     assert review.defaults == ["Reject"] and review.response_timeout.total_seconds() == 72 * 3600
-    assert set(dag.params.keys()) == {"purpose", "change", "expected_impact", "scope", "ticket",
-                                      "closedloop_rerun"}
+    assert set(dag.params.keys()) == {"purpose", "change", "expected_impact", "scope", "ticket"}
     assert dag.params.validate()["change"] == ["data"]  # the scheduled run's standing request
 
 

@@ -39,11 +39,13 @@ def cmd_rerun(args) -> int:
     specs, _ = load_all(pipelines_dir(args))
     plan = rerun_plan(args.ref, specs, fresh_data=args.fresh_data, allow_template_change=args.allow_template_change,
                       no_cache=args.no_cache)
+    if args.dry_run:
+        from closedloop.records.render import format_rerun_plan
+
+        print(json.dumps(plan, indent=2) if args.json else format_rerun_plan(plan))
+        return 0
     for note in plan["notes"]:
         print(f"note: {note}", file=sys.stderr)
-    if args.dry_run:
-        print(json.dumps(plan, indent=2))
-        return 0
     api = AirflowAPI(url=args.api_url, user=args.user)
     status, run = api.call("POST", f"/dags/{api.q(plan['dag_id'])}/dagRuns", {
         "logical_date": None, "conf": plan["conf"], "note": f"rerun of {plan['original']}"
@@ -140,13 +142,15 @@ def add_parsers(sub) -> None:
     arg_json(sp)
     sp.set_defaults(func=cmd_scenarios_list)
     sp = sub.add_parser("rerun", help="run a pipeline run again exactly: same request, pinned snapshot, label policy")
-    sp.add_argument("ref", help="the run to repeat: an Airflow dag run id, MLflow run id or model version")
+    sp.add_argument("ref", help="the run to repeat: DAG_ID/RUN_ID (as trace and runs print it), an Airflow run id, "
+                    "an MLflow run id or a model version (NAME/VERSION, models:/NAME@ALIAS)")
     sp.add_argument("--fresh-data", action="store_true", help="build a new snapshot instead of the pinned one")
     sp.add_argument("--allow-template-change", action="store_true",
                     help="rerun even though the template changed since (not exact)")
     sp.add_argument("--no-cache", action="store_true",
                     help="do every step again: bypass the step cache (results of identical earlier steps)")
     sp.add_argument("--dry-run", action="store_true", help="print the plan (DAG, conf, notes) and start nothing")
+    arg_json(sp, "with --dry-run: print the plan as JSON")
     arg_dir(sp)
     arg_login(sp)
     sp.set_defaults(func=cmd_rerun, local_env=True)

@@ -316,7 +316,7 @@ def run_context(loaded: LoadedSpec, mlflow_conn_id: str, context: Context) -> Ru
 def uses_cache(context: Context) -> bool:
     """False when the run's conf says ``closedloop_cache: false`` (or ``closedloop rerun --no-cache``)."""
     conf = getattr(context["dag_run"], "conf", None) or {}
-    rerun = conf.get(vocab.CONF_RERUN) if isinstance(conf.get(vocab.CONF_RERUN), dict) else {}
+    rerun = rerun_of(context) or {}
     return conf.get(vocab.CONF_CACHE, True) is not False and not rerun.get("no_cache")
 
 
@@ -347,9 +347,21 @@ def admission(loaded: LoadedSpec, context: Context) -> dict | None:
 
 
 def rerun_of(context: Context) -> dict | None:
-    """``closedloop rerun``'s instructions in the run's conf (None for other runs)."""
-    value = (getattr(context["dag_run"], "conf", None) or {}).get(vocab.CONF_RERUN)
-    return value if isinstance(value, dict) and value.get("of") else None
+    """``closedloop rerun``'s instructions in the run's conf (None for other runs), checked: every step asks
+    (its lineage names the original), so the run's first step refuses a malformed one before any compute.
+
+    :raises PermanentError: naming what is wrong (e.g. a snapshot named by a URI instead of its digest).
+    """
+    from closedloop.errors import PermanentError
+    from closedloop.spec.request import parse_rerun
+
+    conf = getattr(context["dag_run"], "conf", None) or {}
+    if conf.get(vocab.CONF_RERUN) is None:
+        return None
+    try:
+        return parse_rerun(conf[vocab.CONF_RERUN])
+    except ValueError as exc:
+        raise PermanentError(str(exc)) from None
 
 
 def origin_of(loaded: LoadedSpec, context: Context) -> dict[str, str]:

@@ -58,7 +58,8 @@ def resolve(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """What ``ref`` names: ``{"version": ModelVersion | None, "pipeline_run": Run | None}``.
 
     ``ref`` is ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``NAME/VERSION``, ``NAME@ALIAS``,
-    an MLflow run id (any step of a pipeline run) or an Airflow dag run id.
+    an MLflow run id (any step of a pipeline run), an Airflow dag run id, or ``DAG_ID/RUN_ID`` (how ``runs``,
+    ``trace`` and ``impact`` print a pipeline run).
     """
     c = mlflow_client(tracking_uri)
     body = ref.removeprefix("models:/")
@@ -72,6 +73,11 @@ def resolve(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
         return {"version": mv, "pipeline_run": _pipeline_run_of_version(c, mv)}
     if ref.startswith("models:/"):
         raise LineageError(f"{ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    if "/" in ref:  # DAG_ID/RUN_ID: the pipeline run's key
+        parent = _pipeline_run(c, ref, _experiments(c))
+        if parent is None:
+            raise LineageError(f"{ref!r}: no pipeline run DAG_ID/RUN_ID that closedloop recorded")
+        return {"version": _version_of_run_key(c, ref), "pipeline_run": parent}
     if RUN_ID_RE.match(ref):
         try:
             run = c.get_run(ref)
@@ -414,7 +420,10 @@ def rerun_plan(ref: str, specs, *, fresh_data: bool = False, allow_template_chan
     if then and then != code_version():
         notes.append(f"code version differs: {then} then, {code_version()} now")
     raw = next((d for d in t["datasets"] if d["kind"] == "raw"), None)
-    pin = {k: v for k, v in raw.items() if k != "kind"} if raw and raw.get("uri") else None
+    from closedloop.spec.request import RerunPin
+
+    pin = ({k: raw[k] for k in RerunPin.model_fields if raw.get(k) is not None}  # by digest: never the file's URI
+           if raw and raw.get("digest") and raw.get("window_end") else None)
     if not fresh_data and pin is None:
         raise LineageError(f"{ref!r}: the original run recorded no raw snapshot to pin (use --fresh-data)")
     original = f"{ar['dag_id']}/{ar['run_id']}"

@@ -179,6 +179,19 @@ def format_trace(t: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_rerun_plan(plan: dict[str, Any]) -> str:
+    """What ``closedloop rerun --dry-run`` would start."""
+    conf = plan["conf"]
+    lines = [f"would rerun {plan['original']} as a new run of {plan['dag_id']}",
+             "  data: " + (f"the pinned snapshot {plan['pinned']}" if plan.get("pinned") else "a fresh snapshot"),
+             "  step cache: " + ("off" if conf.get(vocab.CONF_CACHE) is False else "on")]
+    request = {k: v for k, v in conf.items() if k not in (vocab.CONF_RERUN, vocab.CONF_CACHE)}
+    for key, value in request.items():
+        lines.append(f"  {key}: {', '.join(value) if isinstance(value, list) else value}")
+    lines += [f"  note: {note}" for note in plan["notes"]]
+    return "\n".join(lines)
+
+
 def format_dossier(d: dict[str, Any]) -> str:
     folder = str(d["uri"]).rsplit("/", 1)[0]
     return "\n".join([f"release dossier of {d['model']} v{d['version']}: {d.get('verdict') or d.get('error')}",

@@ -9,7 +9,10 @@ defaults, so a manual trigger that omits a field gets the scheduled request's va
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from closedloop.spec import PipelineSpec
 
@@ -47,35 +50,46 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     }
 
 
-def rerun_schema(spec: PipelineSpec, data_root: str) -> dict[str, Any]:
-    """JSON schema of ``closedloop_rerun`` (what ``closedloop rerun`` puts in a run's conf).
+class RerunPin(BaseModel):
+    """The raw snapshot a rerun reads again, named by its digest only: where it lives follows from the
+    deployment's data root and the pipeline (a conf never names a file, a URI or a host)."""
 
-    Airflow validates it when the run is created (REST, UI, CLI: 400 before any run exists): a pinned
-    snapshot can only be this pipeline's raw snapshot under the configured data root, named by its
-    full sha256 — never a ``file://`` or ``http://`` URI of the caller's choosing. The step checks it
-    again at run time (:func:`closedloop.steps.dataset.check_pin`)."""
-    import re
+    model_config = ConfigDict(extra="forbid")
 
-    digest = "[0-9a-f]{64}"
-    day = r"^\d{4}-\d{2}-\d{2}$"
-    return {
-        "type": ["object", "null"], "title": "Rerun (set by closedloop rerun; leave empty)",
-        "description": "Which earlier run this run repeats, and its pinned raw snapshot.",
-        "additionalProperties": False,
-        "properties": {
-            "of": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+/\S+$", "maxLength": 500},
-            "fresh_data": {"type": "boolean"},
-            "no_cache": {"type": "boolean"},
-            "raw": {"type": "object", "required": ["uri", "digest", "window_start", "window_end"], "properties": {
-                "uri": {"type": "string",
-                        "pattern": f"^{re.escape(data_root)}/{re.escape(spec.name)}/raw/{digest}\\.parquet$"},
-                "digest": {"type": "string", "pattern": f"^{digest}$"},
-                "window_start": {"type": "string", "pattern": day},
-                "window_end": {"type": "string", "pattern": day},
-            }},
-        },
-        "required": ["of"],
-    }
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$", description="the snapshot's full sha256")
+    window_start: date
+    window_end: date
+    rows: int | None = Field(default=None, ge=0)
+    sources: list[str] | None = None
+    scenarios: list[str] | None = None
+    focus: dict[str, float] | None = None
+    excluded: list[dict[str, Any]] | None = None
+
+
+class RerunConf(BaseModel):
+    """``closedloop_rerun`` in a run's conf: which earlier run this one repeats, and its pinned snapshot.
+
+    Not a DAG param (it is nobody's to fill in a trigger form): the run's first step checks it before any
+    compute (:func:`parse_rerun`) and the dataset step checks the pinned file again where it reads it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    of: str = Field(pattern=r"^[A-Za-z0-9_.-]+/\S+$", max_length=500, description="DAG_ID/RUN_ID of the original")
+    fresh_data: bool = False
+    no_cache: bool = False
+    raw: RerunPin | None = None
+
+
+def parse_rerun(value: Any) -> dict[str, Any]:
+    """``closedloop_rerun`` checked: the same dict, or :class:`ValueError` naming every problem
+    (e.g. ``closedloop_rerun.raw.uri: extra inputs are not permitted``)."""
+    try:
+        return RerunConf.model_validate(value).model_dump(mode="json", exclude_none=True)
+    except ValidationError as exc:
+        problems = [f"closedloop_rerun.{'.'.join(map(str, e['loc']))}: {e['msg'].lower()}" if e["loc"]
+                    else f"closedloop_rerun: {e['msg'].lower()}" for e in exc.errors()]
+        raise ValueError("invalid rerun in the run's conf (a rerun names its snapshot by digest only):\n"
+                         + "\n".join(f"  - {p}" for p in problems)) from None
 
 
 def dag_params(spec: PipelineSpec) -> dict[str, Any]:
@@ -83,17 +97,7 @@ def dag_params(spec: PipelineSpec) -> dict[str, Any]:
     from airflow.sdk import Param
 
     defaults = scheduled_request(spec)
-    params = {name: Param(defaults[name], **schema) for name, schema in json_schemas().items()}
-    return {**params, **rerun_params(spec)}
-
-
-def rerun_params(spec: PipelineSpec) -> dict[str, Any]:
-    """The ``closedloop_rerun`` param (both DAGs of a pipeline: a rerun's conf is checked on creation)."""
-    from airflow.sdk import Param
-
-    from closedloop import settings, vocab
-
-    return {vocab.CONF_RERUN: Param(None, **rerun_schema(spec, settings.data_root()))}
+    return {name: Param(defaults[name], **schema) for name, schema in json_schemas().items()}
 
 
 def validate_request(data: dict[str, Any]) -> dict[str, Any]:

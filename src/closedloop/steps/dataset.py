@@ -108,11 +108,10 @@ def _generate(loaded: LoadedSpec, ctx: RunContext, start: date, end: date, focus
             "rows_per_scenario": {str(k): int(v) for k, v in sorted(counts.items())}}
 
 
-def check_pin(raw: dict, *, root: str, pipeline: str) -> None:
-    """A pinned snapshot must be this pipeline's raw snapshot under the data root, named by its sha256.
-
-    The schema Airflow checks at trigger time says the same (:func:`closedloop.spec.request.rerun_schema`);
-    here it is checked again where the file is read, with symlinks resolved for a local root.
+def check_pin(raw: dict, *, root: str, pipeline: str) -> str:
+    """Where a pinned snapshot is: this pipeline's raw snapshot under the data root, named by its sha256 —
+    a rerun names the digest, never the file (:class:`closedloop.spec.request.RerunPin`); checked again here
+    where the file is read, with symlinks resolved for a local root.
 
     :raises PermanentError: naming what is out of bounds.
     """
@@ -121,18 +120,19 @@ def check_pin(raw: dict, *, root: str, pipeline: str) -> None:
     from closedloop.errors import PermanentError
     from closedloop.runtime.storage import DIGEST_RE, snapshot_uri
 
-    digest, uri = str(raw.get("digest") or ""), str(raw.get("uri") or "")
+    digest = str(raw.get("digest") or "")
     if not DIGEST_RE.match(digest):
         raise PermanentError(f"pinned snapshot digest {digest!r} is not a sha256 (64 hex digits)")
     expected = snapshot_uri(root, pipeline, "raw", digest)
-    if uri != expected:
-        raise PermanentError(f"pinned snapshot {uri!r} is outside this pipeline's data root: a rerun reads only "
-                             f"{expected}")
+    if raw.get("uri") not in (None, expected):
+        raise PermanentError(f"pinned snapshot {raw['uri']!r} is outside this pipeline's data root: a rerun reads "
+                             f"only {expected}")
     if "://" not in root or root.startswith("file://"):
         real_root = os.path.realpath(root.removeprefix("file://"))
         real = os.path.realpath(expected.removeprefix("file://"))
         if not real.startswith(real_root + os.sep):
-            raise PermanentError(f"pinned snapshot {uri} resolves to {real}, outside the data root {real_root}")
+            raise PermanentError(f"pinned snapshot {expected} resolves to {real}, outside the data root {real_root}")
+    return expected
 
 
 def pinned_snapshot(raw: dict, *, root: str, pipeline: str) -> dict:
@@ -143,10 +143,10 @@ def pinned_snapshot(raw: dict, *, root: str, pipeline: str) -> dict:
     from closedloop.errors import PermanentError
     from closedloop.runtime.storage import read_snapshot
 
-    check_pin(raw, root=root, pipeline=pipeline)
+    uri = check_pin(raw, root=root, pipeline=pipeline)
     try:
-        frame = read_snapshot(raw["uri"], raw["digest"])
+        frame = read_snapshot(uri, raw["digest"])
     except FileNotFoundError:
-        raise PermanentError(f"pinned snapshot {raw['digest']} is gone from {raw['uri']}; rerun with --fresh-data "
+        raise PermanentError(f"pinned snapshot {raw['digest']} is gone from {uri}; rerun with --fresh-data "
                              "to build a new one (it will not be the same data)") from None
-    return {**raw, "rows": int(len(frame)), "created": False, "pinned": True}
+    return {**raw, "uri": uri, "rows": int(len(frame)), "created": False, "pinned": True}

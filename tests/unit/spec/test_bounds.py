@@ -1,5 +1,5 @@
-"""Inputs stay in bounds: a rerun's pinned snapshot (Airflow's own param validation, then the step's
-check), and values put into MLflow search filters (a real MLflow store)."""
+"""Inputs stay in bounds: a rerun's pinned snapshot (checked by the run's first step, then where the file
+is read), and values put into MLflow search filters (a real MLflow store)."""
 
 from __future__ import annotations
 
@@ -26,26 +26,48 @@ def dag(project):
     return DagSerialization.from_dict(DagSerialization.to_dict(build_dag(loaded)))
 
 
-def pin(uri: str, digest: str = D) -> dict:
+def pin(uri: str | None, digest: str = D) -> dict:
     return {"of": "acc_longitudinal/manual__1", "fresh_data": False,
             "raw": {"uri": uri, "digest": digest, "window_start": "2026-11-09", "window_end": "2026-11-23",
                     "rows": 10, "sources": ["fleet-eu"]}}
 
 
-def test_airflow_refuses_a_rerun_conf_naming_data_outside_the_root(dag):
-    from airflow.exceptions import ParamValidationError
+def test_a_rerun_names_its_snapshot_by_digest_and_nothing_else():
+    """`closedloop_rerun` is checked by the run's first step: a snapshot named by a URI or path (anywhere, even
+    the right one), a short digest, a malformed original or an unknown key is refused, naming the field."""
+    from closedloop.spec.request import parse_rerun
 
+    good = {"of": "acc_longitudinal/manual__1", "raw": {"digest": D, "window_start": "2026-11-09",
+                                                        "window_end": "2026-11-23", "rows": 10, "sources": ["fleet-eu"]}}
+    assert parse_rerun(good)["raw"] == {**good["raw"]}
     root = settings.data_root()
-    dag.params.deep_merge({"closedloop_rerun": pin(f"{root}/acc_longitudinal/raw/{D}.parquet")}).validate()
-    for uri in ("http://attacker.example/x.parquet", f"file://{root}/acc_longitudinal/raw/{D}.parquet",
-                "/etc/passwd", f"{root}/acc_longitudinal/raw/../../../etc/{D}.parquet",
-                f"{root}/other_pipeline/raw/{D}.parquet", f"{root}/acc_longitudinal/labelled/{D}.parquet"):
-        with pytest.raises(ParamValidationError, match="closedloop_rerun"):
-            dag.params.deep_merge({"closedloop_rerun": pin(uri)}).validate()
-    with pytest.raises(ParamValidationError, match="does not match"):  # a short (display) digest
-        dag.params.deep_merge({"closedloop_rerun": pin(f"{root}/acc_longitudinal/raw/{D}.parquet", D[:12])}).validate()
-    with pytest.raises(ParamValidationError, match="Additional properties"):
-        dag.params.deep_merge({"closedloop_rerun": {**pin(f"{root}/x"), "raw_uri": "http://x"}}).validate()
+    for uri in ("http://attacker.example/x.parquet", f"file:///etc/{D}.parquet", "/etc/passwd",
+                f"{root}/acc_longitudinal/raw/{D}.parquet"):
+        with pytest.raises(ValueError, match=r"closedloop_rerun\.raw\.uri: extra inputs are not permitted"):
+            parse_rerun({**good, "raw": {**good["raw"], "uri": uri}})
+    with pytest.raises(ValueError, match=r"closedloop_rerun\.raw\.digest: string should match pattern"):
+        parse_rerun({**good, "raw": {**good["raw"], "digest": D[:12]}})  # a short (display) digest
+    with pytest.raises(ValueError, match=r"closedloop_rerun\.of: string should match pattern"):
+        parse_rerun({**good, "of": "no slash"})
+    with pytest.raises(ValueError, match=r"closedloop_rerun\.raw_uri: extra inputs"):
+        parse_rerun({**good, "raw_uri": "http://x"})
+    with pytest.raises(ValueError, match=r"closedloop_rerun: input should be a valid dictionary"):
+        parse_rerun("acc_longitudinal/manual__1")
+
+
+def test_the_trigger_form_shows_the_request_only_with_no_machine_path(dag, project):
+    """The DAG's params (Airflow's trigger form) are the request's fields; nothing internal, no path."""
+    import json
+
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from closedloop.dagbuilder import build_dag
+
+    assert set(dag.params.keys()) == {"purpose", "change", "expected_impact", "scope", "ticket"}
+    built = build_dag(load_spec(project / "include" / "pipelines" / "acc_longitudinal.yaml"))
+    params = json.dumps(DagSerialization.to_dict(built)["dag"]["params"])
+    assert "purpose" in params
+    assert settings.data_root() not in params and str(settings.project_dir()) not in params
 
 
 def test_the_step_checks_the_pin_again_and_resolves_symlinks(tmp_path):
