@@ -25,6 +25,12 @@ def home() -> Path:
     return Path(os.environ.get("CLOSEDLOOP_HOME", ".closedloop")).resolve()
 
 
+def local_endpoint() -> Path:
+    """Where a running ``make airflow`` (``closedloop serve``) says where it listens and where its logins are,
+    so the CLI finds it on any port (removed when it stops)."""
+    return home() / "endpoint.json"
+
+
 def data_root() -> str:
     """Root URI of dataset snapshots: a local folder or any fsspec URI (``s3://…``, ``memory://…``)."""
     root = os.environ.get("CLOSEDLOOP_DATA_ROOT") or str(home() / "data")

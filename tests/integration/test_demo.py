@@ -18,6 +18,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -265,3 +267,51 @@ def test_the_dossier_renders_in_a_real_browser_with_every_section(demo):
         assert "cut_out" in b.eval("document.querySelector('#not-covered').textContent")
         assert b.eval("document.querySelectorAll('#acceptance tr').length") >= 9  # header + every gate
         assert b.eval("document.querySelectorAll('script').length") == 0
+
+
+def test_the_review_card_links_the_validations_data_docs_and_chromium_opens_them(demo, ui):
+    """Great Expectations' own Data Docs of the incident run's data validation: on its MLflow run, linked from
+    the review card the plugin serves, opened in Chromium behind Airflow's login; a stranger's path is 404."""
+    from closedloop.records.airflow_api import AirflowAPI
+    from tests.browser import Browser, chromium_path
+
+    if chromium_path() is None:
+        pytest.skip("needs Debian's chromium (installed by .ci/run)")
+    mv = client(demo).get_model_version_by_alias(MODEL, "production")
+    dag_id, run_id = mv.tags["airflow.dag_id"], mv.tags["airflow.run_id"]
+    api = AirflowAPI(url=ui["AIRFLOW_API_URL"], user="admin", password=ui["AIRFLOW_PASSWORD"])
+    with Browser() as b:
+        b.set_cookie(api.url, "_token", api.token())
+        b.goto(f"{api.url}/closedloop/review?dag_id={urllib.parse.quote(dag_id)}&run_id={urllib.parse.quote(run_id)}")
+        line = b.wait_for("(document.querySelector('#validation') || {}).textContent")
+        assert "suite drive_log_labels passed" in line, line
+        href = b.eval("document.querySelector('#data-docs').href")
+        assert "/closedloop/data-docs/" in href and href.endswith(".html"), href
+        b.goto(href)
+        assert b.wait_for("document.title")
+        text = b.eval("document.body.innerText")
+        assert "Expectation Suite: drive_log_labels" in text and "values must never be null" in text, text[:2000]
+        assert "Status: Succeeded" in text and run_id.split("T")[0] in text, text[:2000]
+        assert b.eval("document.querySelectorAll('table').length") >= 1
+    docs_run = href.split("/data-docs/", 1)[1].split("/")[0]
+    train_run = mv.run_id
+    for path in (f"{docs_run}/..%2F..%2Fgates%2Freport.json", f"{train_run}/index.html", f"{docs_run}/result.py"):
+        request = urllib.request.Request(f"{api.url}/closedloop/data-docs/{path}",
+                                         headers={"Authorization": f"Bearer {api.token()}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 404, path
+    trace = cli(ui, "trace", f"models:/{MODEL}@production")
+    assert "data docs" in trace.stdout and "validation/data_docs/validations/" in trace.stdout, trace.stdout
+
+
+def test_the_cli_finds_the_running_make_airflow_on_its_port_with_its_logins(demo, ui):
+    """No URL, no password given: the CLI finds the running `make airflow` (on a free port, not 8080) and the
+    login's generated password; a wrong --api-url says where it looked."""
+    env = {k: v for k, v in ui.items() if k not in ("AIRFLOW_API_URL", "AIRFLOW_PASSWORD")}
+    found = cli({**env, "AIRFLOW_USERNAME": "safety-lead"}, "runs", PIPELINE, "--json")
+    assert found.returncode == 0, found.stderr
+    assert any(r["dag_id"] == PIPELINE for r in json.loads(found.stdout))
+    assert not ui["AIRFLOW_API_URL"].endswith(":8080")
+    elsewhere = cli(env, "runs", PIPELINE, "--api-url", f"http://127.0.0.1:{_port()}")
+    assert elsewhere.returncode == 1 and "cannot reach Airflow at http://127.0.0.1:" in elsewhere.stderr

@@ -234,6 +234,11 @@ def test_governed_path(env):
     for dag_id, run_id in (("acc_gov", run_a), ("acc_gov", run_b), ("acc_gov_timeout", run_c),
                            ("acc_gov_hil", run_d), ("acc_gov_hil", run_e), ("acc_gov", run_f)):
         server.wait_for(done(dag_id, run_id), 900, f"{run_id} to finish")
+    # the CLI tells a decided review from a run that does not exist (exit 1: refused; 2: not found)
+    out = cli(server, root, "safety-deputy", "approve", "acc_gov", run_b, "--wait", "0")
+    assert out.returncode == 1 and "was already decided (approval: " in out.stderr, out.stderr
+    out = cli(server, root, "safety-deputy", "approve", "acc_gov", "manual__1999-01-01T00:00:00+00:00", "--wait", "0")
+    assert out.returncode == 2 and "acc_gov has no run 'manual__1999-01-01T00:00:00+00:00'" in out.stderr, out.stderr
     # G is approved by the other approver only now that A is production: G's review saw no production
     assert cli(server, root, "safety-deputy", "approve", "acc_gov", run_g).returncode == 0
     server.wait_for(done("acc_gov", run_g), 900, f"{run_g} to finish")

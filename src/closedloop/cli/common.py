@@ -59,9 +59,11 @@ def find_pipeline(args, name: str):
 
 # -- arguments shared by several commands: each declared here, once -----------------------------
 def arg_login(sp) -> None:
-    """``--user`` / ``--api-url``: whom Airflow's REST API sees (the password comes from $AIRFLOW_PASSWORD)."""
-    sp.add_argument("--user", help="Airflow user (default $AIRFLOW_USERNAME); password from $AIRFLOW_PASSWORD")
-    sp.add_argument("--api-url", help="Airflow API (default $AIRFLOW_API_URL or http://127.0.0.1:8080)")
+    """``--user`` / ``--api-url``: whom Airflow's REST API sees (:class:`closedloop.records.airflow_api.AirflowAPI`)."""
+    sp.add_argument("--user", help="Airflow user, e.g. safety-lead (default $AIRFLOW_USERNAME); the password from "
+                    "$AIRFLOW_PASSWORD, or on the running `make airflow` of this checkout from its logins file")
+    sp.add_argument("--api-url", help="Airflow's URL, e.g. http://127.0.0.1:8081 (default $AIRFLOW_API_URL, else the "
+                    "running `make airflow` of this checkout on any port, else http://127.0.0.1:8080)")
 
 
 def arg_dir(sp) -> None:

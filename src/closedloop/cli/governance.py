@@ -60,13 +60,35 @@ def parked_review(api, pipeline: str, run_id: str, wait: float, prefix: str = "a
         time.sleep(1.0)
 
 
+def why_no_review(api, pipeline: str, run_id: str, prefix: str = "approval") -> tuple[str, int]:
+    """Why no review of the run is open, and the exit code: no such run (2), a decision already recorded or
+    a run that ended (1), or a run still on its way to review (1)."""
+    status, run = api.call("GET", api.run_path(pipeline, run_id))
+    if status == 404:
+        return f"{pipeline} has no run {run_id!r} (`closedloop runs {pipeline}` lists them)", 2
+    _, data = api.call("GET", f"{api.run_path(pipeline, run_id)}/taskInstances?limit=100")
+    reviews = {t["task_id"]: t.get("state") for t in (data or {}).get("task_instances", [])
+               if t["task_id"].startswith(prefix)}
+    decided = {k: v for k, v in reviews.items() if v in ("success", "failed")}
+    if decided:
+        return (f"the review of {pipeline} run {run_id} was already decided ("
+                + ", ".join(f"{k}: {v}" for k, v in sorted(decided.items())) + "); a new review needs a new run"), 1
+    if not reviews:
+        return f"{pipeline} run {run_id} has no review step (its template has no `approval`)", 1
+    state = (run or {}).get("state")
+    if state in ("success", "failed"):
+        return f"{pipeline} run {run_id} ended ({state}) before its review opened (e.g. a gate stopped it)", 1
+    return (f"the review of {pipeline} run {run_id} is not open yet (run {state}); a run waits for review once "
+            "its candidate is registered: try again, or --wait longer"), 1
+
+
 def cmd_decide(args, decision: str) -> int:
     api = _api(args)
     task = parked_review(api, args.pipeline, args.run_id, args.wait)
     if task is None:
-        print(f"error: no review of {args.pipeline} run {args.run_id} is open (waited {args.wait:g} s); a run "
-              "waits for review once its candidate is registered", file=sys.stderr)
-        return 2
+        why, code = why_no_review(api, args.pipeline, args.run_id)
+        print(f"error: {why}", file=sys.stderr)
+        return code
     path = f"{api.run_path(args.pipeline, args.run_id)}/taskInstances/{task}/-1/hitlDetails"
     body = {"chosen_options": [decision], "params_input": {"comment": args.comment or ""}}
     status, data = api.call("PATCH", path, body)

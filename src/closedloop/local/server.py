@@ -325,6 +325,17 @@ def local_server(port: int | None = None) -> AirflowServer:
                          port=port, env={"CLOSEDLOOP_HOME": str(home), "MLFLOW_TRACKING_URI": settings.tracking_uri()})
 
 
+def announce(server, mlflow_port: int) -> Path:
+    """Tell the CLI where this local deployment listens and where its logins are (owner-only file)."""
+    path = settings.local_endpoint()
+    part = path.with_name(f".{path.name}.{os.getpid()}")
+    part.write_text(json.dumps({"airflow": server.url, "mlflow": f"http://127.0.0.1:{mlflow_port}", "pid": os.getpid(),
+                                "passwords": str(server.home / "simple_auth_manager_passwords.json.generated")}))
+    part.chmod(0o600)
+    os.replace(part, path)
+    return path
+
+
 def serve(airflow_port: int = 8080, mlflow_port: int = 5000) -> int:
     """``make airflow``: Airflow UI and MLflow UI in the foreground until Ctrl-C."""
     server = local_server(airflow_port)
@@ -343,6 +354,7 @@ def serve(airflow_port: int = 8080, mlflow_port: int = 5000) -> int:
                 print(f"   {user:<{width}}  {pw}  ({role})")
         print(f" Airflow log: {server.log}      Ctrl-C stops both")
         print("=" * 66, flush=True)
+        announce(server, mlflow_port)
         while server.alive():
             time.sleep(1)
         print(f"an Airflow component exited; see {server.log}", file=sys.stderr)
@@ -350,6 +362,7 @@ def serve(airflow_port: int = 8080, mlflow_port: int = 5000) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        settings.local_endpoint().unlink(missing_ok=True)
         server.stop()
         if mlflow_proc.poll() is None:
             os.killpg(mlflow_proc.pid, signal.SIGTERM)

@@ -24,11 +24,35 @@ class AirflowAPIError(ClosedLoopError):
         self.status = status
 
 
+def local_deployment() -> dict | None:
+    """The running local deployment (``make airflow``) of this checkout, as it announced itself: its Airflow
+    and MLflow URLs and its logins file; None when none runs."""
+    from closedloop import settings
+
+    try:
+        found = json.loads(settings.local_endpoint().read_text())
+        os.kill(int(found["pid"]), 0)  # still running
+        return found
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class AirflowAPI:
+    """Airflow's REST API as one person. Where: ``url``, else ``$AIRFLOW_API_URL``, else the running local
+    deployment (any port), else http://127.0.0.1:8080. Who: ``user`` / ``$AIRFLOW_USERNAME``; the password
+    ``password``, else ``$AIRFLOW_PASSWORD``, else — on the local deployment only — its generated logins file."""
+
     def __init__(self, url: str | None = None, user: str | None = None, password: str | None = None) -> None:
-        self.url = (url or os.environ.get("AIRFLOW_API_URL") or "http://127.0.0.1:8080").rstrip("/")
+        local = local_deployment() if not (url or os.environ.get("AIRFLOW_API_URL")) else None
+        self.url = (url or os.environ.get("AIRFLOW_API_URL") or (local or {}).get("airflow")
+                    or "http://127.0.0.1:8080").rstrip("/")
         self.user = user or os.environ.get("AIRFLOW_USERNAME")
         self.password = password if password is not None else os.environ.get("AIRFLOW_PASSWORD")
+        if self.password is None and self.user and local:
+            try:
+                self.password = json.loads(open(local["passwords"], encoding="utf-8").read()).get(self.user)
+            except (OSError, ValueError):
+                pass
         self._token: str | None = None
 
     def _open(self, req: urllib.request.Request) -> tuple[int, Any]:
@@ -45,7 +69,7 @@ class AirflowAPI:
             return e.code, {"detail": detail}
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
             raise AirflowAPIError(f"cannot reach Airflow at {self.url} ({getattr(e, 'reason', e)}); "
-                                  "is it running (`make airflow`)? set AIRFLOW_API_URL otherwise") from None
+                                  "is it running (`make airflow`)? set AIRFLOW_API_URL or --api-url otherwise") from None
 
     def token(self) -> str:
         if self._token is None:

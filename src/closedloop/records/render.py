@@ -128,6 +128,10 @@ def format_trace(t: dict[str, Any]) -> str:
     if v:
         lines.append(f"  validation    suite {v['suite']}: {'passed' if v['success'] else 'FAILED'} "
                      f"({v['evaluated'] - v['failed']}/{v['evaluated']})")
+        docs = v.get("data_docs") or {}
+        if docs.get("page"):
+            lines.append(f"  data docs     {docs['artifact_uri']}/{docs['page']} (MLflow run {docs['run_id']}, "
+                         f"Great Expectations' result: {docs['result']})")
     lines.append(f"label policy    {t['label_policy']}")
     tp = t["template"]
     lines.append(f"template        {tp['pipeline']} ({tp['file']}, hash {tp['hash']})")

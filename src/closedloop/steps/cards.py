@@ -245,6 +245,7 @@ def render_html(card: dict[str, Any]) -> str:
         data_candidate=f"candidate: {_data_line(ds.get('candidate'))}; label policy {shown(ds['label_policy']['candidate'])}",
         data_production=f"production: {_data_line(ds.get('production'))}; label policy "
                         f"{shown(ds['label_policy']['production'])}",
+        validation=((ds.get("candidate") or {}).get("validation") or None),
         lineage=list(card["lineage"].items()))
 
 

@@ -54,7 +54,7 @@ def dataset_tags(raw: dict | None, labelled: dict, validation: dict | None) -> d
         "raw": {k: raw.get(k) for k in ("uri", "digest", "rows", "sources", "scenarios", "window_start",
                                         "window_end", "focus", "rows_per_scenario", "excluded")} if raw else None,
         "labelled": {k: labelled.get(k) for k in ("uri", "digest", "rows", "label_policy", "raw_digest")},
-        "validation": {k: validation.get(k) for k in ("suite", "success", "evaluated", "failed")}
+        "validation": {k: validation.get(k) for k in ("suite", "success", "evaluated", "failed", "data_docs")}
         if validation else None,
     }
     tags[vocab.DATASET_MANIFEST] = json.dumps(manifest, sort_keys=True, default=str)

@@ -16,17 +16,43 @@ def load_suite(path) -> dict:
         return json.load(fh)
 
 
-def validate_frame(frame, suite: dict) -> dict:
-    """Validate a DataFrame against a suite given as GX JSON; return a compact report."""
+DOCS_SITE = "closedloop"
+DOCS_ARTIFACTS = "validation/data_docs"
+"""Where a validation's Great Expectations Data Docs go on the step's MLflow run (with ``validation/result.json``,
+Great Expectations' own validation result)."""
+DOCS_SKIPPED = ("static/fonts", "static/images/glossary_scroller.gif",
+                "static/images/validation_failed_unexpected_values.gif", "static/images/iterative-dev-loop.png")
+"""Parts of a Data Docs site no validation page shows (fonts and the empty site's tutorial pictures: 4 MB)."""
+
+
+def validate_frame(frame, suite: dict, docs_dir=None, run_name: str | None = None) -> tuple[dict, dict]:
+    """Validate a DataFrame against a suite given as GX JSON: a compact report and Great Expectations' own
+    validation result (JSON); with ``docs_dir``, its Data Docs site (the validation page and the suite) is built
+    there by a checkpoint's ``UpdateDataDocsAction``; ``run_name`` names the validation in them (the Airflow run)."""
+    import re
+
     import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    actions = []
+    if docs_dir is not None:
+        context.add_data_docs_site(site_name=DOCS_SITE, site_config={
+            "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)}})
+        actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE]))
     source = context.data_sources.add_pandas("closedloop")
-    asset = source.add_dataframe_asset(name="snapshot")
-    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame})
-    result = batch.validate(gx.ExpectationSuite(name=suite["name"], expectations=suite["expectations"]))
+    batches = source.add_dataframe_asset(name="snapshot").add_batch_definition_whole_dataframe("all")
+    expectations = context.suites.add(gx.ExpectationSuite(name=suite["name"], expectations=suite["expectations"]))
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name=suite["name"], data=batches, suite=expectations))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name="validate_data", validation_definitions=[definition], actions=actions,
+        result_format={"result_format": "SUMMARY"}))
+    named = RunIdentifier(run_name=re.sub(r"[^A-Za-z0-9_.+-]+", "_", run_name)) if run_name else None
+    result = next(iter(checkpoint.run(batch_parameters={"dataframe": frame}, run_id=named).run_results.values()))
     checks = []
     for r in result.results:
         cfg = r.expectation_config
@@ -41,8 +67,32 @@ def validate_frame(frame, suite: dict) -> dict:
             "partial_unexpected": [str(v) for v in (res.get("partial_unexpected_list") or [])[:5]],
         })
     failed = [c for c in checks if not c["success"]]
-    return {"suite": suite["name"], "success": not failed, "evaluated": len(checks),
-            "failed": len(failed), "checks": checks}
+    report = {"suite": suite["name"], "success": not failed, "evaluated": len(checks), "failed": len(failed),
+              "checks": checks}
+    return report, result.to_json_dict()
+
+
+def publish(client, run, docs_dir, gx_result: dict) -> dict:
+    """Put the validation result and its Data Docs on the step's MLflow run; what the report links to:
+    ``{"run_id", "result", "page", "index"}`` (artifact paths on that run; ``page`` is the validation's own)."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    docs_dir = Path(docs_dir)
+    for skipped in DOCS_SKIPPED:
+        target = docs_dir / skipped
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    pages = sorted((docs_dir / "validations").rglob("*.html"))
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = Path(tmp) / "result.json"
+        result_file.write_text(json.dumps(gx_result, indent=1, sort_keys=True, default=str))
+        client.log_artifact(run.info.run_id, str(result_file), "validation")
+    client.log_artifacts(run.info.run_id, str(docs_dir), DOCS_ARTIFACTS)
+    return {"run_id": run.info.run_id, "result": "validation/result.json", "index": f"{DOCS_ARTIFACTS}/index.html",
+            "page": f"{DOCS_ARTIFACTS}/{pages[0].relative_to(docs_dir)}" if pages else None,
+            "artifact_uri": run.info.artifact_uri}
 
 
 def format_failures(report: dict) -> str:
@@ -65,13 +115,20 @@ def validate_data(loaded: LoadedSpec, ctx: RunContext, *, labelled: dict) -> dic
     key = validation_key(loaded, labelled, suite)
 
     def compute(run) -> dict:
+        import tempfile
+
+        from closedloop.runtime.tracking import client
+
         frame = read_snapshot(labelled["uri"], labelled["digest"])
-        report = validate_frame(frame, suite)
+        with tempfile.TemporaryDirectory() as docs:
+            report, gx_result = validate_frame(frame, suite, docs_dir=docs, run_name=f"{ctx.dag_id}/{ctx.run_id}")
+            report["data_docs"] = publish(client(ctx), run, docs, gx_result)  # a failed check too: people open it
         report["digest"] = labelled["digest"]
         if not report["success"]:
             raise DataValidationError(
                 f"snapshot {labelled['digest']} failed {report['failed']} of {report['evaluated']} expectations "
-                f"of suite {report['suite']!r}:\n{format_failures(report)}", report=report)
+                f"of suite {report['suite']!r}:\n{format_failures(report)}\nGreat Expectations Data Docs: "
+                f"{report['data_docs']['page']} on MLflow run {run.info.run_id}", report=report)
         report["checks"] = [c for c in report["checks"] if not c["success"]]  # keep XCom small
         return report
 

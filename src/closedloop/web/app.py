@@ -165,6 +165,41 @@ def review_of(caller: Caller, dag_id: str, run_id: str) -> dict:
     return review_card(client, spec.model.name, str(versions[0].version))
 
 
+DOCS_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css", ".js": "text/javascript",
+              ".png": "image/png", ".svg": "image/svg+xml", ".ico": "image/x-icon", ".json": "application/json"}
+
+
+def data_docs_file(caller: Caller, run_id: str, path: str) -> tuple[bytes, str]:
+    """A file of the Great Expectations Data Docs a ``validate_data`` run published (404: not such a run, a
+    DAG the caller may not read, or a path outside its Data Docs — said the same way)."""
+    import posixpath
+    import tempfile
+
+    from closedloop import vocab
+    from closedloop.runtime.tracking import mlflow_client
+    from closedloop.steps.validation import DOCS_ARTIFACTS
+
+    nothing = HTTPException(status_code=404, detail=f"no Data Docs {path!r} of run {run_id!r} that you may read")
+    clean = posixpath.normpath(path)
+    if clean.startswith(("/", "..")) or posixpath.splitext(clean)[1] not in DOCS_TYPES or not run_id.isalnum():
+        raise nothing
+    client = mlflow_client(_tracking_uri())
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise nothing from None
+    tags = run.data.tags
+    if tags.get(vocab.STEP) != "validate_data" or tags.get(vocab.AIRFLOW_DAG_ID) not in caller.dags:
+        raise nothing
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, f"{DOCS_ARTIFACTS}/{clean}", tmp)
+            with open(local, "rb") as fh:
+                return fh.read(), DOCS_TYPES[posixpath.splitext(clean)[1]]
+        except Exception:
+            raise nothing from None
+
+
 def _pipelines_dir():
     """The templates next to the DAG folder Airflow reads (as the DAG file finds them)."""
     from airflow.configuration import conf
@@ -261,6 +296,19 @@ def create_app() -> FastAPI:
 
         card = await run_in_threadpool(review_of, caller, dag_id, run_id)
         return HTMLResponse(render_html(card))
+
+    @app.get("/data-docs/{run_id}/{path:path}")
+    async def data_docs(request: Request, run_id: str, path: str):
+        """Great Expectations' Data Docs of a data validation, from its MLflow run (linked from the review card
+        and the trace), behind Airflow's login and the caller's read rights on the run's DAG."""
+        caller = await _caller_or_redirect(request)
+        if isinstance(caller, RedirectResponse):
+            return caller
+        from fastapi.responses import Response
+
+        body, media = await run_in_threadpool(data_docs_file, caller, run_id, path)
+        return Response(body, media_type=media, headers={"Content-Security-Policy": "script-src 'none'"}
+                        if media.startswith("text/html") else None)
 
     @app.get("/dossier", response_class=HTMLResponse)
     async def dossier_page(request: Request, ref: Annotated[str, Query(min_length=1, max_length=500)]):
