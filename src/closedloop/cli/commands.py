@@ -141,7 +141,12 @@ def cmd_summary(args) -> int:
     local_defaults()
     from closedloop.local.run import collect_summary
 
-    summary = collect_summary(args.pipeline, args.run_id)
+    try:
+        summary = collect_summary(args.pipeline, args.run_id)
+    except Exception as exc:  # no local Airflow database yet: nothing has run here
+        if "no such table" not in str(exc):
+            raise
+        summary = None
     if summary is None:
         print(f"error: no run {args.run_id!r} of pipeline {args.pipeline!r} in {os.environ['AIRFLOW_HOME']}",
               file=sys.stderr)

@@ -64,7 +64,15 @@ def cmd_scenarios_list(args) -> int:
     from closedloop.records.render import format_scenarios
     from closedloop.steps.regression import catalog
 
-    return _answer(lambda: catalog(settings.data_root(), args.model), format_scenarios, args.json)
+    def listed() -> dict:
+        found = catalog(settings.data_root(), args.model)
+        if not found["entries"]:  # no scenario yet, or no such model at all (exit 2, like trace)
+            from closedloop.records.lineage import registered_model
+
+            registered_model(args.model)
+        return found
+
+    return _answer(listed, format_scenarios, args.json)
 
 
 def cmd_dossier_show(args) -> int:
@@ -76,9 +84,15 @@ def cmd_dossier_show(args) -> int:
 
 def cmd_dossier_verify(args) -> int:
     """Offline: the bundle and a public key, nothing else (no Airflow, no MLflow, no network)."""
+    from pathlib import Path
+
     from closedloop.errors import EvidenceError
     from closedloop.steps.dossier import verify
 
+    if not Path(args.path).is_dir():
+        print(f"error: {args.path}: no such dossier folder (`closedloop dossier show REF` says where it is)",
+              file=sys.stderr)
+        return 2
     keys = _keys(args.key)
     try:
         body = verify(args.path, keys)

@@ -34,6 +34,18 @@ def _experiments(c) -> list[str]:
     return [e.experiment_id for e in c.search_experiments(filter_string="name LIKE 'closedloop/%'", max_results=1000)]
 
 
+def registered_model(name: str, tracking_uri: str | None = None):
+    """The registered model ``name``. :raises LineageError: naming the models there are."""
+    c = mlflow_client(tracking_uri)
+    try:
+        return c.get_registered_model(name)
+    except Exception as exc:
+        if not not_found(exc):
+            raise
+    known = ", ".join(sorted(m.name for m in c.search_registered_models(max_results=50))) or "none"
+    raise LineageError(f"unknown model {name!r} (registered models: {known})")
+
+
 def _version(c, name: str, version: str | None = None, alias: str | None = None):
     try:
         if alias is not None:
