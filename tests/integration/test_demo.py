@@ -313,5 +313,8 @@ def test_the_cli_finds_the_running_make_airflow_on_its_port_with_its_logins(demo
     assert found.returncode == 0, found.stderr
     assert any(r["dag_id"] == PIPELINE for r in json.loads(found.stdout))
     assert not ui["AIRFLOW_API_URL"].endswith(":8080")
-    elsewhere = cli(env, "runs", PIPELINE, "--api-url", f"http://127.0.0.1:{_port()}")
-    assert elsewhere.returncode == 1 and "cannot reach Airflow at http://127.0.0.1:" in elsewhere.stderr
+    other = f"http://127.0.0.1:{_port()}"  # another Airflow never gets the local deployment's passwords
+    elsewhere = cli(env, "runs", PIPELINE, "--api-url", other)
+    assert elsewhere.returncode == 1 and f"Airflow credentials needed for {other}" in elsewhere.stderr
+    elsewhere = cli({**env, "AIRFLOW_PASSWORD": "x"}, "runs", PIPELINE, "--api-url", other)
+    assert elsewhere.returncode == 1 and f"cannot reach Airflow at {other}" in elsewhere.stderr

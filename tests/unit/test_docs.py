@@ -150,3 +150,14 @@ def test_the_crash_point_table_is_the_matrix_the_tests_strike():
     text = (DOCS / "reference" / "steps.md").read_text().split("## The crash-point matrix", 1)[1]
     rows = [line.split("`") for line in text.splitlines() if line.startswith("| `")]
     assert [(r[1], r[3]) for r in rows] == [(step, point) for step, points in matrix().items() for point, _ in points]
+
+
+ACTIONS_WITHOUT_OUTPUT = {"demo", "serve", "prodlike", "env", "settings apply", "request", "approve", "reject",
+                          "hil report", "promote", "rollback", "incident report", "kpi report", "dossier verify"}
+"""Commands that act (or print shell lines) and read nothing back: every other command reads, and takes --json."""
+
+
+def test_every_read_command_takes_json():
+    lacking = [" ".join(w) for w, sp, has_sub in commands(parser()) if not has_sub
+               and " ".join(w) not in ACTIONS_WITHOUT_OUTPUT and "--json" not in sp._option_string_actions]
+    assert not lacking, f"read commands without --json: {lacking}"

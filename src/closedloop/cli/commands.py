@@ -65,6 +65,11 @@ def cmd_list(args) -> int:
     from closedloop.spec import load_all
 
     specs, errors = load_all(pipelines_dir(args))
+    if args.json:
+        print(json.dumps({"pipelines": [{"name": s.spec.name, "schedule": s.spec.schedule, "model": s.spec.model.name,
+                                         "file": str(s.path), "hash": s.digest} for s in specs],
+                          "invalid": [{"file": str(e.path), "error": str(e)} for e in errors]}, indent=2))
+        return 2 if errors else 0
     for s in specs:
         print(f"{s.spec.name:<28} {s.spec.schedule or '-':<14} model {s.spec.model.name:<30} {s.path.name}")
     for e in errors:
@@ -90,6 +95,12 @@ def cmd_validate(args) -> int:
 
     problems, warnings = deployment_check(specs, one_file=bool(args.files))
     bad = {p.split(": ", 1)[0] for p in problems}
+    invalid = len(errors) + len(bad)
+    if args.json:
+        print(json.dumps({"valid": [{"file": str(s.path), "name": s.spec.name, "hash": s.digest} for s in specs
+                                    if str(s.path) not in bad],
+                          "invalid": [str(e) for e in errors] + list(problems), "warnings": list(warnings)}, indent=2))
+        return 2 if invalid else 0
     for s in specs:
         if str(s.path) not in bad:
             print(f"ok       {s.path}  ({s.spec.name}, hash {s.digest})")
@@ -100,7 +111,6 @@ def cmd_validate(args) -> int:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     sys.stderr.flush()
-    invalid = len(errors) + len({p.split(": ", 1)[0] for p in problems})
     print(f"{len(specs) + len(errors) - invalid} valid, {invalid} invalid")
     return 2 if invalid else 0
 
@@ -111,6 +121,16 @@ def cmd_describe(args) -> int:
     loaded = find_pipeline(args, args.name)
     if loaded is None:
         return 2
+    if args.json:
+        from closedloop import pipeline
+
+        s = loaded.spec
+        tasks = [t.id for t in pipeline.steps_of(hil=s.hil is not None, approval=s.approval is not None,
+                                                 shards=s.simulation.shards is not None)]
+        print(json.dumps({"name": s.name, "file": str(loaded.path), "hash": loaded.digest, "tasks": tasks,
+                          "dag_ids": [s.name] + ([s.incident_dag_id] if s.incidents else []),
+                          "template": s.model_dump(mode="json")}, indent=2))
+        return 0
     print(describe(loaded))
     return 0
 
@@ -252,6 +272,7 @@ def parser() -> argparse.ArgumentParser:
                                ("describe", cmd_describe, "purpose, inputs, outputs, dependencies, schedule")):
         sp = pls.add_parser(name, help=helptext)
         arg_dir(sp)
+        arg_json(sp)
         sp.set_defaults(func=fn)
         if name == "validate":
             sp.add_argument("files", nargs="*", help="template files (default: every file in --dir)")

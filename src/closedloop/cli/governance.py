@@ -303,6 +303,14 @@ def cmd_keys(args) -> int:
     if args.keys_action == "rotate":
         return rotate_keys(args)
     ring = trusted_keys()
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps({"pinned_in": str(ring.where), "keys": [
+            {"key": k.verifier.published(), "key_id": k.verifier.key_id, "state": "retired" if k.retired else
+             ("current" if k.verifier is ring.current else "active"), "retired": k.retired} for k in ring.keys]},
+            indent=2, default=str))
+        return 0
     for k in ring.keys:
         state = f"retired {k.retired}" if k.retired else ("current" if k.verifier is ring.current else "active")
         print(f"{k.verifier.published()}  (key id {k.verifier.key_id}, {state})")
@@ -442,4 +450,5 @@ def add_parsers(sub, find) -> None:
                     help="generate the key pair, show the pinned public keys, or rotate to a new key")
     sp.add_argument("--pins", help="rotate: write the new pinned set to this file (production: commit it)")
     sp.add_argument("--note", help="rotate: why (kept in the pinned set)")
+    arg_json(sp, "show: print the pinned keys as JSON")
     sp.set_defaults(func=cmd_keys)

@@ -74,8 +74,9 @@ class AirflowAPI:
     def token(self) -> str:
         if self._token is None:
             if not self.user or self.password is None:
-                raise AirflowAPIError("Airflow credentials needed: set AIRFLOW_USERNAME and AIRFLOW_PASSWORD "
-                                      "(or pass --user; the password is read from AIRFLOW_PASSWORD)")
+                raise AirflowAPIError(f"Airflow credentials needed for {self.url}: set AIRFLOW_USERNAME and "
+                                      "AIRFLOW_PASSWORD (or pass --user; on this checkout's running `make airflow` "
+                                      "the login's password is found by itself)")
             body = json.dumps({"username": self.user, "password": self.password}).encode()
             status, data = self._open(urllib.request.Request(
                 f"{self.url}/auth/token", data=body, headers={"Content-Type": "application/json"}, method="POST"))
