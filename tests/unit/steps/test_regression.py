@@ -78,7 +78,13 @@ def test_a_bad_scenario_in_an_incident_is_refused_by_field(scenario, says):
 def test_the_cli_lists_a_models_scenarios(tmp_path, monkeypatch, capsys):
     from closedloop.cli.commands import main
 
+    from mlflow import MlflowClient
+
     monkeypatch.setenv("CLOSEDLOOP_DATA_ROOT", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["scenarios", "list", "acc_policy"]) == 2  # no such model: not found, like trace
+    assert "unknown model 'acc_policy' (registered models: none)" in capsys.readouterr().err
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_registered_model("acc_policy")
     assert main(["scenarios", "list", "acc_policy"]) == 0
     assert "no regression scenarios yet (catalog v0)" in capsys.readouterr().out
     regression.add(str(tmp_path), "acc_policy", incident(scenario={"params": {"decel": 9}}), repeats=3,
