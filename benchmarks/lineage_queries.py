@@ -26,6 +26,30 @@ SOURCES = [f"fleet-{r}" for r in ("eu", "us", "cn", "jp", "kr", "in", "br", "au"
 STEPS = ("train", "offline_eval", "simulate", "release_gate")
 
 
+def run_tags(n: int) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """Pipeline run ``n``'s lineage tags (``base``) and each step run's own tags (parent link excluded)."""
+    p = n % PIPELINES
+    pipeline, dag_id, run_id = f"bench_p{p}", f"bench_p{p}", f"scheduled__{n:06d}"
+    sources = [SOURCES[p], SOURCES[(p + 1) % len(SOURCES)]]
+    raw, labelled = f"{n + 10**9:064x}", f"{n:064x}"  # sha256-shaped digests
+    policy = f"expert_idm@{1 + n % 3}"
+    base = {"closedloop.pipeline": pipeline, "closedloop.template": f"{pipeline}.yaml",
+            "closedloop.template_hash": f"h{p:015d}", "closedloop.label_policy": policy,
+            "closedloop.code_version": "0.1.0+gbench", "closedloop.run_key": f"{dag_id}/{run_id}",
+            "airflow.dag_id": dag_id, "airflow.run_id": run_id, "closedloop.trigger": "schedule",
+            "closedloop.dataset_version": labelled, "closedloop.raw_dataset_version": raw,
+            "closedloop.dataset.sources": "," + ",".join(sources) + ","}
+    steps = {step: {**base, "closedloop.step": step, "airflow.task_id": step} for step in STEPS}
+    steps["train"]["closedloop.dataset.manifest"] = json.dumps({
+        "raw": {"uri": f"file:///data/{raw}.parquet", "digest": raw, "rows": 12000, "sources": sources,
+                "scenarios": ["cruise", "cut_in"], "window_start": "2026-11-01", "window_end": "2026-11-15"},
+        "labelled": {"digest": labelled, "rows": 12000, "label_policy": policy},
+        "validation": {"suite": "drive_log_labels", "success": True, "evaluated": 10, "failed": 0}})
+    steps["release_gate"]["closedloop.result"] = json.dumps({"passed": True, "report": [
+        {"metric": "sim.collision_rate", "max": 0.0, "min": None, "value": 0.0, "passed": True, "reason": ""}]})
+    return base, steps
+
+
 def seed(client, start: int, stop: int, versions_every: int = 2) -> None:
     """Pipeline runs ``start..stop-1`` (5 MLflow runs each), a model version for every other one."""
     from mlflow.entities import RunTag
@@ -34,34 +58,15 @@ def seed(client, start: int, stop: int, versions_every: int = 2) -> None:
 
     for n in range(start, stop):
         p = n % PIPELINES
-        pipeline, dag_id, run_id = f"bench_p{p}", f"bench_p{p}", f"scheduled__{n:06d}"
+        base, steps = run_tags(n)
+        pipeline, run_id = base["closedloop.pipeline"], base["airflow.run_id"]
         exp = client.get_experiment_by_name(f"closedloop/{pipeline}")
         exp_id = exp.experiment_id if exp else client.create_experiment(f"closedloop/{pipeline}")
-        sources = [SOURCES[p], SOURCES[(p + 1) % len(SOURCES)]]
-        raw, labelled = f"{n + 10**9:064x}", f"{n:064x}"  # sha256-shaped digests
-        policy = f"expert_idm@{1 + n % 3}"
-        base = {"closedloop.pipeline": pipeline, "closedloop.template": f"{pipeline}.yaml",
-                "closedloop.template_hash": f"h{p:015d}", "closedloop.label_policy": policy,
-                "closedloop.code_version": "0.1.0+gbench", "closedloop.run_key": f"{dag_id}/{run_id}",
-                "airflow.dag_id": dag_id, "airflow.run_id": run_id, "closedloop.trigger": "schedule",
-                "closedloop.dataset_version": labelled, "closedloop.raw_dataset_version": raw,
-                "closedloop.dataset.sources": "," + ",".join(sources) + ","}
         parent = client.create_run(exp_id, run_name=f"{pipeline} {run_id}", tags={**base, "closedloop.step": "pipeline"})
         ids = {}
         for step in STEPS:
-            tags = {**base, "closedloop.step": step, "mlflow.parentRunId": parent.info.run_id,
-                    "airflow.task_id": step}
-            if step == "train":
-                tags["closedloop.dataset.manifest"] = json.dumps({
-                    "raw": {"uri": f"file:///data/{raw}.parquet", "digest": raw, "rows": 12000, "sources": sources,
-                            "scenarios": ["cruise", "cut_in"], "window_start": "2026-11-01", "window_end": "2026-11-15"},
-                    "labelled": {"digest": labelled, "rows": 12000, "label_policy": policy},
-                    "validation": {"suite": "drive_log_labels", "success": True, "evaluated": 10, "failed": 0}})
-            if step == "release_gate":
-                tags["closedloop.result"] = json.dumps({"passed": True, "report": [
-                    {"metric": "sim.collision_rate", "max": 0.0, "min": None, "value": 0.0, "passed": True,
-                     "reason": ""}]})
-            run = client.create_run(exp_id, run_name=step, tags=tags)
+            run = client.create_run(exp_id, run_name=step, tags={**steps[step],
+                                                                  "mlflow.parentRunId": parent.info.run_id})
             client.log_batch(run.info.run_id, metrics=metric_entities({f"{step}.m": n % 7}),
                              tags=[RunTag("closedloop.bench", "1")])
             ids[step] = run.info.run_id
@@ -89,16 +94,8 @@ def bulk_seed(path: Path, start: int, stop: int, versions_every: int = 2) -> Non
     runs, tags, metrics, mvs, mv_tags, aliases = [], [], [], [], [], {}
     for n in range(start, stop):
         p = n % PIPELINES
-        pipeline, dag_id, run_id = f"bench_p{p}", f"bench_p{p}", f"scheduled__{n:06d}"
-        sources = [SOURCES[p], SOURCES[(p + 1) % len(SOURCES)]]
-        raw, labelled = f"{n + 10**9:064x}", f"{n:064x}"  # sha256-shaped digests
-        policy = f"expert_idm@{1 + n % 3}"
-        base = {"closedloop.pipeline": pipeline, "closedloop.template": f"{pipeline}.yaml",
-                "closedloop.template_hash": f"h{p:015d}", "closedloop.label_policy": policy,
-                "closedloop.code_version": "0.1.0+gbench", "closedloop.run_key": f"{dag_id}/{run_id}",
-                "airflow.dag_id": dag_id, "airflow.run_id": run_id, "closedloop.trigger": "schedule",
-                "closedloop.dataset_version": labelled, "closedloop.raw_dataset_version": raw,
-                "closedloop.dataset.sources": "," + ",".join(sources) + ","}
+        base, steps = run_tags(n)
+        pipeline, run_id = base["closedloop.pipeline"], base["airflow.run_id"]
         exp = exp_ids[f"closedloop/{pipeline}"]
         parent = uuid.uuid4().hex
         runs.append((parent, f"{pipeline} {run_id}", exp, now))
@@ -107,20 +104,9 @@ def bulk_seed(path: Path, start: int, stop: int, versions_every: int = 2) -> Non
         ids = {}
         for step in STEPS:
             rid = ids[step] = uuid.uuid4().hex
-            step_tags = {**base, "closedloop.step": step, "mlflow.parentRunId": parent, "airflow.task_id": step,
-                         "mlflow.runName": step, "closedloop.bench": "1"}
-            if step == "train":
-                step_tags["closedloop.dataset.manifest"] = json.dumps({
-                    "raw": {"uri": f"file:///data/{raw}.parquet", "digest": raw, "rows": 12000, "sources": sources,
-                            "scenarios": ["cruise", "cut_in"], "window_start": "2026-11-01", "window_end": "2026-11-15"},
-                    "labelled": {"digest": labelled, "rows": 12000, "label_policy": policy},
-                    "validation": {"suite": "drive_log_labels", "success": True, "evaluated": 10, "failed": 0}})
-            if step == "release_gate":
-                step_tags["closedloop.result"] = json.dumps({"passed": True, "report": [
-                    {"metric": "sim.collision_rate", "max": 0.0, "min": None, "value": 0.0, "passed": True,
-                     "reason": ""}]})
             runs.append((rid, step, exp, now))
-            tags.extend((k, v, rid) for k, v in step_tags.items())
+            tags.extend((k, v, rid) for k, v in {**steps[step], "mlflow.parentRunId": parent, "mlflow.runName": step,
+                                                  "closedloop.bench": "1"}.items())
             metrics.append((f"{step}.m", float(n % 7), now, rid))
         if n % versions_every == 0:
             model = f"bench_model_{p}"
