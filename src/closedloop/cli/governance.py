@@ -303,17 +303,17 @@ def cmd_keys(args) -> int:
     if args.keys_action == "rotate":
         return rotate_keys(args)
     ring = trusted_keys()
+    shown = [{"key": k.verifier.published(), "key_id": k.verifier.key_id, "retired": k.retired,
+              "state": "retired" if k.retired else ("current" if k.verifier is ring.current else "active")}
+             for k in ring.keys]
     if getattr(args, "json", False):
         import json
 
-        print(json.dumps({"pinned_in": str(ring.where), "keys": [
-            {"key": k.verifier.published(), "key_id": k.verifier.key_id, "state": "retired" if k.retired else
-             ("current" if k.verifier is ring.current else "active"), "retired": k.retired} for k in ring.keys]},
-            indent=2, default=str))
+        print(json.dumps({"pinned_in": str(ring.where), "keys": shown}, indent=2, default=str))
         return 0
-    for k in ring.keys:
-        state = f"retired {k.retired}" if k.retired else ("current" if k.verifier is ring.current else "active")
-        print(f"{k.verifier.published()}  (key id {k.verifier.key_id}, {state})")
+    for k in shown:
+        state = f"retired {k['retired']}" if k["retired"] else k["state"]
+        print(f"{k['key']}  (key id {k['key_id']}, {state})")
     print(f"pinned in {ring.where}")
     return 0
 

@@ -83,7 +83,10 @@ def publish(client, run, docs_dir, gx_result: dict) -> dict:
     docs_dir = Path(docs_dir)
     for skipped in DOCS_SKIPPED:
         target = docs_dir / skipped
-        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
     pages = sorted((docs_dir / "validations").rglob("*.html"))
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "result.json"
